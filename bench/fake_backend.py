@@ -1,0 +1,1563 @@
+"""A fast, deterministic fake LLM backend (Ollama or OpenAI/llama.cpp-server-like).
+
+One server emulates one backend.  It is used by the test suite (as a stand-in
+for real Ollama / llama.cpp servers) and by the benchmarks (as the *direct*
+baseline), so the request path is kept cheap: a single low-level aiohttp
+handler, a dict-based route table, pre-encoded chunk fragments and no access
+log.
+
+Replies are deterministic:
+
+* completion text is ``"tok0 tok1 ... tok{n-1} "`` (one streamed chunk per token);
+* prompt token count is the number of whitespace-separated words across all
+  message contents (or the prompt) **plus one**; for embeddings it is the
+  number of words (no ``+1``);
+* completion token count is ``min(config.tokens, num_predict / max_tokens)``.
+
+Usage::
+
+    fake = run_in_thread(FakeConfig(kind="ollama", models=["llama3:latest"]))
+    ...  # talk to fake.url
+    fake.stop()
+
+or from the command line::
+
+    python -m bench.fake_backend --kind ollama --port 11434 --models a:latest
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import itertools
+import json
+import math
+import signal
+import struct
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Self
+
+from aiohttp import web
+
+__all__ = [
+    "FAULTS",
+    "KINDS",
+    "FakeBackend",
+    "FakeConfig",
+    "FakeStats",
+    "ThreadedFake",
+    "main",
+    "run_in_thread",
+]
+
+KINDS: Final = frozenset({"ollama", "openai"})
+FAULTS: Final = frozenset(
+    {
+        "none",
+        "500",
+        "503",
+        "reset",
+        "die_midstream",
+        "stall",
+        "garbage",
+        "slow_first_byte",
+    }
+)
+
+#: number of reasoning/thinking chunks emitted before the content when asked.
+REASONING_CHUNKS: Final = 2
+#: how many request bodies / auth headers the stats keep.
+HISTORY: Final = 50
+
+_NDJSON: Final = "application/x-ndjson"
+_SSE: Final = "text/event-stream"
+_JSON: Final = "application/json"
+_GARBAGE: Final = b"this is not json\n"
+_MODIFIED_AT: Final = "2024-05-01T12:00:00.000000Z"
+_CREATED: Final = 1714564800
+_TOOL_ARGS: Final = {"x": 1}
+_TOOL_ARGS_STR: Final = json.dumps(_TOOL_ARGS)  # '{"x": 1}'
+
+_ids = itertools.count(1)
+
+
+def _jb(obj: Any) -> bytes:
+    """Compact JSON encoding to bytes."""
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _json(status: int, obj: Any) -> web.Response:
+    return web.Response(status=status, body=_jb(obj), content_type=_JSON)
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class FakeConfig:
+    """Behaviour of one fake backend.  Mutable at runtime (also via ``POST /_fake/config``)."""
+
+    #: "ollama" or "openai" (llama.cpp-server-like, routes under /v1)
+    kind: str = "ollama"
+    #: advertised models; Ollama names without a tag match ":latest"
+    models: list[str] = field(default_factory=lambda: ["llama3:latest"])
+    #: models reported by /api/ps (Ollama kind)
+    loaded: list[str] = field(default_factory=list)
+    #: completion tokens per reply (one streamed chunk per token)
+    tokens: int = 8
+    #: seconds per generated token (slept only if > 0)
+    delay: float = 0.0
+    #: seconds before the response headers of generation routes (model loading)
+    first_byte_delay: float = 0.0
+    #: if set, every route but /_fake/* requires "Authorization: Bearer <key>"
+    api_key: str | None = None
+    version: str = "0.12.0"
+    #: one of FAULTS, applied to generation routes only
+    fault: str = "none"
+    #: token chunks sent before a "die_midstream" / "stall" fault
+    fault_after: int = 2
+    #: stall length; also the first-byte delay of "slow_first_byte" when
+    #: first_byte_delay is 0
+    stall: float = 30.0
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(
+                f"unknown kind {self.kind!r} (expected one of {sorted(KINDS)})"
+            )
+        if self.fault not in FAULTS:
+            raise ValueError(
+                f"unknown fault {self.fault!r} (expected one of {sorted(FAULTS)})"
+            )
+
+    def update(self, data: Mapping[str, Any]) -> None:
+        """Merge ``data`` into this config (validated; unknown keys raise ``ValueError``)."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        new: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in fields:
+                raise ValueError(f"unknown config key {key!r}")
+            if key in ("models", "loaded"):
+                if isinstance(value, str):
+                    value = [v for v in value.split(",") if v]
+                if not isinstance(value, list) or not all(
+                    isinstance(v, str) for v in value
+                ):
+                    raise ValueError(f"{key} must be a list of strings")
+                value = list(value)
+            elif key in ("tokens", "fault_after"):
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ValueError(f"{key} must be a non-negative int")
+            elif key in ("delay", "first_byte_delay", "stall"):
+                if (
+                    not isinstance(value, (int, float))
+                    or isinstance(value, bool)
+                    or value < 0
+                ):
+                    raise ValueError(f"{key} must be a non-negative number")
+                value = float(value)
+            elif key == "api_key":
+                if value is not None and not isinstance(value, str):
+                    raise ValueError("api_key must be a string or null")
+            elif not isinstance(value, str):
+                raise ValueError(f"{key} must be a string")
+            new[key] = value
+        if new.get("kind", self.kind) not in KINDS:
+            raise ValueError(f"unknown kind {new['kind']!r}")
+        if new.get("fault", self.fault) not in FAULTS:
+            raise ValueError(f"unknown fault {new['fault']!r}")
+        for key, value in new.items():
+            setattr(self, key, value)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "models": list(self.models),
+            "loaded": list(self.loaded),
+            "tokens": self.tokens,
+            "delay": self.delay,
+            "first_byte_delay": self.first_byte_delay,
+            "api_key": self.api_key,
+            "version": self.version,
+            "fault": self.fault,
+            "fault_after": self.fault_after,
+            "stall": self.stall,
+        }
+
+
+# --------------------------------------------------------------------------- stats
+
+
+class FakeStats:
+    """Counters of one fake backend.  All updates happen under ``threading.Lock``.
+
+    Attributes may be read directly from another thread for simple lookups; use
+    :meth:`snapshot` for a consistent deep copy.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[str, int] = {}
+        self.in_flight: dict[str, int] = {}
+        self.max_in_flight: dict[str, int] = {}
+        self.prompt_tokens_reported = 0
+        self.completion_tokens_reported = 0
+        self.completed = 0
+        self.cancelled = 0
+        self.faults = 0
+        self.last_request_bodies: deque[dict[str, Any]] = deque(maxlen=HISTORY)
+        self.auth_headers_seen: deque[str | None] = deque(maxlen=HISTORY)
+
+    def reset(self) -> None:
+        """Clear all counters.
+
+        ``in_flight`` is a gauge of requests still running, so it is kept, and
+        ``max_in_flight`` restarts from it.
+        """
+        with self._lock:
+            self.requests = {}
+            self.in_flight = {m: n for m, n in self.in_flight.items() if n > 0}
+            self.max_in_flight = dict(self.in_flight)
+            self.prompt_tokens_reported = 0
+            self.completion_tokens_reported = 0
+            self.completed = 0
+            self.cancelled = 0
+            self.faults = 0
+            self.last_request_bodies = deque(maxlen=HISTORY)
+            self.auth_headers_seen = deque(maxlen=HISTORY)
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-serialisable copy of every counter."""
+        with self._lock:
+            return {
+                "requests": dict(self.requests),
+                "in_flight": dict(self.in_flight),
+                "max_in_flight": dict(self.max_in_flight),
+                "prompt_tokens_reported": self.prompt_tokens_reported,
+                "completion_tokens_reported": self.completion_tokens_reported,
+                "completed": self.completed,
+                "cancelled": self.cancelled,
+                "faults": self.faults,
+                "last_request_bodies": list(self.last_request_bodies),
+                "auth_headers_seen": list(self.auth_headers_seen),
+            }
+
+    def total_requests(self) -> int:
+        with self._lock:
+            return sum(self.requests.values())
+
+    def bodies_for(self, path: str) -> list[Any]:
+        """Parsed JSON bodies recently received on ``path`` (oldest first)."""
+        with self._lock:
+            return [e["body"] for e in self.last_request_bodies if e["path"] == path]
+
+    # -- recording (called from the server's event loop) --
+
+    def note_request(self, path: str, auth: str | None) -> None:
+        with self._lock:
+            self.requests[path] = self.requests.get(path, 0) + 1
+            self.auth_headers_seen.append(auth)
+
+    def note_body(self, path: str, body: Any) -> None:
+        with self._lock:
+            self.last_request_bodies.append({"path": path, "body": body})
+
+    def enter(self, model: str) -> None:
+        with self._lock:
+            n = self.in_flight.get(model, 0) + 1
+            self.in_flight[model] = n
+            if n > self.max_in_flight.get(model, 0):
+                self.max_in_flight[model] = n
+
+    def leave(self, model: str) -> None:
+        with self._lock:
+            self.in_flight[model] = max(0, self.in_flight.get(model, 0) - 1)
+
+    def complete(self, prompt_tokens: int, completion_tokens: int) -> None:
+        with self._lock:
+            self.completed += 1
+            self.prompt_tokens_reported += prompt_tokens
+            self.completion_tokens_reported += completion_tokens
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled += 1
+
+    def fault(self) -> None:
+        with self._lock:
+            self.faults += 1
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _count_words(value: Any) -> int:
+    """Whitespace-separated words in a prompt / message content (parts, token ids)."""
+    if isinstance(value, str):
+        return len(value.split())
+    if isinstance(value, list):
+        return sum(_count_words(v) for v in value)
+    if isinstance(value, dict):
+        text = value.get("text")
+        return len(text.split()) if isinstance(text, str) else 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        return 1  # a token id
+    return 0
+
+
+def _count_message_words(messages: Any) -> int:
+    if not isinstance(messages, list):
+        return 0
+    return sum(_count_words(m.get("content")) for m in messages if isinstance(m, dict))
+
+
+def _limit(tokens: int, limit: Any) -> tuple[int, bool]:
+    """``(n, truncated)``: tokens capped by a client limit (negative = unlimited)."""
+    if isinstance(limit, int) and not isinstance(limit, bool) and 0 <= limit < tokens:
+        return limit, True
+    return tokens, False
+
+
+@functools.lru_cache(maxsize=256)
+def _content(n: int) -> str:
+    return "".join(f"tok{i} " for i in range(n))
+
+
+@functools.lru_cache(maxsize=16)
+def _reasoning(n: int) -> str:
+    return "".join(f"think{i} " for i in range(n))
+
+
+@functools.lru_cache(maxsize=1024)
+def _canonical(name: str) -> str:
+    """Ollama model names default to the ``latest`` tag."""
+    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+
+
+@functools.lru_cache(maxsize=1024)
+def _digest(name: str) -> str:
+    return hashlib.sha256(_canonical(name).encode()).hexdigest()
+
+
+def _size(name: str) -> int:
+    return 1_000_000_000 + int(_digest(name)[:6], 16) * 1000
+
+
+def _details(name: str) -> dict[str, Any]:
+    family = name.split(":", 1)[0].rsplit("/", 1)[-1] or "llama"
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": family,
+        "families": [family],
+        "parameter_size": "8.0B",
+        "quantization_level": "Q4_K_M",
+    }
+
+
+@functools.lru_cache(maxsize=4096)
+def _embedding(text: str) -> tuple[float, ...]:
+    """Deterministic unit vector of 8 floats derived from the text."""
+    raw = hashlib.sha256(text.encode()).digest()[:8]
+    vals = [(b - 127.5) / 127.5 for b in raw]
+    norm = math.sqrt(sum(v * v for v in vals)) or 1.0
+    return tuple(round(v / norm, 6) for v in vals)
+
+
+def _embed_inputs(value: Any) -> list[str] | None:
+    """Normalise an embedding input (str, list of str, token ids) to strings."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return [json.dumps(value)]
+        out: list[str] = []
+        for v in value:
+            if isinstance(v, str):
+                out.append(v)
+            elif isinstance(v, list):
+                out.append(json.dumps(v))
+            else:
+                return None
+        return out
+    return None
+
+
+def _now_rfc3339() -> str:
+    t = time.time()
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
+    )
+
+
+def _tool_name(tools: Any) -> str | None:
+    """Name of the first tool when tools are given, else None."""
+    if not isinstance(tools, list) or not tools:
+        return None
+    first = tools[0]
+    if isinstance(first, dict):
+        fn = first.get("function")
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            return str(fn["name"])
+        if isinstance(first.get("name"), str):
+            return str(first["name"])
+    return "tool"
+
+
+def _wants_reasoning(body: dict[str, Any]) -> bool:
+    effort = body.get("reasoning_effort")
+    if effort is not None and effort != "none":
+        return True
+    think = body.get("think")
+    return bool(think) and think != "none"
+
+
+_Body = dict[str, Any]
+_Handler = Callable[[web.BaseRequest, _Body], Awaitable[web.StreamResponse]]
+
+
+# --------------------------------------------------------------------------- server
+
+
+class FakeBackend:
+    """One fake backend server on 127.0.0.1 (see module docstring)."""
+
+    def __init__(self, config: FakeConfig | None = None) -> None:
+        self.config: FakeConfig = config if config is not None else FakeConfig()
+        self.stats: FakeStats = FakeStats()
+        self.port: int = 0
+        self.url: str = ""
+        self._runner: web.ServerRunner | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        common: dict[tuple[str, str], _Handler] = {
+            ("GET", "/v1/models"): self._oa_models,
+            ("POST", "/v1/chat/completions"): self._oa_chat,
+            ("POST", "/v1/completions"): self._oa_completions,
+            ("POST", "/v1/embeddings"): self._oa_embeddings,
+        }
+        self._routes: dict[str, dict[tuple[str, str], _Handler]] = {
+            "ollama": {
+                **common,
+                ("GET", "/"): self._ol_root,
+                ("HEAD", "/"): self._ol_root,
+                ("GET", "/api/tags"): self._ol_tags,
+                ("GET", "/api/ps"): self._ol_ps,
+                ("GET", "/api/version"): self._ol_version,
+                ("POST", "/api/show"): self._ol_show,
+                ("POST", "/api/chat"): self._ol_chat,
+                ("POST", "/api/generate"): self._ol_generate,
+                ("POST", "/api/embed"): self._ol_embed,
+                ("POST", "/api/embeddings"): self._ol_embeddings,
+                ("POST", "/api/pull"): self._ol_pull,
+                ("POST", "/api/push"): self._ol_push,
+                ("POST", "/api/create"): self._ol_create,
+                ("POST", "/api/copy"): self._ol_copy,
+                ("DELETE", "/api/delete"): self._ol_delete,
+            },
+            "openai": {
+                **common,
+                ("GET", "/health"): self._oa_health,
+                ("GET", "/v1/health"): self._oa_health,
+            },
+        }
+        self._paths: dict[str, frozenset[str]] = {
+            kind: frozenset(p for _, p in routes)
+            for kind, routes in self._routes.items()
+        }
+
+    # -- lifecycle --
+
+    async def start(self, port: int = 0, host: str = "127.0.0.1") -> None:
+        """Start listening (``port=0`` picks a free port); sets ``port`` and ``url``."""
+        if self._runner is not None:
+            raise RuntimeError("already started")
+        server = web.Server(self._handle, handler_cancellation=True, access_log=None)
+        runner = web.ServerRunner(server, shutdown_timeout=0.25)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, backlog=2048)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        url_host = "127.0.0.1" if host in ("", "0.0.0.0") else host
+        self.url = f"http://{url_host}:{self.port}"
+
+    async def stop(self) -> None:
+        """Stop listening and cancel requests still running (idempotent)."""
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        for task in list(self._tasks):
+            task.cancel()
+        await runner.cleanup()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- dispatch --
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.path
+        if path.startswith("/_fake/"):
+            return await self._control(request, path)
+        cfg = self.config
+        auth = request.headers.get("Authorization")
+        self.stats.note_request(path, auth)
+        if cfg.api_key is not None and auth != "Bearer " + cfg.api_key:
+            return _json(
+                401,
+                {
+                    "error": {
+                        "message": "Invalid API key",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "invalid_api_key",
+                    }
+                },
+            )
+        method = request.method
+        handler = self._routes[cfg.kind].get((method, path))
+        if handler is None:
+            if path in self._paths[cfg.kind]:
+                return self._error_for(path, 405, f"method {method} not allowed")
+            if cfg.kind == "ollama" and not path.startswith("/v1/"):
+                return web.Response(status=404, text="404 page not found")
+            return self._oa_error(404, f"route {method} {path} not found", "not_found")
+        body: _Body = {}
+        if method in ("POST", "DELETE", "PUT"):
+            raw = await request.content.read()
+            if raw:
+                try:
+                    parsed = json.loads(raw)
+                except ValueError:
+                    return self._error_for(path, 400, "invalid JSON body")
+                if not isinstance(parsed, dict):
+                    return self._error_for(path, 400, "JSON body must be an object")
+                body = parsed
+                self.stats.note_body(path, body)
+        return await handler(request, body)
+
+    @staticmethod
+    def _ol_error(status: int, message: str) -> web.Response:
+        return _json(status, {"error": message})
+
+    @staticmethod
+    def _oa_error(
+        status: int,
+        message: str,
+        code: str | int | None = None,
+        type_: str = "invalid_request_error",
+    ) -> web.Response:
+        return _json(
+            status,
+            {"error": {"message": message, "type": type_, "param": None, "code": code}},
+        )
+
+    def _error_for(self, path: str, status: int, message: str) -> web.Response:
+        if path.startswith("/v1/"):
+            return self._oa_error(status, message)
+        return self._ol_error(status, message)
+
+    def _find_model(self, name: Any) -> str | None:
+        if not isinstance(name, str) or not name:
+            return None
+        models = self.config.models
+        if self.config.kind == "openai":
+            return name if name in models else None
+        canon = _canonical(name)
+        for m in models:
+            if m == name or _canonical(m) == canon:
+                return m
+        return None
+
+    # -- control routes --
+
+    async def _control(self, request: web.BaseRequest, path: str) -> web.StreamResponse:
+        method = request.method
+        if path == "/_fake/stats" and method == "GET":
+            return _json(200, self.stats.snapshot())
+        if path == "/_fake/reset" and method == "POST":
+            self.stats.reset()
+            return _json(200, {"ok": True})
+        if path == "/_fake/config":
+            if method == "GET":
+                return _json(200, self.config.as_dict())
+            if method == "POST":
+                try:
+                    data = await request.json()
+                    if not isinstance(data, dict):
+                        raise TypeError("config body must be a JSON object")
+                    self.config.update(data)
+                except (TypeError, ValueError) as exc:
+                    return _json(400, {"error": str(exc)})
+                return _json(200, self.config.as_dict())
+        return _json(404, {"error": f"no control route {method} {path}"})
+
+    # -- the generation engine (stats, delays, faults) --
+
+    async def _serve(
+        self,
+        request: web.BaseRequest,
+        model: str,
+        *,
+        content_type: str,
+        chunks: Sequence[bytes] | None,
+        final: bytes,
+        steps: int,
+        reported: tuple[int, int],
+        openai_errors: bool,
+    ) -> web.StreamResponse:
+        """Send a generation reply, applying delays and faults.
+
+        ``chunks`` are the streamed token chunks (``None`` = not streaming), then
+        ``final`` is sent (the tail of a stream, or the whole non-streamed body).
+        ``steps`` is how many token delays a non-streamed reply waits for, and
+        ``reported`` the (prompt, completion) counts this reply contains.
+        """
+        cfg = self.config
+        stats = self.stats
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        stats.enter(model)
+        aborted = False
+        try:
+            fault = cfg.fault
+            first_byte_delay = cfg.first_byte_delay
+            if fault == "slow_first_byte" and first_byte_delay <= 0:
+                first_byte_delay = cfg.stall
+            if first_byte_delay > 0:
+                await asyncio.sleep(first_byte_delay)
+            if fault != "none" and fault != "slow_first_byte":
+                stats.fault()
+                if fault == "500" or fault == "503":
+                    status = int(fault)
+                    msg = (
+                        "fake fault: internal server error"
+                        if status == 500
+                        else "server busy, please try again. maximum pending requests exceeded"
+                    )
+                    if openai_errors:
+                        return self._oa_error(status, msg, status, "server_error")
+                    return self._ol_error(status, msg)
+                if fault == "reset":
+                    aborted = True
+                    await self._abort(request)
+                if fault == "garbage":
+                    return web.Response(
+                        body=_GARBAGE, headers={"Content-Type": content_type}
+                    )
+            delay = cfg.delay
+            midstream = fault == "die_midstream" or fault == "stall"
+            if chunks is None:
+                if midstream:
+                    if delay > 0:
+                        await asyncio.sleep(delay * min(cfg.fault_after, steps))
+                    if fault == "die_midstream":
+                        aborted = True
+                        await self._abort(request)
+                    await asyncio.sleep(cfg.stall)
+                    if delay > 0:
+                        await asyncio.sleep(delay * max(0, steps - cfg.fault_after))
+                elif delay > 0 and steps:
+                    await asyncio.sleep(delay * steps)
+                resp: web.StreamResponse = web.Response(
+                    body=final, headers={"Content-Type": content_type}
+                )
+                await resp.prepare(request)
+                await resp.write_eof()
+            else:
+                resp = web.StreamResponse(headers={"Content-Type": content_type})
+                await resp.prepare(request)
+                fault_at = cfg.fault_after if midstream else -1
+                for i, chunk in enumerate(chunks):
+                    if i == fault_at:
+                        if fault == "die_midstream":
+                            aborted = True
+                            await self._abort(request)
+                        await asyncio.sleep(cfg.stall)
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    await resp.write(chunk)
+                if midstream and fault_at >= len(chunks):
+                    if fault == "die_midstream":
+                        aborted = True
+                        await self._abort(request)
+                    await asyncio.sleep(cfg.stall)
+                await resp.write(final)
+                await resp.write_eof()
+            stats.complete(*reported)
+            return resp
+        except (asyncio.CancelledError, ConnectionResetError):
+            if not aborted:
+                stats.cancel()
+            raise
+        finally:
+            stats.leave(model)
+            if task is not None:
+                self._tasks.discard(task)
+
+    @staticmethod
+    async def _abort(request: web.BaseRequest) -> None:
+        """Abort the TCP connection; the handler is then cancelled by aiohttp."""
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+        # connection_lost() cancels this handler on the next loop iteration
+        # (handler_cancellation=True); the timeout is only a safety net.
+        await asyncio.sleep(5)
+        raise ConnectionResetError("fake backend aborted the connection")
+
+    # -- ollama: metadata --
+
+    async def _ol_root(
+        self, request: web.BaseRequest, body: _Body
+    ) -> web.StreamResponse:
+        return web.Response(text="Ollama is running")
+
+    async def _ol_version(
+        self, request: web.BaseRequest, body: _Body
+    ) -> web.StreamResponse:
+        return _json(200, {"version": self.config.version})
+
+    async def _ol_tags(
+        self, request: web.BaseRequest, body: _Body
+    ) -> web.StreamResponse:
+        models = [
+            {
+                "name": m,
+                "model": m,
+                "modified_at": _MODIFIED_AT,
+                "size": _size(m),
+                "digest": _digest(m),
+                "details": _details(m),
+            }
+            for m in list(self.config.models)
+        ]
+        return _json(200, {"models": models})
+
+    async def _ol_ps(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
+        expires = time.strftime(
+            "%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime(time.time() + 300)
+        )
+        models = [
+            {
+                "name": m,
+                "model": m,
+                "size": _size(m),
+                "digest": _digest(m),
+                "details": _details(m),
+                "expires_at": expires,
+                "size_vram": _size(m),
+                "context_length": 4096,
+            }
+            for m in list(self.config.loaded)
+        ]
+        return _json(200, {"models": models})
+
+    async def _ol_show(
+        self, request: web.BaseRequest, body: _Body
+    ) -> web.StreamResponse:
+        name = body.get("model") or body.get("name")
+        model = self._find_model(name)
+        if model is None:
+            return self._ol_error(404, f"model '{name}' not found")
+        details = _details(model)
+        embedding = "embed" in model
+        return _json(
+            200,
+            {
+                "license": "",
+                "modelfile": f"# fake modelfile\nFROM {model}\n",
+                "parameters": "stop <|eot_id|>",
+                "template": "{{ .Prompt }}",
+                "details": details,
+                "model_info": {
+                    "general.architecture": details["family"],
+                    "general.parameter_count": 8_000_000_000,
+                    f"{details['family']}.context_length": 8192,
+                    f"{details['family']}.embedding_length": 4096,
+                },
+                "capabilities": ["embedding"] if embedding else ["completion", "tools"],
+                "modified_at": _MODIFIED_AT,
+            },
+        )
+
+    # -- ollama: model management --
+
+    def _add_model(self, name: str) -> None:
+        if self._find_model(name) is None:
+            self.config.models = [*self.config.models, _canonical(name)]
+
+    async def _progress(
+        self, request: web.BaseRequest, body: _Body, lines: list[dict[str, Any]]
+    ) -> web.StreamResponse:
+        if body.get("stream", True) is False:
+            return _json(200, lines[-1])
+        resp = web.StreamResponse(headers={"Content-Type": _NDJSON})
+        await resp.prepare(request)
+        for line in lines:
+            await resp.write(_jb(line) + b"\n")
+        await resp.write_eof()
+        return resp
+
+    @staticmethod
+    def _transfer_lines(name: str, first: str, verb: str) -> list[dict[str, Any]]:
+        digest = "sha256:" + _digest(name)
+        return [
+            {"status": first},
+            *(
+                {"status": verb, "digest": digest, "total": 3000, "completed": done}
+                for done in (1000, 2000, 3000)
+            ),
+            {"status": "success"},
+        ]
+
+    async def _ol_pull(
+        self, request: web.BaseRequest, body: _Body
+    ) -> web.StreamResponse:
+        name = body.get("model") or body.get("name")
+        if not isinstance(name, str) or not name:
+            return self._ol_error(400, "model is required")
+        lines = self._transfer_lines(name, "pulling manifest", "downloading")
+        self._add_model(name)
+        return await self._progress(request, body, lines)
+
+    async def _ol_push(
+        self, request: web.BaseRequest, body: _Body
+    ) -> web.StreamResponse:
+        name = body.get("model") or body.get("name")
+        if self._find_model(name) is None:
+            return self._ol_error(404, f"model '{name}' not found")
+        assert isinstance(name, str)
+        lines = self._transfer_lines(name, "retrieving manifest", "pushing")
+        return await self._progress(request, body, lines)
+
+    async def _ol_create(
+        self, request: web.BaseRequest, body: _Body
+    ) -> web.StreamResponse:
+        name = body.get("model") or body.get("name")
+        if not isinstance(name, str) or not name:
+            return self._ol_error(400, "model is required")
+        self._add_model(name)
+        return await self._progress(request, body, [{"status": "success"}])
+
+    async def _ol_copy(
+        self, request: web.BaseRequest, body: _Body
+    ) -> web.StreamResponse:
+        source, destination = body.get("source"), body.get("destination")
+        if self._find_model(source) is None:
+            return self._ol_error(404, f"model '{source}' not found")
+        if not isinstance(destination, str) or not destination:
+            return self._ol_error(400, "destination is required")
+        self._add_model(destination)
+        return web.Response(status=200)
+
+    async def _ol_delete(
+        self, request: web.BaseRequest, body: _Body
+    ) -> web.StreamResponse:
+        name = body.get("model") or body.get("name")
+        model = self._find_model(name)
+        if model is None:
+            return self._ol_error(404, f"model '{name}' not found")
+        cfg = self.config
+        cfg.models = [m for m in cfg.models if m != model]
+        cfg.loaded = [m for m in cfg.loaded if _canonical(m) != _canonical(model)]
+        return web.Response(status=200)
+
+    # -- ollama: generation --
+
+    def _ol_counts(self, prompt_tokens: int, n: int) -> dict[str, int]:
+        cfg = self.config
+        load = int(cfg.first_byte_delay * 1e9) + 1_000_000
+        prompt_dur = prompt_tokens * 100_000 + 1
+        eval_dur = n * max(int(cfg.delay * 1e9), 1_000_000) + 1
+        return {
+            "total_duration": load + prompt_dur + eval_dur,
+            "load_duration": load,
+            "prompt_eval_count": prompt_tokens,
+            "prompt_eval_duration": prompt_dur,
+            "eval_count": n,
+            "eval_duration": eval_dur,
+        }
+
+    def _ol_check_model(self, body: _Body) -> tuple[str, str] | web.Response:
+        name = body.get("model")
+        if not isinstance(name, str) or not name:
+            return self._ol_error(400, "model is required")
+        model = self._find_model(name)
+        if model is None:
+            return self._ol_error(404, f"model '{name}' not found")
+        return name, model
+
+    async def _ol_load(
+        self, request: web.BaseRequest, body: _Body, name: str, model: str, field_: str
+    ) -> web.StreamResponse:
+        """Empty prompt: Ollama (un)loads the model and answers at once."""
+        cfg = self.config
+        unload = body.get("keep_alive") in (0, "0", "0s", "0m")
+        canon = _canonical(model)
+        others = [m for m in cfg.loaded if _canonical(m) != canon]
+        cfg.loaded = others if unload else [*others, model]
+        reply: dict[str, Any] = {"model": name, "created_at": _now_rfc3339()}
+        if field_ == "message":
+            reply["message"] = {"role": "assistant", "content": ""}
+        else:
+            reply["response"] = ""
+        reply["done_reason"] = "unload" if unload else "load"
+        reply["done"] = True
+        self.stats.complete(0, 0)
+        data = _jb(reply)
+        if body.get("stream", True) is False:
+            return web.Response(body=data, content_type=_JSON)
+        return web.Response(body=data + b"\n", headers={"Content-Type": _NDJSON})
+
+    async def _ol_chat(
+        self, request: web.BaseRequest, body: _Body
+    ) -> web.StreamResponse:
+        return await self._ol_generation(request, body, chat=True)
+
+    async def _ol_generate(
+        self, request: web.BaseRequest, body: _Body
+    ) -> web.StreamResponse:
+        return await self._ol_generation(request, body, chat=False)
+
+    async def _ol_generation(
+        self, request: web.BaseRequest, body: _Body, *, chat: bool
+    ) -> web.StreamResponse:
+        checked = self._ol_check_model(body)
+        if isinstance(checked, web.Response):
+            return checked
+        name, model = checked
+        if chat:
+            messages = body.get("messages")
+            if not messages:
+                return await self._ol_load(request, body, name, model, "message")
+            prompt_tokens = _count_message_words(messages) + 1
+            tool = _tool_name(body.get("tools"))
+        else:
+            prompt = body.get("prompt")
+            if not prompt:
+                return await self._ol_load(request, body, name, model, "response")
+            prompt_tokens = _count_words(prompt) + 1
+            tool = None
+        options = body.get("options")
+        limit = options.get("num_predict") if isinstance(options, dict) else None
+        n, truncated = _limit(self.config.tokens, limit)
+        think = REASONING_CHUNKS if _wants_reasoning(body) else 0
+        stream = body.get("stream", True) is not False
+        counts = self._ol_counts(prompt_tokens, n)
+        done_reason = "length" if truncated else "stop"
+        created = _now_rfc3339()
+        if not stream:
+            reply: dict[str, Any] = {"model": name, "created_at": created}
+            if chat:
+                message: dict[str, Any] = {"role": "assistant", "content": ""}
+                if think:
+                    message["thinking"] = _reasoning(think)
+                if tool is not None:
+                    message["tool_calls"] = [
+                        {"function": {"name": tool, "arguments": _TOOL_ARGS}}
+                    ]
+                else:
+                    message["content"] = _content(n)
+                reply["message"] = message
+            else:
+                reply["response"] = _content(n)
+                if think:
+                    reply["thinking"] = _reasoning(think)
+            reply["done"] = True
+            reply["done_reason"] = done_reason
+            reply.update(counts)
+            if not chat:
+                reply["context"] = list(range(1, min(prompt_tokens + n, 32) + 1))
+            return await self._serve(
+                request,
+                model,
+                content_type=_JSON,
+                chunks=None,
+                final=_jb(reply),
+                steps=think + (1 if tool is not None else n),
+                reported=(prompt_tokens, n),
+                openai_errors=False,
+            )
+        head = b'{"model":' + _jb(name) + b',"created_at":"' + created.encode() + b'",'
+        chunks: list[bytes] = []
+        if chat:
+            for i in range(think):
+                chunks.append(
+                    head
+                    + b'"message":{"role":"assistant","content":"","thinking":"think%d "},'
+                    b'"done":false}\n' % i
+                )
+            if tool is not None:
+                calls = _jb([{"function": {"name": tool, "arguments": _TOOL_ARGS}}])
+                chunks.append(
+                    head
+                    + b'"message":{"role":"assistant","content":"","tool_calls":'
+                    + calls
+                    + b'},"done":false}\n'
+                )
+            else:
+                for i in range(n):
+                    chunks.append(
+                        head + b'"message":{"role":"assistant","content":"tok%d "},'
+                        b'"done":false}\n' % i
+                    )
+            last: dict[str, Any] = {"message": {"role": "assistant", "content": ""}}
+        else:
+            for i in range(think):
+                chunks.append(
+                    head + b'"response":"","thinking":"think%d ","done":false}\n' % i
+                )
+            for i in range(n):
+                chunks.append(head + b'"response":"tok%d ","done":false}\n' % i)
+            last = {"response": ""}
+        last["done"] = True
+        last["done_reason"] = done_reason
+        last.update(counts)
+        if not chat:
+            last["context"] = list(range(1, min(prompt_tokens + n, 32) + 1))
+        final = head + _jb(last)[1:] + b"\n"
+        return await self._serve(
+            request,
+            model,
+            content_type=_NDJSON,
+            chunks=chunks,
+            final=final,
+            steps=len(chunks),
+            reported=(prompt_tokens, n),
+            openai_errors=False,
+        )
+
+    async def _ol_embed(
+        self, request: web.BaseRequest, body: _Body
+    ) -> web.StreamResponse:
+        checked = self._ol_check_model(body)
+        if isinstance(checked, web.Response):
+            return checked
+        name, model = checked
+        inputs = _embed_inputs(body.get("input", ""))
+        if inputs is None:
+            return self._ol_error(400, "invalid input type")
+        words = sum(_count_words(s) for s in inputs)
+        counts = self._ol_counts(words, 0)
+        reply = {
+            "model": name,
+            "embeddings": [_embedding(s) for s in inputs],
+            "total_duration": counts["total_duration"],
+            "load_duration": counts["load_duration"],
+            "prompt_eval_count": words,
+        }
+        return await self._serve(
+            request,
+            model,
+            content_type=_JSON,
+            chunks=None,
+            final=_jb(reply),
+            steps=1,
+            reported=(words, 0),
+            openai_errors=False,
+        )
+
+    async def _ol_embeddings(
+        self, request: web.BaseRequest, body: _Body
+    ) -> web.StreamResponse:
+        checked = self._ol_check_model(body)
+        if isinstance(checked, web.Response):
+            return checked
+        _, model = checked
+        prompt = body.get("prompt")
+        text = prompt if isinstance(prompt, str) else ""
+        reply = {"embedding": _embedding(text) if text else []}
+        return await self._serve(
+            request,
+            model,
+            content_type=_JSON,
+            chunks=None,
+            final=_jb(reply),
+            steps=1,
+            reported=(0, 0),
+            openai_errors=False,
+        )
+
+    # -- OpenAI-compatible (llama.cpp server, or Ollama's /v1) --
+
+    async def _oa_health(
+        self, request: web.BaseRequest, body: _Body
+    ) -> web.StreamResponse:
+        return _json(200, {"status": "ok"})
+
+    async def _oa_models(
+        self, request: web.BaseRequest, body: _Body
+    ) -> web.StreamResponse:
+        owner = "library" if self.config.kind == "ollama" else "llamacpp"
+        data = [
+            {"id": m, "object": "model", "created": _CREATED, "owned_by": owner}
+            for m in list(self.config.models)
+        ]
+        return _json(200, {"object": "list", "data": data})
+
+    def _oa_check_model(self, body: _Body) -> tuple[str, str] | web.Response:
+        name = body.get("model")
+        if not isinstance(name, str) or not name:
+            return self._oa_error(
+                400, "you must provide a model parameter", "model_required"
+            )
+        model = self._find_model(name)
+        if model is None:
+            return self._oa_error(
+                404, f"The model `{name}` does not exist", "model_not_found"
+            )
+        return name, model
+
+    @staticmethod
+    def _oa_limit(tokens: int, body: _Body) -> tuple[int, bool]:
+        limit = body.get("max_completion_tokens")
+        if limit is None:
+            limit = body.get("max_tokens")
+        return _limit(tokens, limit)
+
+    @staticmethod
+    def _include_usage(body: _Body) -> bool:
+        opts = body.get("stream_options")
+        return isinstance(opts, dict) and opts.get("include_usage") is True
+
+    async def _oa_chat(
+        self, request: web.BaseRequest, body: _Body
+    ) -> web.StreamResponse:
+        checked = self._oa_check_model(body)
+        if isinstance(checked, web.Response):
+            return checked
+        name, model = checked
+        prompt_tokens = _count_message_words(body.get("messages")) + 1
+        n, truncated = self._oa_limit(self.config.tokens, body)
+        tool = (
+            None if body.get("tool_choice") == "none" else _tool_name(body.get("tools"))
+        )
+        think = REASONING_CHUNKS if _wants_reasoning(body) else 0
+        finish = (
+            "tool_calls" if tool is not None else ("length" if truncated else "stop")
+        )
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": n,
+            "total_tokens": prompt_tokens + n,
+        }
+        cid = f"chatcmpl-{next(_ids)}"
+        created = int(time.time())
+        call_id = f"call_{cid[9:]}"
+        if body.get("stream") is not True:
+            message: dict[str, Any] = {"role": "assistant", "content": _content(n)}
+            if think:
+                message["reasoning_content"] = _reasoning(think)
+            if tool is not None:
+                message["content"] = None
+                message["tool_calls"] = [
+                    {
+                        "id": call_id,
+                        "type": "function",
+                        "function": {"name": tool, "arguments": _TOOL_ARGS_STR},
+                    }
+                ]
+            reply = {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": name,
+                "system_fingerprint": "fp_fake",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": message,
+                        "logprobs": None,
+                        "finish_reason": finish,
+                    }
+                ],
+                "usage": usage,
+            }
+            return await self._serve(
+                request,
+                model,
+                content_type=_JSON,
+                chunks=None,
+                final=_jb(reply),
+                steps=think + (2 if tool is not None else n),
+                reported=(prompt_tokens, n),
+                openai_errors=True,
+            )
+        head = (
+            b'data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,'
+            b'"system_fingerprint":"fp_fake",'
+        ) % (cid.encode(), created, _jb(name))
+        open_delta = head + b'"choices":[{"index":0,"delta":{'
+        close = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+        role = b'"role":"assistant",'
+        chunks: list[bytes] = []
+        for i in range(think):
+            chunks.append(
+                open_delta
+                + (role if not chunks else b"")
+                + b'"content":null,"reasoning_content":"think%d "' % i
+                + close
+            )
+        if tool is not None:
+            start = {
+                "index": 0,
+                "id": call_id,
+                "type": "function",
+                "function": {"name": tool, "arguments": ""},
+            }
+            args = {"index": 0, "function": {"arguments": _TOOL_ARGS_STR}}
+            chunks.append(
+                open_delta
+                + (role if not chunks else b"")
+                + b'"content":null,"tool_calls":'
+                + _jb([start])
+                + close
+            )
+            chunks.append(open_delta + b'"tool_calls":' + _jb([args]) + close)
+        else:
+            for i in range(n):
+                chunks.append(
+                    open_delta
+                    + (role if not chunks else b"")
+                    + b'"content":"tok%d "' % i
+                    + close
+                )
+        final = (
+            head
+            + b'"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"%s"}]}\n\n'
+            % (finish.encode())
+        )
+        include_usage = self._include_usage(body)
+        if include_usage:
+            final += head + b'"choices":[],"usage":' + _jb(usage) + b"}\n\n"
+        final += b"data: [DONE]\n\n"
+        return await self._serve(
+            request,
+            model,
+            content_type=_SSE,
+            chunks=chunks,
+            final=final,
+            steps=len(chunks),
+            reported=(prompt_tokens, n) if include_usage else (0, 0),
+            openai_errors=True,
+        )
+
+    async def _oa_completions(
+        self, request: web.BaseRequest, body: _Body
+    ) -> web.StreamResponse:
+        checked = self._oa_check_model(body)
+        if isinstance(checked, web.Response):
+            return checked
+        name, model = checked
+        prompt_tokens = _count_words(body.get("prompt")) + 1
+        n, truncated = self._oa_limit(self.config.tokens, body)
+        finish = "length" if truncated else "stop"
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": n,
+            "total_tokens": prompt_tokens + n,
+        }
+        cid = f"cmpl-{next(_ids)}"
+        created = int(time.time())
+        if body.get("stream") is not True:
+            reply = {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": name,
+                "system_fingerprint": "fp_fake",
+                "choices": [
+                    {
+                        "text": _content(n),
+                        "index": 0,
+                        "logprobs": None,
+                        "finish_reason": finish,
+                    }
+                ],
+                "usage": usage,
+            }
+            return await self._serve(
+                request,
+                model,
+                content_type=_JSON,
+                chunks=None,
+                final=_jb(reply),
+                steps=n,
+                reported=(prompt_tokens, n),
+                openai_errors=True,
+            )
+        head = (
+            b'data: {"id":"%s","object":"text_completion","created":%d,"model":%s,'
+            b'"system_fingerprint":"fp_fake",'
+        ) % (cid.encode(), created, _jb(name))
+        chunks = [
+            head
+            + b'"choices":[{"text":"tok%d ","index":0,"logprobs":null,"finish_reason":null}]}\n\n'
+            % i
+            for i in range(n)
+        ]
+        final = (
+            head
+            + b'"choices":[{"text":"","index":0,"logprobs":null,"finish_reason":"%s"}]}\n\n'
+            % (finish.encode())
+        )
+        include_usage = self._include_usage(body)
+        if include_usage:
+            final += head + b'"choices":[],"usage":' + _jb(usage) + b"}\n\n"
+        final += b"data: [DONE]\n\n"
+        return await self._serve(
+            request,
+            model,
+            content_type=_SSE,
+            chunks=chunks,
+            final=final,
+            steps=n,
+            reported=(prompt_tokens, n) if include_usage else (0, 0),
+            openai_errors=True,
+        )
+
+    async def _oa_embeddings(
+        self, request: web.BaseRequest, body: _Body
+    ) -> web.StreamResponse:
+        checked = self._oa_check_model(body)
+        if isinstance(checked, web.Response):
+            return checked
+        name, model = checked
+        inputs = _embed_inputs(body.get("input"))
+        if inputs is None:
+            return self._oa_error(
+                400, "'input' must be a string or an array", "invalid_input"
+            )
+        b64 = body.get("encoding_format") == "base64"
+        data: list[dict[str, Any]] = []
+        for i, text in enumerate(inputs):
+            vec = _embedding(text)
+            emb: Any = (
+                base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+                if b64
+                else vec
+            )
+            data.append({"object": "embedding", "embedding": emb, "index": i})
+        words = sum(_count_words(s) for s in inputs)
+        reply = {
+            "object": "list",
+            "data": data,
+            "model": name,
+            "usage": {"prompt_tokens": words, "total_tokens": words},
+        }
+        return await self._serve(
+            request,
+            model,
+            content_type=_JSON,
+            chunks=None,
+            final=_jb(reply),
+            steps=1,
+            reported=(words, 0),
+            openai_errors=True,
+        )
+
+
+# --------------------------------------------------------------------------- threads
+
+
+class ThreadedFake:
+    """A :class:`FakeBackend` running on its own event loop in a daemon thread."""
+
+    def __init__(
+        self, config: FakeConfig, port: int = 0, host: str = "127.0.0.1"
+    ) -> None:
+        self.backend = FakeBackend(config)
+        self._port_wanted = port
+        self._host = host
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._stopped = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"fake-backend-{config.kind}", daemon=True
+        )
+
+    @property
+    def config(self) -> FakeConfig:
+        return self.backend.config
+
+    @property
+    def stats(self) -> FakeStats:
+        return self.backend.stats
+
+    @property
+    def url(self) -> str:
+        return self.backend.url
+
+    @property
+    def port(self) -> int:
+        return self.backend.port
+
+    def start(self, timeout: float = 10.0) -> ThreadedFake:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("fake backend did not start in time")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _run(self) -> None:
+        loop = self._loop
+        asyncio.set_event_loop(loop)
+        # gather(return_exceptions=True) hands a startup error (e.g. port in
+        # use) back as a value, to be re-raised in the thread that called start().
+        (outcome,) = loop.run_until_complete(
+            asyncio.gather(
+                self.backend.start(self._port_wanted, self._host),
+                return_exceptions=True,
+            )
+        )
+        if isinstance(outcome, BaseException):
+            self._error = outcome
+            self._ready.set()
+            loop.close()
+            return
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(
+                    asyncio.gather(*pending, return_exceptions=True)
+                )
+            loop.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server and the thread (idempotent)."""
+        if self._stopped or self._error is not None or not self._thread.is_alive():
+            self._stopped = True
+            return
+        self._stopped = True
+        future = asyncio.run_coroutine_threadsafe(self.backend.stop(), self._loop)
+        with contextlib.suppress(Exception):
+            future.result(timeout)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def run_in_thread(
+    config: FakeConfig, port: int = 0, host: str = "127.0.0.1"
+) -> ThreadedFake:
+    """Start a fake backend in a daemon thread and return it once it listens."""
+    return ThreadedFake(config, port, host).start()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.fake_backend",
+        description="Fake Ollama / OpenAI LLM backend.",
+    )
+    p.add_argument("--kind", choices=sorted(KINDS), default="ollama")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument(
+        "--models", type=_split, default=None, help="comma-separated model names"
+    )
+    p.add_argument(
+        "--loaded", type=_split, default=None, help="comma-separated loaded models"
+    )
+    p.add_argument("--tokens", type=int, default=8)
+    p.add_argument("--delay", type=float, default=0.0)
+    p.add_argument("--first-byte-delay", type=float, default=0.0)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--version", default="0.12.0")
+    p.add_argument("--fault", choices=sorted(FAULTS), default="none")
+    p.add_argument("--fault-after", type=int, default=2)
+    p.add_argument("--stall", type=float, default=30.0)
+    return p.parse_args(argv)
+
+
+async def _serve_forever(config: FakeConfig, host: str, port: int) -> None:
+    backend = FakeBackend(config)
+    await backend.start(port, host)
+    print(f"listening on {backend.url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await backend.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    config = FakeConfig(
+        kind=args.kind,
+        tokens=args.tokens,
+        delay=args.delay,
+        first_byte_delay=args.first_byte_delay,
+        api_key=args.api_key,
+        version=args.version,
+        fault=args.fault,
+        fault_after=args.fault_after,
+        stall=args.stall,
+    )
+    if args.models is not None:
+        config.models = args.models
+    if args.loaded is not None:
+        config.loaded = args.loaded
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve_forever(config, args.host, args.port))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

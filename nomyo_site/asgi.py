@@ -1,0 +1,45 @@
+"""ASGI entry point: the proxy routes take the lean path, everything else Django's normal one.
+
+Built as channels' sample project does: the Django application first (it sets up the
+apps), then the modules that need them.
+"""
+
+import os
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "nomyo_site.settings")
+
+from django.core.asgi import get_asgi_application  # noqa: E402
+
+django_app = get_asgi_application()
+
+from typing import Any  # noqa: E402
+
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+
+from routing import lifecycle, nodelay  # noqa: E402
+from routing.lean_asgi import ProxyHandler, is_proxy_path  # noqa: E402
+from stats.routing import websocket_urlpatterns  # noqa: E402
+
+proxy_app = ProxyHandler()
+
+
+async def http_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if is_proxy_path(scope["path"]):
+        await proxy_app(scope, receive, send)
+    else:
+        lifecycle.ensure_started()
+        await django_app(scope, receive, send)
+
+
+application = ProtocolTypeRouter(
+    {
+        "http": http_app,
+        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        "lifespan": lifecycle.lifespan,
+    }
+)
+
+lifecycle.install_daphne_hooks()
+nodelay.install()

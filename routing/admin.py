@@ -1,0 +1,165 @@
+"""The fleet in the admin: state at a glance, bulk enable/disable, and a "check now" probe."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from django import forms
+from django.contrib import admin, messages
+from django.db import transaction
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from routing import caches, fleet, services
+from routing.board import board
+from routing.models import Endpoint, RouterSettings
+from routing.registry import EndpointInfo
+
+
+class EndpointForm(forms.ModelForm[Endpoint]):
+    # Write-only: the stored key is never rendered back into the page.
+    api_key = forms.CharField(
+        required=False,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Sent as Bearer token. Leave empty to keep the current key.",
+    )
+    clear_api_key = forms.BooleanField(required=False, help_text="Remove the stored key.")
+
+    class Meta:
+        model = Endpoint
+        fields = ["name", "url", "kind", "api_key", "enabled", "max_concurrent_connections", "notes"]
+
+    def clean_api_key(self) -> str:
+        value: str = self.cleaned_data.get("api_key") or ""
+        if not value and self.instance.pk:
+            return self.instance.api_key
+        return value
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if data.get("clear_api_key"):
+            data["api_key"] = ""
+        return data
+
+
+def _info(ep: Endpoint) -> EndpointInfo:
+    return EndpointInfo(
+        id=ep.id,
+        name=ep.display_name,
+        url=ep.url,
+        kind=ep.kind,
+        api_key=ep.api_key,
+        enabled=ep.enabled,
+        limit=ep.max_concurrent_connections,
+    )
+
+
+async def _check(ep: EndpointInfo) -> tuple[str | None, fleet.ModelList | None, str | None]:
+    from routing import upstream
+
+    try:
+        version = await fleet.fetch_version(ep)
+        models = await fleet.fetch_advertised(ep)
+        return version, models, None
+    except fleet.ProbeError as exc:
+        return None, None, str(exc)
+    finally:
+        from routing import lifecycle
+
+        if asyncio.get_running_loop() is not lifecycle._started_loop:
+            await upstream.close_client()  # a throwaway loop (no server running): close its client
+
+
+@admin.register(Endpoint)
+class EndpointAdmin(admin.ModelAdmin[Endpoint]):
+    form = EndpointForm
+    list_display = ["__str__", "url", "kind", "enabled", "state", "models_advertised", "models_loaded", "active_requests", "max_concurrent_connections", "has_api_key"]
+    list_filter = ["enabled", "kind"]
+    search_fields = ["name", "url", "notes"]
+    readonly_fields = ["created", "updated"]
+    actions = ["enable", "disable", "check_now"]
+
+    @admin.display(description="state")
+    def state(self, obj: Endpoint) -> str:
+        if not obj.enabled:
+            return "disabled"
+        mark = caches.failing.peek(obj.id)
+        if mark is not None:
+            return f"failing: {mark.reason}"
+        return "healthy" if caches.advertised.peek(obj.id) is not None else "unknown (not probed yet)"
+
+    @admin.display(description="models advertised")
+    def models_advertised(self, obj: Endpoint) -> str:
+        models = caches.advertised.peek(obj.id)
+        return ", ".join(models.names) if models else "–"
+
+    @admin.display(description="models loaded")
+    def models_loaded(self, obj: Endpoint) -> str:
+        models = caches.loaded.peek(obj.id)
+        return ", ".join(models.names) if models else "–"
+
+    @admin.display(description="active")
+    def active_requests(self, obj: Endpoint) -> int:
+        return board.active_for(obj.id)
+
+    @admin.display(description="api key", boolean=True)
+    def has_api_key(self, obj: Endpoint) -> bool:
+        return bool(obj.api_key)
+
+    def save_model(self, request: HttpRequest, obj: Endpoint, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        transaction.on_commit(lambda: services.endpoints_changed([obj.id]))
+
+    def delete_model(self, request: HttpRequest, obj: Endpoint) -> None:
+        endpoint_id = obj.id
+        super().delete_model(request, obj)
+        transaction.on_commit(lambda: services.endpoints_changed([endpoint_id]))
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Endpoint]) -> None:
+        ids = list(queryset.values_list("id", flat=True))
+        super().delete_queryset(request, queryset)
+        transaction.on_commit(lambda: services.endpoints_changed(ids))
+
+    @admin.action(description="Enable selected endpoints")
+    def enable(self, request: HttpRequest, queryset: QuerySet[Endpoint]) -> None:
+        self.message_user(request, f"{services.endpoints_set_enabled(endpoint_ids=list(queryset.values_list('id', flat=True)), enabled=True)} enabled.")
+
+    @admin.action(description="Disable selected endpoints")
+    def disable(self, request: HttpRequest, queryset: QuerySet[Endpoint]) -> None:
+        self.message_user(request, f"{services.endpoints_set_enabled(endpoint_ids=list(queryset.values_list('id', flat=True)), enabled=False)} disabled.")
+
+    @admin.action(description="Check now: probe the server, report version and models")
+    def check_now(self, request: HttpRequest, queryset: QuerySet[Endpoint]) -> None:
+        for ep in queryset:
+            version, models, error = async_to_sync(_check)(_info(ep))
+            if error is not None:
+                caches.failing.put(ep.id, caches.FailingMark(error, time.time()))
+                self.message_user(request, f"{ep}: {error}", messages.ERROR)
+                continue
+            assert models is not None and version is not None
+            caches.failing.invalidate(ep.id)
+            caches.advertised.put(ep.id, models)
+            caches.versions.put(ep.id, version)
+            names = ", ".join(models.names) or "no models"
+            self.message_user(request, f"{ep}: version {version}; {names}", messages.SUCCESS)
+
+
+@admin.register(RouterSettings)
+class RouterSettingsAdmin(admin.ModelAdmin[RouterSettings]):
+    list_display = ["__str__", "has_api_key", "updated"]
+    readonly_fields = ["api_key_state", "updated"]
+    exclude = ["api_key"]
+
+    @admin.display(description="router api key", boolean=True)
+    def has_api_key(self, obj: RouterSettings) -> bool:
+        return bool(obj.api_key)
+
+    @admin.display(description="router api key")
+    def api_key_state(self, obj: RouterSettings) -> str:
+        return "set (hidden)" if obj.api_key else "not set"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return not RouterSettings.objects.exists()

@@ -1,0 +1,10 @@
+from django.apps import AppConfig
+
+
+class RoutingConfig(AppConfig):
+    default_auto_field = "django.db.models.BigAutoField"
+    name = "routing"
+    verbose_name = "Routing"
+
+    def ready(self) -> None:
+        from routing import checks  # noqa: F401  (registers the system checks)

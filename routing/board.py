@@ -1,0 +1,254 @@
+"""The usage board: active requests per (endpoint, model), selection, and the wait queue.
+
+One lock guards the counters and the queues, so selecting an endpoint and reserving its
+slot is one atomic step, and releasing a slot hands it to the first waiter in the same
+step (first come, first served per model). Nothing here awaits while holding the lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from routing.locks import TimedLock
+from routing.registry import EndpointInfo
+
+Slot = tuple[int, str]  # (endpoint id, model key)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    endpoint: EndpointInfo
+    backend_model: str  # the name the backend advertises
+    loaded: bool
+
+
+@dataclass(slots=True)
+class Lease:
+    """A reserved slot. `release()` is idempotent and synchronous, safe in any `finally`."""
+
+    board: Board | None  # None: an unmetered lease that holds no slot
+    candidate: Candidate
+    model: str
+    released: bool = False
+
+    @property
+    def endpoint(self) -> EndpointInfo:
+        return self.candidate.endpoint
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            if self.board is not None:
+                self.board.release(self)
+
+
+@dataclass(slots=True)
+class _Waiter:
+    candidates: list[Candidate]
+    future: asyncio.Future[Lease]
+    since: float = field(default_factory=time.monotonic)
+
+
+class QueueFull(Exception):
+    pass
+
+
+class QueueTimeout(Exception):
+    pass
+
+
+class Board:
+    def __init__(self) -> None:
+        self._lock = TimedLock("usage")
+        self._active: dict[Slot, int] = {}
+        self._per_endpoint: dict[int, int] = {}
+        self._queues: dict[str, deque[_Waiter]] = {}
+        self._queued = 0
+        self._listeners: list[Callable[[], None]] = []
+
+    # -- observers -------------------------------------------------------------------
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Called (outside the lock) after every change; must be cheap and never raise."""
+        self._listeners.append(listener)
+
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    # -- selection -------------------------------------------------------------------
+    def _pick(self, model: str, candidates: list[Candidate]) -> Candidate | None:
+        """Loaded first, then least busy for the model, then least busy overall; random ties."""
+        best: Candidate | None = None
+        best_key: tuple[int, int, int, float] | None = None
+        for cand in candidates:
+            ep = cand.endpoint
+            active = self._active.get((ep.id, model), 0)
+            if active >= ep.limit:
+                continue
+            key = (0 if cand.loaded else 1, active, self._per_endpoint.get(ep.id, 0), random.random())
+            if best_key is None or key < best_key:
+                best, best_key = cand, key
+        return best
+
+    def _reserve(self, model: str, cand: Candidate) -> Lease:
+        slot = (cand.endpoint.id, model)
+        self._active[slot] = self._active.get(slot, 0) + 1
+        self._per_endpoint[cand.endpoint.id] = self._per_endpoint.get(cand.endpoint.id, 0) + 1
+        return Lease(self, cand, model)
+
+    def unmetered(self, model: str, candidates: list[Candidate]) -> Lease:
+        """A choice without a slot, for metadata calls (show): loaded first, then least busy."""
+        with self._lock:
+            best = min(
+                candidates,
+                key=lambda c: (
+                    0 if c.loaded else 1,
+                    self._per_endpoint.get(c.endpoint.id, 0),
+                    random.random(),
+                ),
+            )
+        return Lease(None, best, model)
+
+    def try_acquire(self, model: str, candidates: list[Candidate]) -> Lease | None:
+        """Select and reserve in one step, unless earlier requests for the model wait."""
+        with self._lock:
+            if self._queues.get(model):
+                return None
+            cand = self._pick(model, candidates)
+            lease = self._reserve(model, cand) if cand is not None else None
+        if lease is not None:
+            self._notify()
+        return lease
+
+    async def acquire(
+        self, model: str, candidates: list[Candidate], *, timeout: float, queue_max: int
+    ) -> Lease:
+        lease = self.try_acquire(model, candidates)
+        if lease is not None:
+            return lease
+        future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(candidates, future)
+        with self._lock:
+            # Re-check under the lock: a slot may have freed since try_acquire.
+            queue = self._queues.get(model)
+            if not queue:
+                cand = self._pick(model, candidates)
+                if cand is not None:
+                    lease = self._reserve(model, cand)
+            if lease is None:
+                if self._queued >= queue_max:
+                    raise QueueFull()
+                self._queues.setdefault(model, deque()).append(waiter)
+                self._queued += 1
+        self._notify()
+        if lease is not None:
+            return lease
+        got: Lease | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                got = await future
+            return got
+        except TimeoutError:
+            raise QueueTimeout() from None
+        finally:
+            self._leave_queue(model, waiter, kept=got is not None)
+
+    def _leave_queue(self, model: str, waiter: _Waiter, *, kept: bool) -> None:
+        """A waiter stops waiting (served, timed out or cancelled)."""
+        orphan: Lease | None = None
+        with self._lock:
+            queue = self._queues.get(model)
+            if queue is not None and waiter in queue:
+                queue.remove(waiter)
+                self._queued -= 1
+                if not queue:
+                    del self._queues[model]
+            fut = waiter.future
+            if not fut.done():
+                fut.cancel()  # so no slot is handed to it from now on
+            elif not kept and not fut.cancelled():
+                # Granted in the same instant as a timeout or cancellation: the caller
+                # will never use the slot, so hand it back (to the next waiter).
+                orphan = fut.result()
+        if orphan is not None:
+            orphan.release()
+        else:
+            self._notify()
+
+    def release(self, lease: Lease) -> None:
+        model = lease.model
+        ep_id = lease.candidate.endpoint.id
+        with self._lock:
+            slot = (ep_id, model)
+            left = self._active.get(slot, 0) - 1
+            if left > 0:
+                self._active[slot] = left
+            else:
+                self._active.pop(slot, None)
+            left = self._per_endpoint.get(ep_id, 0) - 1
+            if left > 0:
+                self._per_endpoint[ep_id] = left
+            else:
+                self._per_endpoint.pop(ep_id, None)
+            self._serve_waiters(model)
+        self._notify()
+
+    def _serve_waiters(self, model: str) -> None:
+        """Hand free slots to waiters in arrival order (lock held)."""
+        queue = self._queues.get(model)
+        while queue:
+            waiter = queue[0]
+            if waiter.future.done():  # timed out or cancelled, leaving
+                queue.popleft()
+                self._queued -= 1
+                continue
+            cand = self._pick(model, waiter.candidates)
+            if cand is None:
+                return
+            queue.popleft()
+            self._queued -= 1
+            waiter.future.set_result(self._reserve(model, cand))
+        if queue is not None and not queue:
+            del self._queues[model]
+
+    def poke(self) -> None:
+        """Re-run the queues after limits or endpoints changed."""
+        with self._lock:
+            for model in list(self._queues):
+                self._serve_waiters(model)
+        self._notify()
+
+    # -- reads -----------------------------------------------------------------------
+    def active(self) -> dict[Slot, int]:
+        with self._lock:
+            return dict(self._active)
+
+    def active_for(self, endpoint_id: int) -> int:
+        with self._lock:
+            return self._per_endpoint.get(endpoint_id, 0)
+
+    def queued(self) -> dict[str, int]:
+        with self._lock:
+            return {model: len(q) for model, q in self._queues.items()}
+
+    def queued_total(self) -> int:
+        with self._lock:
+            return self._queued
+
+    def clear(self) -> None:
+        with self._lock:
+            self._active.clear()
+            self._per_endpoint.clear()
+            for queue in self._queues.values():
+                for waiter in queue:
+                    waiter.future.cancel()
+            self._queues.clear()
+            self._queued = 0
+
+
+board = Board()

@@ -1,0 +1,30 @@
+"""Configuration mistakes, reported by `manage.py check` and at start-up."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import Error, Warning, register
+
+
+@register()
+def router_settings(app_configs: Any, **kwargs: Any) -> list[Error | Warning]:
+    problems: list[Error | Warning] = []
+    for name in ("ROUTER_QUEUE_TIMEOUT", "ROUTER_FLUSH_INTERVAL", "ROUTER_CONNECT_TIMEOUT", "ROUTER_FIRST_BYTE_TIMEOUT", "ROUTER_READ_TIMEOUT"):
+        if getattr(settings, name) <= 0:
+            problems.append(Error(f"{name} must be greater than zero.", id="routing.E001"))
+    if settings.ROUTER_QUEUE_MAX < 0:
+        problems.append(Error("ROUTER_QUEUE_MAX must not be negative.", id="routing.E002"))
+    if settings.ROUTER_MAX_BODY < 1024:
+        problems.append(Error("ROUTER_MAX_BODY must be at least 1024 bytes.", id="routing.E003"))
+    if settings.ROUTER_CONFIG:
+        from pathlib import Path
+
+        if not Path(settings.ROUTER_CONFIG).is_file():
+            problems.append(Warning(f"ROUTER_CONFIG names {settings.ROUTER_CONFIG}, which is not a file.", id="routing.W001"))
+    if not settings.DEBUG and settings.SECRET_KEY.startswith("dev-only"):
+        problems.append(
+            Warning("SECRET_KEY is the development default; set SECRET_KEY in the environment.", id="routing.W002")
+        )
+    return problems

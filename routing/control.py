@@ -1,0 +1,79 @@
+"""Cross-process control messages over the channel layer: "endpoints changed".
+
+Every router process listens on the `router.control` group; a change made through any
+process (admin, command) reaches all of them, so the next request anywhere sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+
+log = logging.getLogger("routing.control")
+
+GROUP = "router.control"
+ORIGIN = f"{os.getpid()}-{id(object())}"
+
+
+def broadcast_sync(endpoint_ids: list[int] | None) -> None:
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    message = {"type": "endpoints.changed", "ids": endpoint_ids, "origin": ORIGIN}
+    try:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            async_to_sync(layer.group_send)(GROUP, message)
+        else:
+            asyncio.ensure_future(layer.group_send(GROUP, message))
+    except Exception:
+        log.warning("could not broadcast an endpoint change; other processes reload within 5 s")
+
+
+def apply(message: dict[str, Any]) -> None:
+    from routing import caches
+    from routing.board import board
+    from routing.registry import registry
+
+    if message.get("origin") == ORIGIN:
+        return
+    registry.invalidate()
+    ids = message.get("ids")
+    if ids is None:
+        caches.invalidate_endpoint(None)
+    else:
+        for endpoint_id in ids:
+            caches.invalidate_endpoint(int(endpoint_id))
+    board.poke()
+
+
+async def listen() -> None:
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    channel = await layer.new_channel()
+    await layer.group_add(GROUP, channel)
+    try:
+        while True:
+            try:
+                message = await layer.receive(channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("control channel receive failed; retrying", exc_info=True)
+                await asyncio.sleep(2)
+                await layer.group_add(GROUP, channel)
+                continue
+            if message.get("type") == "endpoints.changed":
+                apply(message)
+    finally:
+        try:
+            await layer.group_discard(GROUP, channel)
+        except Exception:
+            pass

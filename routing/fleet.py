@@ -1,0 +1,215 @@
+"""What the fleet can do right now: probes of each endpoint, cached, and the candidates for a model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from django.conf import settings
+
+from routing import caches, upstream
+from routing.board import Candidate
+from routing.names import model_key
+from routing.registry import EndpointInfo, registry
+
+log = logging.getLogger("routing.fleet")
+
+
+class ProbeError(Exception):
+    pass
+
+
+async def _get_json(ep: EndpointInfo, url: str) -> Any:
+    client = upstream.get_client()
+    try:
+        response = await client.get(
+            url,
+            headers=upstream.auth_headers(ep.api_key),
+            timeout=upstream.timeouts(first_byte=settings.ROUTER_PROBE_TIMEOUT),
+        )
+        body = response.content
+    except (httpx.HTTPError, OSError) as exc:
+        raise ProbeError(upstream.classify(exc).value) from exc
+    if response.status_code != 200:
+        raise ProbeError(f"HTTP {response.status_code} from {url.rsplit('/', 1)[-1]}")
+    try:
+        return response.json() if body else None
+    except ValueError:
+        raise ProbeError("malformed JSON") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelList:
+    """Models as one endpoint reports them: raw entries for listing, keys for matching."""
+
+    entries: tuple[dict[str, Any], ...]
+    names: tuple[str, ...]
+    keys: frozenset[str]
+
+    def backend_name(self, key: str) -> str | None:
+        if key not in self.keys:
+            return None
+        for name in self.names:
+            if model_key(name) == key:
+                return name
+        return None
+
+
+EMPTY = ModelList((), (), frozenset())
+
+
+def _model_list(data: Any, list_key: str, name_keys: tuple[str, ...]) -> ModelList:
+    if not isinstance(data, dict) or not isinstance(data.get(list_key), list):
+        raise ProbeError(f"unexpected reply: no '{list_key}' list")
+    entries: list[dict[str, Any]] = []
+    names: list[str] = []
+    for item in data[list_key]:
+        if isinstance(item, dict):
+            for key in name_keys:
+                if isinstance(item.get(key), str):
+                    entries.append(item)
+                    names.append(item[key])
+                    break
+    return ModelList(tuple(entries), tuple(names), frozenset(model_key(n) for n in names))
+
+
+async def fetch_advertised(ep: EndpointInfo) -> ModelList:
+    if ep.is_ollama:
+        return _model_list(await _get_json(ep, ep.url + "/api/tags"), "models", ("name", "model"))
+    return _model_list(await _get_json(ep, ep.url + "/models"), "data", ("id",))
+
+
+async def fetch_loaded(ep: EndpointInfo) -> ModelList:
+    if not ep.is_ollama:
+        return EMPTY
+    return _model_list(await _get_json(ep, ep.url + "/api/ps"), "models", ("name", "model"))
+
+
+async def fetch_version(ep: EndpointInfo) -> str:
+    if not ep.is_ollama:
+        await fetch_advertised(ep)  # answers: it is up; OpenAI servers have no version route
+        return "openai-compatible"
+    data = await _get_json(ep, ep.url + "/api/version")
+    if not isinstance(data, dict) or not isinstance(data.get("version"), str):
+        raise ProbeError("unexpected reply from /api/version")
+    return str(data["version"])
+
+
+# -- failing endpoints ---------------------------------------------------------------
+_reprobes: dict[int, asyncio.Task[None]] = {}
+
+
+def mark_failing(ep: EndpointInfo, reason: str) -> None:
+    """Keep the endpoint out of selection for a while and re-probe it in the background."""
+    if caches.failing.peek(ep.id) is None:
+        log.warning("endpoint %s failing: %s", ep.name, reason)
+    caches.failing.put(ep.id, caches.FailingMark(reason, time.time()))
+    caches.loaded.invalidate(ep.id)
+    task = _reprobes.get(ep.id)
+    if task is None or task.done():
+        try:
+            _reprobes[ep.id] = asyncio.get_running_loop().create_task(_reprobe(ep))
+        except RuntimeError:  # no running loop (admin thread): the TTL still expires
+            pass
+
+
+def mark_healthy(ep: EndpointInfo) -> None:
+    caches.failing.invalidate(ep.id)
+
+
+async def _reprobe(ep: EndpointInfo) -> None:
+    interval = max(0.5, settings.ROUTER_FAILING_TTL / 4)
+    while True:
+        await asyncio.sleep(interval)
+        current = {e.id: e for e in registry.cached()}.get(ep.id)
+        if current is None or not current.enabled or caches.failing.peek(ep.id) is None:
+            return
+        try:
+            models = await fetch_advertised(current)
+        except ProbeError as exc:
+            caches.failing.put(ep.id, caches.FailingMark(str(exc), time.time()))
+            continue
+        caches.advertised.put(ep.id, models)
+        mark_healthy(ep)
+        log.info("endpoint %s recovered", ep.name)
+        return
+
+
+async def advertised_or_none(ep: EndpointInfo) -> ModelList | None:
+    """The endpoint's models, or None when it is failing (and marks it so on error)."""
+    if caches.failing.peek(ep.id) is not None:
+        return None
+    try:
+        return await caches.advertised.get(ep.id, lambda: fetch_advertised(ep))
+    except ProbeError as exc:
+        mark_failing(ep, str(exc))
+        return None
+
+
+async def loaded_or_empty(ep: EndpointInfo) -> ModelList:
+    if not ep.is_ollama:
+        return EMPTY
+    try:
+        return await caches.loaded.get(ep.id, lambda: fetch_loaded(ep))
+    except ProbeError:
+        return EMPTY  # the request itself will find out whether the server is up
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    candidates: list[Candidate]
+    reachable: int  # enabled endpoints that answered
+
+
+async def gather_advertised(
+    endpoints: tuple[EndpointInfo, ...],
+) -> list[tuple[EndpointInfo, ModelList | None]]:
+    """Each endpoint with its models, or None when it is failing."""
+    # Fast path: everything fresh in the caches, no task created.
+    found: list[tuple[EndpointInfo, ModelList | None]] = []
+    for ep in endpoints:
+        if caches.failing.peek(ep.id) is not None:
+            found.append((ep, None))
+            continue
+        models = caches.advertised.peek(ep.id)
+        if models is None:
+            results = await asyncio.gather(*(advertised_or_none(e) for e in endpoints))
+            return list(zip(endpoints, results, strict=True))
+        found.append((ep, models))
+    return found
+
+
+async def gather_loaded(endpoints: list[EndpointInfo]) -> list[ModelList]:
+    found: list[ModelList] = []
+    for ep in endpoints:
+        cached = caches.loaded.peek(ep.id) if ep.is_ollama else EMPTY
+        if cached is None:
+            return list(await asyncio.gather(*(loaded_or_empty(e) for e in endpoints)))
+        found.append(cached)
+    return found
+
+
+async def candidates_for(model: str, *, ollama_only: bool = False) -> Lookup:
+    key = model_key(model)
+    endpoints = await registry.enabled()
+    if ollama_only:
+        endpoints = tuple(ep for ep in endpoints if ep.is_ollama)
+    matches: list[tuple[EndpointInfo, str]] = []
+    reachable = 0
+    for ep, models in await gather_advertised(endpoints):
+        if models is None:
+            continue
+        reachable += 1
+        name = models.backend_name(key)
+        if name is not None:
+            matches.append((ep, name))
+    loaded = await gather_loaded([ep for ep, _ in matches])
+    candidates = [
+        Candidate(ep, name, key in names.keys)
+        for (ep, name), names in zip(matches, loaded, strict=True)
+    ]
+    return Lookup(candidates, reachable)

@@ -1,0 +1,198 @@
+"""The lean ASGI path for the proxy routes, chosen by path in nomyo_site/asgi.py.
+
+Django's full handler runs every request inside a thread-sensitive context, fires
+`request_started`/`request_finished` (whose receivers hop to a thread to close database
+connections) and closes responses in a thread. The proxy routes do no database work, so
+they skip all of that: the body is read once (bounded by ROUTER_MAX_BODY), a Django
+request is built, the URL is resolved against `routing.proxy_urls`, the async view runs,
+and the reply is sent. Auth and request ids are async checks here rather than
+sync-capable middleware. Admin and pages stay on Django's normal, fully safe path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import logging
+import time
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.core.handlers.asgi import ASGIRequest
+from django.http import HttpResponse, HttpResponseBase, StreamingHttpResponse
+from django.urls import Resolver404, get_resolver
+
+from routing import lifecycle, metrics
+from routing.errors import ApiError, error_response
+from routing.proxy import ProxyStreamingResponse
+
+log = logging.getLogger("routing.access")
+
+PROXY_PREFIXES = ("/api/", "/v1/")
+PROXY_PATHS = frozenset({"/health", "/metrics", "/api", "/v1"})
+OPEN_PATHS = frozenset({"/health"})  # load balancers probe it without credentials
+
+Scope = dict[str, Any]
+
+
+def is_proxy_path(path: str) -> bool:
+    return path.startswith(PROXY_PREFIXES) or path in PROXY_PATHS
+
+
+class Disconnected(Exception):
+    pass
+
+
+class ProxyHandler:
+    def __init__(self) -> None:
+        self.resolver = get_resolver("routing.proxy_urls")
+        self.resolver.url_patterns  # noqa: B018  (pre-warm: import the views now, not on the first request)
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        lifecycle.ensure_started()
+        path: str = scope["path"]
+        request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex[:16]
+        started = time.perf_counter()
+        try:
+            body = await self._read_body(receive)
+        except Disconnected:
+            return
+        except ApiError as err:
+            await self._send(send, error_response(path, err), request_id)
+            return
+        response: HttpResponseBase | None = None
+        task = asyncio.current_task()
+        assert task is not None
+        disconnected = False
+
+        def on_message(fut: asyncio.Future[Any]) -> None:
+            nonlocal disconnected
+            if fut.cancelled() or fut.exception() is not None:
+                return
+            if fut.result().get("type") == "http.disconnect":
+                disconnected = True
+                task.cancel()
+
+        listener = asyncio.ensure_future(receive())
+        listener.add_done_callback(on_message)
+        status = 0
+        try:
+            response = await self._respond(scope, path, body)
+            status = response.status_code
+            await self._send(send, response, request_id)
+        except asyncio.CancelledError:
+            if not disconnected:
+                raise
+            status = 499  # the client went away
+        finally:
+            listener.remove_done_callback(on_message)
+            listener.cancel()
+            if isinstance(response, ProxyStreamingResponse):
+                await response.finish()
+            metrics.requests.inc(
+                route=_route_label(path),
+                endpoint=response.get("X-Router-Endpoint", "") if response is not None else "",
+                status=str(status),
+            )
+            elapsed = time.perf_counter() - started
+            metrics.duration.observe(elapsed, route=_route_label(path))
+            log.info(
+                "%s %s %s %.1fms endpoint=%s request_id=%s",
+                scope.get("method"),
+                path,
+                status,
+                elapsed * 1000,
+                response.get("X-Router-Endpoint", "-") if response is not None else "-",
+                request_id,
+            )
+
+    async def _read_body(self, receive: Any) -> bytes:
+        limit = settings.ROUTER_MAX_BODY
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise Disconnected()
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"request body is larger than {limit} bytes")
+                parts.append(chunk)
+            if not message.get("more_body", False):
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _respond(self, scope: Scope, path: str, body: bytes) -> HttpResponseBase:
+        try:
+            if path not in OPEN_PATHS:
+                _check_api_key(scope)
+            try:
+                match = self.resolver.resolve(path)
+            except Resolver404:
+                raise ApiError(404, f"no route {path}") from None
+            request = ASGIRequest(scope, io.BytesIO())
+            # The body was read (and bounded) above; Django's own size cap is for forms.
+            request._body = body
+            result: HttpResponseBase = await match.func(request, *match.args, **match.kwargs)
+            return result
+        except ApiError as err:
+            return error_response(path, err)
+        except Exception:
+            log.exception("unexpected error on %s", path)
+            return error_response(path, ApiError(500, "internal router error; see the router's log"))
+
+    async def _send(self, send: Any, response: HttpResponseBase, request_id: str) -> None:
+        headers = [
+            (k.encode("latin-1"), v.encode("latin-1")) for k, v in response.items()
+        ]
+        headers.append((b"x-request-id", request_id.encode("latin-1")))
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        if isinstance(response, StreamingHttpResponse):
+            async for chunk in response:  # type: ignore[attr-defined]
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            assert isinstance(response, HttpResponse)
+            await send({"type": "http.response.body", "body": response.content, "more_body": False})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))[:64]
+    return None
+
+
+def _check_api_key(scope: Scope) -> None:
+    expected = lifecycle.router_api_key()
+    if not expected:
+        return
+    auth = _header_full(scope, b"authorization")
+    if not auth:
+        raise ApiError(401, "missing Authorization: Bearer <router api key>")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise ApiError(403, "invalid router api key")
+
+
+def _header_full(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+_ROUTE_LABELS = {
+    "/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show", "/api/tags",
+    "/api/ps", "/api/version", "/api/pull", "/api/push", "/api/create", "/api/copy",
+    "/api/delete", "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models",
+    "/health", "/metrics",
+}
+
+
+def _route_label(path: str) -> str:
+    """Bounded label values: unknown paths do not create new time series."""
+    return path if path in _ROUTE_LABELS else "other"

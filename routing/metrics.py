@@ -1,0 +1,124 @@
+"""Prometheus metrics, kept in-process and rendered in the text exposition format.
+
+Each router process counts only its own traffic and labels it with its `instance`
+(host:pid), so several processes behind one scrape never overwrite each other's numbers.
+Updates are plain dict operations on the event loop thread; rendering copies under a lock.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterable
+
+from routing.locks import all_locks
+
+INSTANCE = f"{socket.gethostname()}:{os.getpid()}"
+_lock = threading.Lock()
+
+LabelKey = tuple[tuple[str, str], ...]
+
+
+def _labels(key: LabelKey) -> str:
+    pairs = (("instance", INSTANCE), *key)
+    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in pairs)
+    return "{" + inner + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class Counter:
+    def __init__(self, name: str, help_text: str) -> None:
+        self.name, self.help = name, help_text
+        self._values: dict[LabelKey, float] = {}
+        _registry.append(self)
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        with _lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
+
+    def value(self, **labels: str) -> float:
+        return self._values.get(tuple(sorted(labels.items())), 0.0)
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} counter"
+        with _lock:
+            items = list(self._values.items())
+        for key, value in items:
+            yield f"{self.name}{_labels(key)} {value:g}"
+
+
+class Histogram:
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+    def __init__(self, name: str, help_text: str) -> None:
+        self.name, self.help = name, help_text
+        self._values: dict[LabelKey, list[float]] = {}  # bucket counts..., sum, count
+        _registry.append(self)
+
+    def observe(self, seconds: float, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        with _lock:
+            row = self._values.get(key)
+            if row is None:
+                row = self._values[key] = [0.0] * (len(self.BUCKETS) + 2)
+            for i, bound in enumerate(self.BUCKETS):
+                if seconds <= bound:
+                    row[i] += 1
+            row[-2] += seconds
+            row[-1] += 1
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} histogram"
+        with _lock:
+            items = [(k, list(v)) for k, v in self._values.items()]
+        for key, row in items:
+            for i, bound in enumerate(self.BUCKETS):
+                yield f"{self.name}_bucket{_labels((*key, ('le', f'{bound:g}')))} {row[i]:g}"
+            yield f"{self.name}_bucket{_labels((*key, ('le', '+Inf')))} {row[-1]:g}"
+            yield f"{self.name}_sum{_labels(key)} {row[-2]:g}"
+            yield f"{self.name}_count{_labels(key)} {row[-1]:g}"
+
+
+_registry: list[Counter | Histogram] = []
+
+requests = Counter("router_requests_total", "Proxied requests by route, endpoint, model and status.")
+tokens = Counter("router_tokens_total", "Tokens reported by backends, by endpoint, model and direction.")
+failovers = Counter("router_failovers_total", "Requests retried on another endpoint.")
+_first_byte = Histogram("router_upstream_first_byte_seconds", "Time to the upstream's first byte.")
+duration = Histogram("router_request_duration_seconds", "Whole request duration, by route.")
+_queue_wait = Histogram("router_queue_wait_seconds", "Time spent waiting for a free slot.")
+
+
+def first_byte(route: str, seconds: float) -> None:
+    _first_byte.observe(seconds, route=route)
+
+
+def queue_wait(seconds: float) -> None:
+    _queue_wait.observe(seconds)
+
+
+def render(gauges: Iterable[str]) -> str:
+    lines: list[str] = []
+    for metric in _registry:
+        lines.extend(metric.render())
+    lines.extend(gauges)
+    lines.append("# HELP router_lock_wait_seconds_total Time spent waiting for each lock.")
+    lines.append("# TYPE router_lock_wait_seconds_total counter")
+    for lock in all_locks():
+        lines.append(f'router_lock_wait_seconds_total{_labels((("lock", lock.name),))} {lock.wait_total:g}')
+    lines.append("# HELP router_lock_wait_max_seconds Longest single wait for each lock.")
+    lines.append("# TYPE router_lock_wait_max_seconds gauge")
+    for lock in all_locks():
+        lines.append(f'router_lock_wait_max_seconds{_labels((("lock", lock.name),))} {lock.wait_max:g}')
+    lines.append("# HELP router_lock_acquisitions_total Acquisitions of each lock.")
+    lines.append("# TYPE router_lock_acquisitions_total counter")
+    for lock in all_locks():
+        lines.append(f'router_lock_acquisitions_total{_labels((("lock", lock.name),))} {lock.acquisitions:g}')
+    return "\n".join(lines) + "\n"

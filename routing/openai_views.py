@@ -1,0 +1,104 @@
+"""The OpenAI-compatible API: chat completions, completions, embeddings, models.
+
+Same selection, queue, limits, failover and counting as the Ollama routes (proxy.forward).
+Ollama endpoints are reached at their /v1 routes, OpenAI-compatible ones at their url.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.http import HttpRequest, HttpResponseBase, JsonResponse
+
+from routing import fleet, proxy
+from routing.board import Candidate
+from routing.decorators import methods
+from routing.errors import ApiError
+from routing.names import model_key
+from routing.parsing import expect_types, optional_bool, parse_object, require_model
+from routing.proxy import Attempt
+from routing.registry import registry
+from routing.relays import OpenAIStream, openai_body
+
+
+def _plan(suffix: str, raw: bytes, data: dict[str, Any], stream: bool) -> proxy.Planner:
+    strip_usage = False
+    body = data
+    if stream and suffix != "/embeddings":
+        options = data.get("stream_options")
+        if not (isinstance(options, dict) and options.get("include_usage") is True):
+            # The router needs the usage numbers; the client did not ask for them, so
+            # they are requested here and the usage-only chunk is removed on the way back.
+            body = {**data, "stream_options": {**(options or {}), "include_usage": True}}
+            strip_usage = True
+    cache: dict[str, bytes] = {}
+
+    def plan(cand: Candidate) -> Attempt:
+        name = cand.backend_model
+        if body is data and name == data.get("model"):
+            payload = raw  # untouched
+        else:
+            payload = cache.get(name) or json.dumps({**body, "model": name}).encode()
+            cache[name] = payload
+        return Attempt(
+            url=cand.endpoint.openai_base + suffix,
+            body=payload,
+            relay=lambda: OpenAIStream(strip_usage=strip_usage),
+            read_body=openai_body,
+            stream=stream,
+        )
+
+    return plan
+
+
+async def _route(request: HttpRequest, suffix: str, **types: type | tuple[type, ...]) -> HttpResponseBase:
+    data = parse_object(request.body)
+    model = require_model(data)
+    expect_types(data, **types)
+    stream = optional_bool(data, "stream", False) if suffix != "/embeddings" else False
+    if data.get("stream_options") is not None and not isinstance(data["stream_options"], dict):
+        raise ApiError(400, "'stream_options' must be an object")
+    return await proxy.forward(request.path, model=model, plan=_plan(suffix, request.body, data, stream))
+
+
+@methods("POST")
+async def chat_completions(request: HttpRequest) -> HttpResponseBase:
+    return await _route(request, "/chat/completions", messages=list, tools=list)
+
+
+@methods("POST")
+async def completions(request: HttpRequest) -> HttpResponseBase:
+    return await _route(request, "/completions", prompt=(str, list))
+
+
+@methods("POST")
+async def embeddings(request: HttpRequest) -> HttpResponseBase:
+    data = parse_object(request.body)
+    if data.get("input") is None:
+        raise ApiError(400, "'input' is required")
+    return await _route(request, "/embeddings", input=(str, list))
+
+
+@methods("GET")
+async def models(request: HttpRequest) -> HttpResponseBase:
+    endpoints = await registry.enabled()
+    seen: set[str] = set()
+    data: list[dict[str, Any]] = []
+    for ep, found in await fleet.gather_advertised(endpoints):
+        if found is None:
+            continue
+        for entry, name in zip(found.entries, found.names, strict=True):
+            key = model_key(name)
+            if key in seen:
+                continue
+            seen.add(key)
+            data.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": entry.get("created", 0) if not ep.is_ollama else 0,
+                    "owned_by": entry.get("owned_by", "library") if not ep.is_ollama else "library",
+                }
+            )
+    return JsonResponse({"object": "list", "data": data})

@@ -1,0 +1,55 @@
+"""Request-body parsing and validation, shared by both protocols."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from routing.errors import ApiError
+
+
+def parse_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or a 400 that says what is wrong."""
+    if not body.strip():
+        raise ApiError(400, "request body is empty; a JSON object is expected")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "request body is not valid UTF-8") from None
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ApiError(400, f"invalid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"request body must be a JSON object, not {type(data).__name__}")
+    return data
+
+
+def require_model(data: dict[str, Any], *, field: str = "model", alt: str | None = None) -> str:
+    model = data.get(field)
+    if model is None and alt is not None:
+        model = data.get(alt)
+    if model is None:
+        raise ApiError(400, f"'{field}' is required")
+    if not isinstance(model, str):
+        raise ApiError(400, f"'{field}' must be a string")
+    if not model.strip() or len(model) > 500 or any(ord(c) < 32 for c in model):
+        raise ApiError(400, f"invalid model name {model!r}")
+    return model
+
+
+def optional_bool(data: dict[str, Any], field: str, default: bool) -> bool:
+    value = data.get(field, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ApiError(400, f"'{field}' must be a boolean")
+    return value
+
+
+def expect_types(data: dict[str, Any], **fields: type | tuple[type, ...]) -> None:
+    for name, kinds in fields.items():
+        value = data.get(name)
+        if value is not None and not isinstance(value, kinds):
+            wanted = kinds.__name__ if isinstance(kinds, type) else " or ".join(k.__name__ for k in kinds)
+            raise ApiError(400, f"'{name}' must be of type {wanted}")

@@ -1,0 +1,267 @@
+"""The one forwarding path every routed request takes: select, reserve, send, relay, account.
+
+Both protocols and every route come through `forward()`; only the `Planner` differs (which
+url, which body, how to read the reply). Slots are released in `finally` on every path,
+including cancellation when the client goes away; a streaming reply also releases through
+`ProxyStream.close()`, which the lean handler awaits whether or not the stream ever ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import httpx
+from django.conf import settings
+from django.http import HttpResponse, StreamingHttpResponse
+
+from routing import caches, fleet, metrics, upstream
+from routing.board import Candidate, Lease, QueueFull, QueueTimeout, board
+from routing.errors import ApiError
+from routing.names import model_key
+from routing.relays import BodyReader, Relay
+from stats.recorder import recorder
+
+log = logging.getLogger("routing.proxy")
+
+MAX_ERROR_BODY = 64 * 1024
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One upstream request for one chosen candidate."""
+
+    url: str
+    body: bytes
+    relay: Callable[[], Relay]  # for streaming replies
+    read_body: BodyReader  # for whole replies
+    stream: bool
+    headers: dict[str, str] = field(default_factory=dict)
+    method: str = "POST"
+    counted: bool = True  # False for replies that carry no token counts (legacy embeddings)
+
+
+Planner = Callable[[Candidate], Attempt]
+
+
+async def forward(
+    request_path: str,
+    *,
+    model: str,
+    plan: Planner,
+    ollama_only: bool = False,
+    metered: bool = True,
+) -> HttpResponse | StreamingHttpResponse:
+    """Route one request. `metered=False` is for metadata calls (show) that take no slot."""
+    lookup = await fleet.candidates_for(model, ollama_only=ollama_only)
+    if not lookup.candidates:
+        if lookup.reachable == 0:
+            raise ApiError(503, "no endpoint is reachable", retry_after=5)
+        raise ApiError(404, f"model '{model}' not found", code="model_not_found")
+    key = model_key(model)
+    candidates = list(lookup.candidates)
+    failure = "no endpoint answered"
+    for _ in range(settings.ROUTER_MAX_RETRIES + 1):
+        lease = await _acquire(key, model, candidates) if metered else board.unmetered(key, candidates)
+        attempt = plan(lease.candidate)
+        if not metered:
+            attempt.counted = False
+        started = time.perf_counter()
+        try:
+            response = await _send(lease, attempt)
+        except BaseException as exc:
+            lease.release()
+            if not isinstance(exc, httpx.HTTPError | OSError):
+                raise
+            failure = upstream.classify(exc).value
+            _give_up_on(lease.candidate, candidates, failure)
+        else:
+            if response.status_code < 500:
+                # From here on bytes may reach the client: never retry.
+                metrics.first_byte(request_path, time.perf_counter() - started)
+                return await _reply(request_path, lease, attempt, response)
+            failure = f"HTTP {response.status_code}: {await _error_text(response)}"
+            lease.release()
+            _give_up_on(lease.candidate, candidates, failure)
+        if not candidates:
+            break
+        metrics.failovers.inc()
+    raise ApiError(502, f"upstream failed for model '{model}': {failure}", retry_after=5)
+
+
+def _give_up_on(cand: Candidate, candidates: list[Candidate], reason: str) -> None:
+    fleet.mark_failing(cand.endpoint, reason)
+    candidates[:] = [c for c in candidates if c.endpoint.id != cand.endpoint.id]
+
+
+async def _acquire(key: str, model: str, candidates: list[Candidate]) -> Lease:
+    try:
+        waited = time.perf_counter()
+        lease = await board.acquire(
+            key,
+            candidates,
+            timeout=settings.ROUTER_QUEUE_TIMEOUT,
+            queue_max=settings.ROUTER_QUEUE_MAX,
+        )
+        metrics.queue_wait(time.perf_counter() - waited)
+        return lease
+    except QueueFull:
+        raise ApiError(503, "the router's queue is full; try again shortly", retry_after=1) from None
+    except QueueTimeout:
+        raise ApiError(
+            503, f"every endpoint serving '{model}' stayed busy; try again", retry_after=5
+        ) from None
+
+
+async def _send(lease: Lease, attempt: Attempt) -> httpx.Response:
+    ep = lease.endpoint
+    client = upstream.get_client()
+    headers = {
+        "Content-Type": "application/json",
+        "Accept-Encoding": "identity",
+        **upstream.auth_headers(ep.api_key),
+        **attempt.headers,
+    }
+    request = client.build_request(
+        attempt.method, attempt.url, content=attempt.body, headers=headers
+    )
+    return await client.send(request, stream=True)
+
+
+async def _error_text(response: httpx.Response) -> str:
+    try:
+        body = b""
+        async for chunk in response.aiter_raw():
+            body += chunk
+            if len(body) > MAX_ERROR_BODY:
+                break
+        return body[:500].decode("utf-8", "replace").strip() or response.reason_phrase
+    except (httpx.HTTPError, OSError):
+        return response.reason_phrase
+    finally:
+        await response.aclose()
+
+
+async def _reply(
+    path: str, lease: Lease, attempt: Attempt, response: httpx.Response
+) -> HttpResponse | StreamingHttpResponse:
+    ep = lease.endpoint
+    if response.status_code == 404:
+        caches.advertised.invalidate(ep.id)  # it no longer has the model we thought it had
+    if attempt.stream and response.status_code == 200:
+        stream = ProxyStream(lease, response, attempt.relay(), path, counted=attempt.counted)
+        streaming = ProxyStreamingResponse(stream, content_type=stream.relay.content_type)
+        streaming["X-Router-Endpoint"] = ep.name
+        return streaming
+    try:
+        body = await _read_all(response)
+    except (httpx.HTTPError, OSError, TimeoutError) as exc:
+        lease.release()
+        fleet.mark_failing(ep, upstream.classify(exc).value)
+        if attempt.counted:
+            recorder.incomplete(ep.url, lease.model)
+        raise ApiError(502, f"upstream closed before its reply was complete ({ep.name})") from None
+    finally:
+        await response.aclose()
+        lease.release()
+    if response.status_code == 200:
+        out, counts = attempt.read_body(body)
+        if attempt.counted:
+            if counts is not None:
+                recorder.record(ep.url, lease.model, counts)
+            else:
+                recorder.incomplete(ep.url, lease.model)
+    else:
+        out = body
+    reply = HttpResponse(
+        out,
+        status=response.status_code,
+        content_type=response.headers.get("content-type", "application/json"),
+    )
+    reply["X-Router-Endpoint"] = ep.name
+    return reply
+
+
+async def _read_all(response: httpx.Response) -> bytes:
+    parts: list[bytes] = []
+    async with asyncio.timeout(settings.ROUTER_READ_TIMEOUT):
+        async for chunk in response.aiter_raw():
+            parts.append(chunk)
+    return b"".join(parts)
+
+
+class ProxyStream:
+    """Relays one upstream stream; `close()` is idempotent and does all the accounting."""
+
+    def __init__(
+        self, lease: Lease, response: httpx.Response, relay: Relay, path: str, *, counted: bool
+    ) -> None:
+        self.lease = lease
+        self.counted = counted
+        self.response = response
+        self.relay = relay
+        self.path = path
+        self.closed = False
+        self.finished = False  # the upstream ended normally
+        self._iter: AsyncIterator[bytes] | None = None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        gap = settings.ROUTER_READ_TIMEOUT
+        upstream_iter = self.response.aiter_raw()
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(gap):
+                        chunk = await anext(upstream_iter)
+                except StopAsyncIteration:
+                    break
+                out = self.relay.feed(chunk)
+                if out:
+                    yield out
+            self.finished = True
+            tail = self.relay.finish()
+            if tail:
+                yield tail
+        except (httpx.HTTPError, OSError, TimeoutError) as exc:
+            reason = upstream.classify(exc).value
+            fleet.mark_failing(self.lease.endpoint, reason)
+            yield self.relay.error_chunk(f"upstream {self.lease.endpoint.name}: {reason}")
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        ep, model = self.lease.endpoint, self.lease.model
+        try:
+            await self.response.aclose()
+        except (httpx.HTTPError, OSError):
+            pass
+        finally:
+            self.lease.release()
+            counts = self.relay.counts() if self.finished else None
+            if not self.counted:
+                pass
+            elif counts is not None:
+                recorder.record(ep.url, model, counts)
+            else:
+                recorder.incomplete(ep.url, model)
+
+
+class ProxyStreamingResponse(StreamingHttpResponse):
+    """A streaming reply whose upstream is closed and slot released even if never iterated."""
+
+    def __init__(self, stream: ProxyStream, **kwargs: object) -> None:
+        self.proxy_stream = stream
+        self._chunks = stream.chunks()
+        super().__init__(self._chunks, **kwargs)  # type: ignore[arg-type]
+        # Django's own handler closes responses synchronously: release the slot there too.
+        self._resource_closers.append(stream.lease.release)
+
+    async def finish(self) -> None:
+        await self._chunks.aclose()  # type: ignore[attr-defined]
+        await self.proxy_stream.close()

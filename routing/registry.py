@@ -1,0 +1,129 @@
+"""The endpoint registry as the hot path sees it: an in-memory copy of the Endpoint table.
+
+Proxied requests never query the database. A change in the admin (or any service call)
+bumps the generation; the next request reloads the copy once. Other router processes
+learn of the change through the control group (routing/control.py) or, as a safety net,
+by a reload at most ROUTER_REGISTRY_RELOAD seconds old.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from asgiref.sync import sync_to_async
+
+from routing.locks import TimedLock
+
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointInfo:
+    id: int
+    name: str
+    url: str
+    kind: str
+    api_key: str
+    enabled: bool
+    limit: int
+
+    @property
+    def is_ollama(self) -> bool:
+        return self.kind == "ollama"
+
+    @property
+    def openai_base(self) -> str:
+        """Where this endpoint's OpenAI-compatible routes live."""
+        return self.url if not self.is_ollama else self.url + "/v1"
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._lock = TimedLock("registry")
+        self._endpoints: tuple[EndpointInfo, ...] = ()
+        self._generation = 1
+        self._loaded_generation = 0
+        self._loaded_at = 0.0
+        self._reload: asyncio.Task[None] | None = None
+
+    def invalidate(self) -> None:
+        """Thread-safe: called from admin threads and management commands."""
+        with self._lock:
+            self._generation += 1
+
+    def cached(self) -> tuple[EndpointInfo, ...]:
+        with self._lock:
+            return self._endpoints
+
+    def _is_fresh(self) -> bool:
+        from django.conf import settings
+
+        return self._loaded_generation == self._generation and (
+            time.monotonic() - self._loaded_at < settings.ROUTER_REGISTRY_RELOAD
+        )
+
+    async def all(self) -> tuple[EndpointInfo, ...]:
+        with self._lock:
+            if self._is_fresh():
+                return self._endpoints
+            task = self._reload
+            if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
+                # One reload in flight, whoever asked first; everyone else awaits it.
+                task = asyncio.get_running_loop().create_task(self._load(self._generation))
+                self._reload = task
+        await asyncio.shield(task)
+        with self._lock:
+            return self._endpoints
+
+    async def enabled(self) -> tuple[EndpointInfo, ...]:
+        return tuple(ep for ep in await self.all() if ep.enabled)
+
+    async def _load(self, generation: int) -> None:
+        endpoints = await sync_to_async(load_endpoints, thread_sensitive=False)()
+        with self._lock:
+            before = {ep.id: ep for ep in self._endpoints}
+            self._endpoints = endpoints
+            self._loaded_generation = generation
+            self._loaded_at = time.monotonic()
+        # A change made by another process (or an id reused after a delete) must not
+        # leave this process with cached state that belongs to the old endpoint.
+        after = {ep.id: ep for ep in endpoints}
+        changed = [i for i, ep in before.items() if after.get(i) != ep]
+        if changed:
+            from routing import caches
+
+            for endpoint_id in changed:
+                caches.invalidate_endpoint(endpoint_id)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._endpoints = ()
+            self._generation += 1
+            self._reload = None
+
+
+def load_endpoints() -> tuple[EndpointInfo, ...]:
+    from django.db import close_old_connections
+
+    from routing.models import Endpoint
+
+    close_old_connections()
+    try:
+        return tuple(
+            EndpointInfo(
+                id=ep.id,
+                name=ep.display_name,
+                url=ep.url,
+                kind=ep.kind,
+                api_key=ep.api_key,
+                enabled=ep.enabled,
+                limit=ep.max_concurrent_connections,
+            )
+            for ep in Endpoint.objects.all()
+        )
+    finally:
+        close_old_connections()
+
+
+registry = Registry()

@@ -1,0 +1,146 @@
+"""Reading token counts out of streams that pass through untouched.
+
+The scanners see every chunk exactly as it goes to the client, keep only what they need
+(the last complete line, or the pending part of an SSE event) and parse JSON only for the
+few lines that can carry counts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+MAX_PENDING = 32 * 1024 * 1024  # a line longer than this cannot be a counts line we need
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    prompt: int
+    completion: int
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.completion
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def ollama_counts(reply: Any) -> Counts | None:
+    """Counts of a finished Ollama reply: chat/generate final chunk, or an embed reply."""
+    if not isinstance(reply, dict):
+        return None
+    if "embeddings" in reply:
+        return Counts(_int(reply.get("prompt_eval_count")), 0)
+    if reply.get("done") is not True:
+        return None
+    return Counts(_int(reply.get("prompt_eval_count")), _int(reply.get("eval_count")))
+
+
+def openai_counts(reply: Any) -> Counts | None:
+    if not isinstance(reply, dict):
+        return None
+    usage = reply.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    return Counts(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")))
+
+
+class NdjsonScanner:
+    """Keeps the last complete line of an NDJSON stream; the final one carries the counts."""
+
+    __slots__ = ("_last", "_pending")
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._last = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        cut = chunk.rfind(b"\n")
+        if cut < 0:
+            if len(self._pending) < MAX_PENDING:
+                self._pending += chunk
+            return chunk
+        head = self._pending + chunk[:cut]
+        self._pending = chunk[cut + 1 :]
+        line = head[head.rfind(b"\n") + 1 :].strip()
+        if not line:  # the chunk ended in a blank line: look further back
+            lines = [part for part in head.split(b"\n") if part.strip()]
+            line = lines[-1].strip() if lines else b""
+        if line:
+            self._last = line
+        return chunk
+
+    def final(self) -> Any:
+        line = self._pending.strip() or self._last
+        if not line:
+            return None
+        try:
+            return json.loads(line)
+        except ValueError:
+            return None
+
+
+class SseScanner:
+    """Splits an SSE stream into events; captures usage and optionally drops usage-only events.
+
+    Events are passed on as soon as they are complete, so the client sees each chunk when
+    the backend sends it; only a partial event waits for its end.
+    """
+
+    __slots__ = ("_pending", "done", "strip_usage", "usage")
+
+    def __init__(self, *, strip_usage: bool) -> None:
+        self.strip_usage = strip_usage
+        self._pending = b""
+        self.usage: Counts | None = None
+        self.done = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk if self._pending else chunk
+        if b"\n\n" not in data and b"\r\n\r\n" not in data:
+            self._pending = data if len(data) < MAX_PENDING else b""
+            return b""
+        if b"\r\n" in data:
+            data = data.replace(b"\r\n", b"\n")
+        cut = data.rfind(b"\n\n") + 2
+        complete, self._pending = data[:cut], data[cut:]
+        if b'"usage"' not in complete and b"[DONE]" not in complete:
+            return complete
+        kept: list[bytes] = []
+        for event in complete.split(b"\n\n"):
+            if not event:
+                continue
+            if self._inspect(event):
+                kept.append(event + b"\n\n")
+        return b"".join(kept)
+
+    def _inspect(self, event: bytes) -> bool:
+        """Record what the event tells; False when it must not reach the client."""
+        payload = b"\n".join(
+            line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")
+        )
+        if payload == b"[DONE]":
+            self.done = True
+            return True
+        if b'"usage"' not in payload:
+            return True
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            return True
+        counts = openai_counts(data)
+        if counts is None:
+            return True
+        self.usage = counts
+        usage_only = isinstance(data, dict) and not data.get("choices")
+        return not (self.strip_usage and usage_only)
+
+    def flush(self) -> bytes:
+        """Whatever is left when the upstream ends (an unterminated last event)."""
+        rest, self._pending = self._pending, b""
+        if rest.strip() and self._inspect(rest.strip()):
+            return rest
+        return b""

@@ -1,0 +1,115 @@
+"""All upstream HTTP: one pooled httpx client per running event loop, and error classification.
+
+The client runs over the aiohttp transport (httpx-aiohttp): it streams incrementally and
+costs a fraction of httpx's default pool per request. That transport maps aiohttp errors
+loosely (a refused connection arrives as ConnectTimeout, so does a full pool), so failover
+decisions use `classify()`, which looks at the real cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import weakref
+from collections.abc import Callable
+
+import aiohttp
+import httpx
+from django.conf import settings
+from httpx_aiohttp import AiohttpTransport
+
+TransportFactory = Callable[[], httpx.AsyncBaseTransport]
+
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+    weakref.WeakKeyDictionary()
+)
+_transport_factory: TransportFactory | None = None
+
+
+def default_transport() -> httpx.AsyncBaseTransport:
+    def session() -> aiohttp.ClientSession:
+        # limit=0: the router's own slot accounting bounds concurrency per backend, a
+        # connector cap would only add a second, invisible queue (aiohttp's default is 100).
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=60)
+        return aiohttp.ClientSession(connector=connector, auto_decompress=False)
+
+    return AiohttpTransport(client=session)
+
+
+def set_transport_factory(factory: TransportFactory | None) -> None:
+    """Tests swap the transport (e.g. httpx.MockTransport); None restores the default."""
+    global _transport_factory
+    _transport_factory = factory
+    _clients.clear()
+
+
+def timeouts(*, first_byte: float | None = None) -> httpx.Timeout:
+    return httpx.Timeout(
+        connect=settings.ROUTER_CONNECT_TIMEOUT,
+        read=first_byte if first_byte is not None else settings.ROUTER_FIRST_BYTE_TIMEOUT,
+        write=settings.ROUTER_READ_TIMEOUT,
+        pool=settings.ROUTER_CONNECT_TIMEOUT,
+    )
+
+
+def get_client() -> httpx.AsyncClient:
+    """The client of the running event loop, created on first use (never at import time)."""
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
+    if client is None:
+        transport = (_transport_factory or default_transport)()
+        client = httpx.AsyncClient(transport=transport, timeout=timeouts(), trust_env=False)
+        _clients[loop] = client
+    return client
+
+
+async def close_client() -> None:
+    """Close this loop's client inside its loop (at shutdown)."""
+    client = _clients.pop(asyncio.get_running_loop(), None)
+    if client is not None:
+        await client.aclose()
+
+
+def auth_headers(api_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+class Failure(enum.Enum):
+    """Why an upstream attempt failed before its first byte: all of these warrant failover."""
+
+    REFUSED = "connection refused"
+    CONNECT_TIMEOUT = "connect timeout"
+    FIRST_BYTE_TIMEOUT = "no first byte in time"
+    DISCONNECTED = "closed the connection"
+    PROTOCOL = "malformed response"
+    OTHER = "request failed"
+
+
+def classify(exc: BaseException) -> Failure:
+    """Map an exception from either transport to what really happened."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError) and not isinstance(
+            seen, aiohttp.ClientConnectorError
+        ):
+            return Failure.DISCONNECTED
+        if isinstance(seen, aiohttp.ConnectionTimeoutError):
+            return Failure.CONNECT_TIMEOUT
+        if isinstance(seen, aiohttp.ClientConnectorError | ConnectionRefusedError):
+            return Failure.REFUSED
+        if isinstance(seen, aiohttp.SocketTimeoutError | asyncio.TimeoutError):
+            return Failure.FIRST_BYTE_TIMEOUT
+        if isinstance(seen, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
+            return Failure.PROTOCOL
+        seen = seen.__cause__
+    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+        return Failure.CONNECT_TIMEOUT
+    if isinstance(exc, httpx.ConnectError):
+        return Failure.REFUSED
+    if isinstance(exc, httpx.TimeoutException):
+        return Failure.FIRST_BYTE_TIMEOUT
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return Failure.DISCONNECTED
+    if isinstance(exc, httpx.DecodingError | httpx.ProtocolError):
+        return Failure.PROTOCOL
+    return Failure.OTHER

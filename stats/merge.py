@@ -1,0 +1,66 @@
+"""Merging the usage snapshots of several router processes into the one the page shows.
+
+Each process publishes its own part (active requests, queue, endpoint state, and its
+token numbers as "database totals at my last read" plus "mine not in that read"). The
+page shows: active and queued summed over live processes; endpoint state from the
+newest part; tokens = the newest database read + every process's pending numbers.
+A process that has not published for STALE_AFTER seconds drops out.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+STALE_AFTER = 6.0
+
+
+def merge(parts: dict[str, dict[str, Any]], *, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    live = [p for p in parts.values() if now - p.get("taken_at", 0) <= STALE_AFTER]
+    if not live:
+        return {"type": "usage.snapshot", "taken_at": now, "processes": 0, "endpoints": [], "active": [], "tokens": [], "queued": {}}
+    newest = max(live, key=lambda p: p.get("taken_at", 0))
+    active: dict[tuple[Any, str], dict[str, Any]] = {}
+    per_endpoint: dict[Any, int] = {}
+    for part in live:
+        for row in part.get("active", []):
+            key = (row["endpoint_id"], row["model"])
+            if key in active:
+                active[key]["count"] += row["count"]
+            else:
+                active[key] = dict(row)
+            per_endpoint[row["endpoint_id"]] = per_endpoint.get(row["endpoint_id"], 0) + row["count"]
+    queued: dict[str, int] = {}
+    for part in live:
+        for model, n in part.get("queued", {}).items():
+            queued[model] = queued.get(model, 0) + n
+    endpoints = [dict(ep, active=per_endpoint.get(ep["id"], 0)) for ep in newest.get("endpoints", [])]
+    return {
+        "type": "usage.snapshot",
+        "taken_at": newest.get("taken_at", now),
+        "processes": len(live),
+        "endpoints": endpoints,
+        "active": sorted(active.values(), key=lambda r: (str(r["endpoint"]), r["model"])),
+        "tokens": _tokens(live),
+        "queued": queued,
+    }
+
+
+def _tokens(live: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    with_parts = [p for p in live if "token_parts" in p]
+    if not with_parts:
+        return live[0].get("tokens", []) if live else []
+    base = max(with_parts, key=lambda p: p["token_parts"].get("db_read_at", 0))["token_parts"]
+    sums: dict[tuple[str, str], list[int]] = {}
+    for endpoint, model, inp, out, *_ in base.get("db", []):
+        sums[(endpoint, model)] = [inp, out]
+    for part in with_parts:
+        for endpoint, model, inp, out, *_ in part["token_parts"].get("pending", []):
+            row = sums.setdefault((endpoint, model), [0, 0])
+            row[0] += inp
+            row[1] += out
+    return [
+        {"endpoint": e, "model": m, "input": v[0], "output": v[1], "total": v[0] + v[1]}
+        for (e, m), v in sorted(sums.items())
+    ]

@@ -1,0 +1,80 @@
+"""Token accounting. Endpoints are stored by url (not a foreign key) so history stays when
+an endpoint is renamed or deleted."""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class TokenTotal(models.Model):
+    """Running totals per (endpoint, model), incremented atomically by every flush."""
+
+    endpoint = models.CharField(max_length=500)
+    model = models.CharField(max_length=500)
+    input_tokens = models.BigIntegerField(default=0)
+    output_tokens = models.BigIntegerField(default=0)
+    total_tokens = models.BigIntegerField(default=0)
+    requests = models.BigIntegerField(default=0)
+    incomplete = models.BigIntegerField(default=0, help_text="Requests that ended without counts.")
+
+    class Meta:
+        constraints = [
+            # The upsert target of every flush.
+            models.UniqueConstraint(fields=["endpoint", "model"], name="tokentotal_endpoint_model"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model} on {self.endpoint}: {self.total_tokens} tokens"
+
+
+class TokenTimeSeries(models.Model):
+    """Tokens per (endpoint, model, UTC minute)."""
+
+    endpoint = models.CharField(max_length=500)
+    model = models.CharField(max_length=500)
+    input_tokens = models.BigIntegerField(default=0)
+    output_tokens = models.BigIntegerField(default=0)
+    total_tokens = models.BigIntegerField(default=0)
+    requests = models.BigIntegerField(default=0)
+    timestamp = models.DateTimeField(help_text="Start of the UTC minute.")
+
+    class Meta:
+        constraints = [
+            # Upsert target of the flush, and /api/stats for one model over a time range
+            # (WHERE model = %s AND timestamp BETWEEN ...), which reads this index in order.
+            models.UniqueConstraint(
+                fields=["model", "timestamp", "endpoint"], name="tokenseries_model_ts_endpoint"
+            ),
+        ]
+        indexes = [
+            # Time ranges over every model: charts, CSV export, roll-up (WHERE timestamp < %s).
+            models.Index(fields=["timestamp"], name="tokenseries_timestamp"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.timestamp:%Y-%m-%d %H:%M} {self.model} on {self.endpoint}: {self.total_tokens}"
+
+
+class TokenDaily(models.Model):
+    """Time-series rows older than the retention window, folded into one row per UTC day."""
+
+    endpoint = models.CharField(max_length=500)
+    model = models.CharField(max_length=500)
+    input_tokens = models.BigIntegerField(default=0)
+    output_tokens = models.BigIntegerField(default=0)
+    total_tokens = models.BigIntegerField(default=0)
+    requests = models.BigIntegerField(default=0)
+    day = models.DateField()
+
+    class Meta:
+        constraints = [
+            # Upsert target of the roll-up, and daily history for one model (WHERE model = %s AND day ...).
+            models.UniqueConstraint(fields=["model", "day", "endpoint"], name="tokendaily_model_day_endpoint"),
+        ]
+        indexes = [
+            # Daily ranges over every model (WHERE day BETWEEN ...).
+            models.Index(fields=["day"], name="tokendaily_day"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.day} {self.model} on {self.endpoint}: {self.total_tokens}"

@@ -1,0 +1,131 @@
+"""Publishes usage snapshots: on every change, coalesced to at most 10 a second per process.
+
+Snapshots go to the channel-layer group `usage` (websocket consumers in every process
+merge them) and to this process's Server-Sent-Events subscribers. Each subscriber has a
+bounded buffer that drops its oldest snapshot when full: a newer one supersedes it, and a
+stuck reader never slows the router or the other subscribers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from typing import Any
+
+from channels.layers import get_channel_layer
+
+from routing.board import board
+from stats.recorder import recorder
+
+log = logging.getLogger("stats.publisher")
+
+GROUP = "usage"
+MIN_INTERVAL = 0.1  # at most 10 snapshots a second
+HEARTBEAT = 2.0  # publish at least this often, so other processes know this one is alive
+SUBSCRIBER_BUFFER = 8
+
+
+class Subscriber:
+    """A bounded mailbox of snapshots for one reader."""
+
+    def __init__(self, size: int = SUBSCRIBER_BUFFER) -> None:
+        self._items: deque[dict[str, Any]] = deque(maxlen=size)  # full: oldest dropped
+        self._ready = asyncio.Event()
+        self.dropped = 0
+
+    def offer(self, snapshot: dict[str, Any]) -> None:
+        if len(self._items) == self._items.maxlen:
+            self.dropped += 1
+        self._items.append(snapshot)
+        self._ready.set()
+
+    async def get(self) -> dict[str, Any]:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
+
+
+class Publisher:
+    def __init__(self) -> None:
+        self._dirty = threading.Event()
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._subscribers: set[Subscriber] = set()
+        self.published = 0
+
+    def notify(self) -> None:
+        """Something changed. Cheap, callable from any thread, never raises."""
+        self._dirty.set()
+        wake, loop = self._wake, self._loop
+        if wake is None or loop is None or loop.is_closed():
+            return
+        try:
+            if asyncio.get_running_loop() is loop:
+                wake.set()
+                return
+        except RuntimeError:
+            pass
+        loop.call_soon_threadsafe(wake.set)
+
+    def subscribe(self) -> Subscriber:
+        sub = Subscriber()
+        with self._lock:
+            self._subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        with self._lock:
+            self._subscribers.discard(sub)
+
+    def subscriber_count(self) -> int:
+        with self._lock:
+            return len(self._subscribers)
+
+    async def publish_now(self) -> dict[str, Any]:
+        from routing import snapshot
+
+        self._dirty.clear()
+        snap = snapshot.build()
+        db, pending = recorder.parts()
+        snap["token_parts"] = {
+            "db_read_at": recorder.db_read_at,
+            "db": [[e, m, *row] for (e, m), row in db.items()],
+            "pending": [[e, m, *row] for (e, m), row in pending.items()],
+        }
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for sub in subscribers:
+            sub.offer(snap)
+        layer = get_channel_layer()
+        if layer is not None:
+            try:
+                await layer.group_send(GROUP, {"type": "usage.part", "snapshot": snap})
+            except Exception:
+                log.warning("could not publish a usage snapshot", exc_info=True)
+        self.published += 1
+        return snap
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._dirty.set()
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=HEARTBEAT)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.publish_now()
+            except Exception:
+                log.exception("snapshot publishing failed")
+            await asyncio.sleep(MIN_INTERVAL)  # coalesce: changes meanwhile make one snapshot
+
+
+publisher = Publisher()
+board.add_listener(publisher.notify)
+recorder.add_listener(publisher.notify)

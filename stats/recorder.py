@@ -1,0 +1,240 @@
+"""The recorder: requests hand it their token counts; it buffers them and flushes to the database.
+
+Timestamps are computed before the buffer lock is taken (one clock read per request,
+rounded down to the UTC minute). The buffers are swapped under the lock and written
+outside it, in one transaction of atomic upserts (`col = col + excluded.col`), so several
+router processes on one PostgreSQL never lose an update. A failed flush puts the swapped
+numbers back and is retried; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from asgiref.sync import sync_to_async
+from django.db import close_old_connections, connection, transaction
+
+from routing.locks import TimedLock
+from routing.streams import Counts
+
+log = logging.getLogger("stats.recorder")
+
+Pair = tuple[str, str]  # (endpoint url, model)
+Minute = tuple[str, str, datetime]
+
+
+def minute_of(now: datetime) -> datetime:
+    return now.replace(second=0, microsecond=0)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self._lock = TimedLock("recorder")
+        # pending writes: pair -> [input, output, requests, incomplete]
+        self._totals_buf: dict[Pair, list[int]] = {}
+        # pending writes: (endpoint, model, minute) -> [input, output, requests]
+        self._series_buf: dict[Minute, list[int]] = {}
+        # swapped out by a flush that has not committed yet
+        self._inflight: dict[Pair, list[int]] = {}
+        # what the database held at the last read (start, and after every flush); with
+        # the pending numbers above it gives exact live totals. Several processes share
+        # the database, so the page sums the newest database read and each one's pending.
+        self._db_totals: dict[Pair, list[int]] = {}
+        self.db_read_at = 0.0
+        self._listeners: list[Callable[[], None]] = []
+        self.flushes = 0
+        self.failed_flushes = 0
+        self._flush_lock: asyncio.Lock | None = None
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def record(self, endpoint: str, model: str, counts: Counts) -> None:
+        minute = minute_of(datetime.now(tz=UTC))  # outside the lock
+        with self._lock:
+            self._add(self._totals_buf, (endpoint, model), counts.prompt, counts.completion, 1, 0)
+            row = self._series_buf.get((endpoint, model, minute))
+            if row is None:
+                self._series_buf[(endpoint, model, minute)] = [counts.prompt, counts.completion, 1]
+            else:
+                row[0] += counts.prompt
+                row[1] += counts.completion
+                row[2] += 1
+        from routing import metrics
+
+        metrics.tokens.inc(counts.prompt, endpoint=endpoint, model=model, direction="input")
+        metrics.tokens.inc(counts.completion, endpoint=endpoint, model=model, direction="output")
+        for listener in self._listeners:
+            listener()
+
+    def incomplete(self, endpoint: str, model: str) -> None:
+        """A reply that ended without counts: counted as a request, no tokens invented."""
+        with self._lock:
+            self._add(self._totals_buf, (endpoint, model), 0, 0, 0, 1)
+        for listener in self._listeners:
+            listener()
+
+    @staticmethod
+    def _add(table: dict[Pair, list[int]], key: Pair, inp: int, out: int, req: int, inc: int) -> None:
+        row = table.get(key)
+        if row is None:
+            table[key] = [inp, out, req, inc]
+        else:
+            row[0] += inp
+            row[1] += out
+            row[2] += req
+            row[3] += inc
+
+    def totals(self) -> dict[Pair, tuple[int, int, int]]:
+        """Live totals (input, output, total) per pair, including what is not flushed yet."""
+        db, pending = self.parts()
+        merged: dict[Pair, list[int]] = {k: list(v) for k, v in db.items()}
+        for pair, row in pending.items():
+            self._add(merged, pair, *row)
+        return {k: (v[0], v[1], v[0] + v[1]) for k, v in merged.items()}
+
+    def parts(self) -> tuple[dict[Pair, list[int]], dict[Pair, list[int]]]:
+        """(database totals at the last read, this process's numbers not in that read)."""
+        with self._lock:
+            db = {k: list(v) for k, v in self._db_totals.items()}
+            pending: dict[Pair, list[int]] = {k: list(v) for k, v in self._inflight.items()}
+            for pair, row in self._totals_buf.items():
+                self._add(pending, pair, *row)
+        return db, pending
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._totals_buf) + len(self._series_buf)
+
+    # -- flushing --------------------------------------------------------------------
+    def _swap(self) -> tuple[dict[Pair, list[int]], dict[Minute, list[int]]]:
+        with self._lock:
+            totals, self._totals_buf = self._totals_buf, {}
+            series, self._series_buf = self._series_buf, {}
+            self._inflight = totals
+        return totals, series
+
+    def _put_back(self, totals: dict[Pair, list[int]], series: dict[Minute, list[int]]) -> None:
+        with self._lock:
+            self._inflight = {}
+            for pair, row in totals.items():
+                self._add(self._totals_buf, pair, *row)
+            for key, srow in series.items():
+                cur = self._series_buf.get(key)
+                if cur is None:
+                    self._series_buf[key] = srow
+                else:
+                    for i in range(3):
+                        cur[i] += srow[i]
+
+    def flush_sync(self) -> int:
+        """Write what is buffered; returns the number of rows upserted. Raises on failure
+        after putting the numbers back."""
+        totals, series = self._swap()
+        if not totals and not series:
+            return 0
+        try:
+            write(totals, series)
+        except Exception:
+            self._put_back(totals, series)
+            self.failed_flushes += 1
+            raise
+        self.flushes += 1
+        try:
+            self.load_totals()  # the committed numbers now come from the database
+        except Exception:
+            # Keep counting them as pending until a read succeeds: never shown twice or lost.
+            log.warning("could not re-read token totals after a flush", exc_info=True)
+            with self._lock:
+                for pair, row in totals.items():
+                    self._add(self._db_totals, pair, *row)
+                self._inflight = {}
+        return len(totals) + len(series)
+
+    async def flush(self) -> int:
+        if self._flush_lock is None:
+            self._flush_lock = asyncio.Lock()
+        async with self._flush_lock:  # one flush at a time per process, keeps order simple
+            return await sync_to_async(self._flush_in_thread, thread_sensitive=False)()
+
+    def _flush_in_thread(self) -> int:
+        close_old_connections()
+        try:
+            return self.flush_sync()
+        finally:
+            close_old_connections()
+
+    async def run(self, interval: float) -> None:
+        """The background flusher. Survives database outages by retrying with backoff."""
+        delay = interval
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.flush()
+                delay = interval
+            except Exception:
+                log.exception("token flush failed; will retry (nothing is lost)")
+                delay = min(max(interval, 1.0) * 2, 30.0)
+
+    def load_totals(self) -> None:
+        """Start from what the database holds, so live numbers continue across restarts."""
+        from stats.models import TokenTotal
+
+        rows = TokenTotal.objects.all().values_list(
+            "endpoint", "model", "input_tokens", "output_tokens", "requests", "incomplete"
+        )
+        fresh = {(r[0], r[1]): [r[2], r[3], r[4], r[5]] for r in rows}
+        with self._lock:
+            self._db_totals = fresh
+            self._inflight = {}  # committed before this read, so included in it
+            self.db_read_at = time.time()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._totals_buf.clear()
+            self._series_buf.clear()
+            self._inflight.clear()
+            self._db_totals.clear()
+        self._flush_lock = None
+
+
+def write(totals: dict[Pair, list[int]], series: dict[Minute, list[int]]) -> None:
+    from stats.models import TokenTimeSeries, TokenTotal
+
+    tt = connection.ops.quote_name(TokenTotal._meta.db_table)
+    ts = connection.ops.quote_name(TokenTimeSeries._meta.db_table)
+    with transaction.atomic(), connection.cursor() as cursor:
+        if totals:
+            cursor.executemany(
+                f"INSERT INTO {tt} (endpoint, model, input_tokens, output_tokens, total_tokens,"
+                " requests, incomplete) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (endpoint, model) DO UPDATE SET"
+                f" input_tokens = {tt}.input_tokens + excluded.input_tokens,"
+                f" output_tokens = {tt}.output_tokens + excluded.output_tokens,"
+                f" total_tokens = {tt}.total_tokens + excluded.total_tokens,"
+                f" requests = {tt}.requests + excluded.requests,"
+                f" incomplete = {tt}.incomplete + excluded.incomplete",
+                [(e, m, r[0], r[1], r[0] + r[1], r[2], r[3]) for (e, m), r in sorted(totals.items())],
+            )
+        if series:
+            adapt = connection.ops.adapt_datetimefield_value
+            cursor.executemany(
+                f"INSERT INTO {ts} (endpoint, model, input_tokens, output_tokens, total_tokens,"
+                " requests, timestamp) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (model, timestamp, endpoint) DO UPDATE SET"
+                f" input_tokens = {ts}.input_tokens + excluded.input_tokens,"
+                f" output_tokens = {ts}.output_tokens + excluded.output_tokens,"
+                f" total_tokens = {ts}.total_tokens + excluded.total_tokens,"
+                f" requests = {ts}.requests + excluded.requests",
+                [
+                    (e, m, r[0], r[1], r[0] + r[1], r[2], adapt(t))
+                    for (e, m, t), r in sorted(series.items())
+                ],
+            )
+
+
+recorder = Recorder()
