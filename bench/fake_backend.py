@@ -136,13 +136,9 @@ class FakeConfig:
 
     def _validate(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(
-                f"unknown kind {self.kind!r} (expected one of {sorted(KINDS)})"
-            )
+            raise ValueError(f"unknown kind {self.kind!r} (expected one of {sorted(KINDS)})")
         if self.fault not in FAULTS:
-            raise ValueError(
-                f"unknown fault {self.fault!r} (expected one of {sorted(FAULTS)})"
-            )
+            raise ValueError(f"unknown fault {self.fault!r} (expected one of {sorted(FAULTS)})")
 
     def update(self, data: Mapping[str, Any]) -> None:
         """Merge ``data`` into this config (validated; unknown keys raise ``ValueError``)."""
@@ -154,20 +150,14 @@ class FakeConfig:
             if key in ("models", "loaded"):
                 if isinstance(value, str):
                     value = [v for v in value.split(",") if v]
-                if not isinstance(value, list) or not all(
-                    isinstance(v, str) for v in value
-                ):
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise ValueError(f"{key} must be a list of strings")
                 value = list(value)
             elif key in ("tokens", "fault_after"):
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                     raise ValueError(f"{key} must be a non-negative int")
             elif key in ("delay", "first_byte_delay", "stall"):
-                if (
-                    not isinstance(value, (int, float))
-                    or isinstance(value, bool)
-                    or value < 0
-                ):
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                     raise ValueError(f"{key} must be a non-negative number")
                 value = float(value)
             elif key == "api_key":
@@ -399,9 +389,7 @@ def _embed_inputs(value: Any) -> list[str] | None:
 
 def _now_rfc3339() -> str:
     t = time.time()
-    return (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
-    )
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
 
 
 def _tool_name(tools: Any) -> str | None:
@@ -475,8 +463,7 @@ class FakeBackend:
             },
         }
         self._paths: dict[str, frozenset[str]] = {
-            kind: frozenset(p for _, p in routes)
-            for kind, routes in self._routes.items()
+            kind: frozenset(p for _, p in routes) for kind, routes in self._routes.items()
         }
 
     # -- lifecycle --
@@ -670,9 +657,7 @@ class FakeBackend:
                     aborted = True
                     await self._abort(request)
                 if fault == "garbage":
-                    return web.Response(
-                        body=_GARBAGE, headers={"Content-Type": content_type}
-                    )
+                    return web.Response(body=_GARBAGE, headers={"Content-Type": content_type})
             delay = cfg.delay
             midstream = fault == "die_midstream" or fault == "stall"
             if chunks is None:
@@ -687,9 +672,7 @@ class FakeBackend:
                         await asyncio.sleep(delay * max(0, steps - cfg.fault_after))
                 elif delay > 0 and steps:
                     await asyncio.sleep(delay * steps)
-                resp: web.StreamResponse = web.Response(
-                    body=final, headers={"Content-Type": content_type}
-                )
+                resp: web.StreamResponse = web.Response(body=final, headers={"Content-Type": content_type})
                 await resp.prepare(request)
                 await resp.write_eof()
             else:
@@ -736,19 +719,13 @@ class FakeBackend:
 
     # -- ollama: metadata --
 
-    async def _ol_root(
-        self, request: web.BaseRequest, body: _Body
-    ) -> web.StreamResponse:
+    async def _ol_root(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
         return web.Response(text="Ollama is running")
 
-    async def _ol_version(
-        self, request: web.BaseRequest, body: _Body
-    ) -> web.StreamResponse:
+    async def _ol_version(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
         return _json(200, {"version": self.config.version})
 
-    async def _ol_tags(
-        self, request: web.BaseRequest, body: _Body
-    ) -> web.StreamResponse:
+    async def _ol_tags(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
         models = [
             {
                 "name": m,
@@ -763,9 +740,7 @@ class FakeBackend:
         return _json(200, {"models": models})
 
     async def _ol_ps(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
-        expires = time.strftime(
-            "%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime(time.time() + 300)
-        )
+        expires = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime(time.time() + 300))
         models = [
             {
                 "name": m,
@@ -781,9 +756,7 @@ class FakeBackend:
         ]
         return _json(200, {"models": models})
 
-    async def _ol_show(
-        self, request: web.BaseRequest, body: _Body
-    ) -> web.StreamResponse:
+    async def _ol_show(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
         name = body.get("model") or body.get("name")
         model = self._find_model(name)
         if model is None:
@@ -839,9 +812,7 @@ class FakeBackend:
             {"status": "success"},
         ]
 
-    async def _ol_pull(
-        self, request: web.BaseRequest, body: _Body
-    ) -> web.StreamResponse:
+    async def _ol_pull(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
         name = body.get("model") or body.get("name")
         if not isinstance(name, str) or not name:
             return self._ol_error(400, "model is required")
@@ -849,9 +820,7 @@ class FakeBackend:
         self._add_model(name)
         return await self._progress(request, body, lines)
 
-    async def _ol_push(
-        self, request: web.BaseRequest, body: _Body
-    ) -> web.StreamResponse:
+    async def _ol_push(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
         name = body.get("model") or body.get("name")
         if self._find_model(name) is None:
             return self._ol_error(404, f"model '{name}' not found")
@@ -859,18 +828,14 @@ class FakeBackend:
         lines = self._transfer_lines(name, "retrieving manifest", "pushing")
         return await self._progress(request, body, lines)
 
-    async def _ol_create(
-        self, request: web.BaseRequest, body: _Body
-    ) -> web.StreamResponse:
+    async def _ol_create(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
         name = body.get("model") or body.get("name")
         if not isinstance(name, str) or not name:
             return self._ol_error(400, "model is required")
         self._add_model(name)
         return await self._progress(request, body, [{"status": "success"}])
 
-    async def _ol_copy(
-        self, request: web.BaseRequest, body: _Body
-    ) -> web.StreamResponse:
+    async def _ol_copy(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
         source, destination = body.get("source"), body.get("destination")
         if self._find_model(source) is None:
             return self._ol_error(404, f"model '{source}' not found")
@@ -879,9 +844,7 @@ class FakeBackend:
         self._add_model(destination)
         return web.Response(status=200)
 
-    async def _ol_delete(
-        self, request: web.BaseRequest, body: _Body
-    ) -> web.StreamResponse:
+    async def _ol_delete(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
         name = body.get("model") or body.get("name")
         model = self._find_model(name)
         if model is None:
@@ -938,14 +901,10 @@ class FakeBackend:
             return web.Response(body=data, content_type=_JSON)
         return web.Response(body=data + b"\n", headers={"Content-Type": _NDJSON})
 
-    async def _ol_chat(
-        self, request: web.BaseRequest, body: _Body
-    ) -> web.StreamResponse:
+    async def _ol_chat(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
         return await self._ol_generation(request, body, chat=True)
 
-    async def _ol_generate(
-        self, request: web.BaseRequest, body: _Body
-    ) -> web.StreamResponse:
+    async def _ol_generate(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
         return await self._ol_generation(request, body, chat=False)
 
     async def _ol_generation(
@@ -982,9 +941,7 @@ class FakeBackend:
                 if think:
                     message["thinking"] = _reasoning(think)
                 if tool is not None:
-                    message["tool_calls"] = [
-                        {"function": {"name": tool, "arguments": _TOOL_ARGS}}
-                    ]
+                    message["tool_calls"] = [{"function": {"name": tool, "arguments": _TOOL_ARGS}}]
                 else:
                     message["content"] = _content(n)
                 reply["message"] = message
@@ -1012,8 +969,7 @@ class FakeBackend:
         if chat:
             for i in range(think):
                 chunks.append(
-                    head
-                    + b'"message":{"role":"assistant","content":"","thinking":"think%d "},'
+                    head + b'"message":{"role":"assistant","content":"","thinking":"think%d "},'
                     b'"done":false}\n' % i
                 )
             if tool is not None:
@@ -1027,15 +983,12 @@ class FakeBackend:
             else:
                 for i in range(n):
                     chunks.append(
-                        head + b'"message":{"role":"assistant","content":"tok%d "},'
-                        b'"done":false}\n' % i
+                        head + b'"message":{"role":"assistant","content":"tok%d "},"done":false}\n' % i
                     )
             last: dict[str, Any] = {"message": {"role": "assistant", "content": ""}}
         else:
             for i in range(think):
-                chunks.append(
-                    head + b'"response":"","thinking":"think%d ","done":false}\n' % i
-                )
+                chunks.append(head + b'"response":"","thinking":"think%d ","done":false}\n' % i)
             for i in range(n):
                 chunks.append(head + b'"response":"tok%d ","done":false}\n' % i)
             last = {"response": ""}
@@ -1056,9 +1009,7 @@ class FakeBackend:
             openai_errors=False,
         )
 
-    async def _ol_embed(
-        self, request: web.BaseRequest, body: _Body
-    ) -> web.StreamResponse:
+    async def _ol_embed(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
         checked = self._ol_check_model(body)
         if isinstance(checked, web.Response):
             return checked
@@ -1086,9 +1037,7 @@ class FakeBackend:
             openai_errors=False,
         )
 
-    async def _ol_embeddings(
-        self, request: web.BaseRequest, body: _Body
-    ) -> web.StreamResponse:
+    async def _ol_embeddings(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
         checked = self._ol_check_model(body)
         if isinstance(checked, web.Response):
             return checked
@@ -1109,14 +1058,10 @@ class FakeBackend:
 
     # -- OpenAI-compatible (llama.cpp server, or Ollama's /v1) --
 
-    async def _oa_health(
-        self, request: web.BaseRequest, body: _Body
-    ) -> web.StreamResponse:
+    async def _oa_health(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
         return _json(200, {"status": "ok"})
 
-    async def _oa_models(
-        self, request: web.BaseRequest, body: _Body
-    ) -> web.StreamResponse:
+    async def _oa_models(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
         owner = "library" if self.config.kind == "ollama" else "llamacpp"
         data = [
             {"id": m, "object": "model", "created": _CREATED, "owned_by": owner}
@@ -1127,14 +1072,10 @@ class FakeBackend:
     def _oa_check_model(self, body: _Body) -> tuple[str, str] | web.Response:
         name = body.get("model")
         if not isinstance(name, str) or not name:
-            return self._oa_error(
-                400, "you must provide a model parameter", "model_required"
-            )
+            return self._oa_error(400, "you must provide a model parameter", "model_required")
         model = self._find_model(name)
         if model is None:
-            return self._oa_error(
-                404, f"The model `{name}` does not exist", "model_not_found"
-            )
+            return self._oa_error(404, f"The model `{name}` does not exist", "model_not_found")
         return name, model
 
     @staticmethod
@@ -1149,22 +1090,16 @@ class FakeBackend:
         opts = body.get("stream_options")
         return isinstance(opts, dict) and opts.get("include_usage") is True
 
-    async def _oa_chat(
-        self, request: web.BaseRequest, body: _Body
-    ) -> web.StreamResponse:
+    async def _oa_chat(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
         checked = self._oa_check_model(body)
         if isinstance(checked, web.Response):
             return checked
         name, model = checked
         prompt_tokens = _count_message_words(body.get("messages")) + 1
         n, truncated = self._oa_limit(self.config.tokens, body)
-        tool = (
-            None if body.get("tool_choice") == "none" else _tool_name(body.get("tools"))
-        )
+        tool = None if body.get("tool_choice") == "none" else _tool_name(body.get("tools"))
         think = REASONING_CHUNKS if _wants_reasoning(body) else 0
-        finish = (
-            "tool_calls" if tool is not None else ("length" if truncated else "stop")
-        )
+        finish = "tool_calls" if tool is not None else ("length" if truncated else "stop")
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": n,
@@ -1245,16 +1180,9 @@ class FakeBackend:
             chunks.append(open_delta + b'"tool_calls":' + _jb([args]) + close)
         else:
             for i in range(n):
-                chunks.append(
-                    open_delta
-                    + (role if not chunks else b"")
-                    + b'"content":"tok%d "' % i
-                    + close
-                )
-        final = (
-            head
-            + b'"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"%s"}]}\n\n'
-            % (finish.encode())
+                chunks.append(open_delta + (role if not chunks else b"") + b'"content":"tok%d "' % i + close)
+        final = head + b'"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"%s"}]}\n\n' % (
+            finish.encode()
         )
         include_usage = self._include_usage(body)
         if include_usage:
@@ -1271,9 +1199,7 @@ class FakeBackend:
             openai_errors=True,
         )
 
-    async def _oa_completions(
-        self, request: web.BaseRequest, body: _Body
-    ) -> web.StreamResponse:
+    async def _oa_completions(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
         checked = self._oa_check_model(body)
         if isinstance(checked, web.Response):
             return checked
@@ -1320,15 +1246,11 @@ class FakeBackend:
             b'"system_fingerprint":"fp_fake",'
         ) % (cid.encode(), created, _jb(name))
         chunks = [
-            head
-            + b'"choices":[{"text":"tok%d ","index":0,"logprobs":null,"finish_reason":null}]}\n\n'
-            % i
+            head + b'"choices":[{"text":"tok%d ","index":0,"logprobs":null,"finish_reason":null}]}\n\n' % i
             for i in range(n)
         ]
-        final = (
-            head
-            + b'"choices":[{"text":"","index":0,"logprobs":null,"finish_reason":"%s"}]}\n\n'
-            % (finish.encode())
+        final = head + b'"choices":[{"text":"","index":0,"logprobs":null,"finish_reason":"%s"}]}\n\n' % (
+            finish.encode()
         )
         include_usage = self._include_usage(body)
         if include_usage:
@@ -1345,27 +1267,19 @@ class FakeBackend:
             openai_errors=True,
         )
 
-    async def _oa_embeddings(
-        self, request: web.BaseRequest, body: _Body
-    ) -> web.StreamResponse:
+    async def _oa_embeddings(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
         checked = self._oa_check_model(body)
         if isinstance(checked, web.Response):
             return checked
         name, model = checked
         inputs = _embed_inputs(body.get("input"))
         if inputs is None:
-            return self._oa_error(
-                400, "'input' must be a string or an array", "invalid_input"
-            )
+            return self._oa_error(400, "'input' must be a string or an array", "invalid_input")
         b64 = body.get("encoding_format") == "base64"
         data: list[dict[str, Any]] = []
         for i, text in enumerate(inputs):
             vec = _embedding(text)
-            emb: Any = (
-                base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
-                if b64
-                else vec
-            )
+            emb: Any = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode() if b64 else vec
             data.append({"object": "embedding", "embedding": emb, "index": i})
         words = sum(_count_words(s) for s in inputs)
         reply = {
@@ -1392,9 +1306,7 @@ class FakeBackend:
 class ThreadedFake:
     """A :class:`FakeBackend` running on its own event loop in a daemon thread."""
 
-    def __init__(
-        self, config: FakeConfig, port: int = 0, host: str = "127.0.0.1"
-    ) -> None:
+    def __init__(self, config: FakeConfig, port: int = 0, host: str = "127.0.0.1") -> None:
         self.backend = FakeBackend(config)
         self._port_wanted = port
         self._host = host
@@ -1402,9 +1314,7 @@ class ThreadedFake:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._stopped = False
-        self._thread = threading.Thread(
-            target=self._run, name=f"fake-backend-{config.kind}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name=f"fake-backend-{config.kind}", daemon=True)
 
     @property
     def config(self) -> FakeConfig:
@@ -1454,9 +1364,7 @@ class ThreadedFake:
             for task in pending:
                 task.cancel()
             if pending:
-                loop.run_until_complete(
-                    asyncio.gather(*pending, return_exceptions=True)
-                )
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -1483,9 +1391,7 @@ class ThreadedFake:
         self.stop()
 
 
-def run_in_thread(
-    config: FakeConfig, port: int = 0, host: str = "127.0.0.1"
-) -> ThreadedFake:
+def run_in_thread(config: FakeConfig, port: int = 0, host: str = "127.0.0.1") -> ThreadedFake:
     """Start a fake backend in a daemon thread and return it once it listens."""
     return ThreadedFake(config, port, host).start()
 
@@ -1505,12 +1411,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--kind", choices=sorted(KINDS), default="ollama")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
-    p.add_argument(
-        "--models", type=_split, default=None, help="comma-separated model names"
-    )
-    p.add_argument(
-        "--loaded", type=_split, default=None, help="comma-separated loaded models"
-    )
+    p.add_argument("--models", type=_split, default=None, help="comma-separated model names")
+    p.add_argument("--loaded", type=_split, default=None, help="comma-separated loaded models")
     p.add_argument("--tokens", type=int, default=8)
     p.add_argument("--delay", type=float, default=0.0)
     p.add_argument("--first-byte-delay", type=float, default=0.0)

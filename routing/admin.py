@@ -76,7 +76,18 @@ async def _check(ep: EndpointInfo) -> tuple[str | None, fleet.ModelList | None, 
 @admin.register(Endpoint)
 class EndpointAdmin(admin.ModelAdmin[Endpoint]):
     form = EndpointForm
-    list_display = ["__str__", "url", "kind", "enabled", "state", "models_advertised", "models_loaded", "active_requests", "max_concurrent_connections", "has_api_key"]
+    list_display = [
+        "__str__",
+        "url",
+        "kind",
+        "enabled",
+        "state",
+        "models_advertised",
+        "models_loaded",
+        "active_requests",
+        "max_concurrent_connections",
+        "has_api_key",
+    ]
     list_filter = ["enabled", "kind"]
     search_fields = ["name", "url", "notes"]
     readonly_fields = ["created", "updated"]
@@ -94,12 +105,12 @@ class EndpointAdmin(admin.ModelAdmin[Endpoint]):
     @admin.display(description="models advertised")
     def models_advertised(self, obj: Endpoint) -> str:
         models = caches.advertised.peek(obj.id)
-        return ", ".join(models.names) if models else "–"
+        return ", ".join(models.names) if models else "-"
 
     @admin.display(description="models loaded")
     def models_loaded(self, obj: Endpoint) -> str:
         models = caches.loaded.peek(obj.id)
-        return ", ".join(models.names) if models else "–"
+        return ", ".join(models.names) if models else "-"
 
     @admin.display(description="active")
     def active_requests(self, obj: Endpoint) -> int:
@@ -125,11 +136,15 @@ class EndpointAdmin(admin.ModelAdmin[Endpoint]):
 
     @admin.action(description="Enable selected endpoints")
     def enable(self, request: HttpRequest, queryset: QuerySet[Endpoint]) -> None:
-        self.message_user(request, f"{services.endpoints_set_enabled(endpoint_ids=list(queryset.values_list('id', flat=True)), enabled=True)} enabled.")
+        ids = list(queryset.values_list("id", flat=True))
+        count = services.endpoints_set_enabled(endpoint_ids=ids, enabled=True)
+        self.message_user(request, f"{count} enabled.")
 
     @admin.action(description="Disable selected endpoints")
     def disable(self, request: HttpRequest, queryset: QuerySet[Endpoint]) -> None:
-        self.message_user(request, f"{services.endpoints_set_enabled(endpoint_ids=list(queryset.values_list('id', flat=True)), enabled=False)} disabled.")
+        ids = list(queryset.values_list("id", flat=True))
+        count = services.endpoints_set_enabled(endpoint_ids=ids, enabled=False)
+        self.message_user(request, f"{count} disabled.")
 
     @admin.action(description="Check now: probe the server, report version and models")
     def check_now(self, request: HttpRequest, queryset: QuerySet[Endpoint]) -> None:

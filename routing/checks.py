@@ -11,7 +11,13 @@ from django.core.checks import Error, Warning, register
 @register()
 def router_settings(app_configs: Any, **kwargs: Any) -> list[Error | Warning]:
     problems: list[Error | Warning] = []
-    for name in ("ROUTER_QUEUE_TIMEOUT", "ROUTER_FLUSH_INTERVAL", "ROUTER_CONNECT_TIMEOUT", "ROUTER_FIRST_BYTE_TIMEOUT", "ROUTER_READ_TIMEOUT"):
+    for name in (
+        "ROUTER_QUEUE_TIMEOUT",
+        "ROUTER_FLUSH_INTERVAL",
+        "ROUTER_CONNECT_TIMEOUT",
+        "ROUTER_FIRST_BYTE_TIMEOUT",
+        "ROUTER_READ_TIMEOUT",
+    ):
         if getattr(settings, name) <= 0:
             problems.append(Error(f"{name} must be greater than zero.", id="routing.E001"))
     if settings.ROUTER_QUEUE_MAX < 0:
@@ -22,9 +28,15 @@ def router_settings(app_configs: Any, **kwargs: Any) -> list[Error | Warning]:
         from pathlib import Path
 
         if not Path(settings.ROUTER_CONFIG).is_file():
-            problems.append(Warning(f"ROUTER_CONFIG names {settings.ROUTER_CONFIG}, which is not a file.", id="routing.W001"))
+            problems.append(
+                Warning(
+                    f"ROUTER_CONFIG names {settings.ROUTER_CONFIG}, which is not a file.", id="routing.W001"
+                )
+            )
     if not settings.DEBUG and settings.SECRET_KEY.startswith("dev-only"):
         problems.append(
-            Warning("SECRET_KEY is the development default; set SECRET_KEY in the environment.", id="routing.W002")
+            Warning(
+                "SECRET_KEY is the development default; set SECRET_KEY in the environment.", id="routing.W002"
+            )
         )
     return problems

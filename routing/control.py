@@ -18,6 +18,7 @@ log = logging.getLogger("routing.control")
 
 GROUP = "router.control"
 ORIGIN = f"{os.getpid()}-{id(object())}"
+_pending: set[asyncio.Future[None]] = set()  # keeps fire-and-forget sends alive until done
 
 
 def broadcast_sync(endpoint_ids: list[int] | None) -> None:
@@ -31,7 +32,9 @@ def broadcast_sync(endpoint_ids: list[int] | None) -> None:
         except RuntimeError:
             async_to_sync(layer.group_send)(GROUP, message)
         else:
-            asyncio.ensure_future(layer.group_send(GROUP, message))
+            task = asyncio.ensure_future(layer.group_send(GROUP, message))
+            _pending.add(task)
+            task.add_done_callback(_pending.discard)
     except Exception:
         log.warning("could not broadcast an endpoint change; other processes reload within 5 s")
 

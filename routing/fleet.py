@@ -209,7 +209,6 @@ async def candidates_for(model: str, *, ollama_only: bool = False) -> Lookup:
             matches.append((ep, name))
     loaded = await gather_loaded([ep for ep, _ in matches])
     candidates = [
-        Candidate(ep, name, key in names.keys)
-        for (ep, name), names in zip(matches, loaded, strict=True)
+        Candidate(ep, name, key in names.keys) for (ep, name), names in zip(matches, loaded, strict=True)
     ]
     return Lookup(candidates, reachable)

@@ -28,7 +28,13 @@ def _as_ollama_tag(ep: EndpointInfo, entry: dict[str, Any], name: str) -> dict[s
         "modified_at": "1970-01-01T00:00:00Z",
         "size": 0,
         "digest": "",
-        "details": {"format": "", "family": "", "families": None, "parameter_size": "", "quantization_level": ""},
+        "details": {
+            "format": "",
+            "family": "",
+            "families": None,
+            "parameter_size": "",
+            "quantization_level": "",
+        },
     }
 
 
@@ -100,7 +106,7 @@ async def version(request: HttpRequest) -> HttpResponseBase:
 async def health(request: HttpRequest) -> HttpResponseBase:
     endpoints = await registry.enabled()
     results = await asyncio.gather(*(_probe_version(ep) for ep in endpoints))
-    detail = {
+    detail: dict[str, dict[str, str | None]] = {
         ep.name: {"status": "ok", "version": v} if v is not None else {"status": "error", "error": err}
         for ep, v, err in results
     }
@@ -170,7 +176,9 @@ async def _fan_out(request: HttpRequest, method: str, path: str) -> HttpResponse
     raise ApiError(status, detail if len(failed) == len(results) else f"failed on some endpoints: {detail}")
 
 
-async def _pull_stream(request: HttpRequest, path: str, endpoints: list[EndpointInfo]) -> AsyncIterator[bytes]:
+async def _pull_stream(
+    request: HttpRequest, path: str, endpoints: list[EndpointInfo]
+) -> AsyncIterator[bytes]:
     """Progress lines of every endpoint as they come, then one verdict line."""
     queue: asyncio.Queue[tuple[EndpointInfo, bytes | None, str | None]] = asyncio.Queue()
 
@@ -228,7 +236,9 @@ async def _pull_like(request: HttpRequest, path: str) -> HttpResponseBase:
         raise ApiError(400, "'model' is required")
     if optional_bool(data, "stream", True):
         endpoints = await _ollama_endpoints()
-        return StreamingHttpResponse(_pull_stream(request, path, endpoints), content_type="application/x-ndjson")
+        return StreamingHttpResponse(
+            _pull_stream(request, path, endpoints), content_type="application/x-ndjson"
+        )
     return await _fan_out(request, "POST", path)
 
 
@@ -263,4 +273,3 @@ async def delete(request: HttpRequest) -> HttpResponseBase:
     if not isinstance(name, str) or not name.strip():
         raise ApiError(400, "'model' is required")
     return await _fan_out(request, "DELETE", "/api/delete")
-

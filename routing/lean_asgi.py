@@ -145,9 +145,7 @@ class ProxyHandler:
             return error_response(path, ApiError(500, "internal router error; see the router's log"))
 
     async def _send(self, send: Any, response: HttpResponseBase, request_id: str) -> None:
-        headers = [
-            (k.encode("latin-1"), v.encode("latin-1")) for k, v in response.items()
-        ]
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.items()]
         headers.append((b"x-request-id", request_id.encode("latin-1")))
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         if isinstance(response, StreamingHttpResponse):
@@ -186,10 +184,25 @@ def _header_full(scope: Scope, name: bytes) -> str | None:
 
 
 _ROUTE_LABELS = {
-    "/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show", "/api/tags",
-    "/api/ps", "/api/version", "/api/pull", "/api/push", "/api/create", "/api/copy",
-    "/api/delete", "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models",
-    "/health", "/metrics",
+    "/api/chat",
+    "/api/generate",
+    "/api/embed",
+    "/api/embeddings",
+    "/api/show",
+    "/api/tags",
+    "/api/ps",
+    "/api/version",
+    "/api/pull",
+    "/api/push",
+    "/api/create",
+    "/api/copy",
+    "/api/delete",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/models",
+    "/health",
+    "/metrics",
 }
 
 

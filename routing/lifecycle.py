@@ -46,7 +46,7 @@ def ensure_started() -> None:
 async def _start() -> None:
     from routing import control, fleet, upstream
     from routing.registry import registry
-    from stats import publisher
+    from stats.publisher import publisher
     from stats.recorder import recorder
 
     try:
@@ -114,7 +114,7 @@ def install_daphne_hooks() -> None:
         return defer.Deferred.fromFuture(asyncio.ensure_future(shutdown()))
 
     reactor.callWhenRunning(on_start)  # type: ignore[attr-defined]
-    reactor.addSystemEventTrigger("before", "shutdown", before_shutdown)  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", before_shutdown)  # type: ignore[attr-defined,arg-type]
 
 
 async def lifespan(receive: object, send: object) -> None:

@@ -112,13 +112,13 @@ def render(gauges: Iterable[str]) -> str:
     lines.append("# HELP router_lock_wait_seconds_total Time spent waiting for each lock.")
     lines.append("# TYPE router_lock_wait_seconds_total counter")
     for lock in all_locks():
-        lines.append(f'router_lock_wait_seconds_total{_labels((("lock", lock.name),))} {lock.wait_total:g}')
+        lines.append(f"router_lock_wait_seconds_total{_labels((('lock', lock.name),))} {lock.wait_total:g}")
     lines.append("# HELP router_lock_wait_max_seconds Longest single wait for each lock.")
     lines.append("# TYPE router_lock_wait_max_seconds gauge")
     for lock in all_locks():
-        lines.append(f'router_lock_wait_max_seconds{_labels((("lock", lock.name),))} {lock.wait_max:g}')
+        lines.append(f"router_lock_wait_max_seconds{_labels((('lock', lock.name),))} {lock.wait_max:g}")
     lines.append("# HELP router_lock_acquisitions_total Acquisitions of each lock.")
     lines.append("# TYPE router_lock_acquisitions_total counter")
     for lock in all_locks():
-        lines.append(f'router_lock_acquisitions_total{_labels((("lock", lock.name),))} {lock.acquisitions:g}')
+        lines.append(f"router_lock_acquisitions_total{_labels((('lock', lock.name),))} {lock.acquisitions:g}")
     return "\n".join(lines) + "\n"

@@ -46,7 +46,9 @@ async def chat(request: HttpRequest) -> HttpResponseBase:
     model = require_model(data)
     expect_types(data, messages=list, tools=list, options=dict, format=(str, dict))
     stream = optional_bool(data, "stream", True)
-    return await proxy.forward(request.path, model=model, plan=_routed("/api/chat", request.body, data, stream))
+    return await proxy.forward(
+        request.path, model=model, plan=_routed("/api/chat", request.body, data, stream)
+    )
 
 
 @methods("POST")
@@ -65,7 +67,9 @@ async def embed(request: HttpRequest) -> HttpResponseBase:
     data = parse_object(request.body)
     model = require_model(data)
     expect_types(data, input=(str, list), options=dict)
-    return await proxy.forward(request.path, model=model, plan=_routed("/api/embed", request.body, data, False))
+    return await proxy.forward(
+        request.path, model=model, plan=_routed("/api/embed", request.body, data, False)
+    )
 
 
 @methods("POST")

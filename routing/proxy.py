@@ -125,9 +125,7 @@ async def _send(lease: Lease, attempt: Attempt) -> httpx.Response:
         **upstream.auth_headers(ep.api_key),
         **attempt.headers,
     }
-    request = client.build_request(
-        attempt.method, attempt.url, content=attempt.body, headers=headers
-    )
+    request = client.build_request(attempt.method, attempt.url, content=attempt.body, headers=headers)
     return await client.send(request, stream=True)
 
 
@@ -260,7 +258,7 @@ class ProxyStreamingResponse(StreamingHttpResponse):
         self._chunks = stream.chunks()
         super().__init__(self._chunks, **kwargs)  # type: ignore[arg-type]
         # Django's own handler closes responses synchronously: release the slot there too.
-        self._resource_closers.append(stream.lease.release)
+        self._resource_closers.append(stream.lease.release)  # type: ignore[attr-defined]
 
     async def finish(self) -> None:
         await self._chunks.aclose()  # type: ignore[attr-defined]

@@ -17,7 +17,6 @@ from asgiref.sync import sync_to_async
 from routing.locks import TimedLock
 
 
-
 @dataclass(frozen=True, slots=True)
 class EndpointInfo:
     id: int

@@ -86,17 +86,19 @@ def import_config(data: Any) -> ImportResult:
     if not isinstance(keys, dict):
         raise ConfigError("api_keys must be a mapping of url to key")
     keys = {normalise_url(str(url)): _expand(key) for url, key in keys.items()}
-    wanted: list[tuple[str, str]] = []
-    for field, kind in (("endpoints", Endpoint.Kind.OLLAMA), ("llama_server_endpoints", Endpoint.Kind.OPENAI)):
+    wanted: list[tuple[str, Endpoint.Kind]] = []
+    for field, kind in (
+        ("endpoints", Endpoint.Kind.OLLAMA),
+        ("llama_server_endpoints", Endpoint.Kind.OPENAI),
+    ):
         urls = data.get(field) or []
         if not isinstance(urls, list):
             raise ConfigError(f"{field} must be a list of urls")
         for url in urls:
             url = normalise_url(_expand(url))
+            kind_here: Endpoint.Kind = kind
             if kind == Endpoint.Kind.OLLAMA and url.endswith("/v1"):
                 kind_here = Endpoint.Kind.OPENAI  # NOMYO lists OpenAI-compatible servers here too
-            else:
-                kind_here = kind
             wanted.append((url, kind_here))
     result = ImportResult()
     with transaction.atomic():

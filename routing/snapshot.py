@@ -54,7 +54,12 @@ def build() -> dict[str, Any]:
         "taken_at": time.time(),
         "endpoints": states,
         "active": [
-            {"endpoint": by_id[eid].name if eid in by_id else str(eid), "endpoint_id": eid, "model": model, "count": n}
+            {
+                "endpoint": by_id[eid].name if eid in by_id else str(eid),
+                "endpoint_id": eid,
+                "model": model,
+                "count": n,
+            }
             for (eid, model), n in sorted(active.items())
         ],
         "tokens": [
@@ -72,7 +77,8 @@ def prometheus_gauges() -> Iterable[str]:
     yield "# HELP router_in_flight Requests holding a slot, by endpoint and model."
     yield "# TYPE router_in_flight gauge"
     for row in snap["active"]:
-        yield f"router_in_flight{_labels((('endpoint', row['endpoint']), ('model', row['model'])))} {row['count']}"
+        labels = _labels((("endpoint", row["endpoint"]), ("model", row["model"])))
+        yield f"router_in_flight{labels} {row['count']}"
     yield "# HELP router_queued Requests waiting for a slot, by model."
     yield "# TYPE router_queued gauge"
     for model, n in snap["queued"].items():

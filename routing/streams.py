@@ -119,9 +119,7 @@ class SseScanner:
 
     def _inspect(self, event: bytes) -> bool:
         """Record what the event tells; False when it must not reach the client."""
-        payload = b"\n".join(
-            line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")
-        )
+        payload = b"\n".join(line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:"))
         if payload == b"[DONE]":
             self.done = True
             return True

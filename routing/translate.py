@@ -99,7 +99,9 @@ def generate_request(data: dict[str, Any], model: str, stream: bool) -> dict[str
     messages: list[dict[str, Any]] = []
     if data.get("system"):
         messages.append({"role": "system", "content": data["system"]})
-    messages.append(_message({"role": "user", "content": data.get("prompt") or "", "images": data.get("images")}))
+    messages.append(
+        _message({"role": "user", "content": data.get("prompt") or "", "images": data.get("images")})
+    )
     body["messages"] = messages
     return body
 
@@ -224,7 +226,9 @@ class ChatFromSse:
         if self._usage is None and not self._done:
             return out  # cut off: no final chunk, nothing invented
         reason = "stop" if self._reason in (None, "tool_calls") else self._reason
-        final = _final(self.model, self._usage, "length" if reason == "length" else reason, self._started, self.key)
+        final = _final(
+            self.model, self._usage, "length" if reason == "length" else reason, self._started, self.key
+        )
         return out + json.dumps(final).encode() + b"\n"
 
     def counts(self) -> Counts | None:

@@ -19,7 +19,15 @@ def merge(parts: dict[str, dict[str, Any]], *, now: float | None = None) -> dict
     now = time.time() if now is None else now
     live = [p for p in parts.values() if now - p.get("taken_at", 0) <= STALE_AFTER]
     if not live:
-        return {"type": "usage.snapshot", "taken_at": now, "processes": 0, "endpoints": [], "active": [], "tokens": [], "queued": {}}
+        return {
+            "type": "usage.snapshot",
+            "taken_at": now,
+            "processes": 0,
+            "endpoints": [],
+            "active": [],
+            "tokens": [],
+            "queued": {},
+        }
     newest = max(live, key=lambda p: p.get("taken_at", 0))
     active: dict[tuple[Any, str], dict[str, Any]] = {}
     per_endpoint: dict[Any, int] = {}

@@ -69,7 +69,9 @@ class TokenDaily(models.Model):
     class Meta:
         constraints = [
             # Upsert target of the roll-up, and daily history for one model (WHERE model = %s AND day ...).
-            models.UniqueConstraint(fields=["model", "day", "endpoint"], name="tokendaily_model_day_endpoint"),
+            models.UniqueConstraint(
+                fields=["model", "day", "endpoint"], name="tokendaily_model_day_endpoint"
+            ),
         ]
         indexes = [
             # Daily ranges over every model (WHERE day BETWEEN ...).

@@ -230,10 +230,7 @@ def write(totals: dict[Pair, list[int]], series: dict[Minute, list[int]]) -> Non
                 f" output_tokens = {ts}.output_tokens + excluded.output_tokens,"
                 f" total_tokens = {ts}.total_tokens + excluded.total_tokens,"
                 f" requests = {ts}.requests + excluded.requests",
-                [
-                    (e, m, r[0], r[1], r[0] + r[1], r[2], adapt(t))
-                    for (e, m, t), r in sorted(series.items())
-                ],
+                [(e, m, r[0], r[1], r[0] + r[1], r[2], adapt(t)) for (e, m, t), r in sorted(series.items())],
             )
 
 

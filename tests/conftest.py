@@ -121,7 +121,15 @@ def start_router(tmp_path: Path, *, server: str = "daphne", **env: str) -> Route
     full_env.pop("DJANGO_SETTINGS_MODULE", None)
     log_path = tmp_path / f"router-{port}.log"
     if server == "uvicorn":
-        cmd = [str(VENV_BIN / "uvicorn"), "nomyo_site.asgi:application", "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
+        cmd = [
+            str(VENV_BIN / "uvicorn"),
+            "nomyo_site.asgi:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+        ]
     else:
         cmd = [str(VENV_BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "nomyo_site.asgi:application"]
     with open(log_path, "wb") as log:

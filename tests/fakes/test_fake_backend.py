@@ -62,17 +62,13 @@ def ollama_fake() -> Iterator[ThreadedFake]:
 @pytest.fixture
 def openai_fake() -> Iterator[ThreadedFake]:
     """An OpenAI-kind (llama.cpp-like) fake that requires an API key, in a thread."""
-    fake = run_in_thread(
-        FakeConfig(kind="openai", models=["qwen-coder"], api_key=API_KEY)
-    )
+    fake = run_in_thread(FakeConfig(kind="openai", models=["qwen-coder"], api_key=API_KEY))
     yield fake
     fake.stop()
 
 
 def oa_client(fake: ThreadedFake, key: str = API_KEY) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=fake.url + "/v1", api_key=key, max_retries=0, timeout=5
-    )
+    return openai.OpenAI(base_url=fake.url + "/v1", api_key=key, max_retries=0, timeout=5)
 
 
 # --------------------------------------------------------------------------- ollama kind
@@ -106,9 +102,7 @@ def test_it_streams_a_chat_with_deterministic_counts(ollama_fake: ThreadedFake) 
         )
     )
     assert len(parts) == 8 + 1
-    assert "".join(p.message.content or "" for p in parts) == "".join(
-        f"tok{i} " for i in range(8)
-    )
+    assert "".join(p.message.content or "" for p in parts) == "".join(f"tok{i} " for i in range(8))
     final = parts[-1]
     assert final.done and final.done_reason == "stop"
     assert final.prompt_eval_count == 2 + 5 + 1
@@ -146,9 +140,7 @@ def test_it_generates_with_a_context_in_the_final_chunk(
 ) -> None:
     client = ollama.Client(host=ollama_fake.url)
     parts = list(client.generate(model="llama3", prompt=PROMPT, stream=True))
-    assert "".join(p.response or "" for p in parts) == "".join(
-        f"tok{i} " for i in range(8)
-    )
+    assert "".join(p.response or "" for p in parts) == "".join(f"tok{i} " for i in range(8))
     assert parts[-1].context and parts[-1].prompt_eval_count == 6
     single = client.generate(model="llama3", prompt="hi", stream=False)
     assert single.response == "".join(f"tok{i} " for i in range(8))
@@ -158,12 +150,8 @@ def test_it_generates_with_a_context_in_the_final_chunk(
 
 def test_it_returns_a_tool_call_when_tools_are_given(ollama_fake: ThreadedFake) -> None:
     client = ollama.Client(host=ollama_fake.url)
-    tools = [
-        {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
-    ]
-    reply = client.chat(
-        model="llama3", messages=[{"role": "user", "content": "weather?"}], tools=tools
-    )
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    reply = client.chat(model="llama3", messages=[{"role": "user", "content": "weather?"}], tools=tools)
     assert reply.message.content == ""
     calls = reply.message.tool_calls or []
     assert calls[0].function.name == "get_weather"
@@ -209,9 +197,7 @@ def test_it_pulls_copies_shows_and_deletes_models(ollama_fake: ThreadedFake) -> 
 
 
 def test_it_serves_ollamas_openai_compatible_routes(ollama_fake: ThreadedFake) -> None:
-    client = openai.OpenAI(
-        base_url=ollama_fake.url + "/v1", api_key="ollama", max_retries=0
-    )
+    client = openai.OpenAI(base_url=ollama_fake.url + "/v1", api_key="ollama", max_retries=0)
     assert [m.id for m in client.models.list()] == ["llama3:latest", "nomic-embed"]
     reply = client.chat.completions.create(
         model="llama3", messages=[{"role": "user", "content": PROMPT}], max_tokens=2
@@ -237,16 +223,10 @@ def test_it_rejects_a_wrong_api_key(openai_fake: ThreadedFake) -> None:
 def test_it_sends_the_usage_chunk_only_when_asked(openai_fake: ThreadedFake) -> None:
     client = oa_client(openai_fake)
     messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": PROMPT}]
-    plain = list(
-        client.chat.completions.create(
-            model="qwen-coder", messages=messages, stream=True
-        )
-    )
+    plain = list(client.chat.completions.create(model="qwen-coder", messages=messages, stream=True))
     assert all(c.usage is None for c in plain)
     assert plain[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in plain) == "".join(
-        f"tok{i} " for i in range(8)
-    )
+    assert "".join(c.choices[0].delta.content or "" for c in plain) == "".join(f"tok{i} " for i in range(8))
     assert plain[-1].choices[0].finish_reason == "stop"
     # nothing was reported to the client, so nothing is counted as reported
     assert openai_fake.stats.completed == 1
@@ -294,9 +274,7 @@ def test_it_returns_tool_calls_to_the_openai_client(openai_fake: ThreadedFake) -
             stream=True,
         )
     )
-    deltas = [
-        tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []
-    ]
+    deltas = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
     assert deltas[0].function is not None and deltas[0].function.name == "lookup"
     args = "".join((d.function.arguments or "") if d.function else "" for d in deltas)
     assert json.loads(args) == {"x": 1}
@@ -318,9 +296,7 @@ def test_it_streams_reasoning_before_the_content(openai_fake: ThreadedFake) -> N
     events = [line[6:] for line in r.text.split("\n\n") if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     deltas = [json.loads(e)["choices"][0]["delta"] for e in events[:-1]]
-    kinds = [
-        "reasoning" if d.get("reasoning_content") else "content" for d in deltas[:-1]
-    ]
+    kinds = ["reasoning" if d.get("reasoning_content") else "content" for d in deltas[:-1]]
     assert kinds == ["reasoning"] * 2 + ["content"] * 8
 
 
@@ -339,18 +315,14 @@ def test_it_completes_and_embeds_with_the_openai_client(
             stream_options={"include_usage": True},
         )
     )
-    assert "".join(c.choices[0].text for c in streamed if c.choices) == "".join(
-        f"tok{i} " for i in range(8)
-    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == "".join(f"tok{i} " for i in range(8))
     assert streamed[-1].usage is not None and streamed[-1].usage.completion_tokens == 8
 
     emb = client.embeddings.create(model="qwen-coder", input=["a b c", "d"])
     assert [d.index for d in emb.data] == [0, 1]
     assert all(len(d.embedding) == 8 for d in emb.data)
     assert emb.usage.prompt_tokens == 4
-    b64 = client.embeddings.create(
-        model="qwen-coder", input="a b c", encoding_format="base64"
-    )
+    b64 = client.embeddings.create(model="qwen-coder", input="a b c", encoding_format="base64")
     raw = base64.b64decode(str(b64.data[0].embedding))
     assert struct.unpack("<8f", raw) == pytest.approx(emb.data[0].embedding, abs=1e-6)
 
@@ -400,9 +372,7 @@ async def test_it_counts_a_client_that_goes_away_as_cancelled() -> None:
     async with FakeBackend(config) as fake:
         async with (
             httpx.AsyncClient(base_url=fake.url) as client,
-            client.stream(
-                "POST", "/api/generate", json={"model": "m", "prompt": "x"}
-            ) as r,
+            client.stream("POST", "/api/generate", json={"model": "m", "prompt": "x"}) as r,
         ):
             seen = 0
             async for _ in r.aiter_lines():
@@ -426,19 +396,13 @@ CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.mark.parametrize("status", [500, 503])
-def test_it_fails_with_an_error_status_before_any_body(
-    ollama_fake: ThreadedFake, status: int
-) -> None:
+def test_it_fails_with_an_error_status_before_any_body(ollama_fake: ThreadedFake, status: int) -> None:
     ollama_fake.config.fault = str(status)
     r = httpx.post(ollama_fake.url + "/api/chat", json=CHAT)
     assert r.status_code == status and "error" in r.json()
-    r = httpx.post(
-        ollama_fake.url + "/v1/chat/completions", json={**CHAT, "stream": True}
-    )
+    r = httpx.post(ollama_fake.url + "/v1/chat/completions", json={**CHAT, "stream": True})
     assert r.status_code == status and "message" in r.json()["error"]
-    assert (
-        httpx.get(ollama_fake.url + "/api/tags").status_code == 200
-    )  # not a generation
+    assert httpx.get(ollama_fake.url + "/api/tags").status_code == 200  # not a generation
     stats = ollama_fake.stats
     assert (stats.faults, stats.completed, stats.cancelled) == (2, 0, 0)
     assert stats.in_flight == {"llama3:latest": 0}
@@ -496,9 +460,7 @@ def test_it_counts_a_client_timing_out_on_a_stall_as_cancelled(
     ollama_fake.config.update({"fault": "stall", "stall": 10, "fault_after": 1})
     with (
         pytest.raises(httpx.ReadTimeout),
-        httpx.stream(
-            "POST", ollama_fake.url + "/api/chat", json=CHAT, timeout=0.3
-        ) as r,
+        httpx.stream("POST", ollama_fake.url + "/api/chat", json=CHAT, timeout=0.3) as r,
     ):
         for _ in r.iter_lines():
             pass
@@ -521,15 +483,11 @@ def test_it_answers_garbage_with_the_normal_content_type(
 def test_it_delays_the_first_byte(ollama_fake: ThreadedFake) -> None:
     ollama_fake.config.update({"fault": "slow_first_byte", "first_byte_delay": 0.3})
     start = time.monotonic()
-    r = httpx.post(
-        ollama_fake.url + "/api/embed", json={"model": "nomic-embed", "input": "x"}
-    )
+    r = httpx.post(ollama_fake.url + "/api/embed", json={"model": "nomic-embed", "input": "x"})
     assert r.status_code == 200 and time.monotonic() - start >= 0.3
     ollama_fake.config.fault = "none"
     start = time.monotonic()
-    httpx.post(
-        ollama_fake.url + "/api/embed", json={"model": "nomic-embed", "input": "x"}
-    )
+    httpx.post(ollama_fake.url + "/api/embed", json={"model": "nomic-embed", "input": "x"})
     assert time.monotonic() - start >= 0.3  # first_byte_delay also applies on its own
 
 
@@ -539,18 +497,11 @@ def test_it_delays_the_first_byte(ollama_fake: ThreadedFake) -> None:
 def test_it_is_driven_through_the_control_routes(ollama_fake: ThreadedFake) -> None:
     url = ollama_fake.url
     assert httpx.post(url + "/_fake/config", json={"fault": "500"}).status_code == 200
-    assert (
-        httpx.post(
-            url + "/api/generate", json={"model": "llama3", "prompt": "x"}
-        ).status_code
-        == 500
-    )
+    assert httpx.post(url + "/api/generate", json={"model": "llama3", "prompt": "x"}).status_code == 500
     assert httpx.post(url + "/_fake/config", json={"fault": "boom"}).status_code == 400
     assert httpx.post(url + "/_fake/config", json={"nope": 1}).status_code == 400
     httpx.post(url + "/_fake/config", json={"fault": "none", "tokens": 2})
-    httpx.post(
-        url + "/api/generate", json={"model": "llama3", "prompt": "x", "stream": False}
-    )
+    httpx.post(url + "/api/generate", json={"model": "llama3", "prompt": "x", "stream": False})
     stats = httpx.get(url + "/_fake/stats").json()
     assert stats["requests"] == {"/api/generate": 2}
     assert stats["completion_tokens_reported"] == 2

@@ -11,7 +11,9 @@ PROMPT = "why is the sky blue"  # 5 words: the fake reports prompt_eval_count 6
 
 @pytest.fixture
 def fleet(fakes, endpoint, router):
-    first = fakes(kind="ollama", models=["llama3:latest", "nomic-embed:latest"], loaded=["llama3:latest"], tokens=5)
+    first = fakes(
+        kind="ollama", models=["llama3:latest", "nomic-embed:latest"], loaded=["llama3:latest"], tokens=5
+    )
     second = fakes(kind="ollama", models=["llama3:latest", "qwen2:7b"], tokens=5, version="0.11.4")
     endpoint(first.url, name="gpu-1", max_concurrent_connections=2)
     endpoint(second.url, name="gpu-2", max_concurrent_connections=2)
@@ -31,7 +33,7 @@ def test_it_lists_loaded_models(fleet):
 
 
 def test_it_chats_streaming_and_not(fleet):
-    first, second, _, client = fleet
+    _first, _second, _, client = fleet
     reply = client.chat(model="llama3", messages=[{"role": "user", "content": PROMPT}])
     assert reply.done and reply.eval_count == 5 and reply.prompt_eval_count == 6
     chunks = list(client.chat(model="llama3", messages=[{"role": "user", "content": PROMPT}], stream=True))
