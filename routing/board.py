@@ -70,6 +70,10 @@ class Board:
         self._queues: dict[str, deque[_Waiter]] = {}
         self._queued = 0
         self._listeners: list[Callable[[], None]] = []
+        # Current limits by endpoint id, from the registry; candidates carry the limit of
+        # the moment they were looked up, and a queued request must see admin changes.
+        # 0: disabled or deleted, no new slot there.
+        self._limits: dict[int, int] = {}
 
     # -- observers -------------------------------------------------------------------
     def add_listener(self, listener: Callable[[], None]) -> None:
@@ -88,7 +92,7 @@ class Board:
         for cand in candidates:
             ep = cand.endpoint
             active = self._active.get((ep.id, model), 0)
-            if active >= ep.limit:
+            if active >= self._limits.get(ep.id, ep.limit):
                 continue
             key = (0 if cand.loaded else 1, active, self._per_endpoint.get(ep.id, 0), random.random())
             if best_key is None or key < best_key:
@@ -216,9 +220,10 @@ class Board:
         if queue is not None and not queue:
             del self._queues[model]
 
-    def poke(self) -> None:
-        """Re-run the queues after limits or endpoints changed."""
+    def set_limits(self, limits: dict[int, int]) -> None:
+        """The registry's current view (id -> limit, 0 when disabled); re-runs the queues."""
         with self._lock:
+            self._limits = dict(limits)
             for model in list(self._queues):
                 self._serve_waiters(model)
         self._notify()
@@ -249,6 +254,7 @@ class Board:
                     waiter.future.cancel()
             self._queues.clear()
             self._queued = 0
+            self._limits.clear()
 
 
 board = Board()

@@ -41,7 +41,6 @@ def broadcast_sync(endpoint_ids: list[int] | None) -> None:
 
 def apply(message: dict[str, Any]) -> None:
     from routing import caches
-    from routing.board import board
     from routing.registry import registry
 
     if message.get("origin") == ORIGIN:
@@ -53,7 +52,7 @@ def apply(message: dict[str, Any]) -> None:
     else:
         for endpoint_id in ids:
             caches.invalidate_endpoint(int(endpoint_id))
-    board.poke()
+    registry.refresh_soon()
 
 
 async def listen() -> None:

@@ -3,6 +3,7 @@
 from django.urls import path
 
 from routing import fleet_views, ollama_views, openai_views
+from stats import api_views
 
 urlpatterns = [
     path("api/chat", ollama_views.chat),
@@ -24,4 +25,12 @@ urlpatterns = [
     path("v1/completions", openai_views.completions),
     path("v1/embeddings", openai_views.embeddings),
     path("v1/models", openai_views.models),
+    # NOMYO Router-compatible statistics
+    path("api/usage", api_views.usage),
+    path("api/token_counts", api_views.token_counts),
+    path("api/stats", api_views.stats),
+    path("api/stats.csv", api_views.stats_csv),
+    path("api/aggregate_time_series_days", api_views.aggregate),
+    path("api/config", api_views.config),
+    path("api/usage-stream", api_views.usage_stream),
 ]

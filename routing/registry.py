@@ -37,6 +37,9 @@ class EndpointInfo:
         return self.url if not self.is_ollama else self.url + "/v1"
 
 
+_background: set[asyncio.Task[tuple[EndpointInfo, ...]]] = set()
+
+
 class Registry:
     def __init__(self) -> None:
         self._lock = TimedLock("registry")
@@ -75,6 +78,12 @@ class Registry:
         with self._lock:
             return self._endpoints
 
+    def refresh_soon(self) -> None:
+        """Reload in the background (in the running loop), so queued requests see a change."""
+        task = asyncio.get_running_loop().create_task(self.all())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
     async def enabled(self) -> tuple[EndpointInfo, ...]:
         return tuple(ep for ep in await self.all() if ep.enabled)
 
@@ -85,6 +94,9 @@ class Registry:
             self._endpoints = endpoints
             self._loaded_generation = generation
             self._loaded_at = time.monotonic()
+        from routing.board import board
+
+        board.set_limits({ep.id: ep.limit if ep.enabled else 0 for ep in endpoints})
         # A change made by another process (or an id reused after a delete) must not
         # leave this process with cached state that belongs to the old endpoint.
         after = {ep.id: ep for ep in endpoints}

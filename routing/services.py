@@ -18,7 +18,6 @@ from routing.models import Endpoint, RouterSettings, normalise_url
 def endpoints_changed(endpoint_ids: list[int] | None = None) -> None:
     """Invalidate in-process state now, and tell the other router processes."""
     from routing import caches, control, lifecycle
-    from routing.board import board
     from routing.registry import registry
 
     registry.invalidate()
@@ -29,8 +28,8 @@ def endpoints_changed(endpoint_ids: list[int] | None = None) -> None:
             caches.invalidate_endpoint(endpoint_id)
     loop = lifecycle._started_loop
     if loop is not None and not loop.is_closed():
-        # Futures of queued requests belong to the loop: re-run the queues there.
-        loop.call_soon_threadsafe(board.poke)
+        # Reload in the server's loop now, so queued requests see new limits at once.
+        loop.call_soon_threadsafe(registry.refresh_soon)
     control.broadcast_sync(endpoint_ids)
 
 
