@@ -6,8 +6,8 @@ import re
 
 import httpx
 
-_IN_FLIGHT = re.compile(r'^router_in_flight\{[^}]*\} (\d+)$', re.M)
-_QUEUED = re.compile(r'^router_queued\{[^}]*\} (\d+)$', re.M)
+_IN_FLIGHT = re.compile(r"^router_in_flight\{[^}]*\} (\d+)$", re.M)
+_QUEUED = re.compile(r"^router_queued\{[^}]*\} (\d+)$", re.M)
 
 
 def in_flight(url: str) -> int:

@@ -43,7 +43,10 @@ def test_it_answers_503_with_retry_after_when_the_queue_wait_runs_out(fakes, end
     fake = fakes(kind="ollama", models=["llama3:latest"], tokens=20, delay=0.1)
     endpoint(fake.url, max_concurrent_connections=1)
     server = router(ROUTER_QUEUE_TIMEOUT="0.5")
-    with httpx.Client(base_url=server.url, timeout=30) as client, client.stream("POST", "/api/chat", json=CHAT) as held:
+    with (
+        httpx.Client(base_url=server.url, timeout=30) as client,
+        client.stream("POST", "/api/chat", json=CHAT) as held,
+    ):
         wait_until(lambda: in_flight(server.url) == 1)
         reply = client.post("/api/chat", json=CHAT)
         assert reply.status_code == 503
@@ -57,7 +60,10 @@ def test_it_answers_503_at_once_when_the_queue_is_full(fakes, endpoint, router):
     fake = fakes(kind="ollama", models=["llama3:latest"], tokens=20, delay=0.1)
     endpoint(fake.url, max_concurrent_connections=1)
     server = router(ROUTER_QUEUE_MAX="0")
-    with httpx.Client(base_url=server.url, timeout=30) as client, client.stream("POST", "/api/chat", json=CHAT) as held:
+    with (
+        httpx.Client(base_url=server.url, timeout=30) as client,
+        client.stream("POST", "/api/chat", json=CHAT) as held,
+    ):
         wait_until(lambda: in_flight(server.url) == 1)
         reply = client.post("/api/chat", json=CHAT)
         assert reply.status_code == 503 and reply.headers["retry-after"] == "1"

@@ -29,7 +29,9 @@ def mixed(fakes, endpoint, router):
     ollama_fake = fakes(kind="ollama", models=["llama3:latest"], tokens=5)
     llama_cpp = fakes(kind="openai", models=["qwen-coder"], tokens=7, api_key=KEY)
     endpoint(ollama_fake.url, name="gpu-ollama", max_concurrent_connections=4)
-    endpoint(llama_cpp.url + "/v1", name="gpu-llamacpp", kind="openai", api_key=KEY, max_concurrent_connections=4)
+    endpoint(
+        llama_cpp.url + "/v1", name="gpu-llamacpp", kind="openai", api_key=KEY, max_concurrent_connections=4
+    )
     server = router()
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     return ollama_fake, llama_cpp, server, client
@@ -52,7 +54,9 @@ def test_it_completes_a_chat_without_streaming(mixed, model):
 def test_it_streams_without_a_usage_chunk_when_the_client_did_not_ask(mixed, model):
     _, _, _, client = mixed
     chunks = list(
-        client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}], stream=True)
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": PROMPT}], stream=True
+        )
     )
     assert chunks and all(c.usage is None for c in chunks)
     assert all(c.choices for c in chunks)
@@ -92,7 +96,9 @@ def test_it_streams_tool_call_deltas(mixed):
             model="qwen-coder", messages=[{"role": "user", "content": "weather?"}], tools=TOOLS, stream=True
         )
     )
-    names = [tc.function.name for c in chunks for tc in (c.choices[0].delta.tool_calls or []) if tc.function.name]
+    names = [
+        tc.function.name for c in chunks for tc in (c.choices[0].delta.tool_calls or []) if tc.function.name
+    ]
     assert names == ["get_weather"]
 
 
@@ -122,11 +128,17 @@ def test_it_serves_an_openai_only_model_to_the_ollama_client(mixed):
     _, llama_cpp, server, _ = mixed
     client = ollama.Client(host=server.url)
     assert "qwen-coder" in [m.model for m in client.list().models]
-    reply = client.chat(model="qwen-coder", messages=[{"role": "user", "content": PROMPT}], options={"temperature": 0.2, "num_predict": 3})
+    reply = client.chat(
+        model="qwen-coder",
+        messages=[{"role": "user", "content": PROMPT}],
+        options={"temperature": 0.2, "num_predict": 3},
+    )
     assert reply.done and reply.prompt_eval_count == 6 and reply.eval_count == 3
     sent = llama_cpp.stats.bodies_for("/v1/chat/completions")[-1]
     assert sent["temperature"] == 0.2 and sent["max_tokens"] == 3
-    chunks = list(client.chat(model="qwen-coder", messages=[{"role": "user", "content": PROMPT}], stream=True))
+    chunks = list(
+        client.chat(model="qwen-coder", messages=[{"role": "user", "content": PROMPT}], stream=True)
+    )
     assert chunks[-1].done and chunks[-1].eval_count == 7
     assert "".join(c.message.content for c in chunks).split() == [f"tok{i}" for i in range(7)]
     generated = client.generate(model="qwen-coder", prompt=PROMPT)

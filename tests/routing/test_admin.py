@@ -1,0 +1,88 @@
+"""The fleet in the admin: list with state, secrets never shown, bulk actions, check now."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.test import Client
+
+from routing import caches
+from routing.models import Endpoint
+
+
+@pytest.fixture
+def staff_client(db) -> Client:
+    user = get_user_model().objects.create_superuser("admin", password="pw-for-tests")
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def clean_caches():
+    caches.clear_all()
+    yield
+    caches.clear_all()
+
+
+def test_it_never_shows_an_api_key_back(staff_client: Client):
+    ep = Endpoint.objects.create(url="http://gpu-1:11434", name="gpu-1", api_key="sk-very-secret")
+    page = staff_client.get(f"/admin/routing/endpoint/{ep.id}/change/")
+    assert page.status_code == 200 and b"sk-very-secret" not in page.content
+    listing = staff_client.get("/admin/routing/endpoint/")
+    assert listing.status_code == 200 and b"sk-very-secret" not in listing.content
+
+
+def test_it_keeps_the_key_when_the_field_is_left_empty(staff_client: Client):
+    ep = Endpoint.objects.create(url="http://gpu-1:11434", name="gpu-1", api_key="sk-keep")
+    data = {
+        "name": "renamed",
+        "url": ep.url,
+        "kind": "ollama",
+        "api_key": "",
+        "enabled": "on",
+        "max_concurrent_connections": 2,
+        "notes": "",
+    }
+    reply = staff_client.post(f"/admin/routing/endpoint/{ep.id}/change/", data)
+    assert reply.status_code == 302
+    ep.refresh_from_db()
+    assert (ep.name, ep.api_key, ep.max_concurrent_connections) == ("renamed", "sk-keep", 2)
+
+
+def test_it_normalises_and_validates_urls(staff_client: Client):
+    data = {
+        "name": "x",
+        "url": "http://gpu-3:11434/",
+        "kind": "ollama",
+        "enabled": "on",
+        "max_concurrent_connections": 1,
+        "notes": "",
+    }
+    assert staff_client.post("/admin/routing/endpoint/add/", data).status_code == 302
+    assert Endpoint.objects.get().url == "http://gpu-3:11434"
+    bad = {**data, "url": "http://llama:8080", "kind": "openai"}
+    page = staff_client.post("/admin/routing/endpoint/add/", bad)
+    assert page.status_code == 200 and b"ends in /v1" in page.content
+
+
+def test_it_disables_and_enables_in_bulk(staff_client: Client):
+    ids = [Endpoint.objects.create(url=f"http://gpu-{i}:11434").id for i in range(3)]
+    staff_client.post("/admin/routing/endpoint/", {"action": "disable", "_selected_action": ids[:2]})
+    assert list(Endpoint.objects.order_by("id").values_list("enabled", flat=True)) == [False, False, True]
+    staff_client.post("/admin/routing/endpoint/", {"action": "enable", "_selected_action": ids[:1]})
+    assert list(Endpoint.objects.order_by("id").values_list("enabled", flat=True)) == [True, False, True]
+
+
+def test_it_checks_an_endpoint_now(staff_client: Client, fakes):
+    fake = fakes(kind="ollama", models=["llama3:latest", "qwen2:7b"], version="0.12.3")
+    ep = Endpoint.objects.create(url=fake.url, name="gpu-1")
+    dead = Endpoint.objects.create(url="http://127.0.0.1:9", name="dead")
+    reply = staff_client.post(
+        "/admin/routing/endpoint/", {"action": "check_now", "_selected_action": [ep.id, dead.id]}, follow=True
+    )
+    text = reply.content.decode().lower()
+    assert "gpu-1: version 0.12.3; llama3:latest, qwen2:7b" in text
+    assert "dead: connection refused" in text
+    listing = staff_client.get("/admin/routing/endpoint/").content.decode()
+    assert "healthy" in listing and "failing: connection refused" in listing
