@@ -163,6 +163,7 @@ async def loaded_or_empty(ep: EndpointInfo) -> ModelList:
 class Lookup:
     candidates: list[Candidate]
     reachable: int  # enabled endpoints that answered
+    failing_with_model: int = 0  # failing endpoints that advertised the model when last seen
 
 
 async def gather_advertised(
@@ -200,8 +201,12 @@ async def candidates_for(model: str, *, ollama_only: bool = False) -> Lookup:
         endpoints = tuple(ep for ep in endpoints if ep.is_ollama)
     matches: list[tuple[EndpointInfo, str]] = []
     reachable = 0
+    failing_with_model = 0
     for ep, models in await gather_advertised(endpoints):
         if models is None:
+            last_seen = caches.advertised.peek(ep.id)
+            if last_seen is not None and key in last_seen.keys:
+                failing_with_model += 1
             continue
         reachable += 1
         name = models.backend_name(key)
@@ -211,4 +216,4 @@ async def candidates_for(model: str, *, ollama_only: bool = False) -> Lookup:
     candidates = [
         Candidate(ep, name, key in names.keys) for (ep, name), names in zip(matches, loaded, strict=True)
     ]
-    return Lookup(candidates, reachable)
+    return Lookup(candidates, reachable, failing_with_model)

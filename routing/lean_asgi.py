@@ -148,7 +148,12 @@ class ProxyHandler:
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.items()]
         headers.append((b"x-request-id", request_id.encode("latin-1")))
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-        if isinstance(response, StreamingHttpResponse):
+        if isinstance(response, ProxyStreamingResponse):
+            # The relay already yields bytes: skip Django's two wrapping generators per chunk.
+            async for chunk in response.chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        elif isinstance(response, StreamingHttpResponse):
             async for chunk in response:  # type: ignore[attr-defined]
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})

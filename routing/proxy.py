@@ -58,6 +58,8 @@ async def forward(
     """Route one request. `metered=False` is for metadata calls (show) that take no slot."""
     lookup = await fleet.candidates_for(model, ollama_only=ollama_only)
     if not lookup.candidates:
+        if lookup.failing_with_model:
+            raise ApiError(503, f"every endpoint serving '{model}' is failing; try again", retry_after=5)
         if lookup.reachable == 0:
             raise ApiError(503, "no endpoint is reachable", retry_after=5)
         raise ApiError(404, f"model '{model}' not found", code="model_not_found")
@@ -255,11 +257,11 @@ class ProxyStreamingResponse(StreamingHttpResponse):
 
     def __init__(self, stream: ProxyStream, **kwargs: object) -> None:
         self.proxy_stream = stream
-        self._chunks = stream.chunks()
-        super().__init__(self._chunks, **kwargs)  # type: ignore[arg-type]
+        self.chunks = stream.chunks()
+        super().__init__(self.chunks, **kwargs)  # type: ignore[arg-type]
         # Django's own handler closes responses synchronously: release the slot there too.
         self._resource_closers.append(stream.lease.release)  # type: ignore[attr-defined]
 
     async def finish(self) -> None:
-        await self._chunks.aclose()  # type: ignore[attr-defined]
+        await self.chunks.aclose()  # type: ignore[attr-defined]
         await self.proxy_stream.close()
