@@ -81,7 +81,11 @@ def resolve_range(
     start_raw: object = None, end_raw: object = None, *, now: datetime | None = None
 ) -> tuple[datetime, datetime]:
     """[start, end) in UTC. Defaults: end = the end of the current minute, start = end - 30 days."""
-    end = parse_instant(end_raw, "to") if end_raw not in (None, "") else next_minute(now or datetime.now(tz=UTC))
+    end = (
+        parse_instant(end_raw, "to")
+        if end_raw not in (None, "")
+        else next_minute(now or datetime.now(tz=UTC))
+    )
     start = parse_instant(start_raw, "from") if start_raw not in (None, "") else end - DEFAULT_SPAN
     if start >= end:
         raise QueryError("'from' must be earlier than 'to'")
@@ -161,6 +165,12 @@ class BucketStart(Trunc):
     ) -> _AsSqlType:
         sql, params = compiler.compile(self.lhs)
         return f"strftime(%s, {sql})", (_SQLITE_FORMATS[self.kind], *params)
+
+    def convert_value(self, value: Any, expression: Any, connection: BaseDatabaseWrapper) -> Any:
+        # Both backends already hand back aware UTC datetimes here; skip Trunc's re-localising.
+        if isinstance(value, datetime) and value.tzinfo is not None and not value.utcoffset():
+            return value
+        return super().convert_value(value, expression, connection)
 
 
 # -- results -------------------------------------------------------------------------
@@ -307,13 +317,14 @@ _ROW_FIELDS = ("timestamp", "endpoint", "model", "input_tokens", "output_tokens"
 
 
 def csv_page(
-    start: datetime, end: datetime, model: str | None, after: datetime | None, limit: int = CSV_PAGE
+    start: datetime, end: datetime, model: str | None, after: datetime | None, limit: int | None = None
 ) -> tuple[list[CsvRow], datetime | None]:
     """Minute rows in [start, end) with timestamp > `after`, ordered by (timestamp, endpoint, model).
 
     Returns the rows and the `after` of the next page (None when this was the last).
     A page always ends at a whole minute, so paging by timestamp loses nothing.
     """
+    limit = CSV_PAGE if limit is None else limit
     qs = TokenTimeSeries.objects.filter(timestamp__lt=end)
     qs = qs.filter(timestamp__gt=after) if after is not None else qs.filter(timestamp__gte=start)
     if model is not None:

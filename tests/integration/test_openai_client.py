@@ -140,7 +140,7 @@ def test_it_serves_an_openai_only_model_to_the_ollama_client(mixed):
         client.chat(model="qwen-coder", messages=[{"role": "user", "content": PROMPT}], stream=True)
     )
     assert chunks[-1].done and chunks[-1].eval_count == 7
-    assert "".join(c.message.content for c in chunks).split() == [f"tok{i}" for i in range(7)]
+    assert "".join(c.message.content or "" for c in chunks).split() == [f"tok{i}" for i in range(7)]
     generated = client.generate(model="qwen-coder", prompt=PROMPT)
     assert generated.done and generated.response
     embedded = client.embed(model="qwen-coder", input="hello world")
@@ -151,5 +151,6 @@ def test_it_translates_tool_calls_for_the_ollama_client(mixed):
     _, _, server, _ = mixed
     client = ollama.Client(host=server.url)
     reply = client.chat(model="qwen-coder", messages=[{"role": "user", "content": "weather?"}], tools=TOOLS)
-    assert reply.message.tool_calls[0].function.name == "get_weather"
-    assert reply.message.tool_calls[0].function.arguments == {"x": 1}
+    calls = reply.message.tool_calls or []
+    assert [c.function.name for c in calls] == ["get_weather"]
+    assert calls[0].function.arguments == {"x": 1}

@@ -11,7 +11,15 @@ from routing.registry import EndpointInfo
 
 
 def ep(id: int, limit: int = 1) -> EndpointInfo:
-    return EndpointInfo(id=id, name=f"ep{id}", url=f"http://127.0.0.1:{9000 + id}", kind="ollama", api_key="", enabled=True, limit=limit)
+    return EndpointInfo(
+        id=id,
+        name=f"ep{id}",
+        url=f"http://127.0.0.1:{9000 + id}",
+        kind="ollama",
+        api_key="",
+        enabled=True,
+        limit=limit,
+    )
 
 
 def cand(id: int, limit: int = 1, loaded: bool = False) -> Candidate:
