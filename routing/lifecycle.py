@@ -89,8 +89,16 @@ async def shutdown() -> None:
     from routing import upstream
     from stats.recorder import recorder
 
+    from routing.board import board
+
     for task in _tasks:
         task.cancel()
+    # Requests cut off by the server's own shutdown release their slots and record
+    # themselves as they unwind; give them a moment so the final flush includes them.
+    for _ in range(50):
+        if not board.active() and not board.queued_total():
+            break
+        await asyncio.sleep(0.05)
     for attempt in range(5):
         try:
             await recorder.flush()
@@ -117,7 +125,7 @@ def install_daphne_hooks() -> None:
     reactor.addSystemEventTrigger("before", "shutdown", before_shutdown)  # type: ignore[attr-defined,arg-type]
 
 
-async def lifespan(receive: object, send: object) -> None:
+async def lifespan(scope: object, receive: object, send: object) -> None:
     """ASGI lifespan protocol (uvicorn)."""
     while True:
         message = await receive()  # type: ignore[operator]

@@ -134,12 +134,13 @@ async def _send(lease: Lease, attempt: Attempt) -> httpx.Response:
 async def _error_text(response: httpx.Response) -> str:
     try:
         body = b""
-        async for chunk in response.aiter_raw():
-            body += chunk
-            if len(body) > MAX_ERROR_BODY:
-                break
+        async with asyncio.timeout(settings.ROUTER_PROBE_TIMEOUT):
+            async for chunk in response.aiter_raw():
+                body += chunk
+                if len(body) > MAX_ERROR_BODY:
+                    break
         return body[:500].decode("utf-8", "replace").strip() or response.reason_phrase
-    except (httpx.HTTPError, OSError):
+    except (httpx.HTTPError, OSError, TimeoutError):
         return response.reason_phrase
     finally:
         await response.aclose()
