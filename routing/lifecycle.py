@@ -87,9 +87,8 @@ def _prepare_database() -> None:
 async def shutdown() -> None:
     """Flush tokens (retrying a few times) and close the upstream client inside the loop."""
     from routing import upstream
-    from stats.recorder import recorder
-
     from routing.board import board
+    from stats.recorder import recorder
 
     for task in _tasks:
         task.cancel()
