@@ -35,16 +35,25 @@ class Lease:
     candidate: Candidate
     model: str
     released: bool = False
+    _also: list[Callable[[], None]] | None = None
 
     @property
     def endpoint(self) -> EndpointInfo:
         return self.candidate.endpoint
+
+    def on_release(self, callback: Callable[[], None]) -> None:
+        """Run a (synchronous, cheap) callback when the slot is released."""
+        if self._also is None:
+            self._also = []
+        self._also.append(callback)
 
     def release(self) -> None:
         if not self.released:
             self.released = True
             if self.board is not None:
                 self.board.release(self)
+            for callback in self._also or ():
+                callback()
 
 
 @dataclass(slots=True)

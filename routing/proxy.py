@@ -9,6 +9,7 @@ including cancellation when the client goes away; a streaming reply also release
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,7 @@ from django.http import HttpResponse, StreamingHttpResponse
 
 from routing import caches, fleet, metrics, upstream
 from routing.board import Candidate, Lease, QueueFull, QueueTimeout, board
+from routing.cluster import cluster
 from routing.errors import ApiError
 from routing.names import model_key
 from routing.relays import BodyReader, Relay
@@ -100,14 +102,14 @@ def _give_up_on(cand: Candidate, candidates: list[Candidate], reason: str) -> No
 
 
 async def _acquire(key: str, model: str, candidates: list[Candidate]) -> Lease:
+    waited = time.perf_counter()
+    deadline = waited + settings.ROUTER_QUEUE_TIMEOUT
     try:
-        waited = time.perf_counter()
         lease = await board.acquire(
-            key,
-            candidates,
-            timeout=settings.ROUTER_QUEUE_TIMEOUT,
-            queue_max=settings.ROUTER_QUEUE_MAX,
+            key, candidates, timeout=settings.ROUTER_QUEUE_TIMEOUT, queue_max=settings.ROUTER_QUEUE_MAX
         )
+        if cluster.enabled():
+            lease = await _claim_in_cluster(lease, key, candidates, deadline)
         metrics.queue_wait(time.perf_counter() - waited)
         return lease
     except QueueFull:
@@ -116,6 +118,37 @@ async def _acquire(key: str, model: str, candidates: list[Candidate]) -> Lease:
         raise ApiError(
             503, f"every endpoint serving '{model}' stayed busy; try again", retry_after=5
         ) from None
+
+
+async def _claim_in_cluster(lease: Lease, key: str, candidates: list[Candidate], deadline: float) -> Lease:
+    """Also hold the slot across router processes; try other candidates, then wait."""
+    backoff = 0.01
+    full: set[int] = set()
+    while True:
+        ep = lease.endpoint
+        try:
+            member = await cluster.claim(ep.url, key, ep.limit)
+        except BaseException:
+            lease.release()  # cancelled while asking Redis (a claim made meanwhile expires)
+            raise
+        if member is not None:
+            if member:
+                lease.on_release(functools.partial(cluster.free, member))
+            return lease
+        lease.release()  # full elsewhere in the cluster: give the local slot back
+        full.add(ep.id)
+        others = [c for c in candidates if c.endpoint.id not in full]
+        if not others:
+            full.clear()
+            others = candidates
+            if time.perf_counter() + backoff > deadline:
+                raise QueueTimeout()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 0.2)
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0:
+            raise QueueTimeout()
+        lease = await board.acquire(key, others, timeout=remaining, queue_max=settings.ROUTER_QUEUE_MAX)
 
 
 async def _send(lease: Lease, attempt: Attempt) -> httpx.Response:
