@@ -77,7 +77,13 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000, "expiry": 10},
+            # channels_redis blocks in BRPOP for up to 5 s; redis-py's default socket
+            # timeout is about that long, so a quiet channel would end in TimeoutError.
+            "CONFIG": {
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 30, "socket_connect_timeout": 5}],
+                "capacity": 1000,
+                "expiry": 10,
+            },
         }
     }
 else:
