@@ -1,0 +1,64 @@
+"""A change made in the admin of a running router applies to its very next proxied request."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+from django.contrib.auth import get_user_model
+
+CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+
+
+def _admin_session(url: str) -> httpx.Client:
+    client = httpx.Client(base_url=url, timeout=10)
+    page = client.get("/admin/login/")
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
+    assert token is not None
+    reply = client.post(
+        "/admin/login/?next=/admin/",
+        data={"username": "ops", "password": "a-long-test-password", "csrfmiddlewaretoken": token.group(1)},
+    )
+    assert reply.status_code == 302, reply.text[:500]
+    return client
+
+
+def _csrf(client: httpx.Client, path: str) -> str:
+    match = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', client.get(path).text)
+    assert match is not None
+    return match.group(1)
+
+
+def test_it_applies_an_admin_change_to_the_next_request(fakes, endpoint, router):
+    get_user_model().objects.create_superuser("ops", password="a-long-test-password")
+    first = fakes(kind="ollama", models=["llama3:latest"], loaded=["llama3:latest"], tokens=2)
+    second = fakes(kind="ollama", models=["llama3:latest"], tokens=2)
+    preferred = endpoint(first.url, name="loaded-one", max_concurrent_connections=4)
+    endpoint(second.url, name="other-one", max_concurrent_connections=4)
+    # A long reload interval: only the admin's own notification can explain a prompt change.
+    server = router(ROUTER_REGISTRY_RELOAD="600")
+    api = httpx.Client(base_url=server.url, timeout=10)
+    assert api.post("/api/chat", json=CHAT).headers["x-router-endpoint"] == "loaded-one"
+
+    admin = _admin_session(server.url)
+    token = _csrf(admin, "/admin/routing/endpoint/")
+    reply = admin.post(
+        "/admin/routing/endpoint/",
+        data={"action": "disable", "_selected_action": [str(preferred.id)], "csrfmiddlewaretoken": token},
+    )
+    assert reply.status_code == 302
+    assert api.post("/api/chat", json=CHAT).headers["x-router-endpoint"] == "other-one"
+    assert [m["name"] for m in api.get("/api/tags").json()["models"]] == ["llama3:latest"]
+
+    token = _csrf(admin, f"/admin/routing/endpoint/{preferred.id}/change/")
+    data = {
+        "name": "renamed",
+        "url": preferred.url,
+        "kind": "ollama",
+        "enabled": "on",
+        "max_concurrent_connections": "4",
+        "notes": "",
+        "csrfmiddlewaretoken": token,
+    }
+    assert admin.post(f"/admin/routing/endpoint/{preferred.id}/change/", data=data).status_code == 302
+    assert api.post("/api/chat", json=CHAT).headers["x-router-endpoint"] == "renamed"
