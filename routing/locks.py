@@ -15,10 +15,15 @@ import time
 from types import TracebackType
 
 _all: dict[str, TimedLock] = {}
+LOCK_TIMEOUT = 5.0
+
+
+class LockTimeout(RuntimeError):
+    pass
 
 
 class TimedLock:
-    __slots__ = ("_lock", "acquisitions", "name", "wait_max", "wait_total")
+    __slots__ = ("_lock", "acquisitions", "name", "timeouts", "wait_max", "wait_total")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -26,6 +31,7 @@ class TimedLock:
         self.acquisitions = 0
         self.wait_total = 0.0
         self.wait_max = 0.0
+        self.timeouts = 0
         _all[name] = self
 
     def __enter__(self) -> None:
@@ -33,7 +39,11 @@ class TimedLock:
             self.acquisitions += 1
             return
         started = time.perf_counter()
-        self._lock.acquire()
+        if not self._lock.acquire(timeout=LOCK_TIMEOUT):
+            # Held for microseconds by design: a wait this long is a bug (a deadlock);
+            # fail this caller loudly instead of freezing the whole event loop.
+            self.timeouts += 1
+            raise LockTimeout(f"lock {self.name!r} not acquired in {LOCK_TIMEOUT} s")
         waited = time.perf_counter() - started
         self.acquisitions += 1
         self.wait_total += waited
