@@ -121,4 +121,8 @@ def render(gauges: Iterable[str]) -> str:
     lines.append("# TYPE router_lock_acquisitions_total counter")
     for lock in all_locks():
         lines.append(f"router_lock_acquisitions_total{_labels((('lock', lock.name),))} {lock.acquisitions:g}")
+    lines.append("# HELP router_lock_timeouts_total Acquisitions that gave up (a deadlock guard).")
+    lines.append("# TYPE router_lock_timeouts_total counter")
+    for lock in all_locks():
+        lines.append(f"router_lock_timeouts_total{_labels((('lock', lock.name),))} {lock.timeouts:g}")
     return "\n".join(lines) + "\n"
