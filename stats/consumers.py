@@ -9,14 +9,18 @@ the group or other consumers.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import Any
 from urllib.parse import urlparse
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
-from stats.merge import merge
+from stats.merge import STALE_AFTER, merge
 from stats.publisher import GROUP, publisher
+
+log = logging.getLogger("stats.consumers")
 
 MIN_SEND_INTERVAL = 0.1
 
@@ -36,8 +40,10 @@ class UsageConsumer(AsyncJsonWebsocketConsumer):
         await self.channel_layer.group_add(GROUP, self.channel_name)
         await self.accept()
         from routing import lifecycle
+        from routing.registry import registry
 
         lifecycle.ensure_started()
+        await registry.all()  # the snapshot reads the registry's cached copy: make sure it is loaded
         own = await publisher.publish_now()  # the current state, also to other pages
         self.parts[own["instance"]] = own
         await self.send_json(merge(self.parts))
@@ -51,8 +57,17 @@ class UsageConsumer(AsyncJsonWebsocketConsumer):
             await self.channel_layer.group_discard(GROUP, self.channel_name)
 
     async def usage_part(self, event: dict[str, Any]) -> None:
+        if not hasattr(self, "parts"):
+            return  # not accepted (yet)
         snap = event["snapshot"]
+        held = self.parts.get(snap["instance"])
+        if held is not None and held.get("taken_at", 0) >= snap.get("taken_at", 0):
+            return  # already shown (our own publish on connect) or older than what we have
         self.parts[snap["instance"]] = snap
+        # Processes that stopped publishing (restarted with a new id, or gone) are forgotten.
+        cutoff = time.time() - 2 * STALE_AFTER
+        for instance in [i for i, p in self.parts.items() if p.get("taken_at", 0) < cutoff]:
+            del self.parts[instance]
         self.latest = merge(self.parts)  # supersedes whatever was not sent yet
         self.wake.set()
 
@@ -62,21 +77,27 @@ class UsageConsumer(AsyncJsonWebsocketConsumer):
             self.wake.clear()
             latest, self.latest = self.latest, None
             if latest is not None:
-                await self.send_json(latest)
+                try:
+                    await self.send_json(latest)
+                except Exception:  # the connection is going away; disconnect() ends this task
+                    log.debug("could not send a usage snapshot", exc_info=True)
             await asyncio.sleep(MIN_SEND_INTERVAL)
 
 
 def _origin_ok(scope: dict[str, Any]) -> bool:
-    """Same-host origins only (AllowedHostsOriginValidator checks ALLOWED_HOSTS too)."""
+    """Same-origin pages only: the Origin's host and port must be the Host the browser
+    connected to (or a CSRF-trusted origin). AllowedHostsOriginValidator, in front of
+    this consumer, has already refused a missing Origin and hosts not in ALLOWED_HOSTS,
+    but it ignores ports: another site on the same host would pass it."""
     origin = None
     host = None
     for key, value in scope.get("headers", []):
         if key == b"origin":
-            origin = value.decode("latin-1")
+            origin = value.decode("latin-1").lower()
         elif key == b"host":
-            host = value.decode("latin-1")
+            host = value.decode("latin-1").lower()
     if origin is None:
         return True  # non-browser clients send none; the session cookie still has to be valid
     parsed = urlparse(origin)
-    trusted = {urlparse(o).netloc for o in settings.CSRF_TRUSTED_ORIGINS}
+    trusted = {urlparse(o.lower()).netloc for o in settings.CSRF_TRUSTED_ORIGINS}
     return parsed.netloc == host or parsed.netloc in trusted

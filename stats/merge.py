@@ -2,9 +2,11 @@
 
 Each process publishes its own part (active requests, queue, endpoint state, and its
 token numbers as "database totals at my last read" plus "mine not in that read"). The
-page shows: active and queued summed over live processes; endpoint state from the
-newest part; tokens = the newest database read + every process's pending numbers.
-A process that has not published for STALE_AFTER seconds drops out.
+page shows: active and queued summed over live processes; the endpoint list from the
+newest part that has one, each endpoint's state combined over all live parts (failing
+when any process finds it failing, healthy when one has seen it answer, models and
+loaded models as seen by any); tokens = the newest database read + every process's
+pending numbers. A process that has not published for STALE_AFTER seconds drops out.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def merge(parts: dict[str, dict[str, Any]], *, now: float | None = None) -> dict
     for part in live:
         for model, n in part.get("queued", {}).items():
             queued[model] = queued.get(model, 0) + n
-    endpoints = [dict(ep, active=per_endpoint.get(ep["id"], 0)) for ep in newest.get("endpoints", [])]
+    endpoints = _endpoints(live, per_endpoint)
     return {
         "type": "usage.snapshot",
         "taken_at": newest.get("taken_at", now),
@@ -53,6 +55,46 @@ def merge(parts: dict[str, dict[str, Any]], *, now: float | None = None) -> dict
         "tokens": _tokens(live),
         "queued": queued,
     }
+
+
+def _taken_at(part: dict[str, Any]) -> float:
+    return float(part.get("taken_at", 0))
+
+
+def _union(lists: list[list[str]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for names in lists:
+        for name in names:
+            seen.setdefault(name, None)
+    return list(seen)
+
+
+def _endpoints(live: list[dict[str, Any]], per_endpoint: dict[Any, int]) -> list[dict[str, Any]]:
+    newest_first = sorted(live, key=_taken_at, reverse=True)
+    # A process that has not loaded its endpoint list yet (just started) publishes none.
+    base = next((p for p in newest_first if p.get("endpoints")), newest_first[0])
+    views: dict[Any, list[dict[str, Any]]] = {}
+    for part in newest_first:
+        for ep in part.get("endpoints", []):
+            views.setdefault(ep["id"], []).append(ep)
+    merged = []
+    for ep in base.get("endpoints", []):
+        seen = views.get(ep["id"], [ep])
+        row = dict(ep, active=per_endpoint.get(ep["id"], 0))
+        failing = [v for v in seen if v.get("failing_since") is not None]
+        if failing:
+            row["healthy"] = False
+            row["failing_since"] = min(v["failing_since"] for v in failing)
+            row["failing_reason"] = failing[0].get("failing_reason")  # the newest word on it
+        else:
+            row["healthy"] = any(v.get("healthy") for v in seen)
+            row["failing_since"] = None
+            row["failing_reason"] = None
+        row["version"] = next((v["version"] for v in seen if v.get("version")), None)
+        row["models"] = _union([v.get("models", []) for v in seen])
+        row["loaded"] = _union([v.get("loaded", []) for v in seen])
+        merged.append(row)
+    return merged
 
 
 def _tokens(live: list[dict[str, Any]]) -> list[dict[str, Any]]:

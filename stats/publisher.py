@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -25,6 +26,7 @@ GROUP = "usage"
 MIN_INTERVAL = 0.1  # at most 10 snapshots a second
 HEARTBEAT = 2.0  # publish at least this often, so other processes know this one is alive
 SUBSCRIBER_BUFFER = 8
+POLL = 0.1  # how often the loop looks for a new database read of the token totals
 
 
 class Subscriber:
@@ -56,6 +58,7 @@ class Publisher:
         self._lock = threading.Lock()
         self._subscribers: set[Subscriber] = set()
         self.published = 0
+        self.last_published = 0.0  # monotonic; any publish counts as the heartbeat
 
     def notify(self) -> None:
         """Something changed. Cheap, callable from any thread, never raises."""
@@ -107,22 +110,37 @@ class Publisher:
             except Exception:
                 log.warning("could not publish a usage snapshot", exc_info=True)
         self.published += 1
+        self.last_published = time.monotonic()
         return snap
 
     async def run(self) -> None:
+        """Publish on every change (coalesced), after every database read of the token
+        totals (so every process's merged tokens are exact again at once, not only at the
+        next heartbeat), and at least every HEARTBEAT seconds."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        self._dirty.set()
+        self._dirty.set()  # changes made before this loop ran are published at once
+        last_read = recorder.db_read_at
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=HEARTBEAT)
-            except TimeoutError:
-                pass
+            if not self._dirty.is_set():
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=POLL)
+                except TimeoutError:
+                    pass
             self._wake.clear()
+            read_at = recorder.db_read_at
+            if (
+                not self._dirty.is_set()
+                and read_at == last_read
+                and time.monotonic() - self.last_published < HEARTBEAT
+            ):
+                continue
+            last_read = read_at
             try:
                 await self.publish_now()
             except Exception:
                 log.exception("snapshot publishing failed")
+                self.last_published = time.monotonic()  # retried at the next heartbeat, not at once
             await asyncio.sleep(MIN_INTERVAL)  # coalesce: changes meanwhile make one snapshot
 
 
