@@ -43,6 +43,12 @@ class TTLCache(Generic[K, V]):
         with self._lock:
             return self._fresh(key)
 
+    def expires_in(self, key: K) -> float:
+        """Seconds the entry stays fresh (0 when absent or stale)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return max(0.0, entry.expires - time.monotonic()) if entry is not None else 0.0
+
     def _fresh(self, key: K) -> V | None:
         entry = self._entries.get(key)
         if entry is None:
@@ -58,6 +64,17 @@ class TTLCache(Generic[K, V]):
             value = self._fresh(key)
             if value is not None:
                 return value
+            task = self._inflight.get(key)
+            if task is None or task.get_loop() is not loop:
+                task = loop.create_task(self._refresh(key, fetch))
+                self._inflight[key] = task
+                self.refreshes += 1
+        return await asyncio.shield(task)
+
+    async def refresh(self, key: K, fetch: Callable[[], Awaitable[V]]) -> V:
+        """Fetch now even if the entry is fresh (background upkeep); joins a fetch in flight."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
             task = self._inflight.get(key)
             if task is None or task.get_loop() is not loop:
                 task = loop.create_task(self._refresh(key, fetch))

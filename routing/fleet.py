@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,12 +102,20 @@ async def fetch_version(ep: EndpointInfo) -> str:
 
 # -- failing endpoints ---------------------------------------------------------------
 _reprobes: dict[int, asyncio.Task[None]] = {}
+# Called (cheap, never raising) when an endpoint's state or models change: the page.
+listeners: list[Callable[[], None]] = []
+
+
+def _notify() -> None:
+    for listener in listeners:
+        listener()
 
 
 def mark_failing(ep: EndpointInfo, reason: str) -> None:
     """Keep the endpoint out of selection for a while and re-probe it in the background."""
     if caches.failing.peek(ep.id) is None:
         log.warning("endpoint %s failing: %s", ep.name, reason)
+        _notify()
     caches.failing.put(ep.id, caches.FailingMark(reason, time.time()))
     caches.loaded.invalidate(ep.id)
     task = _reprobes.get(ep.id)
@@ -118,7 +127,9 @@ def mark_failing(ep: EndpointInfo, reason: str) -> None:
 
 
 def mark_healthy(ep: EndpointInfo) -> None:
-    caches.failing.invalidate(ep.id)
+    if caches.failing.peek(ep.id) is not None:
+        caches.failing.invalidate(ep.id)
+        _notify()
 
 
 async def _reprobe(ep: EndpointInfo) -> None:
@@ -217,3 +228,39 @@ async def candidates_for(model: str, *, ollama_only: bool = False) -> Lookup:
         Candidate(ep, name, key in names.keys) for (ep, name), names in zip(matches, loaded, strict=True)
     ]
     return Lookup(candidates, reachable, failing_with_model)
+
+
+# -- background upkeep -----------------------------------------------------------------
+async def _upkeep(ep: EndpointInfo, interval: float) -> None:
+    if caches.failing.peek(ep.id) is not None:
+        return  # the re-probe task looks after it
+    before = (caches.advertised.peek(ep.id), caches.loaded.peek(ep.id), caches.versions.peek(ep.id))
+    try:
+        # Renewed before it runs out, so no request ever waits for the refresh.
+        if caches.advertised.expires_in(ep.id) < 3 * interval:
+            await caches.advertised.refresh(ep.id, lambda: fetch_advertised(ep))
+        if ep.is_ollama:
+            await caches.loaded.refresh(ep.id, lambda: fetch_loaded(ep))
+        if before[2] is None:
+            caches.versions.put(ep.id, await fetch_version(ep))
+    except ProbeError as exc:
+        mark_failing(ep, str(exc))
+        return
+    after = (caches.advertised.peek(ep.id), caches.loaded.peek(ep.id), caches.versions.peek(ep.id))
+    if after != before:
+        _notify()
+
+
+async def watch() -> None:
+    """Keep every enabled endpoint's models, loaded models and version fresh in the background,
+    so requests find warm caches and the page never shows stale or missing state."""
+    while True:
+        interval = max(0.5, min(5.0, settings.ROUTER_LOADED_TTL / 2))
+        try:
+            endpoints = await registry.enabled()
+            await asyncio.gather(*(_upkeep(ep, interval) for ep in endpoints))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("fleet upkeep failed; retrying")
+        await asyncio.sleep(interval)

@@ -45,7 +45,6 @@ def ensure_started() -> None:
 
 async def _start() -> None:
     from routing import control, fleet, upstream
-    from routing.registry import registry
     from stats.publisher import publisher
     from stats.recorder import recorder
 
@@ -57,13 +56,10 @@ async def _start() -> None:
     _tasks.append(loop.create_task(recorder.run(settings.ROUTER_FLUSH_INTERVAL)))
     _tasks.append(loop.create_task(publisher.run()))
     _tasks.append(loop.create_task(control.listen()))
-    # Pre-warm: the first proxied request should not pay for the client and the caches.
+    _tasks.append(loop.create_task(fleet.watch()))
+    # Pre-warm: the first proxied request should not pay for the client; fleet.watch()
+    # fills the caches right away.
     upstream.get_client()
-    try:
-        endpoints = await registry.enabled()
-        await fleet.gather_advertised(endpoints)
-    except Exception:
-        log.exception("pre-warm failed; requests will fill the caches")
 
 
 def _prepare_database() -> None:

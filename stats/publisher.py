@@ -17,6 +17,7 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 
+from routing import fleet
 from routing.board import board
 from stats.recorder import recorder
 
@@ -147,3 +148,4 @@ class Publisher:
 publisher = Publisher()
 board.add_listener(publisher.notify)
 recorder.add_listener(publisher.notify)
+fleet.listeners.append(publisher.notify)

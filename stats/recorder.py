@@ -192,6 +192,8 @@ class Recorder:
             self._db_totals = fresh
             self._inflight = {}  # committed before this read, so included in it
             self.db_read_at = time.time()
+        for listener in self._listeners:
+            listener()
 
     def clear(self) -> None:
         with self._lock:

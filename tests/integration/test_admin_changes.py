@@ -62,3 +62,15 @@ def test_it_applies_an_admin_change_to_the_next_request(fakes, endpoint, router)
     }
     assert admin.post(f"/admin/routing/endpoint/{preferred.id}/change/", data=data).status_code == 302
     assert api.post("/api/chat", json=CHAT).headers["x-router-endpoint"] == "renamed"
+
+
+def test_it_keeps_endpoint_state_fresh_in_the_background(fakes, endpoint, router):
+    fake = fakes(kind="ollama", models=["llama3:latest"], loaded=["llama3:latest"], version="0.12.7")
+    endpoint(fake.url, name="idle-one")
+    router(ROUTER_LOADED_TTL="1")
+    from tests.conftest import wait_until
+
+    # No client sends anything: the router itself keeps models, loaded models and version warm.
+    wait_until(lambda: fake.stats.snapshot()["requests"].get("/api/ps", 0) >= 3, timeout=10)
+    requests = fake.stats.snapshot()["requests"]
+    assert requests.get("/api/version", 0) >= 1 and requests.get("/api/tags", 0) >= 1
