@@ -20,7 +20,11 @@ def methods(*allowed: str) -> Callable[[View], View]:
         @functools.wraps(view)
         async def guarded(request: HttpRequest, *args: object, **kwargs: object) -> HttpResponseBase:
             if request.method not in allowed:
-                raise ApiError(405, f"method {request.method} not allowed; use {', '.join(allowed)}")
+                raise ApiError(
+                    405,
+                    f"method {request.method} not allowed; use {', '.join(allowed)}",
+                    headers={"Allow": ", ".join(allowed)},
+                )
             return await view(request, *args, **kwargs)
 
         return guarded

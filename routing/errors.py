@@ -22,13 +22,20 @@ class ApiError(Exception):
     """Raised anywhere on the proxy path; the handler turns it into the route's error shape."""
 
     def __init__(
-        self, status: int, message: str, *, code: str | None = None, retry_after: int | None = None
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        retry_after: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.retry_after = retry_after
+        self.headers = headers or {}
 
 
 def is_openai_path(path: str) -> bool:
@@ -50,4 +57,6 @@ def error_response(path: str, err: ApiError) -> JsonResponse:
     response = JsonResponse(body, status=err.status)
     if err.retry_after is not None:
         response["Retry-After"] = str(err.retry_after)
+    for name, value in err.headers.items():
+        response[name] = value
     return response

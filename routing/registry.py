@@ -9,12 +9,15 @@ by a reload at most ROUTER_REGISTRY_RELOAD seconds old.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
 
 from routing.locks import TimedLock
+
+log = logging.getLogger("routing.registry")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +91,17 @@ class Registry:
         return tuple(ep for ep in await self.all() if ep.enabled)
 
     async def _load(self, generation: int) -> None:
-        endpoints = await sync_to_async(load_endpoints, thread_sensitive=False)()
+        try:
+            endpoints = await sync_to_async(load_endpoints, thread_sensitive=False)()
+        except Exception:
+            with self._lock:
+                if self._loaded_generation == 0:
+                    raise  # nothing loaded yet: nothing to route with
+                # The database is away: keep routing with the copy we have, retry later.
+                self._loaded_generation = generation
+                self._loaded_at = time.monotonic()
+            log.warning("could not reload the endpoint list; keeping the last one", exc_info=True)
+            return
         with self._lock:
             before = {ep.id: ep for ep in self._endpoints}
             self._endpoints = endpoints

@@ -100,11 +100,13 @@ class SseScanner:
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._pending + chunk if self._pending else chunk
-        if b"\n\n" not in data and b"\r\n\r\n" not in data:
+        if b"\r\n" in data:
+            # Normalised before looking for the blank line: a CRLF stream cut between the
+            # two line ends of an event ("...\n" already normalised + "\r\n") still ends it.
+            data = data.replace(b"\r\n", b"\n")
+        if b"\n\n" not in data:
             self._pending = data if len(data) < MAX_PENDING else b""
             return b""
-        if b"\r\n" in data:
-            data = data.replace(b"\r\n", b"\n")
         cut = data.rfind(b"\n\n") + 2
         complete, self._pending = data[:cut], data[cut:]
         if b'"usage"' not in complete and b"[DONE]" not in complete:

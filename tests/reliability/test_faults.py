@@ -1,0 +1,204 @@
+"""Backend faults: the client gets a clear end or error, slots come back, the endpoint is
+marked failing and recovers by itself, and failover happens before the first byte.
+
+The fake backends fail on demand (bench/fake_backend.py `fault`). ROUTER_FAILING_TTL=8
+makes the router re-probe a failing endpoint every 2 s, so a test can see the failing
+state right after the fault and the recovery a little later.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from bench.fake_backend import run_in_thread
+from tests.reliability.support import (
+    MODEL_KEY,
+    PROMPT_TOKENS,
+    Totals,
+    chat_body,
+    db_totals,
+    endpoint_up,
+    metrics_of,
+    wait_db_totals,
+    wait_idle,
+    wait_up,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+RECOVERY = {"ROUTER_FAILING_TTL": "8"}
+PATHS = {"ollama": "/api/chat", "openai": "/v1/chat/completions"}
+
+
+def post(server, protocol: str, *, stream: bool, timeout: float = 10) -> httpx.Response:
+    return httpx.post(server.url + PATHS[protocol], json=chat_body(stream=stream), timeout=timeout)
+
+
+def assert_ok(response: httpx.Response, endpoint: str) -> None:
+    assert response.status_code == 200, response.text
+    assert response.headers["x-router-endpoint"] == endpoint
+
+
+def stream_error(protocol: str, body: bytes) -> tuple[int, str]:
+    """(token chunks before the error, the error message) of a stream the router cut short."""
+    if protocol == "ollama":
+        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        assert all(line.get("done") is False for line in lines[:-1]), lines
+        assert set(lines[-1]) == {"error"} and isinstance(lines[-1]["error"], str), lines[-1]
+        return len(lines) - 1, lines[-1]["error"]
+    events = [e[6:] for e in body.decode().split("\n\n") if e.startswith("data: ")]
+    assert "[DONE]" not in events, events
+    chunks = [json.loads(e) for e in events]
+    assert all("choices" in c for c in chunks[:-1]), chunks
+    error = chunks[-1]["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "api_error", error
+    return len(chunks) - 1, error["message"]
+
+
+@pytest.mark.parametrize("protocol", ["ollama", "openai"])
+def test_it_ends_the_stream_with_an_error_when_the_backend_dies_midstream_and_recovers(
+    protocol, fakes, endpoint, router
+):
+    fake = fakes(models=[MODEL_KEY], tokens=8, fault="die_midstream", fault_after=3)
+    endpoint(fake.url, name="solo", max_concurrent_connections=1)
+    server = router(**RECOVERY)
+    with httpx.stream("POST", server.url + PATHS[protocol], json=chat_body(stream=True), timeout=10) as r:
+        assert r.status_code == 200
+        body = r.read()  # the router ends its reply cleanly: no hang, no broken chunking
+    assert endpoint_up(server, "solo") == 0
+    chunks, message = stream_error(protocol, body)
+    assert chunks == 3 and message.startswith("upstream solo: ")  # named, never its url
+    wait_idle(server)
+    wait_db_totals(Totals(0, 0, 0, 1))  # counted as a request without counts, no invented tokens
+    fake.config.fault = "none"
+    wait_up(server, "solo", True)
+    assert_ok(post(server, protocol, stream=True), "solo")
+    wait_db_totals(Totals(PROMPT_TOKENS, 8, 1, 1))
+
+
+def test_it_cuts_a_stalled_stream_after_the_read_timeout_and_cancels_the_upstream(fakes, endpoint, router):
+    fake = fakes(models=[MODEL_KEY], tokens=8, fault="stall", stall=30, fault_after=2)
+    endpoint(fake.url, name="solo", max_concurrent_connections=1)
+    server = router(ROUTER_READ_TIMEOUT="1", **RECOVERY)
+    started = time.monotonic()
+    with httpx.stream("POST", server.url + "/api/chat", json=chat_body(stream=True), timeout=10) as r:
+        assert r.status_code == 200
+        body = r.read()
+    assert 1 <= time.monotonic() - started < 4
+    assert endpoint_up(server, "solo") == 0
+    chunks, message = stream_error("ollama", body)
+    assert chunks == 2 and message.startswith("upstream solo: ")
+    wait_idle(server)
+    assert fake.stats.cancelled == 1 and fake.stats.in_flight == {MODEL_KEY: 0}
+    fake.config.fault = "none"
+    wait_up(server, "solo", True)
+    assert_ok(post(server, "ollama", stream=False), "solo")
+
+
+# fault -> (protocol, stream) of the request that meets it: every case before the first byte
+FAILOVER_CASES = {
+    "500": ("ollama", True),
+    "503": ("openai", False),
+    "reset": ("openai", True),
+    "refused": ("ollama", False),
+    "slow_first_byte": ("ollama", True),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAILOVER_CASES))
+def test_it_fails_over_to_the_second_endpoint_before_the_first_byte(fault, fakes, endpoint, router):
+    # `bad` has the model loaded, so the router tries it first
+    bad = fakes(models=[MODEL_KEY], loaded=[MODEL_KEY], tokens=8)
+    good = fakes(models=[MODEL_KEY], tokens=8)
+    endpoint(bad.url, name="bad", max_concurrent_connections=2)
+    endpoint(good.url, name="good", max_concurrent_connections=2)
+    server = router(ROUTER_FIRST_BYTE_TIMEOUT="1", **RECOVERY)
+    protocol, stream = FAILOVER_CASES[fault]
+    assert_ok(post(server, protocol, stream=stream), "bad")  # warm: bad is known loaded
+    wait_db_totals(Totals(PROMPT_TOKENS, 8, 1, 0), bad.url, settle=False)
+    bad.stats.reset()
+    if fault == "refused":
+        bad.stop()
+    elif fault == "slow_first_byte":
+        bad.config.update({"fault": fault, "first_byte_delay": 10})
+    else:
+        bad.config.fault = fault
+    response = post(server, protocol, stream=stream)
+    assert_ok(response, "good")
+    assert endpoint_up(server, "bad") == 0 and endpoint_up(server, "good") == 1
+    metrics = metrics_of(server)
+    assert metrics.value("router_failovers_total") == 1
+    wait_idle(server)
+    if fault == "slow_first_byte":
+        assert bad.stats.cancelled == 1  # the router hung up on it
+    elif fault != "refused":
+        assert bad.stats.faults == 1
+    assert bad.stats.in_flight.get(MODEL_KEY, 0) == 0
+    wait_db_totals(Totals(PROMPT_TOKENS, 8, 1, 0), good.url)
+    assert db_totals(bad.url) == Totals(PROMPT_TOKENS, 8, 1, 0)  # the failed try counts nothing
+
+
+def test_it_answers_in_the_protocols_error_shape_while_the_only_endpoint_fails(fakes, endpoint, router):
+    fake = fakes(models=[MODEL_KEY], fault="500")
+    endpoint(fake.url, name="solo", max_concurrent_connections=1)
+    server = router(**RECOVERY)
+    first = post(server, "ollama", stream=True)
+    assert first.status_code == 502 and first.headers["retry-after"] == "5"
+    message = first.json()["error"]  # Ollama's shape: a string, saying what went wrong
+    assert "llama3" in message and "HTTP 500" in message and "internal server error" in message
+    # now known failing: answered at once, without trying it
+    second = post(server, "openai", stream=False)
+    assert second.status_code == 503 and second.headers["retry-after"] == "5"
+    error = second.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "service_unavailable"
+    assert fake.stats.faults == 1
+    wait_idle(server)
+    fake.config.fault = "none"
+    wait_up(server, "solo", True)
+    assert_ok(post(server, "openai", stream=False), "solo")
+
+
+def test_it_passes_a_garbage_reply_through_and_counts_it_as_incomplete(fakes, endpoint, router):
+    fake = fakes(models=[MODEL_KEY], fault="garbage")
+    endpoint(fake.url, name="solo", max_concurrent_connections=1)
+    server = router(**RECOVERY)
+    for protocol, stream in (("ollama", True), ("ollama", False), ("openai", True), ("openai", False)):
+        response = post(server, protocol, stream=stream)
+        assert response.status_code == 200
+        assert response.content == b"this is not json\n"
+    wait_idle(server)
+    wait_db_totals(Totals(0, 0, 0, 4))
+
+
+def test_it_marks_a_vanished_backend_failing_and_recovers_when_it_returns_on_the_same_port(
+    fakes, endpoint, router
+):
+    fake = fakes(models=[MODEL_KEY], tokens=8)
+    endpoint(fake.url, name="solo", max_concurrent_connections=1)
+    server = router(ROUTER_FAILING_TTL="2")  # re-probed every 0.5 s
+    assert_ok(post(server, "ollama", stream=False), "solo")
+    port, config = fake.port, fake.config
+    fake.stop()
+    gone = post(server, "ollama", stream=True)
+    assert gone.status_code == 502
+    assert set(gone.json()) == {"error"} and "connection refused" in gone.json()["error"]
+    still = post(server, "openai", stream=True)
+    assert still.status_code == 503 and still.headers["retry-after"] == "5"
+    assert still.json()["error"]["type"] == "service_unavailable"
+    assert httpx.get(server.url + "/api/tags").json() == {"models": []}
+    time.sleep(1.5)  # several failed re-probes: it stays failing while it does not answer
+    assert endpoint_up(server, "solo") == 0
+    wait_idle(server)
+    back = run_in_thread(config, port=port)
+    try:
+        wait_up(server, "solo", True, timeout=5)
+        assert [m["name"] for m in httpx.get(server.url + "/api/tags").json()["models"]] == [MODEL_KEY]
+        assert_ok(post(server, "openai", stream=True), "solo")
+        assert back.stats.completed == 1
+    finally:
+        back.stop()
+    wait_db_totals(Totals(2 * PROMPT_TOKENS, 16, 2, 0))
