@@ -39,7 +39,7 @@ class ApiError(Exception):
 
 
 def is_openai_path(path: str) -> bool:
-    return path.startswith("/v1/")
+    return path == "/v1" or path.startswith("/v1/")
 
 
 def error_response(path: str, err: ApiError) -> JsonResponse:

@@ -194,7 +194,7 @@ async def _reply(
         body = await _read_all(response)
     except (httpx.HTTPError, OSError, TimeoutError) as exc:
         lease.release()
-        fleet.mark_failing(ep, upstream.classify(exc).value)
+        fleet.mark_failing(ep, upstream.midstream_reason(exc))
         if attempt.counted:
             recorder.incomplete(ep.url, lease.model)
         raise ApiError(502, f"upstream closed before its reply was complete ({ep.name})") from None
@@ -260,7 +260,7 @@ class ProxyStream:
             if tail:
                 yield tail
         except (httpx.HTTPError, OSError, TimeoutError) as exc:
-            reason = upstream.classify(exc).value
+            reason = upstream.midstream_reason(exc)
             fleet.mark_failing(self.lease.endpoint, reason)
             yield self.relay.error_chunk(f"upstream {self.lease.endpoint.name}: {reason}")
         finally:

@@ -107,7 +107,7 @@ def test_it_records_nothing_it_cannot_know_for_a_stream_cut_off(fakes, endpoint,
     reply = httpx.post(server.url + "/api/chat", json=body, timeout=30)
     assert reply.status_code == 200
     last = reply.text.strip().splitlines()[-1]
-    assert '"error"' in last  # a clear end for the client
+    assert '"error"' in last and "closed the connection mid-reply" in last  # a clear end for the client
     wait_until(lambda: TokenTotal.objects.filter(incomplete=1).exists(), timeout=10)
     row = TokenTotal.objects.get()
     assert (row.input_tokens, row.output_tokens, row.requests, row.incomplete) == (0, 0, 0, 1)
