@@ -1,0 +1,136 @@
+"""A/B of a router change: two routers side by side, the same fakes, interleaved wrk runs.
+
+    .venv/bin/python -m bench.ab                      # the working tree (B) against HEAD (A)
+    .venv/bin/python -m bench.ab --a /path/to/other/checkout --server uvicorn
+    .venv/bin/python -m bench.ab --c1                 # the concurrency-1 scenarios
+
+On a shared machine a before/after pair of whole benchmark runs minutes apart measures the
+neighbours as much as the change. Here both routers run at once against the same fake
+backends, and every round runs direct, A and B back to back (reversed in the next round),
+so drift hits all three alike. The figure to trust most is the router's CPU time per
+request (`/proc/PID/stat`), which other load disturbs far less than throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench import loadgen, procs
+from bench.run import OLLAMA_MODEL, OPENAI_MODEL, Scenario, ensure_wrk, raise_fd_limit
+
+REPO = procs.REPO
+
+
+def head_checkout(into: Path) -> Path:
+    """HEAD's files (no .git) in a directory; the venv is shared."""
+    archive = subprocess.run(["git", "archive", "HEAD"], cwd=REPO, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n\n")[0])
+    p.add_argument("--a", type=Path, help="checkout of the baseline (default: git HEAD)")
+    p.add_argument("--b", type=Path, default=REPO, help="checkout of the change (default: this tree)")
+    p.add_argument("--server", choices=("daphne", "uvicorn"), default="daphne")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--duration", type=float, default=4.0)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--c1", action="store_true", help="concurrency-1 scenarios instead of c=32")
+    args = p.parse_args(argv)
+    ensure_wrk()
+    raise_fd_limit()
+    c = 1 if args.c1 else 32
+    scenarios = [Scenario("ollama", True, c), Scenario("ollama", False, c), Scenario("openai", True, c)]
+    started: list[procs.Proc] = []
+    with tempfile.TemporaryDirectory(prefix="nomyo-ab-") as tmp:
+        work = Path(tmp)
+        tree_a = args.a
+        if tree_a is None:
+            tree_a = work / "a"
+            tree_a.mkdir()
+            head_checkout(tree_a)
+        log_dir = work / "logs"
+        try:
+            fakes = {
+                "ollama": procs.start_fake(
+                    "fake-ollama",
+                    kind="ollama",
+                    models=[OLLAMA_MODEL],
+                    tokens=args.tokens,
+                    delay=0,
+                    log_dir=log_dir,
+                ),
+                "openai": procs.start_fake(
+                    "fake-openai",
+                    kind="openai",
+                    models=[OPENAI_MODEL],
+                    tokens=args.tokens,
+                    delay=0,
+                    log_dir=log_dir,
+                ),
+            }
+            started += fakes.values()
+            db = f"sqlite:///{log_dir}/ab.sqlite3"
+            procs.manage("migrate", "--noinput", "-v", "0", database_url=db)
+            spec = [
+                {"name": "fake-ollama", "url": fakes["ollama"].url, "kind": "ollama", "limit": 64},
+                {"name": "fake-openai", "url": fakes["openai"].url + "/v1", "kind": "openai", "limit": 64},
+            ]
+            procs.dbtool("endpoints", json.dumps(spec), database_url=db)
+            routers = {}
+            for name, tree in (("A", tree_a), ("B", args.b)):
+                routers[name] = procs.start_router(
+                    args.server, database_url=db, log_dir=log_dir, name=f"router-{name}", cwd=tree
+                )
+                started.append(routers[name])
+            print(
+                f"A = {tree_a}\nB = {args.b}\n"
+                f"server {args.server}, {args.rounds} rounds x {args.duration:g} s"
+            )
+            for sc in scenarios:
+                for router in routers.values():
+                    loadgen.run_wrk(router.url + sc.path, sc.body, connections=c, duration=1)
+            runs: dict[tuple[str, str], list[tuple[float, float, float, int]]] = {}
+            for rnd in range(args.rounds):
+                for sc in scenarios:
+                    order = [("direct", fakes[sc.protocol]), ("A", routers["A"]), ("B", routers["B"])]
+                    for name, proc in order if rnd % 2 == 0 else reversed(order):
+                        cpu0 = proc.cpu_seconds()
+                        res = loadgen.run_wrk(
+                            proc.url + sc.path, sc.body, connections=c, duration=args.duration
+                        )
+                        cpu = (proc.cpu_seconds() - cpu0) * 1000 / max(1, res.requests)
+                        runs.setdefault((sc.key, name), []).append((res.rps, res.p50_ms, cpu, res.failures))
+            print(
+                f"{'scenario':22s} {'direct':>8s} | {'A req/s':>8s} {'ratio':>6s} {'CPU ms':>7s} |"
+                f" {'B req/s':>8s} {'ratio':>6s} {'CPU ms':>7s} | B/A CPU"
+            )
+            for sc in scenarios:
+                direct = statistics.mean(r[0] for r in runs[(sc.key, "direct")])
+                cols = []
+                cpus = {}
+                for name in ("A", "B"):
+                    rows = runs[(sc.key, name)]
+                    rps = statistics.mean(r[0] for r in rows)
+                    cpus[name] = statistics.median(r[2] for r in rows)
+                    fails = sum(r[3] for r in rows)
+                    cols.append(
+                        f"{rps:8.0f} {rps / direct:6.3f} {cpus[name]:7.2f}"
+                        + (f" FAILURES {fails}" if fails else "")
+                    )
+                print(f"{sc.key:22s} {direct:8.0f} | " + " | ".join(cols) + f" | {cpus['B'] / cpus['A']:.3f}")
+        finally:
+            for proc in reversed(started):
+                proc.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
