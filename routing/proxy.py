@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 
@@ -78,16 +78,21 @@ async def forward(
             response = await _send(lease, attempt)
         except BaseException as exc:
             lease.release()
-            if not isinstance(exc, httpx.HTTPError | OSError):
+            if not isinstance(exc, UPSTREAM_ERRORS):
                 raise
             failure = upstream.classify(exc).value
             _give_up_on(lease.candidate, candidates, failure)
         else:
-            if response.status_code < 500:
+            if response.status < 500:
                 # From here on bytes may reach the client: never retry.
                 metrics.first_byte(request_path, time.perf_counter() - started)
-                return await _reply(request_path, lease, attempt, response)
-            failure = f"HTTP {response.status_code}: {await _error_text(response)}"
+                try:
+                    return await _reply(request_path, lease, attempt, response)
+                except BaseException:
+                    response.close()  # cancelled before the stream took it over
+                    lease.release()
+                    raise
+            failure = f"HTTP {response.status}: {await _error_text(response)}"
             lease.release()
             _give_up_on(lease.candidate, candidates, failure)
         if not candidates:
@@ -151,57 +156,67 @@ async def _claim_in_cluster(lease: Lease, key: str, candidates: list[Candidate],
         lease = await board.acquire(key, others, timeout=remaining, queue_max=settings.ROUTER_QUEUE_MAX)
 
 
-async def _send(lease: Lease, attempt: Attempt) -> httpx.Response:
+UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
+
+
+async def _send(lease: Lease, attempt: Attempt) -> aiohttp.ClientResponse:
+    """Send the request and wait for the reply's head; the body is read by the caller."""
     ep = lease.endpoint
-    client = upstream.get_client()
     headers = {
         "Content-Type": "application/json",
         "Accept-Encoding": "identity",
         **upstream.auth_headers(ep.api_key),
         **attempt.headers,
     }
-    request = client.build_request(attempt.method, attempt.url, content=attempt.body, headers=headers)
-    return await client.send(request, stream=True)
+    response = await upstream.get_session().request(
+        attempt.method,
+        attempt.url,
+        data=attempt.body,
+        headers=headers,
+        timeout=upstream.proxy_timeout(),
+        allow_redirects=False,
+    )
+    upstream.set_gap_timeout(response, settings.ROUTER_READ_TIMEOUT)
+    return response
 
 
-async def _error_text(response: httpx.Response) -> str:
+async def _error_text(response: aiohttp.ClientResponse) -> str:
+    reason = response.reason or ""
     try:
-        body = b""
         async with asyncio.timeout(settings.ROUTER_PROBE_TIMEOUT):
-            async for chunk in response.aiter_raw():
-                body += chunk
-                if len(body) > MAX_ERROR_BODY:
-                    break
-        return body[:500].decode("utf-8", "replace").strip() or response.reason_phrase
-    except (httpx.HTTPError, OSError, TimeoutError):
-        return response.reason_phrase
+            body = await response.content.read(MAX_ERROR_BODY)
+        return body[:500].decode("utf-8", "replace").strip() or reason
+    except UPSTREAM_ERRORS:
+        return reason
     finally:
-        await response.aclose()
+        response.close()
 
 
 async def _reply(
-    path: str, lease: Lease, attempt: Attempt, response: httpx.Response
+    path: str, lease: Lease, attempt: Attempt, response: aiohttp.ClientResponse
 ) -> HttpResponse | StreamingHttpResponse:
     ep = lease.endpoint
-    if response.status_code == 404:
+    status = response.status
+    if status == 404:
         caches.advertised.invalidate(ep.id)  # it no longer has the model we thought it had
-    if attempt.stream and response.status_code == 200:
+    if attempt.stream and status == 200:
         stream = ProxyStream(lease, response, attempt.relay(), path, counted=attempt.counted)
         streaming = ProxyStreamingResponse(stream, content_type=stream.relay.content_type)
         streaming["X-Router-Endpoint"] = ep.name
         return streaming
     try:
-        body = await _read_all(response)
-    except (httpx.HTTPError, OSError, TimeoutError) as exc:
+        body = await response.read()
+    except UPSTREAM_ERRORS as exc:
+        response.close()
         lease.release()
         fleet.mark_failing(ep, upstream.midstream_reason(exc))
         if attempt.counted:
             recorder.incomplete(ep.url, lease.model)
         raise ApiError(502, f"upstream closed before its reply was complete ({ep.name})") from None
     finally:
-        await response.aclose()
+        response.release()
         lease.release()
-    if response.status_code == 200:
+    if status == 200:
         out, counts = attempt.read_body(body)
         if attempt.counted:
             if counts is not None:
@@ -211,27 +226,17 @@ async def _reply(
     else:
         out = body
     reply = HttpResponse(
-        out,
-        status=response.status_code,
-        content_type=response.headers.get("content-type", "application/json"),
+        out, status=status, content_type=response.headers.get("Content-Type", "application/json")
     )
     reply["X-Router-Endpoint"] = ep.name
     return reply
 
 
-async def _read_all(response: httpx.Response) -> bytes:
-    parts: list[bytes] = []
-    async with asyncio.timeout(settings.ROUTER_READ_TIMEOUT):
-        async for chunk in response.aiter_raw():
-            parts.append(chunk)
-    return b"".join(parts)
-
-
 class ProxyStream:
-    """Relays one upstream stream; `close()` is idempotent and does all the accounting."""
+    """Relays one upstream stream; `close()` is idempotent, synchronous and does the accounting."""
 
     def __init__(
-        self, lease: Lease, response: httpx.Response, relay: Relay, path: str, *, counted: bool
+        self, lease: Lease, response: aiohttp.ClientResponse, relay: Relay, path: str, *, counted: bool
     ) -> None:
         self.lease = lease
         self.counted = counted
@@ -240,41 +245,37 @@ class ProxyStream:
         self.path = path
         self.closed = False
         self.finished = False  # the upstream ended normally
-        self._iter: AsyncIterator[bytes] | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        gap = settings.ROUTER_READ_TIMEOUT
-        upstream_iter = self.response.aiter_raw()
+        # The gap between chunks is bounded by the socket read timeout (set_gap_timeout).
+        read = self.response.content.readany
+        feed = self.relay.feed
         try:
-            while True:
-                try:
-                    async with asyncio.timeout(gap):
-                        chunk = await anext(upstream_iter)
-                except StopAsyncIteration:
-                    break
-                out = self.relay.feed(chunk)
+            while chunk := await read():
+                out = feed(chunk)
                 if out:
                     yield out
             self.finished = True
             tail = self.relay.finish()
             if tail:
                 yield tail
-        except (httpx.HTTPError, OSError, TimeoutError) as exc:
+        except UPSTREAM_ERRORS as exc:
             reason = upstream.midstream_reason(exc)
             fleet.mark_failing(self.lease.endpoint, reason)
             yield self.relay.error_chunk(f"upstream {self.lease.endpoint.name}: {reason}")
         finally:
-            await self.close()
+            self.close()
 
-    async def close(self) -> None:
+    def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         ep, model = self.lease.endpoint, self.lease.model
         try:
-            await self.response.aclose()
-        except (httpx.HTTPError, OSError):
-            pass
+            if self.finished:
+                self.response.release()  # the connection goes back to the pool
+            else:
+                self.response.close()  # cut off: drop the connection, cancelling the upstream
         finally:
             self.lease.release()
             counts = self.relay.counts() if self.finished else None
@@ -293,9 +294,9 @@ class ProxyStreamingResponse(StreamingHttpResponse):
         self.proxy_stream = stream
         self.chunks = stream.chunks()
         super().__init__(self.chunks, **kwargs)  # type: ignore[arg-type]
-        # Django's own handler closes responses synchronously: release the slot there too.
-        self._resource_closers.append(stream.lease.release)  # type: ignore[attr-defined]
+        # Django's own handler closes responses synchronously: close the stream there too.
+        self._resource_closers.append(stream.close)  # type: ignore[attr-defined]
 
     async def finish(self) -> None:
         await self.chunks.aclose()  # type: ignore[attr-defined]
-        await self.proxy_stream.close()
+        self.proxy_stream.close()

@@ -1,9 +1,12 @@
-"""All upstream HTTP: one pooled httpx client per running event loop, and error classification.
+"""All upstream HTTP: one pooled aiohttp session per running event loop, and error classification.
 
-The client runs over the aiohttp transport (httpx-aiohttp): it streams incrementally and
-costs a fraction of httpx's default pool per request. That transport maps aiohttp errors
-loosely (a refused connection arrives as ConnectTimeout, so does a full pool), so failover
-decisions use `classify()`, which looks at the real cause.
+The proxied requests (the hot path) use the session directly: measured side by side,
+httpx's request layer on top of it cost about a fifth of the router's CPU per request
+(docs/benchmarks.md). Probes and fan-out calls, where convenience matters more than
+microseconds, use an httpx client over the same session (httpx-aiohttp transport), so
+there is still one connection pool per loop. That transport maps aiohttp errors loosely
+(a refused connection arrives as ConnectTimeout), so failover decisions use `classify()`,
+which looks at the real cause.
 """
 
 from __future__ import annotations
@@ -23,17 +26,54 @@ TransportFactory = Callable[[], httpx.AsyncBaseTransport]
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
     weakref.WeakKeyDictionary()
 )
+_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = (
+    weakref.WeakKeyDictionary()
+)
 _transport_factory: TransportFactory | None = None
 
 
-def default_transport() -> httpx.AsyncBaseTransport:
-    def session() -> aiohttp.ClientSession:
+def get_session() -> aiohttp.ClientSession:
+    """The aiohttp session (connection pool) of the running loop, created on first use."""
+    loop = asyncio.get_running_loop()
+    session = _sessions.get(loop)
+    if session is None or session.closed:
         # limit=0: the router's own slot accounting bounds concurrency per backend, a
         # connector cap would only add a second, invisible queue (aiohttp's default is 100).
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=60)
-        return aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,  # bytes pass through as the backend sent them
+            cookie_jar=aiohttp.DummyCookieJar(),  # one session serves every user: no cookies
+        )
+        _sessions[loop] = session
+    return session
 
-    return AiohttpTransport(client=session)
+
+def default_transport() -> httpx.AsyncBaseTransport:
+    return AiohttpTransport(client=get_session())
+
+
+_proxy_timeouts: tuple[tuple[float, float], aiohttp.ClientTimeout] | None = None
+
+
+def proxy_timeout() -> aiohttp.ClientTimeout:
+    """Connect, and the wait for the reply's head (long: a model may be loading)."""
+    global _proxy_timeouts
+    key = (settings.ROUTER_CONNECT_TIMEOUT, settings.ROUTER_FIRST_BYTE_TIMEOUT)
+    if _proxy_timeouts is None or _proxy_timeouts[0] != key:
+        timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=key[0], sock_read=key[1])
+        _proxy_timeouts = (key, timeout)
+    return _proxy_timeouts[1]
+
+
+def set_gap_timeout(response: aiohttp.ClientResponse, seconds: float) -> None:
+    """Once the head arrived, the socket read timeout becomes the allowed gap between chunks
+    (aiohttp re-arms it on every read, so no timer of our own is needed per chunk)."""
+    connection = response.connection
+    if connection is not None and connection.protocol is not None:
+        connection.protocol.read_timeout = seconds
+        if not response.content.is_eof():
+            connection.protocol.start_timeout()  # re-arm now: the old timer had the long wait
 
 
 def set_transport_factory(factory: TransportFactory | None) -> None:
@@ -73,10 +113,14 @@ def get_client() -> httpx.AsyncClient:
 
 
 async def close_client() -> None:
-    """Close this loop's client inside its loop (at shutdown)."""
-    client = _clients.pop(asyncio.get_running_loop(), None)
+    """Close this loop's client and session inside its loop (at shutdown)."""
+    loop = asyncio.get_running_loop()
+    client = _clients.pop(loop, None)
     if client is not None:
         await client.aclose()
+    session = _sessions.pop(loop, None)
+    if session is not None and not session.closed:
+        await session.close()
 
 
 def auth_headers(api_key: str) -> dict[str, str]:
