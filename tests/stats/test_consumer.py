@@ -208,7 +208,10 @@ async def test_a_staff_user_gets_the_current_snapshot_on_connect(
         assert first["queued"] == {}
         assert "token_parts" not in first and "api_key" not in str(first)  # internals and secrets stay home
         # Connecting publishes the state to every page; this page does not get it twice.
-        assert await comm.receive_nothing(timeout=1.0)
+        # (A later snapshot may come: the router's background upkeep refreshes endpoint
+        # state right after start-up. It is then a new publication, not the same one.)
+        second = await next_or_none(comm, 1.0)
+        assert second is None or second["taken_at"] != first["taken_at"]
         await comm.disconnect()
     finally:
         lease.release()
