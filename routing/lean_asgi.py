@@ -147,6 +147,9 @@ class ProxyHandler:
     async def _send(self, send: Any, response: HttpResponseBase, request_id: str) -> None:
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.items()]
         headers.append((b"x-request-id", request_id.encode("latin-1")))
+        if isinstance(response, HttpResponse) and not response.has_header("Content-Length"):
+            # A whole reply goes out with its length: no chunked framing, one write.
+            headers.append((b"content-length", str(len(response.content)).encode("latin-1")))
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         if isinstance(response, ProxyStreamingResponse):
             # The relay already yields bytes: skip Django's two wrapping generators per chunk.
