@@ -45,18 +45,6 @@ class EndpointForm(forms.ModelForm[Endpoint]):
         return data
 
 
-def _info(ep: Endpoint) -> EndpointInfo:
-    return EndpointInfo(
-        id=ep.id,
-        name=ep.display_name,
-        url=ep.url,
-        kind=ep.kind,
-        api_key=ep.api_key,
-        enabled=ep.enabled,
-        limit=ep.max_concurrent_connections,
-    )
-
-
 async def _check(ep: EndpointInfo) -> tuple[str | None, fleet.ModelList | None, str | None]:
     from routing import upstream
 
@@ -149,7 +137,7 @@ class EndpointAdmin(admin.ModelAdmin[Endpoint]):
     @admin.action(description="Check now: probe the server, report version and models")
     def check_now(self, request: HttpRequest, queryset: QuerySet[Endpoint]) -> None:
         for ep in queryset:
-            version, models, error = async_to_sync(_check)(_info(ep))
+            version, models, error = async_to_sync(_check)(EndpointInfo.of(ep))
             if error is not None:
                 caches.failing.put(ep.id, caches.FailingMark(error, time.time()))
                 self.message_user(request, f"{ep}: {error}", messages.ERROR)

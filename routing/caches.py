@@ -64,23 +64,26 @@ class TTLCache(Generic[K, V]):
             value = self._fresh(key)
             if value is not None:
                 return value
-            task = self._inflight.get(key)
-            if task is None or task.get_loop() is not loop:
-                task = loop.create_task(self._refresh(key, fetch))
-                self._inflight[key] = task
-                self.refreshes += 1
+            task = self._join_or_start(key, fetch, loop)
         return await asyncio.shield(task)
 
     async def refresh(self, key: K, fetch: Callable[[], Awaitable[V]]) -> V:
         """Fetch now even if the entry is fresh (background upkeep); joins a fetch in flight."""
         loop = asyncio.get_running_loop()
         with self._lock:
-            task = self._inflight.get(key)
-            if task is None or task.get_loop() is not loop:
-                task = loop.create_task(self._refresh(key, fetch))
-                self._inflight[key] = task
-                self.refreshes += 1
+            task = self._join_or_start(key, fetch, loop)
         return await asyncio.shield(task)
+
+    def _join_or_start(
+        self, key: K, fetch: Callable[[], Awaitable[V]], loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Task[V]:
+        """The fetch in flight for the key, or a new one (lock held)."""
+        task = self._inflight.get(key)
+        if task is None or task.get_loop() is not loop:
+            task = loop.create_task(self._refresh(key, fetch))
+            self._inflight[key] = task
+            self.refreshes += 1
+        return task
 
     async def _refresh(self, key: K, fetch: Callable[[], Awaitable[V]]) -> V:
         try:

@@ -104,25 +104,24 @@ def queue_wait(seconds: float) -> None:
     _queue_wait.observe(seconds)
 
 
+# (series, type, help, TimedLock attribute): the lock monitoring the design note asks for.
+_LOCK_SERIES = (
+    ("router_lock_wait_seconds_total", "counter", "Time spent waiting for each lock.", "wait_total"),
+    ("router_lock_wait_max_seconds", "gauge", "Longest single wait for each lock.", "wait_max"),
+    ("router_lock_acquisitions_total", "counter", "Acquisitions of each lock.", "acquisitions"),
+    ("router_lock_timeouts_total", "counter", "Acquisitions that gave up (a deadlock guard).", "timeouts"),
+)
+
+
 def render(gauges: Iterable[str]) -> str:
     lines: list[str] = []
     for metric in _registry:
         lines.extend(metric.render())
     lines.extend(gauges)
-    lines.append("# HELP router_lock_wait_seconds_total Time spent waiting for each lock.")
-    lines.append("# TYPE router_lock_wait_seconds_total counter")
-    for lock in all_locks():
-        lines.append(f"router_lock_wait_seconds_total{_labels((('lock', lock.name),))} {lock.wait_total:g}")
-    lines.append("# HELP router_lock_wait_max_seconds Longest single wait for each lock.")
-    lines.append("# TYPE router_lock_wait_max_seconds gauge")
-    for lock in all_locks():
-        lines.append(f"router_lock_wait_max_seconds{_labels((('lock', lock.name),))} {lock.wait_max:g}")
-    lines.append("# HELP router_lock_acquisitions_total Acquisitions of each lock.")
-    lines.append("# TYPE router_lock_acquisitions_total counter")
-    for lock in all_locks():
-        lines.append(f"router_lock_acquisitions_total{_labels((('lock', lock.name),))} {lock.acquisitions:g}")
-    lines.append("# HELP router_lock_timeouts_total Acquisitions that gave up (a deadlock guard).")
-    lines.append("# TYPE router_lock_timeouts_total counter")
-    for lock in all_locks():
-        lines.append(f"router_lock_timeouts_total{_labels((('lock', lock.name),))} {lock.timeouts:g}")
+    locks = all_locks()
+    for name, kind, help_text, attr in _LOCK_SERIES:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for lock in locks:
+            lines.append(f"{name}{_labels((('lock', lock.name),))} {getattr(lock, attr):g}")
     return "\n".join(lines) + "\n"

@@ -12,10 +12,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from asgiref.sync import sync_to_async
 
 from routing.locks import TimedLock
+
+if TYPE_CHECKING:
+    from routing.models import Endpoint
 
 log = logging.getLogger("routing.registry")
 
@@ -29,6 +33,18 @@ class EndpointInfo:
     api_key: str
     enabled: bool
     limit: int
+
+    @classmethod
+    def of(cls, ep: Endpoint) -> EndpointInfo:
+        return cls(
+            id=ep.id,
+            name=ep.display_name,
+            url=ep.url,
+            kind=ep.kind,
+            api_key=ep.api_key,
+            enabled=ep.enabled,
+            limit=ep.max_concurrent_connections,
+        )
 
     @property
     def is_ollama(self) -> bool:
@@ -134,18 +150,7 @@ def load_endpoints() -> tuple[EndpointInfo, ...]:
 
     close_old_connections()
     try:
-        return tuple(
-            EndpointInfo(
-                id=ep.id,
-                name=ep.display_name,
-                url=ep.url,
-                kind=ep.kind,
-                api_key=ep.api_key,
-                enabled=ep.enabled,
-                limit=ep.max_concurrent_connections,
-            )
-            for ep in Endpoint.objects.all()
-        )
+        return tuple(EndpointInfo.of(ep) for ep in Endpoint.objects.all())
     finally:
         close_old_connections()
 
