@@ -634,6 +634,7 @@ class FakeBackend:
             self._tasks.add(task)
         stats.enter(model)
         aborted = False
+        completed = False
         try:
             fault = cfg.fault
             first_byte_delay = cfg.first_byte_delay
@@ -673,6 +674,10 @@ class FakeBackend:
                 elif delay > 0 and steps:
                     await asyncio.sleep(delay * steps)
                 resp: web.StreamResponse = web.Response(body=final, headers={"Content-Type": content_type})
+                # Counted before the reply leaves, so a client that reads the stats right
+                # after its reply always finds it counted.
+                stats.complete(*reported)
+                completed = True
                 await resp.prepare(request)
                 await resp.write_eof()
             else:
@@ -693,12 +698,13 @@ class FakeBackend:
                         aborted = True
                         await self._abort(request)
                     await asyncio.sleep(cfg.stall)
+                stats.complete(*reported)  # before the final chunk leaves (see above)
+                completed = True
                 await resp.write(final)
                 await resp.write_eof()
-            stats.complete(*reported)
             return resp
         except (asyncio.CancelledError, ConnectionResetError):
-            if not aborted:
+            if not aborted and not completed:
                 stats.cancel()
             raise
         finally:
