@@ -116,6 +116,9 @@ class ClusterSlots:
                     pipe.zadd(key, {member: expiry}, xx=True)
                 await pipe.execute()
             except Exception:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError() from None  # the client swallowed our cancel
                 log.warning("could not renew cluster slot leases", exc_info=True)
 
     def held(self) -> int:

@@ -48,6 +48,7 @@ class Recorder:
         self._listeners: list[Callable[[], None]] = []
         self.flushes = 0
         self.failed_flushes = 0
+        self.reread_every = 5.0  # seconds between database re-reads while idle
         self._flush_lock: asyncio.Lock | None = None
 
     def add_listener(self, listener: Callable[[], None]) -> None:
@@ -164,12 +165,18 @@ class Recorder:
     def _flush_in_thread(self) -> int:
         close_old_connections()
         try:
-            return self.flush_sync()
+            rows = self.flush_sync()
+            if rows == 0 and time.time() - self.db_read_at >= self.reread_every:
+                # Idle here, but other router processes may have written: keep the
+                # database part of the live totals current for the page.
+                self.load_totals()
+            return rows
         finally:
             close_old_connections()
 
     async def run(self, interval: float) -> None:
         """The background flusher. Survives database outages by retrying with backoff."""
+        self.reread_every = max(interval, 1.0)
         delay = interval
         while True:
             await asyncio.sleep(delay)

@@ -49,6 +49,10 @@ async def test_it_keeps_renewed_claims_alive(slots: ClusterSlots, monkeypatch):
     monkeypatch.setattr(cluster_module, "RENEW_EVERY", 0.1)
     url, model = f"http://test-{uuid.uuid4().hex}", "m:latest"
     holder = ClusterSlots()
-    assert await holder.claim(url, model, 1)
+    member = await holder.claim(url, model, 1)
+    assert member
     await asyncio.sleep(0.6)
     assert await slots.claim(url, model, 1) is None
+    holder.free(member)  # the renewer stops once nothing is held
+    await asyncio.sleep(0.3)
+    assert holder.held() == 0
