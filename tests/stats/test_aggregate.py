@@ -10,22 +10,11 @@ from django.db.models import Sum
 from stats import queries
 from stats.models import TokenDaily, TokenTimeSeries
 from stats.rollup import cutoff_for, roll_up
+from tests.stats.rows import minute_row
 
 NOW = datetime(2025, 5, 1, 15, 30, tzinfo=UTC)
 EP1 = "http://a:11434"
 EP2 = "http://b:11434"
-
-
-def minute_row(endpoint: str, model: str, at: datetime, inp: int, out: int, req: int = 1) -> None:
-    TokenTimeSeries.objects.create(
-        endpoint=endpoint,
-        model=model,
-        timestamp=at,
-        input_tokens=inp,
-        output_tokens=out,
-        total_tokens=inp + out,
-        requests=req,
-    )
 
 
 def fill() -> None:

@@ -10,6 +10,7 @@ from stats import queries
 from stats.models import TokenDaily, TokenTimeSeries, TokenTotal
 from stats.queries import QueryError
 from stats.recorder import recorder
+from tests.stats.rows import minute_row as series
 
 T0 = datetime(2025, 3, 10, 0, 0, tzinfo=UTC)
 EP1 = "http://a:11434"
@@ -21,18 +22,6 @@ def clean_recorder() -> Iterator[None]:
     recorder.clear()
     yield
     recorder.clear()
-
-
-def series(endpoint: str, model: str, at: datetime, inp: int, out: int, req: int = 1) -> TokenTimeSeries:
-    return TokenTimeSeries.objects.create(
-        endpoint=endpoint,
-        model=model,
-        timestamp=at,
-        input_tokens=inp,
-        output_tokens=out,
-        total_tokens=inp + out,
-        requests=req,
-    )
 
 
 def daily(endpoint: str, model: str, day: date, inp: int, out: int, req: int = 1) -> TokenDaily:
