@@ -18,7 +18,7 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
-from routing import lifecycle, nodelay  # noqa: E402
+from routing import daphne_hooks, lifecycle  # noqa: E402
 from routing.lean_asgi import ProxyHandler, is_proxy_path  # noqa: E402
 from stats.routing import websocket_urlpatterns  # noqa: E402
 
@@ -42,4 +42,4 @@ application = ProtocolTypeRouter(
 )
 
 lifecycle.install_daphne_hooks()
-nodelay.install()
+daphne_hooks.install()

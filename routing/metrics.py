@@ -7,6 +7,7 @@ Updates are plain dict operations on the event loop thread; rendering copies und
 
 from __future__ import annotations
 
+import bisect
 import os
 import socket
 import threading
@@ -24,6 +25,13 @@ def _labels(key: LabelKey) -> str:
     pairs = (("instance", INSTANCE), *key)
     inner = ",".join(f'{k}="{_escape(v)}"' for k, v in pairs)
     return "{" + inner + "}"
+
+
+def _num(value: float) -> str:
+    """Exact: a token counter in the millions must not be rounded to six digits (`:g` did)."""
+    if value == int(value) and abs(value) < 2**53:
+        return str(int(value))
+    return repr(float(value))
 
 
 def _escape(value: str) -> str:
@@ -50,7 +58,7 @@ class Counter:
         with _lock:
             items = list(self._values.items())
         for key, value in items:
-            yield f"{self.name}{_labels(key)} {value:g}"
+            yield f"{self.name}{_labels(key)} {_num(value)}"
 
 
 class Histogram:
@@ -58,18 +66,19 @@ class Histogram:
 
     def __init__(self, name: str, help_text: str) -> None:
         self.name, self.help = name, help_text
-        self._values: dict[LabelKey, list[float]] = {}  # bucket counts..., sum, count
+        # Per label set: the count of each bucket alone (+Inf last), then sum and count;
+        # observing touches one bucket, rendering adds them up into Prometheus' cumulative form.
+        self._values: dict[LabelKey, list[float]] = {}
         _registry.append(self)
 
     def observe(self, seconds: float, **labels: str) -> None:
         key = tuple(sorted(labels.items()))
+        at = bisect.bisect_left(self.BUCKETS, seconds)  # the first bound >= seconds
         with _lock:
             row = self._values.get(key)
             if row is None:
-                row = self._values[key] = [0.0] * (len(self.BUCKETS) + 2)
-            for i, bound in enumerate(self.BUCKETS):
-                if seconds <= bound:
-                    row[i] += 1
+                row = self._values[key] = [0.0] * (len(self.BUCKETS) + 3)
+            row[at] += 1
             row[-2] += seconds
             row[-1] += 1
 
@@ -79,11 +88,13 @@ class Histogram:
         with _lock:
             items = [(k, list(v)) for k, v in self._values.items()]
         for key, row in items:
+            running = 0.0
             for i, bound in enumerate(self.BUCKETS):
-                yield f"{self.name}_bucket{_labels((*key, ('le', f'{bound:g}')))} {row[i]:g}"
-            yield f"{self.name}_bucket{_labels((*key, ('le', '+Inf')))} {row[-1]:g}"
-            yield f"{self.name}_sum{_labels(key)} {row[-2]:g}"
-            yield f"{self.name}_count{_labels(key)} {row[-1]:g}"
+                running += row[i]
+                yield f"{self.name}_bucket{_labels((*key, ('le', f'{bound:g}')))} {_num(running)}"
+            yield f"{self.name}_bucket{_labels((*key, ('le', '+Inf')))} {_num(row[-1])}"
+            yield f"{self.name}_sum{_labels(key)} {_num(row[-2])}"
+            yield f"{self.name}_count{_labels(key)} {_num(row[-1])}"
 
 
 _registry: list[Counter | Histogram] = []
@@ -123,5 +134,5 @@ def render(gauges: Iterable[str]) -> str:
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} {kind}")
         for lock in locks:
-            lines.append(f"{name}{_labels((('lock', lock.name),))} {getattr(lock, attr):g}")
+            lines.append(f"{name}{_labels((('lock', lock.name),))} {_num(getattr(lock, attr))}")
     return "\n".join(lines) + "\n"

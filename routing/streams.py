@@ -55,9 +55,16 @@ class NdjsonScanner:
 
     def __init__(self) -> None:
         self._pending = b""
+        # Bytes whose last non-blank line is the last complete line seen: either that line
+        # alone, or a whole chunk kept by reference (the usual case, see feed) and cut at the end.
         self._last = b""
 
     def feed(self, chunk: bytes) -> bytes:
+        if not self._pending and chunk.endswith(b"}\n"):
+            # A chunk of whole lines whose last is a JSON object: keep a reference and look
+            # inside it only if it turns out to be the last one (no copy per chunk).
+            self._last = chunk
+            return chunk
         cut = chunk.rfind(b"\n")
         if cut < 0:
             if len(self._pending) < MAX_PENDING:
@@ -74,7 +81,10 @@ class NdjsonScanner:
         return chunk
 
     def final(self) -> Any:
-        line = self._pending.strip() or self._last
+        line = self._pending.strip()
+        if not line:
+            last = self._last.rstrip()
+            line = last[last.rfind(b"\n") + 1 :].strip()
         if not line:
             return None
         try:

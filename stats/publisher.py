@@ -53,9 +53,12 @@ class Subscriber:
 
 class Publisher:
     def __init__(self) -> None:
-        self._dirty = threading.Event()
+        # A plain flag, not a threading.Event: notify() runs several times per request and
+        # returns at once while a change is already pending (setting a bool is atomic).
+        self._dirty = False
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
         self._lock = threading.Lock()
         self._subscribers: set[Subscriber] = set()
         self.published = 0
@@ -63,17 +66,16 @@ class Publisher:
 
     def notify(self) -> None:
         """Something changed. Cheap, callable from any thread, never raises."""
-        self._dirty.set()
+        if self._dirty:
+            return  # the pending snapshot is built after this change: it includes it
+        self._dirty = True
         wake, loop = self._wake, self._loop
-        if wake is None or loop is None or loop.is_closed():
+        if wake is None or loop is None:
             return
-        try:
-            if asyncio.get_running_loop() is loop:
-                wake.set()
-                return
-        except RuntimeError:
-            pass
-        loop.call_soon_threadsafe(wake.set)
+        if threading.get_ident() == self._loop_thread:
+            wake.set()
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(wake.set)
 
     def subscribe(self) -> Subscriber:
         sub = Subscriber()
@@ -92,7 +94,7 @@ class Publisher:
     async def publish_now(self) -> dict[str, Any]:
         from routing import snapshot
 
-        self._dirty.clear()
+        self._dirty = False  # before building: a change from now on makes another snapshot
         snap = snapshot.build()
         db, pending = recorder.parts()
         snap["token_parts"] = {
@@ -119,11 +121,12 @@ class Publisher:
         totals (so every process's merged tokens are exact again at once, not only at the
         next heartbeat), and at least every HEARTBEAT seconds."""
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._wake = asyncio.Event()
-        self._dirty.set()  # changes made before this loop ran are published at once
+        self._dirty = True  # changes made before this loop ran are published at once
         last_read = recorder.db_read_at
         while True:
-            if not self._dirty.is_set():
+            if not self._dirty:
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=POLL)
                 except TimeoutError:
@@ -131,7 +134,7 @@ class Publisher:
             self._wake.clear()
             read_at = recorder.db_read_at
             if (
-                not self._dirty.is_set()
+                not self._dirty
                 and read_at == last_read
                 and time.monotonic() - self.last_published < HEARTBEAT
             ):
