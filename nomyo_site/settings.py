@@ -111,9 +111,12 @@ WHITENOISE_USE_FINDERS = True  # works before (and without) collectstatic
 LOGIN_URL = "/admin/login/"
 
 # Each proxied request writes one access-log line. No formatter here shows the caller's
-# file and line or the multiprocessing name, so records skip looking them up (the
-# switches Python's logging documentation lists under "Optimization").
+# file and line, the thread, the process or its multiprocessing name, so records skip
+# looking them up (the switches Python's logging documentation lists under
+# "Optimization"); a format that shows them needs these back on.
 logging._srcfile = None  # type: ignore[attr-defined]
+logging.logThreads = False
+logging.logProcesses = False
 logging.logMultiprocessing = False
 
 LOGGING = {

@@ -33,14 +33,18 @@ def _plan(suffix: str, raw: bytes, data: dict[str, Any], stream: bool) -> proxy.
             body = {**data, "stream_options": {**(options or {}), "include_usage": True}}
             strip_usage = True
     cache: dict[str, bytes] = {}
+    if body is data:
+        cache[data["model"]] = raw  # untouched
+    elif "stream_options" not in data:
+        # Appended to the client's own bytes (a JSON object: its last character is "}")
+        # rather than re-serialising a conversation that may be long.
+        cache[data["model"]] = raw.rstrip()[:-1] + b',"stream_options":{"include_usage":true}}'
 
     def plan(cand: Candidate) -> Attempt:
         name = cand.backend_model
-        if body is data and name == data.get("model"):
-            payload = raw  # untouched
-        else:
-            payload = cache.get(name) or json.dumps({**body, "model": name}).encode()
-            cache[name] = payload
+        payload = cache.get(name)
+        if payload is None:
+            payload = cache[name] = json.dumps({**body, "model": name}).encode()
         return Attempt(
             url=cand.endpoint.openai_base + suffix,
             body=payload,

@@ -8,10 +8,28 @@ few lines that can carry counts.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 MAX_PENDING = 32 * 1024 * 1024  # a line longer than this cannot be a counts line we need
+
+# After a quoted "usage": a key (a "usage" inside a JSON string is escaped, \"usage\") whose
+# value is not null.
+_USAGE_VALUE = re.compile(rb"\s*:\s*(?!null\b)")
+
+
+def _first_mark(data: bytes) -> int:
+    """Where an SSE reply starts to matter for accounting: the first "usage" key with a value
+    other than null, or the end marker; -1 when neither. bytes.find, not a regex search: a
+    whole reply can arrive in one read, and a regex alternation scans it byte by byte."""
+    done = data.find(b"[DONE]")
+    at = data.find(b'"usage"')
+    while at >= 0 and (done < 0 or at < done):
+        if _USAGE_VALUE.match(data, at + 7):
+            return at
+        at = data.find(b'"usage"', at + 7)
+    return done
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +127,16 @@ class SseScanner:
         self.done = False
 
     def feed(self, chunk: bytes) -> bytes:
+        if (
+            not self._pending
+            and chunk.endswith(b"\n\n")
+            and b"\r" not in chunk
+            and b'"usage"' not in chunk
+            and b"[DONE]" not in chunk
+        ):
+            return chunk  # whole events, nothing to count or strip: the usual token chunk
         data = self._pending + chunk if self._pending else chunk
-        if b"\r\n" in data:
+        if b"\r" in data:  # (one byte: memchr; a two-byte search is 25x slower here)
             # Normalised before looking for the blank line: a CRLF stream cut between the
             # two line ends of an event ("...\n" already normalised + "\r\n") still ends it.
             data = data.replace(b"\r\n", b"\n")
@@ -119,10 +145,15 @@ class SseScanner:
             return b""
         cut = data.rfind(b"\n\n") + 2
         complete, self._pending = data[:cut], data[cut:]
-        if b'"usage"' not in complete and b"[DONE]" not in complete:
-            return complete
-        kept: list[bytes] = []
-        for event in complete.split(b"\n\n"):
+        mark = _first_mark(complete)
+        if mark < 0:
+            return complete  # nothing to count, or only "usage": null (sent in every chunk by some)
+        # The events before the first one that matters pass as they are: under load one read
+        # holds a whole reply, and only its last events need looking into.
+        at = complete.rfind(b"\n\n", 0, mark)
+        start = at + 2 if at >= 0 else 0
+        kept: list[bytes] = [complete[:start]]
+        for event in complete[start:].split(b"\n\n"):
             if not event:
                 continue
             if self._inspect(event):
