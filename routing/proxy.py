@@ -245,9 +245,9 @@ class ProxyStream:
         self.path = path
         self.closed = False
         self.finished = False  # the upstream ended normally
+        self.gap_watch = upstream.GapWatch(response, settings.ROUTER_READ_TIMEOUT)
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        # The gap between chunks is bounded by the socket read timeout (set_gap_timeout).
         read = self.response.content.readany
         feed = self.relay.feed
         try:
@@ -270,6 +270,7 @@ class ProxyStream:
         if self.closed:
             return
         self.closed = True
+        self.gap_watch.cancel()
         ep, model = self.lease.endpoint, self.lease.model
         try:
             if self.finished:

@@ -66,14 +66,58 @@ def proxy_timeout() -> aiohttp.ClientTimeout:
     return _proxy_timeouts[1]
 
 
-def set_gap_timeout(response: aiohttp.ClientResponse, seconds: float) -> None:
-    """Once the head arrived, the socket read timeout becomes the allowed gap between chunks
-    (aiohttp re-arms it on every read, so no timer of our own is needed per chunk)."""
+def set_gap_timeout(response: aiohttp.ClientResponse, seconds: float | None) -> None:
+    """Once the head arrived, the socket read timeout becomes the allowed gap while a whole
+    reply's body is read (aiohttp re-arms it on every read); None turns it off (a stream is
+    watched by GapWatch instead). The next request on the connection sets its own."""
     connection = response.connection
     if connection is not None and connection.protocol is not None:
         connection.protocol.read_timeout = seconds
         if not response.content.is_eof():
             connection.protocol.start_timeout()  # re-arm now: the old timer had the long wait
+
+
+class GapWatch:
+    """Ends a streamed reply whose backend went silent for `gap` seconds, with one timer per
+    reply. aiohttp's own socket read timeout cancels a timer and makes a new one on every
+    read, which for a stream is every token.
+
+    The timer looks every gap/4 whether bytes arrived since it last looked. Silence only
+    counts while the router is waiting for bytes: when some are buffered and unread (the
+    client is slow and the upstream paused by flow control), the backend is not stalled.
+    A stall fails the pending read with aiohttp's own SocketTimeoutError, so it is reported
+    as any read timeout is; detection comes between gap and 1.25 x gap after the last byte.
+    """
+
+    __slots__ = ("_content", "_gap", "_handle", "_loop", "_quiet_since", "_seen")
+
+    def __init__(self, response: aiohttp.ClientResponse, gap: float) -> None:
+        set_gap_timeout(response, None)  # no per-read timer from here on
+        self._content = response.content
+        self._gap = gap
+        self._loop = asyncio.get_running_loop()
+        self._seen = self._content.total_bytes
+        self._quiet_since = self._loop.time()
+        self._handle: asyncio.TimerHandle | None = self._loop.call_later(gap / 4, self._check)
+
+    def _check(self) -> None:
+        content, now = self._content, self._loop.time()
+        if content.is_eof() or content.exception() is not None:
+            self._handle = None
+            return
+        if content.total_bytes != self._seen or content._size > 0:  # progress, or we are behind
+            self._seen = content.total_bytes
+            self._quiet_since = now
+        elif now - self._quiet_since >= self._gap:
+            self._handle = None
+            content.set_exception(aiohttp.SocketTimeoutError(f"no data from the backend for {self._gap:g} s"))
+            return
+        self._handle = self._loop.call_later(self._gap / 4, self._check)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 def set_transport_factory(factory: TransportFactory | None) -> None:

@@ -8,6 +8,7 @@ state right after the fault and the recovery a little later.
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 
@@ -15,6 +16,7 @@ import httpx
 import pytest
 
 from bench.fake_backend import run_in_thread
+from tests.conftest import start_router
 from tests.reliability.support import (
     MODEL_KEY,
     PROMPT_TOKENS,
@@ -202,3 +204,29 @@ def test_it_marks_a_vanished_backend_failing_and_recovers_when_it_returns_on_the
     finally:
         back.stop()
     wait_db_totals(Totals(2 * PROMPT_TOKENS, 16, 2, 0))
+
+
+@pytest.mark.parametrize("server_kind", ["daphne", "uvicorn"])
+def test_a_client_reading_slowly_is_not_a_stalled_backend(
+    server_kind, fakes, endpoint, transactional_db, tmp_path
+):
+    # uvicorn waits for a slow client before taking the next chunk, so the upstream is paused
+    # by flow control and sends nothing for seconds: that must not count as its stall.
+    tokens = 60_000  # about 7 MB, more than the socket buffers hold
+    fake = fakes(models=[MODEL_KEY], tokens=tokens)
+    endpoint(fake.url, name="solo", max_concurrent_connections=1)
+    server = start_router(tmp_path, server=server_kind, ROUTER_READ_TIMEOUT="1", **RECOVERY)
+    try:
+        slow = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        slow.request("POST", "/api/chat", body=json.dumps(chat_body(stream=True)))
+        time.sleep(3)  # three read timeouts without reading a byte
+        response = slow.getresponse()
+        assert response.status == 200
+        lines = response.read().splitlines()
+        slow.close()
+        final = json.loads(lines[-1])
+        assert (final.get("done"), final.get("eval_count")) == (True, tokens), lines[-1][:300]
+        assert len(lines) == tokens + 1
+        assert endpoint_up(server, "solo") == 1
+    finally:
+        server.stop()
