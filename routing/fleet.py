@@ -205,11 +205,9 @@ async def gather_loaded(endpoints: list[EndpointInfo]) -> list[ModelList]:
     return found
 
 
-async def candidates_for(model: str, *, ollama_only: bool = False) -> Lookup:
+async def candidates_for(model: str) -> Lookup:
     key = model_key(model)
     endpoints = await registry.enabled()
-    if ollama_only:
-        endpoints = tuple(ep for ep in endpoints if ep.is_ollama)
     matches: list[tuple[EndpointInfo, str]] = []
     reachable = 0
     failing_with_model = 0

@@ -74,12 +74,19 @@ async def embed(request: HttpRequest) -> HttpResponseBase:
 
 @methods("POST")
 async def embeddings(request: HttpRequest) -> HttpResponseBase:
-    """The legacy embeddings route: no counts in its reply, Ollama servers only."""
+    """The legacy embeddings route. An Ollama server's reply carries no counts (nothing is
+    recorded for it); an OpenAI-compatible server's carries usage, which is counted."""
     data = parse_object(request.body)
     model = require_model(data)
     expect_types(data, prompt=str, options=dict)
-    plan = _passthrough("/api/embeddings", request.body, False, counted=False)
-    return await proxy.forward(request.path, model=model, plan=plan, ollama_only=True)
+    direct = _passthrough("/api/embeddings", request.body, False, counted=False)
+
+    def plan(cand: Candidate) -> Attempt:
+        if cand.endpoint.is_ollama:
+            return direct(cand)
+        return translate.plan_for_openai_backend("/api/embeddings", data, False, cand)
+
+    return await proxy.forward(request.path, model=model, plan=plan)
 
 
 @methods("POST")

@@ -54,11 +54,10 @@ async def forward(
     *,
     model: str,
     plan: Planner,
-    ollama_only: bool = False,
     metered: bool = True,
 ) -> HttpResponse | StreamingHttpResponse:
     """Route one request. `metered=False` is for metadata calls (show) that take no slot."""
-    lookup = await fleet.candidates_for(model, ollama_only=ollama_only)
+    lookup = await fleet.candidates_for(model)
     if not lookup.candidates:
         if lookup.failing_with_model:
             raise ApiError(503, f"every endpoint serving '{model}' is failing; try again", retry_after=5)

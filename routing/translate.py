@@ -284,10 +284,31 @@ def _embed_body(model: str):  # type: ignore[no-untyped-def]
     return read
 
 
+def _legacy_embedding_body(body: bytes) -> tuple[bytes, Counts | None]:
+    """/embeddings reply -> the legacy /api/embeddings shape: one vector, no counts field
+    (the counts still come from the reply's usage)."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return body, None
+    items = obj.get("data") if isinstance(obj, dict) else None
+    if not isinstance(items, list) or not items or not isinstance(items[0], dict):
+        return body, None
+    return json.dumps({"embedding": items[0].get("embedding", [])}).encode(), openai_counts(obj)
+
+
 def plan_for_openai_backend(path: str, data: dict[str, Any], stream: bool, cand: Candidate) -> Attempt:
     base = cand.endpoint.openai_base
     model = cand.backend_model
     client_model = str(data.get("model"))
+    if path == "/api/embeddings":
+        return Attempt(
+            url=base + "/embeddings",
+            body=json.dumps({"model": model, "input": data.get("prompt", "")}).encode(),
+            relay=lambda: ChatFromSse(client_model, "message"),
+            read_body=_legacy_embedding_body,
+            stream=False,
+        )
     if path == "/api/embed":
         body = {"model": model, "input": data.get("input", "")}
         return Attempt(

@@ -9,6 +9,8 @@ import ollama
 import openai
 import pytest
 
+from tests.reliability.support import Totals, wait_db_totals
+
 KEY = "sk-llama-server-key"
 TOOLS = [
     {
@@ -145,6 +147,18 @@ def test_it_serves_an_openai_only_model_to_the_ollama_client(mixed):
     assert generated.done and generated.response
     embedded = client.embed(model="qwen-coder", input="hello world")
     assert len(embedded.embeddings) == 1 and embedded.prompt_eval_count
+
+
+def test_it_serves_the_legacy_embeddings_route_from_an_openai_only_model(mixed):
+    _, llama_cpp, server, _ = mixed
+    client = ollama.Client(host=server.url)
+    legacy = client.embeddings(model="qwen-coder", prompt="hello big world")
+    modern = client.embed(model="qwen-coder", input="hello big world")
+    assert list(legacy.embedding) == list(modern.embeddings[0]) and len(legacy.embedding) > 0
+    sent = llama_cpp.stats.bodies_for("/v1/embeddings")[-2]
+    assert sent["input"] == "hello big world" and sent["model"] == "qwen-coder"
+    # Unlike an Ollama server's legacy reply, this one carries usage: both calls are counted.
+    wait_db_totals(Totals(input=6, output=0, requests=2, incomplete=0), llama_cpp.url + "/v1")
 
 
 def test_it_translates_tool_calls_for_the_ollama_client(mixed):
