@@ -6,8 +6,8 @@ from __future__ import annotations
 from django.db import models
 
 
-class TokenTotal(models.Model):
-    """Running totals per (endpoint, model), incremented atomically by every flush."""
+class TokenCounts(models.Model):
+    """The counts every token table keeps, per endpoint url and model."""
 
     endpoint = models.CharField(max_length=500)
     model = models.CharField(max_length=500)
@@ -15,6 +15,14 @@ class TokenTotal(models.Model):
     output_tokens = models.BigIntegerField(default=0)
     total_tokens = models.BigIntegerField(default=0)
     requests = models.BigIntegerField(default=0)
+
+    class Meta:
+        abstract = True
+
+
+class TokenTotal(TokenCounts):
+    """Running totals per (endpoint, model), incremented atomically by every flush."""
+
     incomplete = models.BigIntegerField(default=0, help_text="Requests that ended without counts.")
 
     class Meta:
@@ -27,15 +35,9 @@ class TokenTotal(models.Model):
         return f"{self.model} on {self.endpoint}: {self.total_tokens} tokens"
 
 
-class TokenTimeSeries(models.Model):
+class TokenTimeSeries(TokenCounts):
     """Tokens per (endpoint, model, UTC minute)."""
 
-    endpoint = models.CharField(max_length=500)
-    model = models.CharField(max_length=500)
-    input_tokens = models.BigIntegerField(default=0)
-    output_tokens = models.BigIntegerField(default=0)
-    total_tokens = models.BigIntegerField(default=0)
-    requests = models.BigIntegerField(default=0)
     timestamp = models.DateTimeField(help_text="Start of the UTC minute.")
 
     class Meta:
@@ -55,15 +57,9 @@ class TokenTimeSeries(models.Model):
         return f"{self.timestamp:%Y-%m-%d %H:%M} {self.model} on {self.endpoint}: {self.total_tokens}"
 
 
-class TokenDaily(models.Model):
+class TokenDaily(TokenCounts):
     """Time-series rows older than the retention window, folded into one row per UTC day."""
 
-    endpoint = models.CharField(max_length=500)
-    model = models.CharField(max_length=500)
-    input_tokens = models.BigIntegerField(default=0)
-    output_tokens = models.BigIntegerField(default=0)
-    total_tokens = models.BigIntegerField(default=0)
-    requests = models.BigIntegerField(default=0)
     day = models.DateField()
 
     class Meta:
