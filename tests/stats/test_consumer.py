@@ -78,6 +78,9 @@ async def live(transactional_db: None, gpu: Any) -> AsyncIterator[EndpointInfo]:
     while publisher.published == before:  # the publisher loop runs and has published once
         assert time.monotonic() < deadline, "the publisher did not start"
         await asyncio.sleep(0.02)
+    while caches.advertised.peek(gpu.id) is None:  # and the fleet upkeep has probed the endpoint
+        assert time.monotonic() < deadline, "the endpoint was never probed"
+        await asyncio.sleep(0.02)
     (info,) = [ep for ep in await registry.all() if ep.id == gpu.id]
     yield info
     # Wait for a flush that may be running in a worker thread (and write what is left),
