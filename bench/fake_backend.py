@@ -295,6 +295,42 @@ class FakeStats:
 # --------------------------------------------------------------------------- helpers
 
 
+def _oa_usage(prompt_tokens: int, n: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+
+
+def _oa_whole(
+    cid: str, obj: str, created: int, name: str, choice: dict[str, Any], usage: dict[str, int]
+) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "object": obj,
+        "created": created,
+        "model": name,
+        "system_fingerprint": "fp_fake",
+        "choices": [choice],
+        "usage": usage,
+    }
+
+
+def _oa_head(cid: str, obj: str, created: int, name: str) -> bytes:
+    """The start of every SSE event of one reply, up to its "choices"."""
+    return (b'data: {"id":"%s","object":"%s","created":%d,"model":%s,"system_fingerprint":"fp_fake",') % (
+        cid.encode(),
+        obj.encode(),
+        created,
+        _jb(name),
+    )
+
+
+def _oa_end(head: bytes, last_choice: bytes, usage: dict[str, int] | None) -> bytes:
+    """The finishing event, the usage-only event when asked for, and [DONE]."""
+    final = head + b'"choices":[' + last_choice + b"]}\n\n"
+    if usage is not None:
+        final += head + b'"choices":[],"usage":' + _jb(usage) + b"}\n\n"
+    return final + b"data: [DONE]\n\n"
+
+
 def _count_words(value: Any) -> int:
     """Whitespace-separated words in a prompt / message content (parts, token ids)."""
     if isinstance(value, str):
@@ -1096,6 +1132,29 @@ class FakeBackend:
         opts = body.get("stream_options")
         return isinstance(opts, dict) and opts.get("include_usage") is True
 
+    async def _oa_serve(
+        self,
+        request: web.BaseRequest,
+        model: str,
+        chunks: list[bytes] | None,
+        final: bytes | dict[str, Any],
+        steps: int,
+        usage: dict[str, int] | None,
+    ) -> web.StreamResponse:
+        """A whole reply (chunks None, final the JSON object) or an SSE stream; `usage` is
+        what the reply reports (None: a stream without the usage chunk reports nothing)."""
+        reported = (usage["prompt_tokens"], usage["completion_tokens"]) if usage else (0, 0)
+        return await self._serve(
+            request,
+            model,
+            content_type=_JSON if chunks is None else _SSE,
+            chunks=chunks,
+            final=final if isinstance(final, bytes) else _jb(final),
+            steps=steps,
+            reported=reported,
+            openai_errors=True,
+        )
+
     async def _oa_chat(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
         checked = self._oa_check_model(body)
         if isinstance(checked, web.Response):
@@ -1106,11 +1165,7 @@ class FakeBackend:
         tool = None if body.get("tool_choice") == "none" else _tool_name(body.get("tools"))
         think = REASONING_CHUNKS if _wants_reasoning(body) else 0
         finish = "tool_calls" if tool is not None else ("length" if truncated else "stop")
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": n,
-            "total_tokens": prompt_tokens + n,
-        }
+        usage = _oa_usage(prompt_tokens, n)
         cid = f"chatcmpl-{next(_ids)}"
         created = int(time.time())
         call_id = f"call_{cid[9:]}"
@@ -1127,36 +1182,11 @@ class FakeBackend:
                         "function": {"name": tool, "arguments": _TOOL_ARGS_STR},
                     }
                 ]
-            reply = {
-                "id": cid,
-                "object": "chat.completion",
-                "created": created,
-                "model": name,
-                "system_fingerprint": "fp_fake",
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": message,
-                        "logprobs": None,
-                        "finish_reason": finish,
-                    }
-                ],
-                "usage": usage,
-            }
-            return await self._serve(
-                request,
-                model,
-                content_type=_JSON,
-                chunks=None,
-                final=_jb(reply),
-                steps=think + (2 if tool is not None else n),
-                reported=(prompt_tokens, n),
-                openai_errors=True,
-            )
-        head = (
-            b'data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,'
-            b'"system_fingerprint":"fp_fake",'
-        ) % (cid.encode(), created, _jb(name))
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+            reply = _oa_whole(cid, "chat.completion", created, name, choice, usage)
+            steps = think + (2 if tool is not None else n)
+            return await self._oa_serve(request, model, None, reply, steps, usage)
+        head = _oa_head(cid, "chat.completion.chunk", created, name)
         open_delta = head + b'"choices":[{"index":0,"delta":{'
         close = b'},"logprobs":null,"finish_reason":null}]}\n\n'
         role = b'"role":"assistant",'
@@ -1187,23 +1217,10 @@ class FakeBackend:
         else:
             for i in range(n):
                 chunks.append(open_delta + (role if not chunks else b"") + b'"content":"tok%d "' % i + close)
-        final = head + b'"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"%s"}]}\n\n' % (
-            finish.encode()
-        )
-        include_usage = self._include_usage(body)
-        if include_usage:
-            final += head + b'"choices":[],"usage":' + _jb(usage) + b"}\n\n"
-        final += b"data: [DONE]\n\n"
-        return await self._serve(
-            request,
-            model,
-            content_type=_SSE,
-            chunks=chunks,
-            final=final,
-            steps=len(chunks),
-            reported=(prompt_tokens, n) if include_usage else (0, 0),
-            openai_errors=True,
-        )
+        last = b'{"index":0,"delta":{},"logprobs":null,"finish_reason":"%s"}' % finish.encode()
+        reported = usage if self._include_usage(body) else None
+        final = _oa_end(head, last, reported)
+        return await self._oa_serve(request, model, chunks, final, len(chunks), reported)
 
     async def _oa_completions(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
         checked = self._oa_check_model(body)
@@ -1213,65 +1230,22 @@ class FakeBackend:
         prompt_tokens = _count_words(body.get("prompt")) + 1
         n, truncated = self._oa_limit(self.config.tokens, body)
         finish = "length" if truncated else "stop"
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": n,
-            "total_tokens": prompt_tokens + n,
-        }
+        usage = _oa_usage(prompt_tokens, n)
         cid = f"cmpl-{next(_ids)}"
         created = int(time.time())
         if body.get("stream") is not True:
-            reply = {
-                "id": cid,
-                "object": "text_completion",
-                "created": created,
-                "model": name,
-                "system_fingerprint": "fp_fake",
-                "choices": [
-                    {
-                        "text": _content(n),
-                        "index": 0,
-                        "logprobs": None,
-                        "finish_reason": finish,
-                    }
-                ],
-                "usage": usage,
-            }
-            return await self._serve(
-                request,
-                model,
-                content_type=_JSON,
-                chunks=None,
-                final=_jb(reply),
-                steps=n,
-                reported=(prompt_tokens, n),
-                openai_errors=True,
-            )
-        head = (
-            b'data: {"id":"%s","object":"text_completion","created":%d,"model":%s,'
-            b'"system_fingerprint":"fp_fake",'
-        ) % (cid.encode(), created, _jb(name))
+            choice = {"text": _content(n), "index": 0, "logprobs": None, "finish_reason": finish}
+            reply = _oa_whole(cid, "text_completion", created, name, choice, usage)
+            return await self._oa_serve(request, model, None, reply, n, usage)
+        head = _oa_head(cid, "text_completion", created, name)
         chunks = [
             head + b'"choices":[{"text":"tok%d ","index":0,"logprobs":null,"finish_reason":null}]}\n\n' % i
             for i in range(n)
         ]
-        final = head + b'"choices":[{"text":"","index":0,"logprobs":null,"finish_reason":"%s"}]}\n\n' % (
-            finish.encode()
-        )
-        include_usage = self._include_usage(body)
-        if include_usage:
-            final += head + b'"choices":[],"usage":' + _jb(usage) + b"}\n\n"
-        final += b"data: [DONE]\n\n"
-        return await self._serve(
-            request,
-            model,
-            content_type=_SSE,
-            chunks=chunks,
-            final=final,
-            steps=n,
-            reported=(prompt_tokens, n) if include_usage else (0, 0),
-            openai_errors=True,
-        )
+        last = b'{"text":"","index":0,"logprobs":null,"finish_reason":"%s"}' % finish.encode()
+        reported = usage if self._include_usage(body) else None
+        final = _oa_end(head, last, reported)
+        return await self._oa_serve(request, model, chunks, final, n, reported)
 
     async def _oa_embeddings(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
         checked = self._oa_check_model(body)
