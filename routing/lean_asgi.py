@@ -53,8 +53,8 @@ class ProxyRequest(HttpRequest):
     """What a proxy view reads of its request: method, path, body and query string.
 
     Django's ASGIRequest copies every header into META and builds its query dicts up
-    front (about 20 us a request); the proxy views need none of that, so this request
-    fills in only what they read and parses the query string only when asked.
+    front (about 4 us a request here, against 0.2); the proxy views need none of that, so
+    this request fills in only what they read and parses the query string only when asked.
     """
 
     def __init__(self, scope: Scope, body: bytes) -> None:

@@ -8,6 +8,7 @@ Updates are plain dict operations on the event loop thread; rendering copies und
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import socket
 import threading
@@ -29,8 +30,12 @@ def _labels(key: LabelKey) -> str:
 
 def _num(value: float) -> str:
     """Exact: a token counter in the millions must not be rounded to six digits (`:g` did)."""
-    if value == int(value) and abs(value) < 2**53:
+    if isinstance(value, int) or (math.isfinite(value) and value.is_integer() and abs(value) < 2**53):
         return str(int(value))
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
     return repr(float(value))
 
 

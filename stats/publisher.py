@@ -70,11 +70,11 @@ class Publisher:
             return  # the pending snapshot is built after this change: it includes it
         self._dirty = True
         wake, loop = self._wake, self._loop
-        if wake is None or loop is None:
+        if wake is None or loop is None or loop.is_closed():
             return
         if threading.get_ident() == self._loop_thread:
             wake.set()
-        elif not loop.is_closed():
+        else:
             loop.call_soon_threadsafe(wake.set)
 
     def subscribe(self) -> Subscriber:

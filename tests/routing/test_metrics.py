@@ -42,3 +42,8 @@ def test_counter_values_are_rendered_exactly() -> None:
     lines = [line for line in counter.render() if not line.startswith("#")]
     assert f't_tokens_total{{instance="{metrics.INSTANCE}",direction="input"}} 12345678' in lines
     assert f't_tokens_total{{instance="{metrics.INSTANCE}",direction="output"}} 0.25' in lines
+
+
+def test_numbers_are_rendered_the_way_prometheus_reads_them() -> None:
+    assert [metrics._num(v) for v in (5, 5.0, 0.25, 12_345_678.0)] == ["5", "5", "0.25", "12345678"]
+    assert [metrics._num(v) for v in (float("inf"), float("-inf"), float("nan"))] == ["+Inf", "-Inf", "NaN"]
