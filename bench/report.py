@@ -461,7 +461,8 @@ sent an earlier round of tuning after costs that A/B runs then showed were not t
 What is left is mostly per HTTP chunk inside aiohttp: a streamed reply arrives chunk-encoded,
 one chunk per token, and for each one aiohttp's parser calls `feed_data` and
 `end_http_chunk_receiving`, and `readany()` pops it again with `_read_nowait_chunk`, all in
-Python: roughly 2-3 us a token even when a whole reply arrives in one read. That, and not the
+Python: roughly 2 us a token even when a whole reply arrives in one read (aiohttp 3.14 added
+a parser re-feed per chunk on top, hence the pin to 3.13 below). That, and not the
 router's relay, is most of the gap between the streamed and whole replies in the CPU table
 above. Going below it would need an upstream client of our own (an asyncio protocol on
 httptools); not done.
@@ -509,6 +510,14 @@ Changes made from these measurements:
   gap timer per stream instead of aiohttp's re-armed timer per read, include_usage appended
   to the client's bytes: each measurably cheaper in isolation (an SSE reply read at once
   22 -> 14 us), but within the noise of an A/B run (1-3%); kept because they cost nothing.
+- `requirements.txt`: aiohttp pinned to 3.13.5 instead of 3.14.5. Found with cProfile on the
+  router in process: aiohttp 3.14's StreamReader calls `resume_reading()` after every HTTP
+  chunk it hands out, paused or not, and that re-feeds the parser (`data_received(b"")`): 34
+  extra call chains per streamed reply of 32 tokens. 3.13 makes the call only when reading
+  was paused. Side by side under uvicorn (same code, two virtualenvs, 3 rounds): router CPU
+  per request, streaming `/api/chat` c=32 0.36-0.37 -> 0.33 ms, streaming
+  `/v1/chat/completions` c=32 0.39 -> 0.35 ms, whole replies c=32 0.25 -> 0.24 ms, whole c=1
+  0.46 -> 0.43-0.44 ms; `/v1` streaming went from 0.49-0.50 to 0.53-0.54 of direct.
 - Tried and dropped: running daphne's Twisted reactor on uvloop: 3 to 8% less CPU, not worth
   a launcher of our own in front of daphne's.
 """
