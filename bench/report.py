@@ -611,7 +611,11 @@ def markdown(results: dict[str, Any]) -> str:
                     f"daphne {v['daphne']} (Twisted {v['Twisted']}), uvicorn {v['uvicorn']}, "
                     f"Django {v['Django']}",
                 ],
-                ["upstream client", f"httpx {v['httpx']} over aiohttp {v['aiohttp']} (httpx-aiohttp)"],
+                [
+                    "upstream client",
+                    f"aiohttp {v['aiohttp']} for proxied requests; httpx {v['httpx']} over it"
+                    " (httpx-aiohttp) for probes and fan-out",
+                ],
                 [
                     "load average (1, 5, 15 min)",
                     f"start {', '.join(f'{x:.2f}' for x in m['loadavg_start'])}; "
