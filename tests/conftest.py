@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,9 +23,9 @@ import httpx
 import pytest
 
 from bench.fake_backend import FakeConfig, ThreadedFake, run_in_thread
+from bench.procs import router_command
 
 REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="session")
@@ -120,18 +119,7 @@ def start_router(tmp_path: Path, *, server: str = "daphne", **env: str) -> Route
     }
     full_env.pop("DJANGO_SETTINGS_MODULE", None)
     log_path = tmp_path / f"router-{port}.log"
-    if server == "uvicorn":
-        cmd = [
-            str(VENV_BIN / "uvicorn"),
-            "nomyo_site.asgi:application",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-        ]
-    else:
-        cmd = [str(VENV_BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "nomyo_site.asgi:application"]
+    cmd = router_command(server, port)  # as `make run` (daphne) and `make serve-uvicorn` start it
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     router = RouterProcess(port, proc, log_path, env)
