@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from bench import loadgen, procs
-from bench.run import OLLAMA_MODEL, OPENAI_MODEL, Scenario, ensure_wrk, raise_fd_limit
+from bench.run import Scenario, ensure_wrk, fast_fake_endpoints, raise_fd_limit, start_fast_fakes
 
 REPO = procs.REPO
 
@@ -58,32 +58,11 @@ def main(argv: list[str] | None = None) -> int:
             head_checkout(tree_a)
         log_dir = work / "logs"
         try:
-            fakes = {
-                "ollama": procs.start_fake(
-                    "fake-ollama",
-                    kind="ollama",
-                    models=[OLLAMA_MODEL],
-                    tokens=args.tokens,
-                    delay=0,
-                    log_dir=log_dir,
-                ),
-                "openai": procs.start_fake(
-                    "fake-openai",
-                    kind="openai",
-                    models=[OPENAI_MODEL],
-                    tokens=args.tokens,
-                    delay=0,
-                    log_dir=log_dir,
-                ),
-            }
+            fakes = start_fast_fakes(tokens=args.tokens, delay=0, log_dir=log_dir)
             started += fakes.values()
             db = f"sqlite:///{log_dir}/ab.sqlite3"
             procs.manage("migrate", "--noinput", "-v", "0", database_url=db)
-            spec = [
-                {"name": "fake-ollama", "url": fakes["ollama"].url, "kind": "ollama", "limit": 64},
-                {"name": "fake-openai", "url": fakes["openai"].url + "/v1", "kind": "openai", "limit": 64},
-            ]
-            procs.dbtool("endpoints", json.dumps(spec), database_url=db)
+            procs.dbtool("endpoints", json.dumps(fast_fake_endpoints(fakes)), database_url=db)
             routers = {}
             for name, tree in (("A", tree_a), ("B", args.b)):
                 routers[name] = procs.start_router(

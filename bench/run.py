@@ -156,6 +156,29 @@ def parse_args(argv: list[str] | None) -> Options:
     return opts
 
 
+def start_fast_fakes(*, tokens: int, delay: float, log_dir: Path) -> dict[str, procs.Proc]:
+    """The two fast fake backends every throughput comparison uses: Ollama and OpenAI kinds."""
+    return {
+        kind: procs.start_fake(
+            f"fake-{kind}",
+            kind=kind,
+            models=[OLLAMA_MODEL if kind == "ollama" else OPENAI_MODEL],
+            tokens=tokens,
+            delay=delay,
+            log_dir=log_dir,
+        )
+        for kind in ("ollama", "openai")
+    }
+
+
+def fast_fake_endpoints(fakes: dict[str, procs.Proc]) -> list[dict[str, Any]]:
+    """Their endpoint rows; a limit of 64 so the router's own queue never holds a request."""
+    return [
+        {"name": "fake-ollama", "url": fakes["ollama"].url, "kind": "ollama", "limit": 64},
+        {"name": "fake-openai", "url": fakes["openai"].url + "/v1", "kind": "openai", "limit": 64},
+    ]
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -279,26 +302,8 @@ class Bench:
             f"fake backends: {o.tokens} tokens/reply, {o.delay:g} s/token; "
             f"slow: {o.slow_tokens} x {o.slow_delay:g} s"
         )
-        self.fakes["ollama"] = self._track(
-            procs.start_fake(
-                "fake-ollama",
-                kind="ollama",
-                models=[OLLAMA_MODEL],
-                tokens=o.tokens,
-                delay=o.delay,
-                log_dir=self.log_dir,
-            )
-        )
-        self.fakes["openai"] = self._track(
-            procs.start_fake(
-                "fake-openai",
-                kind="openai",
-                models=[OPENAI_MODEL],
-                tokens=o.tokens,
-                delay=o.delay,
-                log_dir=self.log_dir,
-            )
-        )
+        for kind, fake in start_fast_fakes(tokens=o.tokens, delay=o.delay, log_dir=self.log_dir).items():
+            self.fakes[kind] = self._track(fake)
         if "slow" in o.only:
             self.fakes["slow"] = self._track(
                 procs.start_fake(
@@ -315,10 +320,7 @@ class Bench:
         db = self.log_dir / "router.sqlite3"
         url = f"sqlite:///{db}"
         procs.manage("migrate", "--noinput", "-v", "0", database_url=url)
-        spec = [
-            {"name": "fake-ollama", "url": self.fakes["ollama"].url, "kind": "ollama", "limit": 64},
-            {"name": "fake-openai", "url": self.fakes["openai"].url + "/v1", "kind": "openai", "limit": 64},
-        ]
+        spec = fast_fake_endpoints(self.fakes)
         if "slow" in self.fakes:
             limit = max(64, self.opts.slow_streams + 100)
             spec.append(
