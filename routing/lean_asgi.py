@@ -88,7 +88,7 @@ class ProxyHandler:
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         lifecycle.ensure_started()
         path: str = scope["path"]
-        request_id = _header(scope, b"x-request-id") or os.urandom(8).hex()
+        request_id = (_header(scope, b"x-request-id") or "")[:64] or os.urandom(8).hex()
         started = time.perf_counter()
         try:
             body = await self._read_body(receive)
@@ -199,7 +199,7 @@ class ProxyHandler:
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key == name:
-            return str(value.decode("latin-1"))[:64]
+            return str(value.decode("latin-1"))
     return None
 
 
@@ -207,19 +207,12 @@ def _check_api_key(scope: Scope) -> None:
     expected = lifecycle.router_api_key()
     if not expected:
         return
-    auth = _header_full(scope, b"authorization")
+    auth = _header(scope, b"authorization")
     if not auth:
         raise ApiError(401, "missing Authorization: Bearer <router api key>")
     scheme, _, token = auth.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
         raise ApiError(403, "invalid router api key")
-
-
-def _header_full(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
 
 
 _ROUTE_LABELS = {
