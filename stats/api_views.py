@@ -61,11 +61,22 @@ def _unix(moment: datetime) -> int:
     return int(moment.timestamp())
 
 
+def _body(request: HttpRequest) -> dict[str, Any]:
+    """The JSON object body ({} when there is none), or a 400. parse_object answers 400 for
+    what it recognises; any other ValueError of the JSON decoder (an integer longer than
+    Python's 4,300-digit conversion limit) is the client's too."""
+    if not request.body.strip():
+        return {}
+    try:
+        return parse_object(request.body)
+    except ValueError as exc:
+        raise ApiError(400, f"invalid JSON: {str(exc)[:200]}") from None
+
+
 def _params(request: HttpRequest) -> dict[str, Any]:
     """Query-string parameters, overridden by a JSON object body when there is one."""
     params: dict[str, Any] = {key: request.GET.get(key) for key in request.GET}
-    if request.body.strip():
-        params.update(parse_object(request.body))
+    params.update(_body(request))
     return params
 
 
@@ -131,7 +142,13 @@ def _model_param(params: dict[str, Any]) -> str:
     model = params.get("model")
     if model is None or model == "":
         raise ApiError(400, "Missing required field 'model'")
-    if not isinstance(model, str) or len(model) > 500 or any(ord(c) < 32 for c in model):
+    if (
+        not isinstance(model, str)
+        or not model.strip()
+        or len(model) > 500
+        # control characters, and lone surrogates (valid in JSON, not storable as UTF-8)
+        or any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in model)
+    ):
         raise ApiError(400, "'model' must be a model name")
     return model
 
@@ -247,12 +264,15 @@ async def stats_csv(request: HttpRequest) -> HttpResponseBase:
 
 # -- /api/aggregate_time_series_days ---------------------------------------------------
 def _days_param(value: object) -> int:
+    """1 to rollup.MAX_DAYS, as a JSON integer or a string of ASCII digits; else a 400."""
     if value is None:
         return rollup.DEFAULT_DAYS
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ApiError(400, "'days' must be a whole number of at least 1")
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isascii() and text.isdigit() and len(text) <= 6:
+            value = int(text)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= rollup.MAX_DAYS:
+        raise ApiError(400, f"'days' must be a whole number from 1 to {rollup.MAX_DAYS}")
     return value
 
 
@@ -264,7 +284,7 @@ async def aggregate(request: HttpRequest) -> HttpResponseBase:
     added: folded_rows and cutoff. Folded rows are always moved (see stats/rollup.py), so
     trim_old changes nothing and a second call folds nothing twice.
     """
-    data = parse_object(request.body) if request.body.strip() else {}
+    data = _body(request)
     days = _days_param(data.get("days"))
     trim_old = data.get("trim_old", False)
     if trim_old is None:

@@ -1,4 +1,5 @@
 """The live usage websocket: staff only, current snapshot on connect, then every change.
+Any other websocket path is refused at the handshake (`no_route`).
 
 Every router process publishes its part to the `usage` group; each consumer keeps the
 latest part per process and sends the merged view. Sending runs in its own task with a
@@ -49,6 +50,12 @@ class UsageConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json(merge(self.parts))
         self.sender = asyncio.ensure_future(self._send_loop())
 
+    async def receive(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
+    ) -> None:
+        """The page sends nothing: whatever a client sends is ignored, never decoded (the
+        JSON consumer's default would raise on a frame that is not JSON)."""
+
     async def disconnect(self, code: int) -> None:
         sender = getattr(self, "sender", None)
         if sender is not None:
@@ -82,6 +89,15 @@ class UsageConsumer(AsyncJsonWebsocketConsumer):
                 except Exception:  # the connection is going away; disconnect() ends this task
                     log.debug("could not send a usage snapshot", exc_info=True)
             await asyncio.sleep(MIN_SEND_INTERVAL)
+
+
+async def no_route(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Every other websocket path: refused at the handshake (the server answers HTTP 403),
+    before any session or database work, and without a log line. ASGI websocket spec:
+    a `websocket.close` sent before `websocket.accept` rejects the connection."""
+    message = await receive()
+    if message.get("type") == "websocket.connect":
+        await send({"type": "websocket.close", "code": 4404})
 
 
 def _origin_ok(scope: dict[str, Any]) -> bool:
