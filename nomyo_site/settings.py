@@ -128,10 +128,19 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"one_line": {"()": "nomyo_site.log_filters.ClientErrorsOnOneLine"}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["one_line"]}
+    },
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
-    # httpx logs every upstream request at INFO; the router logs one line per request itself.
-    "loggers": {"django.channels.server": {"level": "WARNING"}, "httpx": {"level": "WARNING"}},
+    "loggers": {
+        # httpx logs every upstream request at INFO; the router logs one line per request itself.
+        "django.channels.server": {"level": "WARNING"},
+        "httpx": {"level": "WARNING"},
+        # A 4xx of the pages is in the server's access line already; django.request adds
+        # a line only for server errors. (django.security still reports refused requests.)
+        "django.request": {"level": "ERROR"},
+    },
 }
 
 # --- Router behaviour -------------------------------------------------------------
