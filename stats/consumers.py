@@ -100,6 +100,25 @@ async def no_route(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "websocket.close", "code": 4404})
 
 
+def origin_parsable(inner: Any) -> Any:
+    """ASGI wrapper: a handshake whose Origin header urllib cannot parse (`http://[`, a port
+    over 65535) is refused like an unknown path. channels' origin validator parses it
+    unguarded and would fail the handshake with a 500 and a traceback."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        for key, value in scope.get("headers", ()):
+            if key == b"origin":
+                try:
+                    parsed = urlparse(value.decode("latin-1"))
+                    _ = parsed.hostname, parsed.port
+                except ValueError:
+                    await no_route(scope, receive, send)
+                    return
+        await inner(scope, receive, send)
+
+    return app
+
+
 def _origin_ok(scope: dict[str, Any]) -> bool:
     """Same-origin pages only: the Origin's host and port must be the Host the browser
     connected to (or a CSRF-trusted origin). AllowedHostsOriginValidator, in front of

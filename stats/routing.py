@@ -8,6 +8,12 @@ from django.urls import path, re_path
 from stats import consumers
 
 websocket_urlpatterns = [
-    path("ws/usage/", AllowedHostsOriginValidator(AuthMiddlewareStack(consumers.UsageConsumer.as_asgi()))),
-    re_path(r"", consumers.no_route),  # anything else
+    path(
+        "ws/usage/",
+        consumers.origin_parsable(
+            AllowedHostsOriginValidator(AuthMiddlewareStack(consumers.UsageConsumer.as_asgi()))
+        ),
+    ),
+    # anything else (channels routes take ASGI apps; django-stubs types re_path for views)
+    re_path(r"", consumers.no_route),  # type: ignore[arg-type]
 ]
