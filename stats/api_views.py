@@ -165,8 +165,10 @@ async def stats(request: HttpRequest) -> HttpResponseBase:
     """Token statistics of one model.
 
     Body (or query string): {"model": str, "from"?: ISO 8601 | unix s, "to"?: ..., "bucket"?:
-    "minute" | "hour" | "day"}. Range defaults to the last 30 days; bucket to one sized to the
-    range. Answer, as NOMYO Router's: model, all-time input/output/total tokens, time_series
+    "minute" | "hour" | "day"}. The model in any spelling the model lists show (`m` and
+    `m:latest` are one model). Times lie between 1970-01-01 and 9999-01-01 (else a 400).
+    Range defaults to the last 30 days; bucket to one sized to the range. Answer, as NOMYO
+    Router's: model, all-time input/output/total tokens, time_series
     [{endpoint, timestamp (unix s, bucket start), input_tokens, output_tokens, total_tokens}]
     oldest first, endpoint_distribution {url: total tokens in the range}; added: requests,
     from, to, bucket and range_totals. A model never counted is a 404, as in NOMYO Router.
@@ -243,7 +245,8 @@ async def _csv_stream(
 
 @methods("GET")
 async def stats_csv(request: HttpRequest) -> HttpResponseBase:
-    """GET ?from=&to=&model= : every minute row (and rolled-up day) in the range as CSV, streamed."""
+    """GET ?from=&to=&model= : every minute row (and rolled-up day) in the range as CSV, streamed.
+    Parameters as for /api/stats; the rows keep the model name they were stored under."""
     unknown = set(request.GET) - {"from", "to", "model"}
     if unknown:
         raise ApiError(400, f"unknown parameter(s): {', '.join(sorted(unknown))}; use from, to, model")

@@ -56,15 +56,15 @@ def parse_instant(value: object, name: str) -> datetime:
     aware UTC datetime in [EARLIEST, LATEST]. Anything else raises QueryError."""
     if isinstance(value, bool) or value is None:
         raise QueryError(f"'{name}' must be an ISO 8601 time or unix seconds")
+    window = f"{EARLIEST:%Y-%m-%dT%H:%M:%SZ} and {LATEST:%Y-%m-%dT%H:%M:%SZ}"
     try:
         moment = _instant(value, name)
-    except (OverflowError, OSError, ValueError) as exc:
-        if isinstance(exc, QueryError):
-            raise
-        raise QueryError(f"'{name}' is out of range: {_shown(value)}") from None
+    except QueryError:
+        raise
+    except (OverflowError, OSError, ValueError):  # past the ends of Python's calendar
+        raise QueryError(f"'{name}' must lie between {window}: {_shown(value)}") from None
     if not EARLIEST <= moment <= LATEST:
-        window = f"{EARLIEST:%Y-%m-%dT%H:%M:%SZ} and {LATEST:%Y-%m-%dT%H:%M:%SZ}"
-        raise QueryError(f"'{name}' must lie between {window}")
+        raise QueryError(f"'{name}' must lie between {window}: {_shown(value)}")
     return moment
 
 

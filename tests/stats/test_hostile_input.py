@@ -60,6 +60,8 @@ MODEL_KEY = "gemma3-270m:latest"
 DAYS_AGO = 2
 # daphne's access line: `127.0.0.1:4711 - - [29/Nov/2026:15:00:00] "GET /x" 404 179`
 DAPHNE_ACCESS = re.compile(r'^\S+ - - \[[^\]]+\] "')
+# an access line of either path: daphne's (Django's pages) or the router's own (lean path)
+ANY_ACCESS = re.compile(DAPHNE_ACCESS.pattern + r"| INFO routing\.access ")
 
 QUERY_BUDGET = 12_000  # characters of query string per request
 BIG = "\x00big\x00"  # replaced by a 5,000-digit integer in the JSON text
@@ -161,15 +163,15 @@ def send_lean(
 
 
 def send_page(served: Served, method: str, path: str, query: str, *, staff: bool) -> httpx.Response:
-    """One request on Django's path: no 5xx, and besides daphne's access line at most
-    one line, without a traceback."""
+    """One request for a page: no 5xx, and besides the access line at most one line,
+    without a traceback."""
     log = LogSlice(served.proc)
     headers = {"Cookie": cookie_header(served.session)} if staff else {}
     url = path + ("?" + query if query else "")
     response = served.http.request(method, url, headers=headers)
     assert response.status_code < 500, (method, url, response.text[:500])
-    lines = log.wait_for(DAPHNE_ACCESS)
-    others = [line for line in lines if not DAPHNE_ACCESS.search(line)]
+    lines = log.wait_for(ANY_ACCESS)
+    others = [line for line in lines if not ANY_ACCESS.search(line)]
     assert "Traceback" not in "\n".join(lines), lines
     assert len(others) <= 1, lines
     return response
