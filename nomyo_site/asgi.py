@@ -12,11 +12,10 @@ from django.core.asgi import get_asgi_application
 
 django_app = get_asgi_application()
 
+import sys  # noqa: E402
 from typing import Any  # noqa: E402
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from routing import daphne_hooks, lifecycle  # noqa: E402
 from routing.lean_asgi import ProxyHandler, is_proxy_path  # noqa: E402
@@ -36,10 +35,35 @@ async def http_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 application = ProtocolTypeRouter(
     {
         "http": http_app,
-        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        # Origin and session checks are per route (stats/routing.py); unknown paths get a 403.
+        "websocket": URLRouter(websocket_urlpatterns),
         "lifespan": lifecycle.lifespan,
     }
 )
 
+
+def _tolerate_refused_websocket_handshakes() -> None:
+    """daphne 4.2: when autobahn refuses a websocket handshake itself (an Origin header it
+    cannot parse answers 400) daphne's onConnect never ran, and its onClose then fails on
+    the missing `server` attribute with a traceback in the log. Such a connection never
+    opened: there is nothing to close, so onClose returns."""
+    if "daphne.server" not in sys.modules:
+        return
+    from daphne.ws_protocol import WebSocketProtocol
+
+    on_close = WebSocketProtocol.onClose
+    if getattr(on_close, "_router_tolerant", False):
+        return
+
+    def tolerant_on_close(self: WebSocketProtocol, wasClean: bool, code: int, reason: str) -> None:
+        if not hasattr(self, "server"):
+            return
+        on_close(self, wasClean, code, reason)
+
+    tolerant_on_close._router_tolerant = True  # type: ignore[attr-defined]
+    WebSocketProtocol.onClose = tolerant_on_close  # type: ignore[method-assign]
+
+
 lifecycle.install_daphne_hooks()
 daphne_hooks.install()
+_tolerate_refused_websocket_handshakes()

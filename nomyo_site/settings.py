@@ -6,6 +6,8 @@ from pathlib import Path
 import django_stubs_ext
 import environ
 
+from nomyo_site.secret_key import load_or_create
+
 django_stubs_ext.monkeypatch()  # lets admin and form classes be subscripted for type checking
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -15,7 +17,10 @@ env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
 DEBUG = env.bool("DEBUG", default=False)
-SECRET_KEY = env("SECRET_KEY", default="dev-only-insecure-key-change-me")
+# Never a public default: unset, the key is generated once and kept in var/secret_key
+# (mode 0600, beside the embedded database); see nomyo_site/secret_key.py.
+VAR_DIR.mkdir(exist_ok=True)
+SECRET_KEY = env("SECRET_KEY", default="") or load_or_create(VAR_DIR / "secret_key")
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
@@ -123,10 +128,19 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"one_line": {"()": "nomyo_site.log_filters.ClientErrorsOnOneLine"}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["one_line"]}
+    },
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
-    # httpx logs every upstream request at INFO; the router logs one line per request itself.
-    "loggers": {"django.channels.server": {"level": "WARNING"}, "httpx": {"level": "WARNING"}},
+    "loggers": {
+        # httpx logs every upstream request at INFO; the router logs one line per request itself.
+        "django.channels.server": {"level": "WARNING"},
+        "httpx": {"level": "WARNING"},
+        # A 4xx of the pages is in the server's access line already; django.request adds
+        # a line only for server errors. (django.security still reports refused requests.)
+        "django.request": {"level": "ERROR"},
+    },
 }
 
 # --- Router behaviour -------------------------------------------------------------

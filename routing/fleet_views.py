@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import httpx
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 
-from routing import caches, fleet, metrics, snapshot, upstream
+from routing import caches, fleet, lifecycle, metrics, snapshot, upstream
 from routing.decorators import methods
 from routing.errors import ApiError
 from routing.names import model_key
@@ -102,19 +103,39 @@ async def version(request: HttpRequest) -> HttpResponseBase:
     return JsonResponse({"version": min(found, key=_version_tuple)})
 
 
+def _shows_detail(request: HttpRequest) -> bool:
+    """Whether /health may show per-server detail: always without a router api key; with
+    one, only to a caller that sends it (`Authorization: Bearer <key>`). /health itself
+    stays open (load balancers probe it without credentials), so a missing or wrong key
+    gets the status alone, never a 401."""
+    expected = lifecycle.router_api_key()
+    if not expected:
+        return True
+    scope = getattr(request, "scope", None)
+    if scope is not None:  # the lean path's request: headers only in the ASGI scope
+        auth = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"), "")
+    else:
+        auth = request.META.get("HTTP_AUTHORIZATION", "")
+    scheme, _, token = auth.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
+
+
 @methods("GET", "HEAD")
 async def health(request: HttpRequest) -> HttpResponseBase:
+    """200 {"status": "ok"} when at least one enabled server answers its probe, else 503
+    {"status": "error"}. With per-server detail, "endpoints": {name: {"status": "ok",
+    "version"} | {"status": "error", "error"}}, unless a router api key is set and the
+    caller did not send it (see `_shows_detail`)."""
     endpoints = await registry.enabled()
     results = await asyncio.gather(*(_probe_version(ep) for ep in endpoints))
-    detail: dict[str, dict[str, str | None]] = {
-        ep.name: {"status": "ok", "version": v} if v is not None else {"status": "error", "error": err}
-        for ep, v, err in results
-    }
     healthy = any(v is not None for _, v, _ in results)
-    return JsonResponse(
-        {"status": "ok" if healthy else "error", "endpoints": detail},
-        status=200 if healthy else 503,
-    )
+    body: dict[str, Any] = {"status": "ok" if healthy else "error"}
+    if _shows_detail(request):
+        body["endpoints"] = {
+            ep.name: {"status": "ok", "version": v} if v is not None else {"status": "error", "error": err}
+            for ep, v, err in results
+        }
+    return JsonResponse(body, status=200 if healthy else 503)
 
 
 @methods("GET")

@@ -21,6 +21,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import BadRequest, SuspiciousOperation
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, QueryDict, StreamingHttpResponse
 from django.urls import URLPattern, get_resolver
 from django.utils.functional import cached_property
@@ -171,6 +172,10 @@ class ProxyHandler:
             return await view(ProxyRequest(scope, body))
         except ApiError as err:
             return error_response(path, err)
+        except (BadRequest, SuspiciousOperation) as exc:
+            # Django's request parsing refusing the client's input (TooManyFieldsSent from
+            # a query string over DATA_UPLOAD_MAX_NUMBER_FIELDS): the client's error.
+            return error_response(path, ApiError(400, str(exc) or "bad request"))
         except Exception:
             log.exception("unexpected error on %s", path)
             return error_response(path, ApiError(500, "internal router error; see the router's log"))

@@ -61,11 +61,22 @@ def _unix(moment: datetime) -> int:
     return int(moment.timestamp())
 
 
+def _body(request: HttpRequest) -> dict[str, Any]:
+    """The JSON object body ({} when there is none), or a 400. parse_object answers 400 for
+    what it recognises; any other ValueError of the JSON decoder (an integer longer than
+    Python's 4,300-digit conversion limit) is the client's too."""
+    if not request.body.strip():
+        return {}
+    try:
+        return parse_object(request.body)
+    except ValueError as exc:
+        raise ApiError(400, f"invalid JSON: {str(exc)[:200]}") from None
+
+
 def _params(request: HttpRequest) -> dict[str, Any]:
     """Query-string parameters, overridden by a JSON object body when there is one."""
     params: dict[str, Any] = {key: request.GET.get(key) for key in request.GET}
-    if request.body.strip():
-        params.update(parse_object(request.body))
+    params.update(_body(request))
     return params
 
 
@@ -131,7 +142,13 @@ def _model_param(params: dict[str, Any]) -> str:
     model = params.get("model")
     if model is None or model == "":
         raise ApiError(400, "Missing required field 'model'")
-    if not isinstance(model, str) or len(model) > 500 or any(ord(c) < 32 for c in model):
+    if (
+        not isinstance(model, str)
+        or not model.strip()
+        or len(model) > 500
+        # control characters, and lone surrogates (valid in JSON, not storable as UTF-8)
+        or any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in model)
+    ):
         raise ApiError(400, "'model' must be a model name")
     return model
 
@@ -148,8 +165,10 @@ async def stats(request: HttpRequest) -> HttpResponseBase:
     """Token statistics of one model.
 
     Body (or query string): {"model": str, "from"?: ISO 8601 | unix s, "to"?: ..., "bucket"?:
-    "minute" | "hour" | "day"}. Range defaults to the last 30 days; bucket to one sized to the
-    range. Answer, as NOMYO Router's: model, all-time input/output/total tokens, time_series
+    "minute" | "hour" | "day"}. The model in any spelling the model lists show (`m` and
+    `m:latest` are one model). Times lie between 1970-01-01 and 9999-01-01 (else a 400).
+    Range defaults to the last 30 days; bucket to one sized to the range. Answer, as NOMYO
+    Router's: model, all-time input/output/total tokens, time_series
     [{endpoint, timestamp (unix s, bucket start), input_tokens, output_tokens, total_tokens}]
     oldest first, endpoint_distribution {url: total tokens in the range}; added: requests,
     from, to, bucket and range_totals. A model never counted is a 404, as in NOMYO Router.
@@ -226,7 +245,8 @@ async def _csv_stream(
 
 @methods("GET")
 async def stats_csv(request: HttpRequest) -> HttpResponseBase:
-    """GET ?from=&to=&model= : every minute row (and rolled-up day) in the range as CSV, streamed."""
+    """GET ?from=&to=&model= : every minute row (and rolled-up day) in the range as CSV, streamed.
+    Parameters as for /api/stats; the rows keep the model name they were stored under."""
     unknown = set(request.GET) - {"from", "to", "model"}
     if unknown:
         raise ApiError(400, f"unknown parameter(s): {', '.join(sorted(unknown))}; use from, to, model")
@@ -247,12 +267,15 @@ async def stats_csv(request: HttpRequest) -> HttpResponseBase:
 
 # -- /api/aggregate_time_series_days ---------------------------------------------------
 def _days_param(value: object) -> int:
+    """1 to rollup.MAX_DAYS, as a JSON integer or a string of ASCII digits; else a 400."""
     if value is None:
         return rollup.DEFAULT_DAYS
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ApiError(400, "'days' must be a whole number of at least 1")
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isascii() and text.isdigit() and len(text) <= 6:
+            value = int(text)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= rollup.MAX_DAYS:
+        raise ApiError(400, f"'days' must be a whole number from 1 to {rollup.MAX_DAYS}")
     return value
 
 
@@ -264,7 +287,7 @@ async def aggregate(request: HttpRequest) -> HttpResponseBase:
     added: folded_rows and cutoff. Folded rows are always moved (see stats/rollup.py), so
     trim_old changes nothing and a second call folds nothing twice.
     """
-    data = parse_object(request.body) if request.body.strip() else {}
+    data = _body(request)
     days = _days_param(data.get("days"))
     trim_old = data.get("trim_old", False)
     if trim_old is None:

@@ -1,4 +1,5 @@
 """The live usage websocket: staff only, current snapshot on connect, then every change.
+Any other websocket path is refused at the handshake (`no_route`).
 
 Every router process publishes its part to the `usage` group; each consumer keeps the
 latest part per process and sends the merged view. Sending runs in its own task with a
@@ -49,6 +50,12 @@ class UsageConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json(merge(self.parts))
         self.sender = asyncio.ensure_future(self._send_loop())
 
+    async def receive(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
+    ) -> None:
+        """The page sends nothing: whatever a client sends is ignored, never decoded (the
+        JSON consumer's default would raise on a frame that is not JSON)."""
+
     async def disconnect(self, code: int) -> None:
         sender = getattr(self, "sender", None)
         if sender is not None:
@@ -82,6 +89,34 @@ class UsageConsumer(AsyncJsonWebsocketConsumer):
                 except Exception:  # the connection is going away; disconnect() ends this task
                     log.debug("could not send a usage snapshot", exc_info=True)
             await asyncio.sleep(MIN_SEND_INTERVAL)
+
+
+async def no_route(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Every other websocket path: refused at the handshake (the server answers HTTP 403),
+    before any session or database work, and without a log line. ASGI websocket spec:
+    a `websocket.close` sent before `websocket.accept` rejects the connection."""
+    message = await receive()
+    if message.get("type") == "websocket.connect":
+        await send({"type": "websocket.close", "code": 4404})
+
+
+def origin_parsable(inner: Any) -> Any:
+    """ASGI wrapper: a handshake whose Origin header urllib cannot parse (`http://[`, a port
+    over 65535) is refused like an unknown path. channels' origin validator parses it
+    unguarded and would fail the handshake with a 500 and a traceback."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        for key, value in scope.get("headers", ()):
+            if key == b"origin":
+                try:
+                    parsed = urlparse(value.decode("latin-1"))
+                    _ = parsed.hostname, parsed.port
+                except ValueError:
+                    await no_route(scope, receive, send)
+                    return
+        await inner(scope, receive, send)
+
+    return app
 
 
 def _origin_ok(scope: dict[str, Any]) -> bool:

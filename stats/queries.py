@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from django.db.models import DateTimeField, Sum
 from django.db.models.functions import Trunc
 
+from routing.names import model_key
 from stats.models import TokenDaily, TokenTimeSeries, TokenTotal
 from stats.recorder import recorder
 
@@ -34,6 +35,11 @@ BUCKETS: dict[str, timedelta] = {
     "day": timedelta(days=1),
 }
 DEFAULT_SPAN = timedelta(days=30)  # no "from": the last 30 days, like NOMYO Router's chart
+# Every instant a client gives must lie in this window. Nothing is counted before unix
+# time 0, and the margins keep every bucket, day and default-range computation far from
+# the limits of Python's datetime (years 1 to 9999), which would otherwise overflow.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 1, 1, tzinfo=UTC)
 MAX_POINTS = 50_000  # buckets per answer; a finer bucket over a longer range is a 400
 CSV_PAGE = 5_000
 
@@ -46,9 +52,23 @@ class QueryError(ValueError):
 
 # -- parameters ----------------------------------------------------------------------
 def parse_instant(value: object, name: str) -> datetime:
-    """ISO 8601 (naive means UTC; a bare date means its midnight) or unix seconds."""
+    """ISO 8601 (naive means UTC; a bare date means its midnight) or unix seconds, as an
+    aware UTC datetime in [EARLIEST, LATEST]. Anything else raises QueryError."""
     if isinstance(value, bool) or value is None:
         raise QueryError(f"'{name}' must be an ISO 8601 time or unix seconds")
+    window = f"{EARLIEST:%Y-%m-%dT%H:%M:%SZ} and {LATEST:%Y-%m-%dT%H:%M:%SZ}"
+    try:
+        moment = _instant(value, name)
+    except QueryError:
+        raise
+    except (OverflowError, OSError, ValueError):  # past the ends of Python's calendar
+        raise QueryError(f"'{name}' must lie between {window}: {_shown(value)}") from None
+    if not EARLIEST <= moment <= LATEST:
+        raise QueryError(f"'{name}' must lie between {window}: {_shown(value)}")
+    return moment
+
+
+def _instant(value: object, name: str) -> datetime:
     if isinstance(value, str):
         text = value.strip()
         try:
@@ -59,17 +79,33 @@ def parse_instant(value: object, name: str) -> datetime:
             try:
                 parsed = datetime.fromisoformat(text)
             except ValueError:
-                raise QueryError(f"'{name}' is not an ISO 8601 time or unix seconds: {value!r}") from None
+                shown = _shown(value)
+                raise QueryError(f"'{name}' is not an ISO 8601 time or unix seconds: {shown}") from None
+            # astimezone overflows for a time near year 1 or 9999 with an offset: out of range
             return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
         value = number
-    if isinstance(value, int | float):
+    if isinstance(value, int | float) and not isinstance(value, bool):
         if not math.isfinite(value):
             raise QueryError(f"'{name}' must be a finite number of seconds")
-        try:
-            return datetime.fromtimestamp(value, tz=UTC)
-        except (OverflowError, OSError, ValueError):
-            raise QueryError(f"'{name}' is out of range: {value!r}") from None
+        return datetime.fromtimestamp(value, tz=UTC)
     raise QueryError(f"'{name}' must be an ISO 8601 time or unix seconds")
+
+
+def _shown(value: object) -> str:
+    """A client's value in an error message, cut short (a body may carry megabytes)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def spellings(model: str) -> list[str]:
+    """Every stored name of one model. `llama3` and `llama3:latest` are one model (see
+    routing/names.model_key): tokens are recorded under the key, and a client may ask with
+    either spelling the model lists show, so a query matches all of them."""
+    key = model_key(model)
+    names = {model, key}
+    if key.endswith(":latest"):
+        names.add(key.removesuffix(":latest"))
+    return sorted(names)
 
 
 def next_minute(now: datetime) -> datetime:
@@ -267,7 +303,9 @@ def recorder_pair_totals() -> dict[Pair, Counts]:
 
 
 def model_totals(model: str) -> Counts | None:
-    found = [c for (_endpoint, m), c in pair_totals().items() if m == model]
+    """All-time totals of one model, in any of its spellings; None when never counted."""
+    names = set(spellings(model))
+    found = [c for (_endpoint, m), c in pair_totals().items() if m in names]
     if not found:
         return None
     total = Counts()
@@ -278,15 +316,17 @@ def model_totals(model: str) -> Counts | None:
 
 # -- time series ---------------------------------------------------------------------
 def model_series(model: str, start: datetime, end: datetime, bucket: Bucket) -> list[Point]:
-    """Tokens of one model per (bucket, endpoint) over [start, end), oldest first.
+    """Tokens of one model (any spelling, see `spellings`) per (bucket, endpoint) over
+    [start, end), oldest first.
 
-    The minute rows are read with `WHERE model = %s AND timestamp >= %s AND timestamp < %s`,
+    The minute rows are read with `WHERE model IN (...) AND timestamp >= %s AND timestamp < %s`,
     a range scan of the (model, timestamp, endpoint) unique index, and summed per bucket
     in SQL. Rolled-up days whose midnight lies in the range are added from TokenDaily.
     """
+    names = spellings(model)
     merged: dict[tuple[datetime, str], Counts] = {}
     rows = (
-        TokenTimeSeries.objects.filter(model=model, timestamp__gte=start, timestamp__lt=end)
+        TokenTimeSeries.objects.filter(model__in=names, timestamp__gte=start, timestamp__lt=end)
         .annotate(bucket=BucketStart("timestamp", bucket))
         .values_list("bucket", "endpoint")
         .annotate(
@@ -298,7 +338,7 @@ def model_series(model: str, start: datetime, end: datetime, bucket: Bucket) -> 
         merged.setdefault((moment, endpoint), Counts()).add(inp or 0, out or 0, tot or 0, req or 0)
     first, last = daily_days(start, end)
     if first < last:
-        daily = TokenDaily.objects.filter(model=model, day__gte=first, day__lt=last).values_list(
+        daily = TokenDaily.objects.filter(model__in=names, day__gte=first, day__lt=last).values_list(
             "day", "endpoint", "input_tokens", "output_tokens", "total_tokens", "requests"
         )
         for day, endpoint, inp, out, tot, req in daily:
@@ -328,7 +368,7 @@ def csv_page(
     qs = TokenTimeSeries.objects.filter(timestamp__lt=end)
     qs = qs.filter(timestamp__gt=after) if after is not None else qs.filter(timestamp__gte=start)
     if model is not None:
-        qs = qs.filter(model=model)
+        qs = qs.filter(model__in=spellings(model))
     ordered = qs.order_by("timestamp", "endpoint", "model").values_list(*_ROW_FIELDS)
     rows = cast(list[CsvRow], list(ordered[:limit]))
     if len(rows) < limit:
@@ -348,7 +388,7 @@ def csv_daily_rows(start: datetime, end: datetime, model: str | None) -> list[Cs
         return []
     qs = TokenDaily.objects.filter(day__gte=first, day__lt=last)
     if model is not None:
-        qs = qs.filter(model=model)
+        qs = qs.filter(model__in=spellings(model))
     return [
         (day_start(day), endpoint, m, inp, out, tot, req)
         for day, endpoint, m, inp, out, tot, req in qs.order_by("day", "endpoint", "model").values_list(

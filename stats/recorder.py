@@ -1,5 +1,8 @@
 """The recorder: requests hand it their token counts; it buffers them and flushes to the database.
 
+Every finished request counts once in `requests` (totals and its minute of the time series),
+whether or not its reply reported tokens; one that reported none also counts in `incomplete`.
+
 Timestamps are computed before the buffer lock is taken (one clock read per request,
 rounded down to the UTC minute). The buffers are swapped under the lock and written
 outside it, in one transaction of atomic upserts (`col = col + excluded.col`), so several
@@ -55,16 +58,8 @@ class Recorder:
         self._listeners.append(listener)
 
     def record(self, endpoint: str, model: str, counts: Counts) -> None:
-        minute = minute_of(datetime.now(tz=UTC))  # outside the lock
-        with self._lock:
-            self._add(self._totals_buf, (endpoint, model), counts.prompt, counts.completion, 1, 0)
-            row = self._series_buf.get((endpoint, model, minute))
-            if row is None:
-                self._series_buf[(endpoint, model, minute)] = [counts.prompt, counts.completion, 1]
-            else:
-                row[0] += counts.prompt
-                row[1] += counts.completion
-                row[2] += 1
+        """One request whose reply reported its token counts."""
+        self._count(endpoint, model, counts.prompt, counts.completion, incomplete=0)
         from routing import metrics
 
         metrics.tokens.inc(counts.prompt, endpoint=endpoint, model=model, direction="input")
@@ -73,11 +68,24 @@ class Recorder:
             listener()
 
     def incomplete(self, endpoint: str, model: str) -> None:
-        """A reply that ended without counts: counted as a request, no tokens invented."""
-        with self._lock:
-            self._add(self._totals_buf, (endpoint, model), 0, 0, 0, 1)
+        """One request whose reply ended without counts (the server reported no usage, or the
+        reply was cut): counted as a request, in the totals and its minute, and in
+        `incomplete`; no tokens invented."""
+        self._count(endpoint, model, 0, 0, incomplete=1)
         for listener in self._listeners:
             listener()
+
+    def _count(self, endpoint: str, model: str, inp: int, out: int, *, incomplete: int) -> None:
+        minute = minute_of(datetime.now(tz=UTC))  # outside the lock
+        with self._lock:
+            self._add(self._totals_buf, (endpoint, model), inp, out, 1, incomplete)
+            row = self._series_buf.get((endpoint, model, minute))
+            if row is None:
+                self._series_buf[(endpoint, model, minute)] = [inp, out, 1]
+            else:
+                row[0] += inp
+                row[1] += out
+                row[2] += 1
 
     @staticmethod
     def _add(table: dict[Pair, list[int]], key: Pair, inp: int, out: int, req: int, inc: int) -> None:

@@ -30,6 +30,7 @@ from django.db import connection, transaction
 from stats.models import TokenDaily, TokenTimeSeries
 
 DEFAULT_DAYS = 30
+MAX_DAYS = 36_500  # a century: any longer keeps everything anyway (and would overflow the date)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,9 +42,10 @@ class RollupResult:
 
 
 def cutoff_for(days: int, now: datetime | None = None) -> datetime:
-    """The UTC midnight that starts the first day not yet `days` days old."""
-    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
-        raise ValueError("days must be a whole number of at least 1")
+    """The UTC midnight that starts the first day not yet `days` days old.
+    Raises ValueError unless 1 <= days <= MAX_DAYS."""
+    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_DAYS:
+        raise ValueError(f"days must be a whole number from 1 to {MAX_DAYS}")
     moment = (now or datetime.now(tz=UTC)).astimezone(UTC) - timedelta(days=days)
     return datetime.combine(moment.date(), time(0), tzinfo=UTC)
 

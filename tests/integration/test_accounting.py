@@ -110,4 +110,4 @@ def test_it_records_nothing_it_cannot_know_for_a_stream_cut_off(fakes, endpoint,
     assert '"error"' in last and "closed the connection mid-reply" in last  # a clear end for the client
     wait_until(lambda: TokenTotal.objects.filter(incomplete=1).exists(), timeout=10)
     row = TokenTotal.objects.get()
-    assert (row.input_tokens, row.output_tokens, row.requests, row.incomplete) == (0, 0, 0, 1)
+    assert (row.input_tokens, row.output_tokens, row.requests, row.incomplete) == (0, 0, 1, 1)

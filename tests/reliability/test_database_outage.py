@@ -73,12 +73,13 @@ def test_it_puts_the_counts_back_and_writes_them_exactly_once_after_a_failed_flu
     assert stored() == {}
     assert rec.totals() == {(URL, MODEL_KEY): (31, 44, 75), (OTHER, MODEL_KEY): (4, 0, 4)}
     assert rec.flush_sync() > 0
-    assert stored() == {(URL, MODEL_KEY): (31, 44, 75, 4, 1), (OTHER, MODEL_KEY): (4, 0, 4, 1, 0)}
-    assert stored_series() == (35, 44, 79, 5)
+    # the request without counts counts as a request (totals and its minute), with no tokens
+    assert stored() == {(URL, MODEL_KEY): (31, 44, 75, 5, 1), (OTHER, MODEL_KEY): (4, 0, 4, 1, 0)}
+    assert stored_series() == (35, 44, 79, 6)
     # the committed numbers now come from the database: shown once, written once
     assert rec.totals() == {(URL, MODEL_KEY): (31, 44, 75), (OTHER, MODEL_KEY): (4, 0, 4)}
     assert rec.flush_sync() == 0
-    assert stored() == {(URL, MODEL_KEY): (31, 44, 75, 4, 1), (OTHER, MODEL_KEY): (4, 0, 4, 1, 0)}
+    assert stored() == {(URL, MODEL_KEY): (31, 44, 75, 5, 1), (OTHER, MODEL_KEY): (4, 0, 4, 1, 0)}
 
 
 @pytest.mark.django_db(transaction=True)

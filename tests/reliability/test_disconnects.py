@@ -109,7 +109,7 @@ def test_it_cancels_the_upstream_when_the_client_leaves_mid_stream(fakes, endpoi
         assert fake.stats.in_flight == {MODEL_KEY: 0}
         assert endpoint_up(server, "solo") == 1  # the client left: not the backend's fault
     assert fake.stats.completed == 0
-    wait_db_totals(Totals(0, 0, 0, 2))  # two requests without counts, no invented tokens
+    wait_db_totals(Totals(0, 0, 2, 2))  # two requests without counts, no invented tokens
     fake.config.update({"tokens": 3, "delay": 0})
     served_at_once(server)
 

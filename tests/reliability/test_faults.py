@@ -75,11 +75,11 @@ def test_it_ends_the_stream_with_an_error_when_the_backend_dies_midstream_and_re
     chunks, message = stream_error(protocol, body)
     assert chunks == 3 and message.startswith("upstream solo: ")  # named, never its url
     wait_idle(server)
-    wait_db_totals(Totals(0, 0, 0, 1))  # counted as a request without counts, no invented tokens
+    wait_db_totals(Totals(0, 0, 1, 1))  # counted as a request without counts, no invented tokens
     fake.config.fault = "none"
     wait_up(server, "solo", True)
     assert_ok(post(server, protocol, stream=True), "solo")
-    wait_db_totals(Totals(PROMPT_TOKENS, 8, 1, 1))
+    wait_db_totals(Totals(PROMPT_TOKENS, 8, 2, 1))
 
 
 def test_it_cuts_a_stalled_stream_after_the_read_timeout_and_cancels_the_upstream(fakes, endpoint, router):
@@ -173,7 +173,7 @@ def test_it_passes_a_garbage_reply_through_and_counts_it_as_incomplete(fakes, en
         assert response.status_code == 200
         assert response.content == b"this is not json\n"
     wait_idle(server)
-    wait_db_totals(Totals(0, 0, 0, 4))
+    wait_db_totals(Totals(0, 0, 4, 4))  # four requests, none with counts
 
 
 def test_it_marks_a_vanished_backend_failing_and_recovers_when_it_returns_on_the_same_port(

@@ -145,5 +145,6 @@ def test_management_command() -> None:
     out = StringIO()
     call_command("aggregate_time_series", stdout=out)  # default 30 days; nothing left
     assert "Folded 0 minute rows" in out.getvalue()
-    with pytest.raises(CommandError, match="at least 1"):
-        call_command("aggregate_time_series", "--days", "0")
+    for days in ("0", "100000000"):  # a clear error, not an overflow
+        with pytest.raises(CommandError, match="from 1 to 36500"):
+            call_command("aggregate_time_series", "--days", days)
