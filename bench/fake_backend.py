@@ -42,6 +42,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -487,8 +488,8 @@ class FakeBackend:
         self.url: str = ""
         self._runner: web.ServerRunner | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        # id(transport) -> loop time its last request ended (for ``idle_close``)
-        self._last_used: dict[int, float] = {}
+        # connection (transport) -> loop time its last request ended (for ``idle_close``)
+        self._last_used: weakref.WeakKeyDictionary[asyncio.BaseTransport, float] = weakref.WeakKeyDictionary()
         common: dict[tuple[str, str], _Handler] = {
             ("GET", "/v1/models"): self._oa_models,
             ("POST", "/v1/chat/completions"): self._oa_chat,
@@ -573,7 +574,9 @@ class FakeBackend:
             return await self._control(request, path)
         if self.config.idle_close <= 0:
             return await self._dispatch(request, path)
-        conn = id(request.transport)
+        conn = request.transport
+        if conn is None:
+            return await self._dispatch(request, path)
         now = asyncio.get_running_loop().time()
         last = self._last_used.get(conn)
         if last is not None and now - last >= self.config.idle_close:
@@ -583,8 +586,6 @@ class FakeBackend:
         try:
             return await self._dispatch(request, path)
         finally:
-            if len(self._last_used) > 10_000:
-                self._last_used.clear()
             self._last_used[conn] = asyncio.get_running_loop().time()
 
     async def _dispatch(self, request: web.BaseRequest, path: str) -> web.StreamResponse:
