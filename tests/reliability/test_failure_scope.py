@@ -35,7 +35,9 @@ def bad_body(stream: bool) -> dict[str, object]:
     return chat_body(stream=stream, format={"$ref": BAD})
 
 
-def test_one_clients_500_and_400_go_to_that_client_alone_while_others_keep_succeeding(fakes, endpoint, router):
+def test_one_clients_500_and_400_go_to_that_client_alone_while_others_keep_succeeding(
+    fakes, endpoint, router
+):
     one = fakes(kind="openai", models=[MODEL_KEY], fault="500", fault_match=BAD, reject_fields=["bogus"])
     two = fakes(kind="openai", models=[MODEL_KEY], fault="500", fault_match=BAD, reject_fields=["bogus"])
     endpoint(one.url + "/v1", name="one", kind="openai", max_concurrent_connections=4)
@@ -82,7 +84,9 @@ def test_one_clients_500_and_400_go_to_that_client_alone_while_others_keep_succe
 
 
 @pytest.mark.parametrize("protocol,stream", [("ollama", False), ("openai", True)])
-def test_a_slow_first_byte_fails_that_request_alone_and_is_not_resent(protocol, stream, fakes, endpoint, router):
+def test_a_slow_first_byte_fails_that_request_alone_and_is_not_resent(
+    protocol, stream, fakes, endpoint, router
+):
     slow = fakes(models=[MODEL_KEY], loaded=[MODEL_KEY], first_byte_delay=3, fault_match="SLOW")
     other = fakes(models=[MODEL_KEY])
     endpoint(slow.url, name="slow", max_concurrent_connections=2)
@@ -146,7 +150,9 @@ def test_a_server_refusing_stream_options_gets_the_request_without_it(fakes, end
     assert all("stream_options" not in b for b in strict.stats.bodies_for("/v1/chat/completions")[1:])
     # a client that asks for the field itself gets the server's answer, as it would directly
     own = httpx.post(
-        server.url + "/v1/chat/completions", json={**body, "stream_options": {"include_usage": True}}, timeout=10
+        server.url + "/v1/chat/completions",
+        json={**body, "stream_options": {"include_usage": True}},
+        timeout=10,
     )
     assert own.status_code == 400 and "stream_options" in own.json()["error"]["message"]
     assert endpoint_up(server, "strict") == 1
@@ -163,3 +169,28 @@ def test_the_usage_the_router_adds_still_counts_tokens_where_accepted(fakes, end
     reply = httpx.post(server.url + "/v1/chat/completions", json=chat_body(stream=True, model=MODEL_KEY))
     assert reply.status_code == 200 and lenient.stats.requests["/v1/chat/completions"] == 1
     wait_db_totals(Totals(PROMPT_TOKENS, 3, 1, 0))
+
+
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/api/chat", {"messages": [{"role": "user", "content": "hi", "images": [5]}]}),
+        ("/api/chat", {"messages": [{"role": "assistant", "content": "", "tool_calls": 5}]}),
+        ("/api/generate", {"prompt": "hi", "images": [1]}),
+    ],
+)
+def test_a_request_the_translation_cannot_build_is_a_400_and_its_slot_comes_back(
+    path, body, fakes, endpoint, router
+):
+    fake = fakes(kind="openai", models=["gpt-x"])
+    endpoint(fake.url + "/v1", name="oa", kind="openai", max_concurrent_connections=2)
+    server = router(ROUTER_QUEUE_TIMEOUT="2")
+    for _ in range(3):  # with limit 2, leaked slots would make the third wait and fail with 503
+        reply = httpx.post(server.url + path, json={"model": "gpt-x", "stream": False, **body}, timeout=10)
+        assert reply.status_code == 400, reply.text
+        assert set(reply.json()) == {"error"} and isinstance(reply.json()["error"], str)
+    wait_idle(server)
+    ok = httpx.post(server.url + "/api/chat", json=chat_body(stream=False, model="gpt-x"), timeout=10)
+    assert ok.status_code == 200
+    assert endpoint_up(server, "oa") == 1
+    assert "Traceback" not in server.log()

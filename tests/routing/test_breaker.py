@@ -136,7 +136,9 @@ def test_a_4xx_is_about_the_request(status):
     assert upstream.status_verdict(status) == upstream.Verdict(Evidence.NONE, failover=False)
 
 
-@pytest.mark.parametrize("status,failover", [(500, False), (501, False), (504, False), (502, True), (503, True)])
+@pytest.mark.parametrize(
+    "status,failover", [(500, False), (501, False), (504, False), (502, True), (503, True)]
+)
 def test_a_5xx_is_weak_evidence_and_fails_over_only_when_the_work_was_not_taken(status, failover):
     assert upstream.status_verdict(status) == upstream.Verdict(Evidence.WEAK, failover=failover)
 

@@ -44,7 +44,9 @@ def mode(request, settings) -> Iterator[str]:
 
 
 def candidate(url: str, limit: int = 2, ep_id: int = EP_ID) -> Candidate:
-    ep = EndpointInfo(id=ep_id, name=f"ep{ep_id}", url=url, kind="ollama", api_key="", enabled=True, limit=limit)
+    ep = EndpointInfo(
+        id=ep_id, name=f"ep{ep_id}", url=url, kind="ollama", api_key="", enabled=True, limit=limit
+    )
     return Candidate(ep, MODEL, True)
 
 
@@ -72,7 +74,11 @@ def planner(
         if fail_plan:
             # what a translation does with `images: [5]`: a TypeError from deep inside
             raise TypeError("sequence item 0: expected str instance, int found")
-        body = {"model": cand.backend_model, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+        body = {
+            "model": cand.backend_model,
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": stream,
+        }
         return proxy.Attempt(
             url=cand.endpoint.url + "/api/chat",
             body=json.dumps(body).encode(),
