@@ -127,7 +127,9 @@ def test_a_process_without_its_endpoint_list_yet_does_not_blank_the_page() -> No
 
 
 def test_the_breaker_shown_is_the_most_cautious_processs_view() -> None:
-    trial = ep(healthy=False, breaker="half_open", failing_since=NOW - 90, failing_reason="connection refused")
+    trial = ep(
+        healthy=False, breaker="half_open", failing_since=NOW - 90, failing_reason="connection refused"
+    )
     out = ep(healthy=False, breaker="open", failing_since=NOW - 60, failing_reason="connect timeout")
     parts = {"a": part("a", endpoints=[trial]), "b": part("b", age=1, endpoints=[out])}
     (row,) = merge(parts, now=NOW)["endpoints"]
