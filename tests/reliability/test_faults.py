@@ -198,8 +198,15 @@ def test_it_marks_a_vanished_backend_failing_and_recovers_when_it_returns_on_the
     assert still.status_code == 503 and still.headers["retry-after"] == "5"
     assert still.json()["error"]["type"] == "service_unavailable"
     assert httpx.get(server.url + "/api/tags").json() == {"models": []}
+    since = metrics_of(server).value("router_endpoint_breaker_since_seconds", endpoint="solo")
+    assert since > 0
     time.sleep(1.5)  # several failed re-probes: it stays failing while it does not answer
     assert endpoint_up(server, "solo") == 0
+    # the outage's start does not restart at each failed probe (the page said "for 0s")
+    assert metrics_of(server).value("router_endpoint_breaker_since_seconds", endpoint="solo") == since
+    health = httpx.get(server.url + "/health").json()["endpoints"]["solo"]
+    assert health["breaker"] == "open" and health["breaker_since"] == since
+    assert health["breaker_reason"] == "connection refused"
     wait_idle(server)
     back = run_in_thread(config, port=port)
     try:
