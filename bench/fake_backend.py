@@ -42,6 +42,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -130,6 +131,16 @@ class FakeConfig:
     #: stall length; also the first-byte delay of "slow_first_byte" when
     #: first_byte_delay is 0
     stall: float = 30.0
+    #: if set, ``fault`` and ``first_byte_delay`` apply only to requests whose raw body
+    #: contains this text (one client's bad request among good ones)
+    fault_match: str = ""
+    #: if > 0, a request arriving on a keep-alive connection idle for this many seconds
+    #: finds it closed, unanswered (as when a server's idle timer, llama-server's ~5 s,
+    #: fires just as the client reuses the connection); not counted as a request
+    idle_close: float = 0.0
+    #: top-level request fields refused with a 400 naming them, as servers that reject
+    #: unknown parameters do (e.g. ``["stream_options"]``); OpenAI routes only
+    reject_fields: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._validate()
@@ -147,7 +158,7 @@ class FakeConfig:
         for key, value in data.items():
             if key not in fields:
                 raise ValueError(f"unknown config key {key!r}")
-            if key in ("models", "loaded"):
+            if key in ("models", "loaded", "reject_fields"):
                 if isinstance(value, str):
                     value = [v for v in value.split(",") if v]
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -156,7 +167,7 @@ class FakeConfig:
             elif key in ("tokens", "fault_after"):
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                     raise ValueError(f"{key} must be a non-negative int")
-            elif key in ("delay", "first_byte_delay", "stall"):
+            elif key in ("delay", "first_byte_delay", "stall", "idle_close"):
                 if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                     raise ValueError(f"{key} must be a non-negative number")
                 value = float(value)
@@ -186,6 +197,9 @@ class FakeConfig:
             "fault": self.fault,
             "fault_after": self.fault_after,
             "stall": self.stall,
+            "fault_match": self.fault_match,
+            "idle_close": self.idle_close,
+            "reject_fields": list(self.reject_fields),
         }
 
 
@@ -209,6 +223,7 @@ class FakeStats:
         self.completed = 0
         self.cancelled = 0
         self.faults = 0
+        self.idle_closes = 0
         self.last_request_bodies: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self.auth_headers_seen: deque[str | None] = deque(maxlen=HISTORY)
 
@@ -227,6 +242,7 @@ class FakeStats:
             self.completed = 0
             self.cancelled = 0
             self.faults = 0
+            self.idle_closes = 0
             self.last_request_bodies = deque(maxlen=HISTORY)
             self.auth_headers_seen = deque(maxlen=HISTORY)
 
@@ -242,6 +258,7 @@ class FakeStats:
                 "completed": self.completed,
                 "cancelled": self.cancelled,
                 "faults": self.faults,
+                "idle_closes": self.idle_closes,
                 "last_request_bodies": list(self.last_request_bodies),
                 "auth_headers_seen": list(self.auth_headers_seen),
             }
@@ -290,6 +307,10 @@ class FakeStats:
     def fault(self) -> None:
         with self._lock:
             self.faults += 1
+
+    def idle_close(self) -> None:
+        with self._lock:
+            self.idle_closes += 1
 
 
 # --------------------------------------------------------------------------- helpers
@@ -467,6 +488,8 @@ class FakeBackend:
         self.url: str = ""
         self._runner: web.ServerRunner | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # connection (transport) -> loop time its last request ended (for ``idle_close``)
+        self._last_used: weakref.WeakKeyDictionary[asyncio.BaseTransport, float] = weakref.WeakKeyDictionary()
         common: dict[tuple[str, str], _Handler] = {
             ("GET", "/v1/models"): self._oa_models,
             ("POST", "/v1/chat/completions"): self._oa_chat,
@@ -549,6 +572,23 @@ class FakeBackend:
         path = request.path
         if path.startswith("/_fake/"):
             return await self._control(request, path)
+        if self.config.idle_close <= 0:
+            return await self._dispatch(request, path)
+        conn = request.transport
+        if conn is None:
+            return await self._dispatch(request, path)
+        now = asyncio.get_running_loop().time()
+        last = self._last_used.get(conn)
+        if last is not None and now - last >= self.config.idle_close:
+            self.stats.idle_close()
+            self._last_used.pop(conn, None)
+            await self._abort(request)
+        try:
+            return await self._dispatch(request, path)
+        finally:
+            self._last_used[conn] = asyncio.get_running_loop().time()
+
+    async def _dispatch(self, request: web.BaseRequest, path: str) -> web.StreamResponse:
         cfg = self.config
         auth = request.headers.get("Authorization")
         self.stats.note_request(path, auth)
@@ -584,6 +624,11 @@ class FakeBackend:
                     return self._error_for(path, 400, "JSON body must be an object")
                 body = parsed
                 self.stats.note_body(path, body)
+                if cfg.fault_match:
+                    request["fault_applies"] = cfg.fault_match.encode() in raw
+                refused = [k for k in cfg.reject_fields if k in body] if path.startswith("/v1/") else []
+                if refused:
+                    return self._oa_error(400, f"Unrecognized request argument supplied: {refused[0]}")
         return await handler(request, body)
 
     @staticmethod
@@ -672,8 +717,9 @@ class FakeBackend:
         aborted = False
         completed = False
         try:
-            fault = cfg.fault
-            first_byte_delay = cfg.first_byte_delay
+            applies = request.get("fault_applies", True)
+            fault = cfg.fault if applies else "none"
+            first_byte_delay = cfg.first_byte_delay if applies else 0.0
             if fault == "slow_first_byte" and first_byte_delay <= 0:
                 first_byte_delay = cfg.stall
             if first_byte_delay > 0:

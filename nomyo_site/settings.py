@@ -152,7 +152,10 @@ ROUTER_MAX_BODY = env.int("ROUTER_MAX_BODY", default=64 * 1024 * 1024)
 ROUTER_FLUSH_INTERVAL = env.float("ROUTER_FLUSH_INTERVAL", default=5.0)
 ROUTER_MODELS_TTL = env.float("ROUTER_MODELS_TTL", default=300.0)
 ROUTER_LOADED_TTL = env.float("ROUTER_LOADED_TTL", default=10.0)
+# An endpoint whose circuit breaker is open is probed every ROUTER_FAILING_TTL / 4 s (at least 0.5 s).
 ROUTER_FAILING_TTL = env.float("ROUTER_FAILING_TTL", default=10.0)
+# Weak failures in a row (5xx replies, replies cut mid-way) that open an endpoint's breaker.
+ROUTER_BREAKER_FAILURES = env.int("ROUTER_BREAKER_FAILURES", default=5)
 # How old the in-memory endpoint list may get before it is re-read (changes made in this
 # process, or announced over the channel layer, apply at once).
 ROUTER_REGISTRY_RELOAD = env.float("ROUTER_REGISTRY_RELOAD", default=5.0)

@@ -15,6 +15,7 @@ from django.http import HttpRequest
 
 from routing import caches, fleet, services
 from routing.board import board
+from routing.breaker import State, breakers
 from routing.models import Endpoint, RouterSettings
 from routing.registry import EndpointInfo
 
@@ -61,6 +62,15 @@ async def _check(ep: EndpointInfo) -> tuple[str | None, fleet.ModelList | None, 
             await upstream.close_client()  # a throwaway loop (no server running): close its client
 
 
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
 @admin.register(Endpoint)
 class EndpointAdmin(admin.ModelAdmin[Endpoint]):
     form = EndpointForm
@@ -83,11 +93,14 @@ class EndpointAdmin(admin.ModelAdmin[Endpoint]):
 
     @admin.display(description="state")
     def state(self, obj: Endpoint) -> str:
+        """The circuit breaker in words: why it is out and since when (see routing/breaker.py)."""
         if not obj.enabled:
             return "disabled"
-        mark = caches.failing.peek(obj.id)
-        if mark is not None:
-            return f"failing: {mark.reason}"
+        view = breakers.view(obj.id)
+        if view.since is not None:
+            since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(view.since))
+            label = "failing (breaker open)" if view.state is State.OPEN else "on trial (breaker half-open)"
+            return f"{label}: {view.reason}, since {since} ({_duration(time.time() - view.since)})"
         return "healthy" if caches.advertised.peek(obj.id) is not None else "unknown (not probed yet)"
 
     @admin.display(description="models advertised")
@@ -139,11 +152,11 @@ class EndpointAdmin(admin.ModelAdmin[Endpoint]):
         for ep in queryset:
             version, models, error = async_to_sync(_check)(EndpointInfo.of(ep))
             if error is not None:
-                caches.failing.put(ep.id, caches.FailingMark(error, time.time()))
+                breakers.failed(ep.id, error, strong=True, name=ep.name)  # probed again by the upkeep
                 self.message_user(request, f"{ep}: {error}", messages.ERROR)
                 continue
             assert models is not None and version is not None
-            caches.failing.invalidate(ep.id)
+            breakers.reset(ep.id)  # the operator saw it answer: back in rotation
             caches.advertised.put(ep.id, models)
             caches.versions.put(ep.id, version)
             names = ", ".join(models.names) or "no models"

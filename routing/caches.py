@@ -1,4 +1,6 @@
-"""Time-limited caches of what each endpoint advertises, has loaded, and whether it is failing.
+"""Time-limited caches of what each endpoint advertises, has loaded, and which version it runs.
+
+Whether an endpoint is in rotation is not a cache: routing/breaker.py owns that.
 
 Each cache owns one lock. Freshness is checked and stale entries removed under the lock;
 the network fetch happens outside it, in one task per key that every concurrent caller
@@ -14,6 +16,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from routing.breaker import breakers
 from routing.locks import TimedLock
 
 if TYPE_CHECKING:
@@ -119,12 +122,6 @@ class TTLCache(Generic[K, V]):
             self.refreshes = 0
 
 
-@dataclass(frozen=True, slots=True)
-class FailingMark:
-    reason: str
-    since: float  # wall clock, for pages
-
-
 def _setting(name: str) -> Callable[[], float]:
     def read() -> float:
         from django.conf import settings
@@ -138,18 +135,27 @@ def _setting(name: str) -> Callable[[], float]:
 advertised: TTLCache[int, ModelList] = TTLCache("advertised", _setting("ROUTER_MODELS_TTL"))
 # endpoint id -> loaded models (/api/ps); OpenAI-compatible servers report none
 loaded: TTLCache[int, ModelList] = TTLCache("loaded", _setting("ROUTER_LOADED_TTL"))
-# endpoint id -> why it is failing; absent means healthy or unknown
-failing: TTLCache[int, FailingMark] = TTLCache("failing", _setting("ROUTER_FAILING_TTL"))
 # endpoint id -> version string reported by the server
 versions: TTLCache[int, str] = TTLCache("versions", _setting("ROUTER_MODELS_TTL"))
 
 
+# Also called with the endpoint id (None: all) when an endpoint changes: what other modules
+# learnt about it (e.g. proxy.refusals). Cheap, never raising.
+on_invalidate: list[Callable[[int | None], None]] = []
+
+
 def invalidate_endpoint(endpoint_id: int | None = None) -> None:
     """Forget everything cached about one endpoint (or all): called when it changes."""
-    for cache in (advertised, loaded, failing, versions):
+    for cache in (advertised, loaded, versions):
         cache.invalidate(endpoint_id)
+    breakers.forget(endpoint_id)
+    for forget in on_invalidate:
+        forget(endpoint_id)
 
 
 def clear_all() -> None:
-    for cache in (advertised, loaded, failing, versions):
+    for cache in (advertised, loaded, versions):
         cache.clear()
+    breakers.forget()
+    for forget in on_invalidate:
+        forget(None)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +13,7 @@ from django.conf import settings
 
 from routing import caches, upstream
 from routing.board import Candidate
+from routing.breaker import State, breakers
 from routing.names import model_key
 from routing.registry import EndpointInfo, registry
 
@@ -26,15 +26,20 @@ class ProbeError(Exception):
 
 async def _get_json(ep: EndpointInfo, url: str) -> Any:
     client = upstream.get_client()
-    try:
-        response = await client.get(
-            url,
-            headers=upstream.auth_headers(ep.api_key),
-            timeout=upstream.timeouts(first_byte=settings.ROUTER_PROBE_TIMEOUT),
-        )
-        body = response.content
-    except (httpx.HTTPError, OSError) as exc:
-        raise ProbeError(upstream.classify(exc).value) from exc
+    for retry in (False, True):
+        try:
+            response = await client.get(
+                url,
+                headers=upstream.auth_headers(ep.api_key),
+                timeout=upstream.timeouts(first_byte=settings.ROUTER_PROBE_TIMEOUT),
+            )
+            body = response.content
+            break
+        except (httpx.HTTPError, OSError) as exc:
+            failure = upstream.classify(exc)
+            if not retry and failure is upstream.Failure.DISCONNECTED:
+                continue  # a pooled connection the server closed while idle: once more
+            raise ProbeError(failure.value) from exc
     if response.status_code != 200:
         raise ProbeError(f"HTTP {response.status_code} from {url.rsplit('/', 1)[-1]}")
     try:
@@ -100,7 +105,7 @@ async def fetch_version(ep: EndpointInfo) -> str:
     return str(data["version"])
 
 
-# -- failing endpoints ---------------------------------------------------------------
+# -- the breaker's probes ----------------------------------------------------------------
 _reprobes: dict[int, asyncio.Task[None]] = {}
 # Called (cheap, never raising) when an endpoint's state or models change: the page.
 listeners: list[Callable[[], None]] = []
@@ -111,48 +116,62 @@ def _notify() -> None:
         listener()
 
 
+breakers.listeners.append(_notify)
+
+
 def mark_failing(ep: EndpointInfo, reason: str) -> None:
-    """Keep the endpoint out of selection for a while and re-probe it in the background."""
-    if caches.failing.peek(ep.id) is None:
-        log.warning("endpoint %s failing: %s", ep.name, reason)
-        _notify()
-    caches.failing.put(ep.id, caches.FailingMark(reason, time.time()))
-    caches.loaded.invalidate(ep.id)
+    """Strong evidence about the server (refused, connect timeout, a failed probe): open its
+    breaker at once and probe it in the background until it answers."""
+    server_failed(ep, reason, strong=True)
+
+
+def server_failed(ep: EndpointInfo, reason: str, *, strong: bool) -> None:
+    """Record a failure that says something about the server (see routing/breaker.py)."""
+    breakers.failed(ep.id, reason, strong=strong, name=ep.name)
+    if breakers.is_open(ep.id):
+        caches.loaded.invalidate(ep.id)
+        _ensure_reprobe(ep)
+
+
+def _ensure_reprobe(ep: EndpointInfo) -> None:
     task = _reprobes.get(ep.id)
     if task is None or task.done():
         try:
             _reprobes[ep.id] = asyncio.get_running_loop().create_task(_reprobe(ep))
-        except RuntimeError:  # no running loop (admin thread): the TTL still expires
+        except RuntimeError:  # no running loop (admin thread): the upkeep loop starts it
             pass
 
 
 def mark_healthy(ep: EndpointInfo) -> None:
-    if caches.failing.peek(ep.id) is not None:
-        caches.failing.invalidate(ep.id)
-        _notify()
+    """A probe answered: an open breaker goes half-open (trial), a half-open one closes."""
+    breakers.probe_succeeded(ep.id)
+
+
+def probe_interval() -> float:
+    return max(0.5, settings.ROUTER_FAILING_TTL / 4)
 
 
 async def _reprobe(ep: EndpointInfo) -> None:
-    interval = max(0.5, settings.ROUTER_FAILING_TTL / 4)
+    """Probe an endpoint whose breaker is not closed until it closes (or the endpoint goes)."""
     while True:
-        await asyncio.sleep(interval)
+        await asyncio.sleep(probe_interval())
         current = {e.id: e for e in registry.cached()}.get(ep.id)
-        if current is None or not current.enabled or caches.failing.peek(ep.id) is None:
+        if current is None or not current.enabled or breakers.view(ep.id).state is State.CLOSED:
             return
         try:
             models = await fetch_advertised(current)
         except ProbeError as exc:
-            caches.failing.put(ep.id, caches.FailingMark(str(exc), time.time()))
+            breakers.failed(ep.id, str(exc), strong=True, name=ep.name)
             continue
         caches.advertised.put(ep.id, models)
-        mark_healthy(ep)
-        log.info("endpoint %s recovered", ep.name)
-        return
+        if breakers.probe_succeeded(ep.id) is State.CLOSED:
+            log.info("endpoint %s recovered", ep.name)
+            return
 
 
 async def advertised_or_none(ep: EndpointInfo) -> ModelList | None:
-    """The endpoint's models, or None when it is failing (and marks it so on error)."""
-    if caches.failing.peek(ep.id) is not None:
+    """The endpoint's models, or None when its breaker is open (and opens it on error)."""
+    if breakers.is_open(ep.id):
         return None
     try:
         return await caches.advertised.get(ep.id, lambda: fetch_advertised(ep))
@@ -174,17 +193,17 @@ async def loaded_or_empty(ep: EndpointInfo) -> ModelList:
 class Lookup:
     candidates: list[Candidate]
     reachable: int  # enabled endpoints that answered
-    failing_with_model: int = 0  # failing endpoints that advertised the model when last seen
+    failing_with_model: int = 0  # endpoints with an open breaker that advertised the model
 
 
 async def gather_advertised(
     endpoints: tuple[EndpointInfo, ...],
 ) -> list[tuple[EndpointInfo, ModelList | None]]:
-    """Each endpoint with its models, or None when it is failing."""
+    """Each endpoint with its models, or None when its breaker is open."""
     # Fast path: everything fresh in the caches, no task created.
     found: list[tuple[EndpointInfo, ModelList | None]] = []
     for ep in endpoints:
-        if caches.failing.peek(ep.id) is not None:
+        if breakers.is_open(ep.id):
             found.append((ep, None))
             continue
         models = caches.advertised.peek(ep.id)
@@ -230,8 +249,9 @@ async def candidates_for(model: str) -> Lookup:
 
 # -- background upkeep -----------------------------------------------------------------
 async def _upkeep(ep: EndpointInfo, interval: float) -> None:
-    if caches.failing.peek(ep.id) is not None:
-        return  # the re-probe task looks after it
+    if breakers.view(ep.id).state is not State.CLOSED:
+        _ensure_reprobe(ep)  # the re-probe task looks after it (also one opened from the admin)
+        return
     before = (caches.advertised.peek(ep.id), caches.loaded.peek(ep.id), caches.versions.peek(ep.id))
     try:
         # Renewed before it runs out, so no request ever waits for the refresh.

@@ -12,6 +12,7 @@ import httpx
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 
 from routing import caches, fleet, lifecycle, metrics, snapshot, upstream
+from routing.breaker import breakers
 from routing.decorators import methods
 from routing.errors import ApiError
 from routing.names import model_key
@@ -57,7 +58,7 @@ async def tags(request: HttpRequest) -> HttpResponseBase:
 
 @methods("GET")
 async def ps(request: HttpRequest) -> HttpResponseBase:
-    endpoints = [ep for ep in await registry.enabled() if ep.is_ollama and caches.failing.peek(ep.id) is None]
+    endpoints = [ep for ep in await registry.enabled() if ep.is_ollama and not breakers.is_open(ep.id)]
     seen: set[str] = set()
     models: list[dict[str, Any]] = []
     for found in await fleet.gather_loaded(endpoints):
@@ -93,7 +94,7 @@ async def version(request: HttpRequest) -> HttpResponseBase:
     found: list[str] = []
     for ep in endpoints:
         cached = caches.versions.peek(ep.id)
-        if cached is not None and caches.failing.peek(ep.id) is None:
+        if cached is not None and not breakers.is_open(ep.id):
             found.append(cached)
     if not found:
         results = await asyncio.gather(*(_probe_version(ep) for ep in endpoints))
@@ -128,13 +129,21 @@ async def health(request: HttpRequest) -> HttpResponseBase:
     caller did not send it (see `_shows_detail`)."""
     endpoints = await registry.enabled()
     results = await asyncio.gather(*(_probe_version(ep) for ep in endpoints))
+    detail: dict[str, dict[str, str | float | None]] = {}
+    for ep, v, err in results:
+        view = breakers.view(ep.id)  # after this probe: its state, the latest evidence, since when
+        row: dict[str, str | float | None] = (
+            {"status": "ok", "version": v} if v is not None else {"status": "error", "error": err}
+        )
+        row["breaker"] = view.state.value
+        if view.since is not None:
+            row["breaker_reason"] = view.reason
+            row["breaker_since"] = view.since
+        detail[ep.name] = row
     healthy = any(v is not None for _, v, _ in results)
     body: dict[str, Any] = {"status": "ok" if healthy else "error"}
     if _shows_detail(request):
-        body["endpoints"] = {
-            ep.name: {"status": "ok", "version": v} if v is not None else {"status": "error", "error": err}
-            for ep, v, err in results
-        }
+        body["endpoints"] = detail
     return JsonResponse(body, status=200 if healthy else 503)
 
 

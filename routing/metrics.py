@@ -107,6 +107,10 @@ _registry: list[Counter | Histogram] = []
 requests = Counter("router_requests_total", "Proxied requests by route, endpoint, model and status.")
 tokens = Counter("router_tokens_total", "Tokens reported by backends, by endpoint, model and direction.")
 failovers = Counter("router_failovers_total", "Requests retried on another endpoint.")
+fresh_retries = Counter(
+    "router_fresh_connection_retries_total",
+    "Requests re-sent on a fresh connection to the same endpoint after a pooled one closed unanswered.",
+)
 _first_byte = Histogram("router_upstream_first_byte_seconds", "Time to the upstream's first byte.")
 duration = Histogram("router_request_duration_seconds", "Whole request duration, by route.")
 _queue_wait = Histogram("router_queue_wait_seconds", "Time spent waiting for a free slot.")

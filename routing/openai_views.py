@@ -45,12 +45,19 @@ def _plan(suffix: str, raw: bytes, data: dict[str, Any], stream: bool) -> proxy.
         payload = cache.get(name)
         if payload is None:
             payload = cache[name] = json.dumps({**body, "model": name}).encode()
+        fallback = None
+        if strip_usage:  # the client's own request, for a server that refuses the added field
+
+            def fallback() -> bytes:
+                return raw if name == data["model"] else json.dumps({**data, "model": name}).encode()
+
         return Attempt(
             url=cand.endpoint.openai_base + suffix,
             body=payload,
             relay=lambda: OpenAIStream(strip_usage=strip_usage),
             read_body=openai_body,
             stream=stream,
+            fallback_body=fallback,
         )
 
     return plan

@@ -1,15 +1,26 @@
 """The one forwarding path every routed request takes: select, reserve, send, relay, account.
 
 Both protocols and every route come through `forward()`; only the `Planner` differs (which
-url, which body, how to read the reply). Slots are released in `finally` on every path,
-including cancellation when the client goes away; a streaming reply also releases through
-`ProxyStream.close()`, which the lean handler awaits whether or not the stream ever ran.
+url, which body, how to read the reply).
+
+Slot ownership: from the moment `_acquire` returns a lease, `forward` owns it in one
+try/finally that releases it unless a `ProxyStream` took it over (the lean handler then
+closes the stream whether or not it ever ran). Whatever raises in between (the planner,
+the send, reading the reply, cancellation) the slot, and its cluster claim, come back.
+
+Failures are judged by what they say about the server (upstream.verdict/status_verdict,
+routing/breaker.py): a pooled connection that closed before any reply byte is retried once
+on a fresh connection to the same server; a 4xx and a normal 5xx go back to this client
+alone; a first-byte timeout fails this request alone (504), never resent; refused and
+timed-out connects open the endpoint's breaker at once, repeated 5xx and cut replies only
+when they repeat across requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,8 +32,10 @@ from django.http import HttpResponse, StreamingHttpResponse
 
 from routing import caches, fleet, metrics, upstream
 from routing.board import Candidate, Lease, QueueFull, QueueTimeout, board
+from routing.breaker import breakers
 from routing.cluster import cluster
-from routing.errors import ApiError
+from routing.errors import ApiError, error_response, is_openai_path
+from routing.locks import TimedLock
 from routing.names import model_key
 from routing.relays import BodyReader, Relay
 from stats.recorder import recorder
@@ -44,9 +57,39 @@ class Attempt:
     headers: dict[str, str] = field(default_factory=dict)
     method: str = "POST"
     counted: bool = True  # False for replies that carry no token counts (legacy embeddings)
+    # Builds the body without the field(s) the router added on its own (OpenAI
+    # `stream_options`), sent instead when the server refuses them; None: nothing added.
+    fallback_body: Callable[[], bytes] | None = None
 
 
 Planner = Callable[[Candidate], Attempt]
+
+
+class AddedFieldRefusals:
+    """Endpoints known to refuse the fields the router adds (one lock; no I/O under it).
+    Forgotten when the endpoint changes (caches.invalidate_endpoint)."""
+
+    def __init__(self) -> None:
+        self._lock = TimedLock("refusals")
+        self._ids: set[int] = set()
+
+    def add(self, endpoint_id: int) -> None:
+        with self._lock:
+            self._ids.add(endpoint_id)
+
+    def __contains__(self, endpoint_id: int) -> bool:
+        return endpoint_id in self._ids  # a set membership test is atomic: no lock needed
+
+    def forget(self, endpoint_id: int | None = None) -> None:
+        with self._lock:
+            if endpoint_id is None:
+                self._ids.clear()
+            else:
+                self._ids.discard(endpoint_id)
+
+
+refusals = AddedFieldRefusals()
+caches.on_invalidate.append(refusals.forget)
 
 
 async def forward(
@@ -56,7 +99,11 @@ async def forward(
     plan: Planner,
     metered: bool = True,
 ) -> HttpResponse | StreamingHttpResponse:
-    """Route one request. `metered=False` is for metadata calls (show) that take no slot."""
+    """Route one request. `metered=False` is for metadata calls (show) that take no slot.
+
+    Raises ApiError: 404 (no endpoint has the model), 503 (none reachable or all busy),
+    400 (the planner could not build the upstream request), 504 (first-byte timeout),
+    502 (every tried server failed before replying)."""
     lookup = await fleet.candidates_for(model)
     if not lookup.candidates:
         if lookup.failing_with_model:
@@ -69,40 +116,92 @@ async def forward(
     failure = "no endpoint answered"
     for _ in range(settings.ROUTER_MAX_RETRIES + 1):
         lease = await _acquire(key, model, candidates) if metered else board.unmetered(key, candidates)
-        attempt = plan(lease.candidate)
-        if not metered:
-            attempt.counted = False
-        started = time.perf_counter()
+        handed_over = False
         try:
-            response = await _send(lease, attempt)
-        except BaseException as exc:
-            lease.release()
-            if not isinstance(exc, UPSTREAM_ERRORS):
-                raise
-            failure = upstream.classify(exc).value
-            _give_up_on(lease.candidate, candidates, failure)
-        else:
-            if response.status < 500:
-                # From here on bytes may reach the client: never retry.
-                metrics.first_byte(request_path, time.perf_counter() - started)
-                try:
-                    return await _reply(request_path, lease, attempt, response)
-                except BaseException:
-                    response.close()  # cancelled before the stream took it over
-                    lease.release()
-                    raise
-            failure = f"HTTP {response.status}: {await _error_text(response)}"
-            lease.release()
-            _give_up_on(lease.candidate, candidates, failure)
+            outcome = await _attempt(request_path, lease, plan, metered)
+            if not isinstance(outcome, str):
+                handed_over = isinstance(outcome, ProxyStreamingResponse)  # its stream owns the slot
+                return outcome
+            failure = outcome
+        finally:
+            if not handed_over:
+                lease.release()
+        candidates[:] = [c for c in candidates if c.endpoint.id != lease.endpoint.id]
         if not candidates:
             break
         metrics.failovers.inc()
     raise ApiError(502, f"upstream failed for model '{model}': {failure}", retry_after=5)
 
 
-def _give_up_on(cand: Candidate, candidates: list[Candidate], reason: str) -> None:
-    fleet.mark_failing(cand.endpoint, reason)
-    candidates[:] = [c for c in candidates if c.endpoint.id != cand.endpoint.id]
+def _plan(plan: Planner, cand: Candidate) -> Attempt:
+    """The planner's Attempt; anything it raises other than ApiError means it could not
+    express this request for this server: a 400 for this request alone."""
+    try:
+        return plan(cand)
+    except ApiError:
+        raise
+    except Exception as exc:
+        log.warning("request not sendable to %s: %s: %s", cand.endpoint.name, type(exc).__name__, exc)
+        raise ApiError(400, f"the request cannot be sent as given: {exc}"[:500]) from None
+
+
+async def _attempt(
+    path: str, lease: Lease, plan: Planner, metered: bool
+) -> HttpResponse | StreamingHttpResponse | str:
+    """One server's try: the reply, or why it failed in a way that allows failover (str).
+    The caller owns the lease; this owns the upstream response until a reply takes it."""
+    ep = lease.endpoint
+    attempt = _plan(plan, lease.candidate)
+    if not metered:
+        attempt.counted = False
+    if attempt.fallback_body is not None and ep.id in refusals:
+        attempt.body, attempt.fallback_body = attempt.fallback_body(), None
+    started = time.perf_counter()
+    while True:
+        try:
+            response = await _send(lease, attempt)
+        except UPSTREAM_ERRORS as exc:
+            failure = upstream.classify(exc)
+            judged = upstream.verdict(failure)
+            if not judged.failover:  # a first-byte timeout: the work may be running there
+                if attempt.counted:
+                    recorder.incomplete(ep.url, lease.model)
+                raise ApiError(
+                    504,
+                    f"'{ep.name}' sent no reply within {settings.ROUTER_FIRST_BYTE_TIMEOUT:g} s; "
+                    "not resent elsewhere, as it may still be working on it",
+                ) from None
+            fleet.server_failed(ep, failure.value, strong=judged.evidence is upstream.Evidence.STRONG)
+            return failure.value
+        try:
+            status = response.status
+            if status >= 500:
+                judged = upstream.status_verdict(status)
+                body = await _read_error(response)
+                fleet.server_failed(ep, f"HTTP {status}", strong=False)
+                if judged.failover:
+                    return f"HTTP {status}: {_error_message(body, response.reason)}"
+                return _error_reply(path, ep.name, status, body, response.reason)
+            if status in (400, 422) and attempt.fallback_body is not None:
+                body = await _read_error(response)
+                if not _refuses_added_field(body):
+                    breakers.succeeded(ep.id)
+                    return _error_reply(path, ep.name, status, body, response.reason)
+                log.info("endpoint %s refuses stream_options: sent without it from now on", ep.name)
+                refusals.add(ep.id)
+                attempt.body, attempt.fallback_body = attempt.fallback_body(), None
+                continue  # the same request again, on the same server and slot
+            metrics.first_byte(path, time.perf_counter() - started)
+            return await _reply(path, lease, attempt, response)
+        except BaseException:
+            response.close()  # never handed to a reply: drop the connection
+            raise
+
+
+def _refuses_added_field(body: bytes) -> bool:
+    """A 400/422 about the `stream_options` the router added (servers that reject unknown
+    parameters name it, e.g. "Unrecognized request argument supplied: stream_options")."""
+    return b"stream_options" in body.lower()
 
 
 async def _acquire(key: str, model: str, candidates: list[Candidate]) -> Lease:
@@ -125,41 +224,44 @@ async def _acquire(key: str, model: str, candidates: list[Candidate]) -> Lease:
 
 
 async def _claim_in_cluster(lease: Lease, key: str, candidates: list[Candidate], deadline: float) -> Lease:
-    """Also hold the slot across router processes; try other candidates, then wait."""
+    """Also hold the slot across router processes; try other candidates, then wait.
+    Owns `lease` (and each later one) until it returns it: any exception releases it."""
     backoff = 0.01
     full: set[int] = set()
-    while True:
-        ep = lease.endpoint
-        try:
-            member = await cluster.claim(ep.url, key, ep.limit)
-        except BaseException:
-            lease.release()  # cancelled while asking Redis (a claim made meanwhile expires)
-            raise
-        if member is not None:
-            if member:
-                lease.on_release(functools.partial(cluster.free, member))
-            return lease
-        lease.release()  # full elsewhere in the cluster: give the local slot back
-        full.add(ep.id)
-        others = [c for c in candidates if c.endpoint.id not in full]
-        if not others:
-            full.clear()
-            others = candidates
-            if time.perf_counter() + backoff > deadline:
+    try:
+        while True:
+            ep = lease.endpoint
+            member = await cluster.claim(ep.url, key, ep.limit)  # cancelled meanwhile: it expires
+            if member is not None:
+                if member:
+                    lease.on_release(functools.partial(cluster.free, member))
+                return lease
+            lease.release()  # full elsewhere in the cluster: give the local slot back
+            full.add(ep.id)
+            others = [c for c in candidates if c.endpoint.id not in full]
+            if not others:
+                full.clear()
+                others = candidates
+                if time.perf_counter() + backoff > deadline:
+                    raise QueueTimeout()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 0.2)
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
                 raise QueueTimeout()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 0.2)
-        remaining = deadline - time.perf_counter()
-        if remaining <= 0:
-            raise QueueTimeout()
-        lease = await board.acquire(key, others, timeout=remaining, queue_max=settings.ROUTER_QUEUE_MAX)
+            lease = await board.acquire(key, others, timeout=remaining, queue_max=settings.ROUTER_QUEUE_MAX)
+    except BaseException:
+        lease.release()  # idempotent: a lease already given back stays given back
+        raise
 
 
 UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 
 
 async def _send(lease: Lease, attempt: Attempt) -> aiohttp.ClientResponse:
-    """Send the request and wait for the reply's head; the body is read by the caller."""
+    """Send the request and wait for the reply's head; the body is read by the caller.
+    A connection that closes before any reply byte (a pooled one the server closed while
+    idle) is retried once at once on a fresh connection to the same server."""
     ep = lease.endpoint
     headers = {
         "Content-Type": "application/json",
@@ -167,7 +269,21 @@ async def _send(lease: Lease, attempt: Attempt) -> aiohttp.ClientResponse:
         **upstream.auth_headers(ep.api_key),
         **attempt.headers,
     }
-    response = await upstream.get_session().request(
+    try:
+        response = await _request(upstream.get_session(), attempt, headers)
+    except UPSTREAM_ERRORS as exc:
+        if not upstream.closed_before_reply(exc):
+            raise
+        metrics.fresh_retries.inc()
+        response = await _request(upstream.fresh_session(), attempt, headers)
+    upstream.set_gap_timeout(response, settings.ROUTER_READ_TIMEOUT)
+    return response
+
+
+async def _request(
+    session: aiohttp.ClientSession, attempt: Attempt, headers: dict[str, str]
+) -> aiohttp.ClientResponse:
+    return await session.request(
         attempt.method,
         attempt.url,
         data=attempt.body,
@@ -175,20 +291,51 @@ async def _send(lease: Lease, attempt: Attempt) -> aiohttp.ClientResponse:
         timeout=upstream.proxy_timeout(),
         allow_redirects=False,
     )
-    upstream.set_gap_timeout(response, settings.ROUTER_READ_TIMEOUT)
-    return response
 
 
-async def _error_text(response: aiohttp.ClientResponse) -> str:
-    reason = response.reason or ""
+async def _read_error(response: aiohttp.ClientResponse) -> bytes:
+    """Up to MAX_ERROR_BODY bytes of an error reply; releases the response."""
     try:
         async with asyncio.timeout(settings.ROUTER_PROBE_TIMEOUT):
-            body = await response.content.read(MAX_ERROR_BODY)
-        return body[:500].decode("utf-8", "replace").strip() or reason
+            return await response.content.read(MAX_ERROR_BODY)
     except UPSTREAM_ERRORS:
-        return reason
+        return b""
     finally:
         response.close()
+
+
+def _error_message(body: bytes, reason: str | None) -> str:
+    """The message of an error body in either protocol's shape, or its text."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+    return body[:500].decode("utf-8", "replace").strip() or reason or "error"
+
+
+def _error_reply(path: str, ep_name: str, status: int, body: bytes, reason: str | None) -> HttpResponse:
+    """An error the server sent about this request, for this client alone, in the route's
+    shape: passed as is when it already has it, rewritten otherwise."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    error = data.get("error") if isinstance(data, dict) else None
+    openai = is_openai_path(path)
+    if (openai and isinstance(error, dict) and isinstance(error.get("message"), str)) or (
+        not openai and isinstance(error, str)
+    ):
+        reply = HttpResponse(body, status=status, content_type="application/json")
+    else:
+        reply = error_response(path, ApiError(status, _error_message(body, reason)))
+    reply["X-Router-Endpoint"] = ep_name
+    return reply
 
 
 async def _reply(
@@ -198,8 +345,16 @@ async def _reply(
     status = response.status
     if status == 404:
         caches.advertised.invalidate(ep.id)  # it no longer has the model we thought it had
+    if status >= 400:
+        error = await _read_error(response)
+        breakers.succeeded(ep.id)  # it answered normally, about this request
+        return _error_reply(path, ep.name, status, error, response.reason)
     if attempt.stream and status == 200:
-        stream = ProxyStream(lease, response, attempt.relay(), path, counted=attempt.counted)
+        try:
+            relay = attempt.relay()
+        except Exception as exc:
+            raise ApiError(502, f"cannot relay the reply of {ep.name}: {exc}"[:500]) from None
+        stream = ProxyStream(lease, response, relay, path, counted=attempt.counted)
         streaming = ProxyStreamingResponse(stream, content_type=stream.relay.content_type)
         streaming["X-Router-Endpoint"] = ep.name
         return streaming
@@ -208,15 +363,22 @@ async def _reply(
     except UPSTREAM_ERRORS as exc:
         response.close()
         lease.release()
-        fleet.mark_failing(ep, upstream.midstream_reason(exc))
+        fleet.server_failed(ep, upstream.midstream_reason(exc), strong=False)
         if attempt.counted:
             recorder.incomplete(ep.url, lease.model)
         raise ApiError(502, f"upstream closed before its reply was complete ({ep.name})") from None
     finally:
         response.release()
         lease.release()
+    breakers.succeeded(ep.id)
     if status == 200:
-        out, counts = attempt.read_body(body)
+        try:
+            out, counts = attempt.read_body(body)
+        except Exception as exc:
+            log.warning("malformed reply from %s on %s: %s", ep.name, path, type(exc).__name__)
+            if attempt.counted:
+                recorder.incomplete(ep.url, lease.model)
+            raise ApiError(502, f"malformed reply from upstream {ep.name}") from None
         if attempt.counted:
             if counts is not None:
                 recorder.record(ep.url, lease.model, counts)
@@ -260,7 +422,7 @@ class ProxyStream:
                 yield tail
         except UPSTREAM_ERRORS as exc:
             reason = upstream.midstream_reason(exc)
-            fleet.mark_failing(self.lease.endpoint, reason)
+            fleet.server_failed(self.lease.endpoint, reason, strong=False)
             yield self.relay.error_chunk(f"upstream {self.lease.endpoint.name}: {reason}")
         finally:
             self.close()
@@ -273,6 +435,7 @@ class ProxyStream:
         ep, model = self.lease.endpoint, self.lease.model
         try:
             if self.finished:
+                breakers.succeeded(ep.id)
                 self.response.release()  # the connection goes back to the pool
             else:
                 self.response.close()  # cut off: drop the connection, cancelling the upstream

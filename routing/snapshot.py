@@ -13,6 +13,7 @@ from typing import Any
 
 from routing import caches
 from routing.board import board
+from routing.breaker import CLOSED, State, breakers
 from routing.metrics import INSTANCE
 from routing.registry import registry
 from stats.recorder import recorder
@@ -22,14 +23,14 @@ def build() -> dict[str, Any]:
     endpoints = registry.cached()
     active = board.active()
     totals = recorder.totals()
-    failing = caches.failing.snapshot()
+    breaker_views = breakers.snapshot()
     loaded = caches.loaded.snapshot()
     advertised = caches.advertised.snapshot()
     versions = caches.versions.snapshot()
     by_id = {ep.id: ep for ep in endpoints}
     states = []
     for ep in endpoints:
-        mark = failing.get(ep.id)
+        view = breaker_views.get(ep.id, CLOSED)
         states.append(
             {
                 "id": ep.id,
@@ -38,9 +39,12 @@ def build() -> dict[str, Any]:
                 "kind": ep.kind,
                 "enabled": ep.enabled,
                 "limit": ep.limit,
-                "healthy": mark is None and ep.id in advertised,
-                "failing_since": mark.since if mark else None,
-                "failing_reason": mark.reason if mark else None,
+                "healthy": view.state is State.CLOSED and ep.id in advertised,
+                # The circuit breaker: closed, open (out of rotation) or half_open (on trial);
+                # failing_since is when it left closed and does not restart while it stays out.
+                "breaker": view.state.value,
+                "failing_since": view.since,
+                "failing_reason": view.reason if view.since is not None else None,
                 "version": versions.get(ep.id),
                 "models": list(advertised[ep.id].names) if ep.id in advertised else [],
                 "loaded": list(loaded[ep.id].names) if ep.id in loaded else [],
@@ -83,8 +87,26 @@ def prometheus_gauges() -> Iterable[str]:
     yield "# TYPE router_queued gauge"
     for model, n in snap["queued"].items():
         yield f"router_queued{_labels((('model', model),))} {n}"
-    yield "# HELP router_endpoint_up 1 when the endpoint is enabled and not failing."
+    yield "# HELP router_endpoint_up 1 when the endpoint is enabled and its breaker is not open."
     yield "# TYPE router_endpoint_up gauge"
     for ep in snap["endpoints"]:
-        up = 1 if ep["enabled"] and ep["failing_since"] is None else 0
+        up = 1 if ep["enabled"] and ep["breaker"] != State.OPEN.value else 0
         yield f"router_endpoint_up{_labels((('endpoint', ep['name']),))} {up}"
+    yield "# HELP router_endpoint_breaker_state 1 for the circuit breaker's current state, per endpoint."
+    yield "# TYPE router_endpoint_breaker_state gauge"
+    for ep in snap["endpoints"]:
+        for state in State:
+            value = 1 if ep["breaker"] == state.value else 0
+            labels = _labels((("endpoint", ep["name"]), ("state", state.value)))
+            yield f"router_endpoint_breaker_state{labels} {value}"
+    yield "# HELP router_endpoint_breaker_since_seconds Unix time the endpoint left closed (0: closed)."
+    yield "# TYPE router_endpoint_breaker_since_seconds gauge"
+    for ep in snap["endpoints"]:
+        since = ep["failing_since"] or 0
+        yield f"router_endpoint_breaker_since_seconds{_labels((('endpoint', ep['name']),))} {since}"
+    yield "# HELP router_endpoint_breaker_reason The latest evidence against an endpoint out of closed."
+    yield "# TYPE router_endpoint_breaker_reason gauge"
+    for ep in snap["endpoints"]:
+        if ep["failing_since"] is not None:
+            labels = _labels((("endpoint", ep["name"]), ("reason", str(ep["failing_reason"])[:200])))
+            yield f"router_endpoint_breaker_reason{labels} 1"

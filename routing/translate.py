@@ -320,12 +320,17 @@ def plan_for_openai_backend(path: str, data: dict[str, Any], stream: bool, cand:
         )
     key = "message" if path == "/api/chat" else "response"
     request = chat_request(data, model, stream) if key == "message" else generate_request(data, model, stream)
+
+    def without_stream_options() -> bytes:  # for a server that refuses the field (proxy.forward)
+        return json.dumps({k: v for k, v in request.items() if k != "stream_options"}).encode()
+
     return Attempt(
         url=base + "/chat/completions",
         body=json.dumps(request).encode(),
         relay=lambda: ChatFromSse(client_model, key),
         read_body=_chat_body(client_model, key),
         stream=stream,
+        fallback_body=without_stream_options if "stream_options" in request else None,
     )
 
 

@@ -15,6 +15,7 @@ import asyncio
 import enum
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import aiohttp
 import httpx
@@ -29,7 +30,12 @@ _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient
 _sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = (
     weakref.WeakKeyDictionary()
 )
+_fresh: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = (
+    weakref.WeakKeyDictionary()
+)
 _transport_factory: TransportFactory | None = None
+# Seconds an idle pooled connection is kept (see get_session).
+KEEPALIVE_IDLE = 4.0
 
 
 def get_session() -> aiohttp.ClientSession:
@@ -39,13 +45,32 @@ def get_session() -> aiohttp.ClientSession:
     if session is None or session.closed:
         # limit=0: the router's own slot accounting bounds concurrency per backend, a
         # connector cap would only add a second, invisible queue (aiohttp's default is 100).
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=60)
+        # keepalive_timeout: an idle pooled connection is dropped after KEEPALIVE_IDLE s, below
+        # the idle close of common servers (llama.cpp's llama-server closes after ~5 s), so the
+        # router seldom sends on a connection the server is closing; when it still happens,
+        # proxy._send retries once on a fresh connection (`fresh_session`).
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_IDLE, ttl_dns_cache=60)
         session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,  # bytes pass through as the backend sent them
             cookie_jar=aiohttp.DummyCookieJar(),  # one session serves every user: no cookies
         )
         _sessions[loop] = session
+    return session
+
+
+def fresh_session() -> aiohttp.ClientSession:
+    """A session whose every request opens its own connection and closes it after (no pool):
+    for the one retry after a pooled connection closed before any reply byte."""
+    loop = asyncio.get_running_loop()
+    session = _fresh.get(loop)
+    if session is None or session.closed:
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True, ttl_dns_cache=60),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        _fresh[loop] = session
     return session
 
 
@@ -162,9 +187,10 @@ async def close_client() -> None:
     client = _clients.pop(loop, None)
     if client is not None:
         await client.aclose()
-    session = _sessions.pop(loop, None)
-    if session is not None and not session.closed:
-        await session.close()
+    for sessions in (_sessions, _fresh):
+        session = sessions.pop(loop, None)
+        if session is not None and not session.closed:
+            await session.close()
 
 
 def auth_headers(api_key: str) -> dict[str, str]:
@@ -172,7 +198,7 @@ def auth_headers(api_key: str) -> dict[str, str]:
 
 
 class Failure(enum.Enum):
-    """Why an upstream attempt failed before its first byte: all of these warrant failover."""
+    """Why an upstream attempt failed before its first byte (see `verdict` for what each means)."""
 
     REFUSED = "connection refused"
     CONNECT_TIMEOUT = "connect timeout"
@@ -220,3 +246,57 @@ def midstream_reason(exc: BaseException) -> str:
     if failure in (Failure.DISCONNECTED, Failure.PROTOCOL, Failure.REFUSED):
         return "closed the connection mid-reply"
     return failure.value
+
+
+def closed_before_reply(exc: BaseException) -> bool:
+    """The connection closed or was reset before any reply byte, after it was established
+    (not a refused or timed-out connect): what a pooled connection the server closed while
+    idle looks like. aiohttp itself retries this only for idempotent methods."""
+    return isinstance(exc, aiohttp.ServerDisconnectedError) or (
+        isinstance(exc, aiohttp.ClientOSError) and not isinstance(exc, aiohttp.ClientConnectorError)
+    )
+
+
+class Evidence(enum.Enum):
+    """What a failure says about the server (routing/breaker.py weighs it)."""
+
+    NONE = "none"  # about this request only
+    WEAK = "weak"  # could be this request; counts when it repeats across requests
+    STRONG = "strong"  # about the server: it leaves rotation at once
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    evidence: Evidence
+    failover: bool  # the request may go to another server: it cannot have run here
+
+
+# A failure before the reply's head, after the one fresh-connection retry of a closed one.
+_FAILURE_VERDICTS = {
+    Failure.REFUSED: Verdict(Evidence.STRONG, failover=True),
+    Failure.CONNECT_TIMEOUT: Verdict(Evidence.STRONG, failover=True),
+    # The work may be running there: neither resent elsewhere nor held against the server
+    # (a hung server fails its probes, which are evidence about it).
+    Failure.FIRST_BYTE_TIMEOUT: Verdict(Evidence.NONE, failover=False),
+    # Closed twice without a reply, or a malformed head: nothing was answered, so trying
+    # another server cannot double an answer; weak, as one request may crash a server.
+    Failure.DISCONNECTED: Verdict(Evidence.WEAK, failover=True),
+    Failure.PROTOCOL: Verdict(Evidence.WEAK, failover=True),
+    Failure.OTHER: Verdict(Evidence.WEAK, failover=True),
+}
+
+
+def verdict(failure: Failure) -> Verdict:
+    return _FAILURE_VERDICTS[failure]
+
+
+def status_verdict(status: int) -> Verdict:
+    """A reply the server sent normally. Below 500 it is about the request (the server works).
+    502 and 503 say the server did not take the work (overloaded, or a proxy in front of it
+    could not reach it): another server may try. Every other 5xx (500 from one bad request,
+    504 from a proxy whose backend may still be working) goes back to this client alone.
+    Every 5xx is weak evidence: it only opens the breaker when it repeats across requests
+    with no good reply in between."""
+    if status < 500:
+        return Verdict(Evidence.NONE, failover=False)
+    return Verdict(Evidence.WEAK, failover=status in (502, 503))

@@ -25,6 +25,7 @@ from django.db import DatabaseError, close_old_connections
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 
 from routing import caches, fleet, snapshot
+from routing.breaker import State, breakers
 from routing.decorators import methods
 from routing.errors import ApiError
 from routing.parsing import parse_object
@@ -311,7 +312,7 @@ async def aggregate(request: HttpRequest) -> HttpResponseBase:
 async def _version_of(ep: EndpointInfo) -> str | None:
     """The cached version; an enabled endpoint of unknown state is probed once (coalesced)."""
     cached = caches.versions.peek(ep.id)
-    if cached is not None or not ep.enabled or caches.failing.peek(ep.id) is not None:
+    if cached is not None or not ep.enabled or breakers.is_open(ep.id):
         return cached
     try:
         version = await caches.versions.get(ep.id, lambda: fleet.fetch_version(ep))
@@ -323,8 +324,8 @@ async def _version_of(ep: EndpointInfo) -> str | None:
 
 
 def _endpoint_state(ep: EndpointInfo, version: str | None) -> dict[str, Any]:
-    mark = caches.failing.peek(ep.id)
-    healthy = ep.enabled and mark is None and version is not None
+    view = breakers.view(ep.id)
+    healthy = ep.enabled and view.state is not State.OPEN and version is not None
     state: dict[str, Any] = {
         # NOMYO Router's keys first; never the api key.
         "url": ep.url,
@@ -336,10 +337,11 @@ def _endpoint_state(ep: EndpointInfo, version: str | None) -> dict[str, Any]:
         "enabled": ep.enabled,
         "limit": ep.limit,
         "healthy": healthy,
-        "failing_since": mark.since if mark else None,
+        "failing_since": view.since,
+        "breaker": view.state.value,
     }
-    if mark is not None:
-        state["detail"] = mark.reason
+    if view.since is not None:
+        state["detail"] = view.reason
     elif ep.enabled and not healthy:
         state["detail"] = "state unknown"
     return state

@@ -90,6 +90,9 @@ def _endpoints(live: list[dict[str, Any]], per_endpoint: dict[Any, int]) -> list
             row["healthy"] = any(v.get("healthy") for v in seen)
             row["failing_since"] = None
             row["failing_reason"] = None
+        # The breaker as the most cautious process sees it: open, else half_open, else closed.
+        states = {v.get("breaker", "closed") for v in seen}
+        row["breaker"] = next((s for s in ("open", "half_open") if s in states), "closed")
         row["version"] = next((v["version"] for v in seen if v.get("version")), None)
         row["models"] = _union([v.get("models", []) for v in seen])
         row["loaded"] = _union([v.get("loaded", []) for v in seen])

@@ -251,15 +251,24 @@
     $("processes").textContent = `${procs} router process${procs === 1 ? "" : "es"}`;
   }
 
+  // The endpoint's circuit breaker: open = out of rotation, half_open = back on trial after
+  // a probe answered. failing_since is when it left closed (it does not restart per probe).
   function statePill(ep) {
     if (!ep.enabled) return el("span", { class: "pill pill-off", text: "disabled" });
-    if (ep.failing_since) {
+    const breaker = ep.breaker || (ep.failing_since ? "open" : "closed");
+    if (breaker !== "closed" && ep.failing_since) {
       const since = (Date.now() / 1000 - ep.failing_since);
+      const trial = breaker === "half_open";
       return el(
         "div",
         null,
-        el("span", { class: "pill pill-bad", text: "failing" }),
-        el("div", { class: "reason", text: `${ep.failing_reason || "no answer"} · for ${ago(since)}` }),
+        el("span", {
+          class: trial ? "pill pill-warn" : "pill pill-bad",
+          text: trial ? "on trial" : "failing",
+          title: trial ? "circuit breaker half-open: a probe answered, requests go there again"
+            : "circuit breaker open: out of rotation, probed until it answers",
+        }),
+        el("div", { class: "reason", text: `${ep.failing_reason || "no answer"} · since ${ago(since)} ago` }),
       );
     }
     if (ep.healthy) return el("span", { class: "pill pill-ok", text: "healthy" });

@@ -23,11 +23,11 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def test_it_exposes_every_documented_series_in_the_prometheus_text_format(fakes, endpoint, router):
-    bad = fakes(models=[MODEL_KEY], loaded=[MODEL_KEY], fault="500")  # tried first, fails over
+    bad = fakes(models=[MODEL_KEY], loaded=[MODEL_KEY], fault="503")  # tried first, fails over
     good = fakes(models=[MODEL_KEY], tokens=4)
     endpoint(bad.url, name="bad", max_concurrent_connections=1)
     endpoint(good.url, name="good", max_concurrent_connections=1)
-    server = router(ROUTER_FAILING_TTL="8")
+    server = router(ROUTER_FAILING_TTL="8", ROUTER_BREAKER_FAILURES="1")  # one 503 opens its breaker
     with httpx.Client(base_url=server.url, timeout=10) as client:
         assert client.post("/api/chat", json=chat_body(stream=False)).headers["x-router-endpoint"] == "good"
         assert client.post("/api/chat", json=chat_body(stream=True)).status_code == 200
@@ -60,6 +60,10 @@ def test_it_exposes_every_documented_series_in_the_prometheus_text_format(fakes,
         "router_in_flight": "gauge",
         "router_queued": "gauge",
         "router_endpoint_up": "gauge",
+        "router_endpoint_breaker_state": "gauge",
+        "router_endpoint_breaker_since_seconds": "gauge",
+        "router_endpoint_breaker_reason": "gauge",
+        "router_fresh_connection_retries_total": "counter",
         "router_lock_wait_seconds_total": "counter",
         "router_lock_wait_max_seconds": "gauge",
         "router_lock_acquisitions_total": "counter",
@@ -83,6 +87,13 @@ def test_it_exposes_every_documented_series_in_the_prometheus_text_format(fakes,
     assert metrics.value("router_failovers_total") == 1
     assert metrics.value("router_endpoint_up", endpoint="bad") == 0
     assert metrics.value("router_endpoint_up", endpoint="good") == 1
+    breaker = "router_endpoint_breaker_state"
+    assert metrics.value(breaker, endpoint="bad", state="open") == 1
+    assert metrics.value(breaker, endpoint="bad") == 1  # one state at a time
+    assert metrics.value(breaker, endpoint="good", state="closed") == 1
+    assert metrics.value("router_endpoint_breaker_reason", endpoint="bad", reason="HTTP 503") == 1
+    assert metrics.value("router_endpoint_breaker_since_seconds", endpoint="bad") > 1.7e9
+    assert metrics.value("router_endpoint_breaker_since_seconds", endpoint="good") == 0
     # lock wait times, per lock
     for lock in ("usage", "registry", "recorder"):
         assert metrics.has("router_lock_wait_seconds_total", lock=lock)

@@ -85,4 +85,4 @@ def test_it_checks_an_endpoint_now(staff_client: Client, fakes):
     assert "gpu-1: version 0.12.3; llama3:latest, qwen2:7b" in text
     assert "dead: connection refused" in text
     listing = staff_client.get("/admin/routing/endpoint/").content.decode()
-    assert "healthy" in listing and "failing: connection refused" in listing
+    assert "healthy" in listing and "failing (breaker open): connection refused, since " in listing

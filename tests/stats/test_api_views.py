@@ -8,7 +8,6 @@ import contextlib
 import csv
 import io
 import json
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -21,6 +20,7 @@ from django.test import AsyncRequestFactory
 
 from routing import caches
 from routing.board import Candidate, board
+from routing.breaker import breakers
 from routing.errors import ApiError, error_response
 from routing.models import Endpoint
 from routing.registry import registry
@@ -299,7 +299,7 @@ async def test_config_states_and_no_api_keys() -> None:
     a, b, _c = await add_endpoints()
     caches.versions.put(a.id, "0.12.0")
     caches.advertised.invalidate()
-    caches.failing.put(b.id, caches.FailingMark("connection refused", time.time()))
+    breakers.failed(b.id, "connection refused", strong=True)
     response = await call(api_views.config, rf.get("/api/config"))
     assert b"sk-very-secret" not in response.content and b"api_key" not in response.content
     endpoints = {e["name"]: e for e in body(response)["endpoints"]}
@@ -314,8 +314,10 @@ async def test_config_states_and_no_api_keys() -> None:
         "limit": 4,
         "healthy": True,
         "failing_since": None,
+        "breaker": "closed",
     }
     assert endpoints["beta"]["status"] == "error" and endpoints["beta"]["detail"] == "connection refused"
+    assert endpoints["beta"]["breaker"] == "open"
     assert endpoints["beta"]["healthy"] is False and endpoints["beta"]["failing_since"] is not None
     assert endpoints["gamma"]["status"] == "disabled" and endpoints["gamma"]["enabled"] is False
     assert [e["url"] for e in body(response)["endpoints"]] == [EP1, "http://b:8080/v1", "http://c:11434"]

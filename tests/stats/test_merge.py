@@ -124,3 +124,17 @@ def test_endpoint_state_is_combined_over_processes() -> None:
 def test_a_process_without_its_endpoint_list_yet_does_not_blank_the_page() -> None:
     merged = merge({"starting": part("starting", endpoints=[]), "b": part("b", age=1)}, now=NOW)
     assert [e["name"] for e in merged["endpoints"]] == ["gpu-1"]
+
+
+def test_the_breaker_shown_is_the_most_cautious_processs_view() -> None:
+    trial = ep(
+        healthy=False, breaker="half_open", failing_since=NOW - 90, failing_reason="connection refused"
+    )
+    out = ep(healthy=False, breaker="open", failing_since=NOW - 60, failing_reason="connect timeout")
+    parts = {"a": part("a", endpoints=[trial]), "b": part("b", age=1, endpoints=[out])}
+    (row,) = merge(parts, now=NOW)["endpoints"]
+    assert row["breaker"] == "open" and row["failing_since"] == NOW - 90  # the outage's start
+    (row,) = merge({"a": part("a", endpoints=[trial]), "c": part("c", age=1)}, now=NOW)["endpoints"]
+    assert row["breaker"] == "half_open"
+    (row,) = merge({"c": part("c")}, now=NOW)["endpoints"]
+    assert row["breaker"] == "closed"  # a part from before the breaker existed: closed
