@@ -157,9 +157,9 @@ def test_a_server_refusing_stream_options_gets_the_request_without_it(fakes, end
     assert own.status_code == 400 and "stream_options" in own.json()["error"]["message"]
     assert endpoint_up(server, "strict") == 1
     wait_idle(server)
-    # the three answered requests count, as requests without reported usage (the column
-    # `incomplete`); the server's refusal of the client's own field is not a request served
-    wait_db_totals(Totals(0, 0, 0, 3))
+    # the three answered requests count as requests, without reported usage (also in the
+    # column `incomplete`); the server's refusal of the client's own field is not a request served
+    wait_db_totals(Totals(0, 0, 3, 3))
 
 
 def test_the_usage_the_router_adds_still_counts_tokens_where_accepted(fakes, endpoint, router):
