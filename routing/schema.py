@@ -147,7 +147,13 @@ class AnyOf(Spec):
     def check(self, value: Any, path: str) -> None:
         for option in self.options:
             if _outer_match(option, value):
-                option.check(value, path)
+                if isinstance(option, (Str, Int, Num, Bool)):
+                    try:
+                        option.check(value, path)
+                    except ApiError:  # a scalar out of range: name what the field takes
+                        raise _fail(path, self.what) from None
+                else:
+                    option.check(value, path)
                 return
         raise _fail(path, self.what)
 

@@ -12,9 +12,10 @@ Invariants:
   translated is refused there with a 400 naming it, never dropped in silence;
 - the builders below only run on bodies routing/schema.py accepted, and never raise;
 - tool-call ids are derived from positions in the conversation (`call_<message>_<call>`),
-  so the same conversation always translates to the same request; a `role: tool` message
-  gets the id of the call it answers (its `tool_call_id`, else the first unanswered call
-  of its `tool_name`, else the first unanswered call);
+  so the same conversation always translates to the same request; the `role: tool`
+  messages after an assistant turn get the ids of the calls they answer (a given
+  `tool_call_id`; else the first unanswered call of their `tool_name`; else the
+  unanswered calls in order);
 - thinking: `think` is forwarded as `chat_template_kwargs.enable_thinking` (llama.cpp,
   vLLM: the chat template's switch) and, for an effort level, `reasoning_effort`
   (OpenAI's name, also read by vLLM and llama.cpp for gpt-oss); reply fields
@@ -142,52 +143,74 @@ def _arguments_text(args: Any) -> str:
     return args if isinstance(args, str) else json.dumps(args if args is not None else {})
 
 
+def _pair_results(conversation: list[dict[str, Any]], calls: list[tuple[int, str, str]]) -> dict[int, str]:
+    """Message index -> call id for the tool results that follow one assistant turn.
+
+    `calls` are (unused, id, name) of that turn's calls in order. Three passes over the
+    consecutive `role: tool` messages: a given `tool_call_id` is kept; a `tool_name` takes
+    the first unanswered call of that name; the rest take the unanswered calls in order.
+    """
+    open_calls = [(cid, name) for _, cid, name in calls]
+    results: list[int] = []
+    for m in range(calls[0][0] + 1 if calls else 0, len(conversation)):
+        if conversation[m].get("role") != "tool":
+            break
+        results.append(m)
+    paired: dict[int, str] = {}
+    for m in results:
+        given = conversation[m].get("tool_call_id")
+        if given:
+            paired[m] = given
+            open_calls = [c for c in open_calls if c[0] != given]
+    for m in results:
+        name = conversation[m].get("tool_name")
+        if m in paired or not name:
+            continue
+        match = next((c for c in open_calls if c[1] == name), None)
+        if match is not None:
+            paired[m] = match[0]
+            open_calls.remove(match)
+    for m in results:
+        if m not in paired and open_calls:
+            paired[m] = open_calls.pop(0)[0]
+    return paired
+
+
 def messages(conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Ollama messages -> OpenAI messages, tool-call ids paired (see the module's invariants)."""
     out: list[dict[str, Any]] = []
-    pending: list[tuple[str, str]] = []  # (id, function name) of calls not answered yet
+    paired: dict[int, str] = {}  # tool result's message index -> the id of the call it answers
     for m, msg in enumerate(conversation):
         role = msg.get("role")
         item: dict[str, Any] = {"role": role}
         content = msg.get("content") or ""
         images = msg.get("images")
-        item["content"] = (
-            [{"type": "text", "text": content}, *map(_image_part, images)] if images else content
-        )
+        if images:
+            item["content"] = [{"type": "text", "text": content}, *map(_image_part, images)]
+        else:
+            item["content"] = content
         if role == "assistant" and msg.get("thinking"):
             item["reasoning_content"] = msg["thinking"]
         if role == "assistant" and msg.get("tool_calls"):
             calls = []
-            pending = []  # a new round of calls: what the last one left unanswered stays so
+            ids: list[tuple[int, str, str]] = []
             for c, call in enumerate(msg["tool_calls"]):
                 fn = call["function"]
                 given = call.get("id")
                 cid = given if isinstance(given, str) and given else call_id(m, c)
+                arguments = _arguments_text(fn.get("arguments"))
                 calls.append(
-                    {
-                        "id": cid,
-                        "type": "function",
-                        "function": {"name": fn["name"], "arguments": _arguments_text(fn.get("arguments"))},
-                    }
+                    {"id": cid, "type": "function", "function": {"name": fn["name"], "arguments": arguments}}
                 )
-                pending.append((cid, fn["name"]))
+                ids.append((m, cid, fn["name"]))
             item["tool_calls"] = calls
+            paired.update(_pair_results(conversation, ids))
         if role == "tool":
-            name = msg.get("tool_name")
-            cid = msg.get("tool_call_id")
-            if cid:
-                pending = [p for p in pending if p[0] != cid]
-            else:
-                match = next((p for p in pending if p[1] == name), None) if name else None
-                if match is None and pending:
-                    match = pending[0]
-                if match is not None:
-                    cid = match[0]
-                    pending.remove(match)
+            cid = paired.get(m) or msg.get("tool_call_id")
             if cid:
                 item["tool_call_id"] = cid
-            if name:
-                item["name"] = name
+            if msg.get("tool_name"):
+                item["name"] = msg["tool_name"]
         out.append(item)
     return out
 

@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (SSE events written one per line)
 """Ollama requests on OpenAI-compatible servers, over real sockets (issue 12, items 4-7).
 
 The router runs as its own process in front of a scripted OpenAI-compatible server
