@@ -30,17 +30,28 @@ from typing import Any
 from routing.errors import ApiError
 
 
+class _Bad(Exception):
+    """Raised inside the walk; each container on the way out adds its key or index, so
+    the success path builds no path strings at all."""
+
+    def __init__(self, what: str, *, required: bool = False) -> None:
+        self.what = what
+        self.required = required
+        self.steps: list[str | int] = []
+
+
 class Spec:
-    """One node of a shape. `what` is how an error message names the expected value."""
+    """One node of a shape. `what` is how an error message names the expected value;
+    `outer` the JSON types it can match (AnyOf picks its option by them)."""
 
     what: str = "a value"
+    outer: tuple[type, ...] = (object,)
 
-    def check(self, value: Any, path: str) -> None:  # pragma: no cover - overridden
+    def check(self, value: Any) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
-
-def _fail(path: str, what: str) -> ApiError:
-    return ApiError(400, f"'{path}' must be {what}")
+    def matches_outer(self, value: Any) -> bool:
+        return isinstance(value, self.outer) and not (isinstance(value, bool) and bool not in self.outer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +60,7 @@ class Anything(Spec):
 
     what: str = "a value"
 
-    def check(self, value: Any, path: str) -> None:
+    def check(self, value: Any) -> None:
         return None
 
 
@@ -58,46 +69,52 @@ class Str(Spec):
     what: str = "a string"
     choices: frozenset[str] | None = None
     nonblank: bool = False
+    outer: tuple[type, ...] = (str,)
 
-    def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, str):
-            raise _fail(path, self.what)
-        if self.choices is not None and value not in self.choices:
-            raise _fail(path, self.what)
-        if self.nonblank and not value.strip():
-            raise _fail(path, self.what)
+    def check(self, value: Any) -> None:
+        if (
+            not isinstance(value, str)
+            or (self.choices is not None and value not in self.choices)
+            or (self.nonblank and not value.strip())
+        ):
+            raise _Bad(self.what)
 
 
 @dataclass(frozen=True, slots=True)
 class Bool(Spec):
     what: str = "a boolean"
+    outer: tuple[type, ...] = (bool,)
 
-    def check(self, value: Any, path: str) -> None:
+    def check(self, value: Any) -> None:
         if not isinstance(value, bool):
-            raise _fail(path, self.what)
+            raise _Bad(self.what)
 
 
 @dataclass(frozen=True, slots=True)
 class Int(Spec):
     what: str = "an integer"
     minimum: int | None = None
+    outer: tuple[type, ...] = (int,)
 
-    def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise _fail(path, self.what)
-        if self.minimum is not None and value < self.minimum:
-            raise _fail(path, self.what)
+    def check(self, value: Any) -> None:
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or (self.minimum is not None and value < self.minimum)
+        ):
+            raise _Bad(self.what)
 
 
 @dataclass(frozen=True, slots=True)
 class Num(Spec):
     what: str = "a number"
+    outer: tuple[type, ...] = (int, float)
 
-    def check(self, value: Any, path: str) -> None:
+    def check(self, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _fail(path, self.what)
+            raise _Bad(self.what)
         if isinstance(value, float) and not math.isfinite(value):
-            raise _fail(path, self.what)
+            raise _Bad(self.what)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,15 +122,20 @@ class ListOf(Spec):
     item: Spec
     what: str = "a list"
     nonempty: bool = False
+    outer: tuple[type, ...] = (list,)
 
-    def check(self, value: Any, path: str) -> None:
+    def check(self, value: Any) -> None:
         if not isinstance(value, list) or (self.nonempty and not value):
-            raise _fail(path, self.what)
-        item = self.item
+            raise _Bad(self.what)
+        check = self.item.check
         for i, entry in enumerate(value):
-            if entry is None:
-                raise _fail(f"{path}[{i}]", item.what)
-            item.check(entry, f"{path}[{i}]")
+            try:
+                if entry is None:
+                    raise _Bad(self.item.what)
+                check(entry)
+            except _Bad as bad:
+                bad.steps.append(i)
+                raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,62 +145,73 @@ class Obj(Spec):
     fields: Mapping[str, Spec] = field(default_factory=dict)
     required: frozenset[str] = frozenset()
     what: str = "an object"
+    outer: tuple[type, ...] = (dict,)
 
-    def check(self, value: Any, path: str) -> None:
+    def check(self, value: Any) -> None:
         if not isinstance(value, dict):
-            raise _fail(path, self.what)
-        prefix = f"{path}." if path else ""
+            raise _Bad(self.what)
         for name in self.required:
             if value.get(name) is None:
-                raise ApiError(400, f"'{prefix}{name}' is required")
-        for name, spec in self.fields.items():
-            entry = value.get(name)
-            if entry is not None:
-                spec.check(entry, prefix + name)
+                bad = _Bad("", required=True)
+                bad.steps.append(name)
+                raise bad
+        fields = self.fields
+        # Over the body's keys, not the shape's: a message has 2-3 of its 7 known fields.
+        for name, entry in value.items():
+            spec = fields.get(name)
+            if spec is None or entry is None:
+                continue
+            try:
+                spec.check(entry)
+            except _Bad as bad:
+                bad.steps.append(name)
+                raise
 
 
 @dataclass(frozen=True, slots=True)
 class AnyOf(Spec):
-    """The first option whose outer type matches decides (no backtracking into nested errors)."""
+    """The first option whose outer type matches decides (no backtracking into nested
+    errors); a scalar option out of range is reported with the AnyOf's own `what`."""
 
     options: tuple[Spec, ...]
     what: str = "a value"
+    outer: tuple[type, ...] = (object,)
 
-    def check(self, value: Any, path: str) -> None:
+    def check(self, value: Any) -> None:
         for option in self.options:
-            if _outer_match(option, value):
+            if option.matches_outer(value):
                 if isinstance(option, (Str, Int, Num, Bool)):
                     try:
-                        option.check(value, path)
-                    except ApiError:  # a scalar out of range: name what the field takes
-                        raise _fail(path, self.what) from None
+                        option.check(value)
+                    except _Bad:
+                        raise _Bad(self.what) from None
                 else:
-                    option.check(value, path)
+                    option.check(value)
                 return
-        raise _fail(path, self.what)
+        raise _Bad(self.what)
+
+    def matches_outer(self, value: Any) -> bool:
+        return any(option.matches_outer(value) for option in self.options)
 
 
-def _outer_match(spec: Spec, value: Any) -> bool:
-    if isinstance(spec, Str):
-        return isinstance(value, str)
-    if isinstance(spec, Bool):
-        return isinstance(value, bool)
-    if isinstance(spec, Int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(spec, Num):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(spec, ListOf):
-        return isinstance(value, list)
-    if isinstance(spec, Obj):
-        return isinstance(value, dict)
-    if isinstance(spec, AnyOf):
-        return any(_outer_match(o, value) for o in spec.options)
-    return True
+def _path(steps: list[str | int]) -> str:
+    out = ""
+    for step in reversed(steps):
+        out += f"[{step}]" if isinstance(step, int) else (f".{step}" if out else step)
+    return out
 
 
 def check(spec: Obj, body: dict[str, Any]) -> None:
     """Raise a 400 ApiError naming the first field of `body` that does not fit `spec`."""
-    spec.check(body, "")
+    try:
+        spec.check(body)
+    except _Bad as bad:
+        path = _path(bad.steps)
+        if bad.required:
+            raise ApiError(400, f"'{path}' is required") from None
+        raise ApiError(
+            400, f"'{path}' must be {bad.what}" if path else f"the body must be {bad.what}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- building blocks
