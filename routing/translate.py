@@ -206,7 +206,7 @@ def messages(conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
             item["tool_calls"] = calls
             paired.update(_pair_results(conversation, ids))
         if role == "tool":
-            cid = paired.get(m) or msg.get("tool_call_id")
+            cid = paired.get(m) or _text(msg.get("tool_call_id"))
             if cid:
                 item["tool_call_id"] = cid
             if msg.get("tool_name"):
@@ -304,9 +304,7 @@ def _tool_calls(calls: Any) -> list[dict[str, Any]]:
             continue
         fn = call.get("function")
         fn = fn if isinstance(fn, dict) else {}
-        cid = call.get("id") if isinstance(call.get("id"), str) else ""
-        name = fn.get("name") if isinstance(fn.get("name"), str) else ""
-        out.append(ollama_tool_call(i, cid, name, fn.get("arguments")))
+        out.append(ollama_tool_call(i, _text(call.get("id")), _text(fn.get("name")), fn.get("arguments")))
     return out
 
 

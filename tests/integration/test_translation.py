@@ -21,8 +21,14 @@ from tests.integration.helpers import in_flight
 from tests.integration.scripted import Reply, ScriptedServer, chat_chunk, usage, usage_chunk
 from tests.reliability.support import Totals, wait_db_totals
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
-TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+WEATHER: dict[str, Any] = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object"}},
+}
+TIME: dict[str, Any] = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object"}},
+}
 
 
 class Scripts:
@@ -65,7 +71,7 @@ def ndjson(response: httpx.Response) -> list[dict[str, Any]]:
     return [json.loads(line) for line in response.text.splitlines() if line.strip()]
 
 
-CONVERSATION = [
+CONVERSATION: list[dict[str, Any]] = [
     {"role": "user", "content": "weather and time in Oslo?"},
     {
         "role": "assistant",
@@ -300,9 +306,11 @@ def test_raw_generate_uses_completions_with_the_prompt_as_it_is(xl):
 )
 def test_a_field_that_cannot_be_translated_is_refused_by_name(xl, route, extra, named):
     _, server, _, proc = xl
-    base = {"/api/chat": {"messages": CONVERSATION[:1]}, "/api/generate": {"prompt": "x"}}.get(
-        route, {"input": "x"}
-    )
+    bases: dict[str, dict[str, Any]] = {
+        "/api/chat": {"messages": CONVERSATION[:1]},
+        "/api/generate": {"prompt": "x"},
+    }
+    base = bases.get(route, {"input": "x"})
     reply = httpx.post(
         proc.url + route, json={"model": "gpt-x", "stream": False, **base, **extra}, timeout=10
     )

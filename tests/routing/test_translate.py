@@ -79,7 +79,7 @@ def test_every_tool_result_answers_an_open_call_of_its_round(conversation: list[
 
 
 def test_given_ids_are_kept_and_a_tool_call_id_wins_over_the_name():
-    conversation = [
+    conversation: list[dict[str, Any]] = [
         {
             "role": "assistant",
             "tool_calls": [
@@ -120,7 +120,9 @@ def tool_streams(draw: st.DrawFn) -> tuple[list[tuple[str, str, dict[str, Any]]]
         text = json.dumps(args)
         cuts = sorted(draw(st.lists(st.integers(0, len(text)), max_size=4)))
         parts = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
-        deltas = [{"id": cid, "type": "function", "function": {"name": name, "arguments": parts[0]}}]
+        deltas: list[dict[str, Any]] = [
+            {"id": cid, "type": "function", "function": {"name": name, "arguments": parts[0]}}
+        ]
         deltas += [{"function": {"arguments": p}} for p in parts[1:]]
         if draw(st.booleans()):
             for d in deltas[1:]:
@@ -163,7 +165,8 @@ def test_streamed_tool_calls_are_assembled_however_they_arrive(stream: Any, data
     assert len(with_calls) == 1
     assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in with_calls[0]] == calls
     assert lines[-1]["done"] is True and lines[-1]["done_reason"] == "stop"
-    assert relay.counts() is not None and relay.counts().completion == 4
+    counts = relay.counts()
+    assert counts is not None and counts.completion == 4
 
 
 # --------------------------------------------------------------------------- thinking, options
