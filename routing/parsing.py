@@ -19,13 +19,31 @@ def _no_constant(name: str) -> NoReturn:
 
 _decoder = json.JSONDecoder(parse_constant=_no_constant)
 
+# Deeper than any request needs, and far from the interpreter's recursion limit (1,000):
+# a body the decoder just managed would otherwise fail later, where it is re-encoded for
+# an upstream server (json.dumps) a few dozen frames deeper.
+MAX_DEPTH = 128
+
+
+def _too_deep(data: Any) -> bool:
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        for item in value.values() if isinstance(value, dict) else value:
+            if isinstance(item, (dict, list)):
+                stack.append((item, depth + 1))
+    return False
+
 
 def parse_object(body: bytes) -> dict[str, Any]:
     """The body as a JSON object, or a 400 that says what is wrong.
 
     Refused: an empty body, invalid UTF-8, invalid JSON (including Python's extensions
     NaN/Infinity), an integer longer than Python's int-conversion limit (4,300 digits),
-    nesting deeper than the interpreter's recursion limit, and any value but an object.
+    nesting deeper than MAX_DEPTH, and any value but an object. The depth is walked only
+    when the body holds more than MAX_DEPTH brackets (bytes.count: a memchr pass).
     """
     if not body.strip():
         raise ApiError(400, "request body is empty; a JSON object is expected")
@@ -41,6 +59,8 @@ def parse_object(body: bytes) -> dict[str, Any]:
         raise ApiError(400, f"invalid JSON: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"request body must be a JSON object, not {type(data).__name__}")
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _too_deep(data):
+        raise ApiError(400, f"invalid JSON: nested deeper than {MAX_DEPTH} levels")
     return data
 
 

@@ -95,8 +95,11 @@ class Int(Spec):
     what: str = "an integer"
     minimum: int | None = None
     outer: tuple[type, ...] = (int,)
+    whole_floats: bool = False  # 100.0 taken as 100 (Ollama's options accept it)
 
     def check(self, value: Any) -> None:
+        if isinstance(value, float) and self.whole_floats and value.is_integer():
+            value = int(value)
         if (
             not isinstance(value, int)
             or isinstance(value, bool)
@@ -238,7 +241,7 @@ FORMAT = AnyOf((Str(), Obj()), what="'json' or a JSON schema object")
 OPTIONS = Obj(
     {
         **{
-            name: INT
+            name: Int(whole_floats=True)
             for name in (
                 "num_ctx",
                 "num_predict",
@@ -421,7 +424,11 @@ OPENAI_CHAT = Obj(
     {
         **_OPENAI_COMMON,
         "messages": ListOf(OPENAI_MESSAGE, what="a list of message objects"),
-        "tools": TOOLS,
+        # OpenAI has tool types beyond "function"; a function tool is checked as Ollama's.
+        "tools": ListOf(
+            Obj({"type": STR, "function": TOOL.fields["function"]}, what="a tool object"),
+            what="a list of tool objects",
+        ),
         "response_format": Obj({"type": STR}),
     }
 )

@@ -59,6 +59,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "mirostat_eta": ("mirostat_eta",),
     "num_keep": ("n_keep",),
 }
+INTEGER_OPTIONS = frozenset({"num_predict", "top_k", "seed", "repeat_last_n", "mirostat", "num_keep"})
 # Set when an OpenAI-compatible server starts, not per request.
 SERVER_OPTIONS = frozenset(
     {"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap", "use_mlock", "numa", "low_vram"}
@@ -233,6 +234,8 @@ def _common(data: dict[str, Any], model: str, stream: bool) -> dict[str, Any]:
             continue
         if src == "num_predict" and value < 0:
             continue  # Ollama's -1 (no limit) / -2 (fill the context): no max_tokens at all
+        if isinstance(value, float) and src in INTEGER_OPTIONS:
+            value = int(value)  # 100.0, which Ollama takes for 100 (routing/schema.py checked it)
         for dst in OPTIONS[src]:
             body[dst] = value
     fmt = data.get("format")

@@ -38,6 +38,7 @@ FUZZ = settings(
 HUGE = "__huge_integer__"
 DEEP = "__deep_nesting__"
 NAN = "__nan__"
+DEEPISH = "__nested_just_parseable__"  # parses, but would not re-encode a few frames deeper
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
 OLLAMA_CHAT = {
@@ -140,7 +141,7 @@ json_scalars = (
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=12)
     | st.sampled_from(["", " ", "json", "0", "0s", "high", "user", "tool", "-1"])
-    | st.sampled_from([HUGE, DEEP, NAN])
+    | st.sampled_from([HUGE, DEEP, DEEPISH, NAN])
 )
 junk = st.recursive(
     json_scalars,
@@ -153,6 +154,7 @@ def encode(body: Any) -> bytes:
     data = json.dumps(body).encode()
     data = data.replace(json.dumps(HUGE).encode(), b"7" * 5000)
     data = data.replace(json.dumps(DEEP).encode(), b"[" * 3000 + b"]" * 3000)
+    data = data.replace(json.dumps(DEEPISH).encode(), b"[" * 980 + b"]" * 980)
     return data.replace(json.dumps(NAN).encode(), b"NaN")
 
 
@@ -264,3 +266,34 @@ def test_the_models_still_answer_on_both_apis_after_the_fuzzing(client: httpx.Cl
             "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "x"}]}
         )
         assert reply.status_code == 200, reply.text
+
+
+REPORTED = [  # issue 11, item 1: each of these took a slot of the OpenAI-only model for good
+    ("/api/chat", {"messages": [{"role": "user", "content": "hi", "images": [5]}]}, "messages[0].images[0]"),
+    ("/api/chat", {"messages": [{"role": "user", "content": "hi", "images": 5}]}, "messages[0].images"),
+    ("/api/chat", {"messages": [{"role": "assistant", "tool_calls": 5}]}, "messages[0].tool_calls"),
+    (
+        "/api/chat",
+        {"messages": [{"role": "assistant", "tool_calls": [{"function": "f"}]}]},
+        "messages[0].tool_calls[0].function",
+    ),
+    ("/api/generate", {"prompt": "hi", "images": [1]}, "images[0]"),
+]
+
+
+@pytest.mark.parametrize(("path", "fields", "named"), REPORTED, ids=[r[2] for r in REPORTED])
+def test_the_reported_bodies_answer_400_and_keep_no_slot(
+    path: str, fields: dict[str, Any], named: str, server: RouterProcess, client: httpx.Client
+):
+    for model in MODELS:
+        for _ in range(3):  # more than the model's limit of 2
+            response = client.post(path, json={"model": model, "stream": False, **fields})
+            assert response.status_code == 400, response.text
+            assert response.json()["error"].startswith(f"'{named}' must be")
+    assert in_flight(server.url) == 0
+    valid = client.post(
+        "/api/chat",
+        json={"model": "gpt-x", "stream": False, "messages": [{"role": "user", "content": "x"}]},
+        timeout=2,  # well under the queue timeout: no slot is held
+    )
+    assert valid.status_code == 200, valid.text

@@ -200,6 +200,8 @@ def test_options_map_to_each_servers_names():
     assert body["repeat_penalty"] == body["repetition_penalty"] == 1.1 and body["n_keep"] == 4
     assert body["stream_options"] == {"include_usage": True}
     assert "max_tokens" not in translate.chat_request({"options": {"num_predict": -1}}, "m", False)
+    schema.check(schema.OLLAMA_CHAT, {"options": {"num_predict": 100.0}})
+    assert translate.chat_request({"options": {"num_predict": 100.0}}, "m", False)["max_tokens"] == 100
     assert set(translate.OPTIONS) | translate.SERVER_OPTIONS <= set(schema.OPTIONS.fields) | {"tfs_z"}
 
 
@@ -320,8 +322,10 @@ def test_null_is_absent_and_unknown_fields_pass():
         b'{"a": NaN}',
         b'{"a": -Infinity}',
         b'{"a": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+        b'{"a": ' + b"[" * 900 + b"]" * 900 + b"}",
+        b'{"a": ' + b'{"b": ' * 129 + b"1" + b"}" * 129 + b"}",
     ],
-    ids=["5000-digit integer", "NaN", "-Infinity", "deep nesting"],
+    ids=["5000-digit integer", "NaN", "-Infinity", "deep nesting", "900 levels", "130 levels"],
 )
 def test_bodies_python_would_choke_on_are_a_400(body: bytes):
     with pytest.raises(ApiError) as info:
@@ -363,3 +367,10 @@ def test_any_value_checks_or_is_a_400(spec: schema.Obj, body: dict[str, Any]):
         schema.check(spec, body)
     except ApiError as err:
         assert err.status == 400 and err.message.startswith("'")
+
+
+def test_nesting_up_to_the_limit_and_many_brackets_side_by_side_parse():
+    nested = b'{"a": ' + b"[" * 127 + b"]" * 127 + b"}"
+    assert parse_object(nested)["a"]
+    wide = json.dumps({"input": [[1, 2]] * 5000}).encode()
+    assert len(parse_object(wide)["input"]) == 5000
