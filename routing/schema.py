@@ -72,6 +72,8 @@ class Str(Spec):
     outer: tuple[type, ...] = (str,)
 
     def check(self, value: Any) -> None:
+        if value.__class__ is str and self.choices is None and not self.nonblank:
+            return  # the usual case, one comparison
         if (
             not isinstance(value, str)
             or (self.choices is not None and value not in self.choices)
@@ -153,7 +155,7 @@ class Obj(Spec):
     def check(self, value: Any) -> None:
         if not isinstance(value, dict):
             raise _Bad(self.what)
-        for name in self.required:
+        for name in self.required:  # (a frozenset of 0-1 names)
             if value.get(name) is None:
                 bad = _Bad("", required=True)
                 bad.steps.append(name)

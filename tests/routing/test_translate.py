@@ -322,10 +322,8 @@ def test_null_is_absent_and_unknown_fields_pass():
         b'{"a": NaN}',
         b'{"a": -Infinity}',
         b'{"a": ' + b"[" * 100000 + b"]" * 100000 + b"}",
-        b'{"a": ' + b"[" * 900 + b"]" * 900 + b"}",
-        b'{"a": ' + b'{"b": ' * 129 + b"1" + b"}" * 129 + b"}",
     ],
-    ids=["5000-digit integer", "NaN", "-Infinity", "deep nesting", "900 levels", "130 levels"],
+    ids=["5000-digit integer", "NaN", "-Infinity", "deep nesting"],
 )
 def test_bodies_python_would_choke_on_are_a_400(body: bytes):
     with pytest.raises(ApiError) as info:
@@ -369,8 +367,23 @@ def test_any_value_checks_or_is_a_400(spec: schema.Obj, body: dict[str, Any]):
         assert err.status == 400 and err.message.startswith("'")
 
 
-def test_nesting_up_to_the_limit_and_many_brackets_side_by_side_parse():
-    nested = b'{"a": ' + b"[" * 127 + b"]" * 127 + b"}"
-    assert parse_object(nested)["a"]
+def at_depth(frames: int, call: Any) -> Any:
+    return at_depth(frames - 1, call) if frames else call()
+
+
+def test_whatever_parses_also_encodes_a_few_frames_deeper():
+    """The kind: a body nested just within what the decoder reaches, re-encoded for an
+    upstream server further down the stack (issue 11: any nesting is a 400, never a 500)."""
+    parsed = 0
+    for depth in range(700, 1000, 7):
+        body = b'{"a": ' + b"[" * depth + b"]" * depth + b"}"
+        try:
+            data = parse_object(body)
+        except ApiError as err:
+            assert err.status == 400 and "nested" in err.message
+            continue
+        parsed += 1
+        assert at_depth(24, lambda data=data: json.dumps(data))  # type: ignore[misc]
+    assert parsed  # the deepest bodies that parse were tried
     wide = json.dumps({"input": [[1, 2]] * 5000}).encode()
     assert len(parse_object(wide)["input"]) == 5000
