@@ -87,11 +87,39 @@ def _option_refusal(options: Any, *, embedding: bool) -> ApiError | None:
     return None
 
 
+# The fields each route translates (Ollama's docs/api.md); any other field that is set
+# (not null) has no translation and is refused by name, e.g. `logprobs`, `shift`.
+FIELDS: dict[str, frozenset[str]] = {
+    "/api/chat": frozenset(
+        {"model", "messages", "tools", "format", "options", "stream", "keep_alive", "think"}
+    ),
+    "/api/generate": frozenset(
+        {
+            *("model", "prompt", "suffix", "images", "format", "options", "system", "template"),
+            *("stream", "raw", "keep_alive", "context", "think"),
+        }
+    ),
+    # (`stream` on an embedding route: its reply is one object either way)
+    "/api/embed": frozenset({"model", "input", "truncate", "options", "keep_alive", "dimensions", "stream"}),
+    "/api/embeddings": frozenset({"model", "prompt", "options", "keep_alive", "stream"}),
+}
+MESSAGE_FIELDS = frozenset(
+    {"role", "content", "thinking", "images", "tool_calls", "tool_name", "tool_call_id"}
+)
+
+
+def _unknown(data: dict[str, Any], known: frozenset[str], prefix: str = "") -> ApiError | None:
+    for name, value in data.items():
+        if name not in known and value is not None:
+            return _refuse(prefix + name, "has no translation")
+    return None
+
+
 def refusal(path: str, data: dict[str, Any]) -> ApiError | None:
     """Why this (schema-valid) Ollama request cannot go to an OpenAI-compatible server,
     as a 400 naming the field; None when every field it sets translates."""
     embedding = path in ("/api/embed", "/api/embeddings")
-    err = _option_refusal(data.get("options"), embedding=embedding)
+    err = _unknown(data, FIELDS[path]) or _option_refusal(data.get("options"), embedding=embedding)
     if err is not None:
         return err
     if embedding:
@@ -105,6 +133,9 @@ def refusal(path: str, data: dict[str, Any]) -> ApiError | None:
         for i, msg in enumerate(data.get("messages") or ()):
             if msg.get("role") not in ROLES:
                 return _refuse(f"messages[{i}].role", "must be one of 'system', 'user', 'assistant', 'tool'")
+            err = _unknown(msg, MESSAGE_FIELDS, f"messages[{i}].")
+            if err is not None:
+                return err
         return None
     if data.get("template"):
         return _refuse("template", "cannot replace the server's chat template")

@@ -242,6 +242,9 @@ def test_a_raw_generate_becomes_a_plain_completion():
         ("/api/generate", {"raw": True, "think": True}, "think"),
         ("/api/embed", {"truncate": True}, "truncate"),
         ("/api/embed", {"options": {"temperature": 1}}, "options.temperature"),
+        ("/api/chat", {"logprobs": True}, "logprobs"),
+        ("/api/generate", {"shift": False}, "shift"),
+        ("/api/chat", {"messages": [{"role": "user", "name": "bob"}]}, "messages[0].name"),
     ],
 )
 def test_untranslatable_fields_are_refused_by_name(path: str, data: dict[str, Any], named: str):
@@ -253,6 +256,10 @@ def test_translatable_requests_are_not_refused():
     assert translate.refusal("/api/chat", {"messages": [{"role": "user"}], "options": {"seed": 1}}) is None
     assert translate.refusal("/api/generate", {"raw": True, "think": False, "context": []}) is None
     assert translate.refusal("/api/embed", {"truncate": False, "options": {}}) is None
+    assert (
+        translate.refusal("/api/chat", {"logprobs": None, "messages": [{"role": "user", "name": None}]})
+        is None
+    )
 
 
 # --------------------------------------------------------------------------- load / unload
