@@ -38,7 +38,7 @@ FUZZ = settings(
 HUGE = "__huge_integer__"
 DEEP = "__deep_nesting__"
 NAN = "__nan__"
-DEEPISH = "__nested_just_parseable__"  # parses, but would not re-encode a few frames deeper
+DEEPISH = "__nested_850__"  # parses (routing/parsing.py HEADROOM) and must re-encode deeper down
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
 OLLAMA_CHAT = {
@@ -154,7 +154,7 @@ def encode(body: Any) -> bytes:
     data = json.dumps(body).encode()
     data = data.replace(json.dumps(HUGE).encode(), b"7" * 5000)
     data = data.replace(json.dumps(DEEP).encode(), b"[" * 3000 + b"]" * 3000)
-    data = data.replace(json.dumps(DEEPISH).encode(), b"[" * 980 + b"]" * 980)
+    data = data.replace(json.dumps(DEEPISH).encode(), b"[" * 850 + b"]" * 850)
     return data.replace(json.dumps(NAN).encode(), b"NaN")
 
 
