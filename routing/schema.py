@@ -391,7 +391,8 @@ OPENAI_TOOL_CALL = Obj(
     {
         "id": STR,
         "type": STR,
-        "function": Obj({"name": STR, "arguments": STR}),
+        # a JSON string per OpenAI; an object is left to the server to accept or refuse
+        "function": Obj({"name": STR, "arguments": AnyOf((STR, OBJ), what="a JSON string")}),
     },
     what="a tool call object",
 )
