@@ -19,7 +19,6 @@ import json
 import re
 from typing import Any
 
-import aiohttp
 from django.conf import settings
 from django.http import HttpResponse
 
@@ -63,7 +62,7 @@ async def _send(cand: Candidate, path: str, body: bytes) -> str | None:
             async with asyncio.timeout(settings.ROUTER_READ_TIMEOUT):
                 text = await response.read()
             status = response.status
-    except (*UPSTREAM_ERRORS, aiohttp.ClientError) as exc:
+    except UPSTREAM_ERRORS as exc:
         return upstream.classify(exc).value
     finally:
         caches.loaded.invalidate(ep.id)
