@@ -11,12 +11,12 @@ from typing import Any
 import httpx
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 
-from routing import caches, fleet, lifecycle, metrics, snapshot, upstream
+from routing import caches, fleet, lifecycle, metrics, schema, snapshot, upstream
 from routing.breaker import breakers
 from routing.decorators import methods
 from routing.errors import ApiError
 from routing.names import model_key
-from routing.parsing import optional_bool, parse_object
+from routing.parsing import optional_bool, parse_checked
 from routing.registry import EndpointInfo, registry
 
 
@@ -259,8 +259,8 @@ async def _pull_stream(
             task.cancel()
 
 
-async def _pull_like(request: HttpRequest, path: str) -> HttpResponseBase:
-    data = parse_object(request.body)
+async def _pull_like(request: HttpRequest, path: str, spec: schema.Obj) -> HttpResponseBase:
+    data = parse_checked(request.body, spec)
     name = data.get("model", data.get("name"))
     if not isinstance(name, str) or not name.strip():
         raise ApiError(400, "'model' is required")
@@ -274,22 +274,22 @@ async def _pull_like(request: HttpRequest, path: str) -> HttpResponseBase:
 
 @methods("POST")
 async def pull(request: HttpRequest) -> HttpResponseBase:
-    return await _pull_like(request, "/api/pull")
+    return await _pull_like(request, "/api/pull", schema.OLLAMA_PULL)
 
 
 @methods("POST")
 async def push(request: HttpRequest) -> HttpResponseBase:
-    return await _pull_like(request, "/api/push")
+    return await _pull_like(request, "/api/push", schema.OLLAMA_PULL)
 
 
 @methods("POST")
 async def create(request: HttpRequest) -> HttpResponseBase:
-    return await _pull_like(request, "/api/create")
+    return await _pull_like(request, "/api/create", schema.OLLAMA_CREATE)
 
 
 @methods("POST")
 async def copy(request: HttpRequest) -> HttpResponseBase:
-    data = parse_object(request.body)
+    data = parse_checked(request.body, schema.OLLAMA_COPY)
     for field in ("source", "destination"):
         if not isinstance(data.get(field), str) or not data[field].strip():
             raise ApiError(400, f"'{field}' is required")
@@ -298,7 +298,7 @@ async def copy(request: HttpRequest) -> HttpResponseBase:
 
 @methods("DELETE")
 async def delete(request: HttpRequest) -> HttpResponseBase:
-    data = parse_object(request.body)
+    data = parse_checked(request.body, schema.OLLAMA_DELETE)
     name = data.get("model", data.get("name"))
     if not isinstance(name, str) or not name.strip():
         raise ApiError(400, "'model' is required")

@@ -1,4 +1,10 @@
-"""Ollama's API, routed by model: chat, generate, embed, embeddings, show."""
+"""Ollama's API, routed by model: chat, generate, embed, embeddings, show.
+
+Each view checks the whole body (routing/schema.py) before anything is routed, so a
+malformed request is a 400 and never takes a slot. A request that an OpenAI-compatible
+server would have to serve with a field it cannot translate is refused the same way
+(routing/translate.py `refusal`). Load and unload requests go to routing/loading.py.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,10 @@ from typing import Any
 
 from django.http import HttpRequest, HttpResponseBase
 
-from routing import proxy, translate
+from routing import fleet, loading, proxy, schema, translate
 from routing.board import Candidate
 from routing.decorators import methods
-from routing.parsing import expect_types, optional_bool, parse_object, require_model
+from routing.parsing import optional_bool, parse_object, require_model
 from routing.proxy import Attempt
 from routing.relays import OllamaStream, no_counts, ollama_body
 
@@ -28,9 +34,11 @@ def _passthrough(path: str, raw: bytes, stream: bool, *, counted: bool = True) -
     return plan
 
 
-def _routed(path: str, raw: bytes, data: dict[str, Any], stream: bool) -> proxy.Planner:
+def _routed(
+    path: str, raw: bytes, data: dict[str, Any], stream: bool, *, counted: bool = True
+) -> proxy.Planner:
     """Ollama endpoints get the request untouched; OpenAI-compatible ones get a translation."""
-    direct = _passthrough(path, raw, stream)
+    direct = _passthrough(path, raw, stream, counted=counted)
 
     def plan(cand: Candidate) -> Attempt:
         if cand.endpoint.is_ollama:
@@ -40,33 +48,47 @@ def _routed(path: str, raw: bytes, data: dict[str, Any], stream: bool) -> proxy.
     return plan
 
 
-@methods("POST")
-async def chat(request: HttpRequest) -> HttpResponseBase:
+def _checked(request: HttpRequest, spec: schema.Obj) -> tuple[dict[str, Any], str]:
     data = parse_object(request.body)
     model = require_model(data)
-    expect_types(data, messages=list, tools=list, options=dict, format=(str, dict))
+    schema.check(spec, data)
+    return data, model
+
+
+async def _refuse_untranslatable(path: str, model: str, data: dict[str, Any]) -> None:
+    """Raise the translation's 400 when an OpenAI-compatible server may serve the request.
+    The lookup runs only when some field cannot be translated (rare), from warm caches."""
+    refused = translate.refusal(path, data)
+    if refused is None:
+        return
+    lookup = await fleet.candidates_for(model)
+    if any(not c.endpoint.is_ollama for c in lookup.candidates):
+        raise refused
+
+
+async def _generation(request: HttpRequest, path: str, spec: schema.Obj) -> HttpResponseBase:
+    data, model = _checked(request, spec)
     stream = optional_bool(data, "stream", True)
-    return await proxy.forward(
-        request.path, model=model, plan=_routed("/api/chat", request.body, data, stream)
-    )
+    if loading.is_load_request(path, data):
+        return await loading.load_or_unload(path, model, request.body, data, stream)
+    await _refuse_untranslatable(path, model, data)
+    return await proxy.forward(request.path, model=model, plan=_routed(path, request.body, data, stream))
+
+
+@methods("POST")
+async def chat(request: HttpRequest) -> HttpResponseBase:
+    return await _generation(request, "/api/chat", schema.OLLAMA_CHAT)
 
 
 @methods("POST")
 async def generate(request: HttpRequest) -> HttpResponseBase:
-    data = parse_object(request.body)
-    model = require_model(data)
-    expect_types(data, prompt=str, system=str, images=list, options=dict, format=(str, dict))
-    stream = optional_bool(data, "stream", True)
-    return await proxy.forward(
-        request.path, model=model, plan=_routed("/api/generate", request.body, data, stream)
-    )
+    return await _generation(request, "/api/generate", schema.OLLAMA_GENERATE)
 
 
 @methods("POST")
 async def embed(request: HttpRequest) -> HttpResponseBase:
-    data = parse_object(request.body)
-    model = require_model(data)
-    expect_types(data, input=(str, list), options=dict)
+    data, model = _checked(request, schema.OLLAMA_EMBED)
+    await _refuse_untranslatable("/api/embed", model, data)
     return await proxy.forward(
         request.path, model=model, plan=_routed("/api/embed", request.body, data, False)
     )
@@ -76,16 +98,9 @@ async def embed(request: HttpRequest) -> HttpResponseBase:
 async def embeddings(request: HttpRequest) -> HttpResponseBase:
     """The legacy embeddings route. An Ollama server's reply carries no counts (nothing is
     recorded for it); an OpenAI-compatible server's carries usage, which is counted."""
-    data = parse_object(request.body)
-    model = require_model(data)
-    expect_types(data, prompt=str, options=dict)
-    direct = _passthrough("/api/embeddings", request.body, False, counted=False)
-
-    def plan(cand: Candidate) -> Attempt:
-        if cand.endpoint.is_ollama:
-            return direct(cand)
-        return translate.plan_for_openai_backend("/api/embeddings", data, False, cand)
-
+    data, model = _checked(request, schema.OLLAMA_EMBEDDINGS)
+    await _refuse_untranslatable("/api/embeddings", model, data)
+    plan = _routed("/api/embeddings", request.body, data, False, counted=False)
     return await proxy.forward(request.path, model=model, plan=plan)
 
 
@@ -93,6 +108,7 @@ async def embeddings(request: HttpRequest) -> HttpResponseBase:
 async def show(request: HttpRequest) -> HttpResponseBase:
     data = parse_object(request.body)
     model = require_model(data, alt="name")
+    schema.check(schema.OLLAMA_SHOW, data)
 
     def plan(cand: Candidate) -> Attempt:
         if cand.endpoint.is_ollama:

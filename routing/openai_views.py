@@ -11,12 +11,11 @@ from typing import Any
 
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
 
-from routing import fleet, proxy
+from routing import fleet, proxy, schema
 from routing.board import Candidate
 from routing.decorators import methods
-from routing.errors import ApiError
 from routing.names import model_key
-from routing.parsing import expect_types, optional_bool, parse_object, require_model
+from routing.parsing import optional_bool, parse_object, require_model
 from routing.proxy import Attempt
 from routing.registry import registry
 from routing.relays import OpenAIStream, openai_body
@@ -63,32 +62,29 @@ def _plan(suffix: str, raw: bytes, data: dict[str, Any], stream: bool) -> proxy.
     return plan
 
 
-async def _route(request: HttpRequest, suffix: str, **types: type | tuple[type, ...]) -> HttpResponseBase:
+async def _route(request: HttpRequest, suffix: str, spec: schema.Obj) -> HttpResponseBase:
+    """Check the whole body (routing/schema.py) before routing: a malformed one is a 400
+    and takes no slot."""
     data = parse_object(request.body)
     model = require_model(data)
-    expect_types(data, **types)
+    schema.check(spec, data)
     stream = optional_bool(data, "stream", False) if suffix != "/embeddings" else False
-    if data.get("stream_options") is not None and not isinstance(data["stream_options"], dict):
-        raise ApiError(400, "'stream_options' must be an object")
     return await proxy.forward(request.path, model=model, plan=_plan(suffix, request.body, data, stream))
 
 
 @methods("POST")
 async def chat_completions(request: HttpRequest) -> HttpResponseBase:
-    return await _route(request, "/chat/completions", messages=list, tools=list)
+    return await _route(request, "/chat/completions", schema.OPENAI_CHAT)
 
 
 @methods("POST")
 async def completions(request: HttpRequest) -> HttpResponseBase:
-    return await _route(request, "/completions", prompt=(str, list))
+    return await _route(request, "/completions", schema.OPENAI_COMPLETIONS)
 
 
 @methods("POST")
 async def embeddings(request: HttpRequest) -> HttpResponseBase:
-    data = parse_object(request.body)
-    if data.get("input") is None:
-        raise ApiError(400, "'input' is required")
-    return await _route(request, "/embeddings", input=(str, list))
+    return await _route(request, "/embeddings", schema.OPENAI_EMBEDDINGS)
 
 
 @methods("GET")
