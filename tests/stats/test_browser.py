@@ -76,14 +76,15 @@ class Page:
 
     def log_in(self) -> None:
         page = self.page
-        page.goto(self.base_url + "/")  # not logged in: the admin's login form, then back here
+        # A browser at the base URL is sent to the page (API clients get Ollama's answer
+        # there); not logged in: the admin's login form, then back to the page.
+        page.goto(self.base_url + "/")
         assert "/admin/login/" in page.url
         page.fill("#id_username", USER)
         page.fill("#id_password", PASSWORD)
         page.click("input[type=submit]")
-        page.wait_for_url(self.base_url + "/")
+        page.wait_for_url(self.base_url + "/dashboard/")
         self.wait_badge("live")
-        self.errors.clear()  # the admin's login page asks for /favicon.ico; only this page counts
 
     def wait_badge(self, state: str, timeout: float = 20) -> None:
         self.page.wait_for_selector(f'#conn[data-state="{state}"]', timeout=timeout * 1000)
@@ -255,6 +256,13 @@ def test_the_page_shows_live_usage_and_token_totals(fleet, browser, tmp_path) ->
     view.wait_text('#tokens tr[data-model="llama3.1:8b"] .tok-total', fmt(llama_before))
     page.wait_for_selector("#time-chart svg path.line-input")
     page.wait_for_selector('#dist-chart li[data-endpoint="gpu-1"]')
+    # The legend names the servers (two share 127.0.0.1); the full url is in the tooltip.
+    legend = page.eval_on_selector_all(
+        "#dist-chart li", "items => items.map(li => [li.dataset.endpoint, li.querySelector('.dist-name').title])"
+    )
+    assert sorted(legend) == sorted(
+        [["gpu-1", gpu1.url], ["gpu-2", gpu2.url], ["llamacpp-1", cpp.url + "/v1"]]
+    ), legend
     assert view.text("#processes") == "1 router process"
 
     # Real traffic: five llama3.1 chats (two slots on each GPU: one waits), a qwen chat
