@@ -31,7 +31,7 @@ log = logging.getLogger("routing.access")
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Send = Callable[[Message], Awaitable[None]]
-App = Callable[[Scope, Any, Send], Awaitable[None]]
+App = Callable[[Scope, Any, Any], Awaitable[None]]
 
 BASE_BODY = b"Ollama is running"
 PAGE = b"/dashboard/"
