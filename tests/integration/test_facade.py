@@ -266,3 +266,36 @@ def test_same_origin_requests_and_pages(cors_router) -> None:
             "image/vnd.microsoft.icon",
         )
         assert icon.content[:4] == b"\x00\x00\x01\x00"  # an ICO header
+
+
+def test_the_facade_under_uvicorn(fakes, endpoint, transactional_db, tmp_path) -> None:
+    from tests.conftest import start_router
+
+    gpu = fakes(kind="ollama", models=["llama3:latest"], tokens=3)
+    endpoint(gpu.url, name="gpu-1")
+    server = start_router(tmp_path, server="uvicorn", ROUTER_API_KEY=SECRET)
+    origin = "http://localhost:3000"
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            assert http.get("/").text == "Ollama is running"
+            head = http.head("/api/tags", headers={"Authorization": f"Bearer {SECRET}"})
+            got = http.get("/api/tags", headers={"Authorization": f"Bearer {SECRET}"})
+            assert head.status_code == 200 and head.content == b""
+            assert head.headers["content-length"] == got.headers["content-length"] == str(len(got.content))
+            assert (
+                http.head("/api/usage-stream", headers={"Authorization": f"Bearer {SECRET}"}).status_code
+                == 200
+            )
+            assert preflight(http, "/api/chat", origin, "authorization").status_code == 204
+            hello = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}
+            auth = {"Authorization": f"Bearer {SECRET}", "Origin": origin}
+            with http.stream("POST", "/api/chat", json=hello, headers=auth) as stream:
+                assert stream.headers["access-control-allow-origin"] == origin
+                assert json.loads(list(stream.iter_lines())[-1])["done"] is True
+            assert (
+                http.get("/api/tags", headers={"Origin": origin}).headers["access-control-allow-origin"]
+                == origin
+            )
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log()
