@@ -125,6 +125,8 @@ async def serve(
     """
     origin = header(scope, b"origin") if cors else None
     method = scope["method"]
+    if method == "HEAD":
+        send = _without_body(send, stop_streams)  # the router's own replies below too
     if origin is not None:
         allowed = cors_policy.policy().allows(origin)
         if not (allowed or cors_policy.same_origin(origin, header(scope, b"host"))):
@@ -137,13 +139,15 @@ async def serve(
             requested_method = header(scope, b"access-control-request-method")
             if requested_method is not None:
                 requested = header(scope, b"access-control-request-headers")
-                await _reply(send, 204, cors_policy.preflight_headers(origin, requested), b"")
+                headers = cors_policy.preflight_headers(origin, requested)
+                if header(scope, b"access-control-request-private-network") == b"true":
+                    # Chromium's Private Network Access: a public page calling a router on
+                    # the local network asks this too; an allowed origin is trusted with it.
+                    headers.append((b"access-control-allow-private-network", b"true"))
+                await _reply(send, 204, headers, b"")
                 return
         send = _with_headers(send, cors_policy.reply_headers(origin))
-    if method == "HEAD":
-        try:
-            await app(scope, receive, _without_body(send, stop_streams))
-        except _HeadAnswered:
-            pass
-    else:
+    try:
         await app(scope, receive, send)
+    except _HeadAnswered:
+        pass

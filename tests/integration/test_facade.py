@@ -13,9 +13,9 @@ from routing import proxy_urls
 
 SECRET = "s3cret"
 EXTRA_ORIGINS = "https://app.example.com, https://*.corp.example"
-# Headers that differ between two replies to the same request, or frame the body (a stream
-# answering HEAD has none to frame).
-PER_REPLY = {"date", "x-request-id", "content-length", "set-cookie", "transfer-encoding"}
+# Headers that differ between two replies to the same request (times, ids, cookies), or frame
+# the body (a stream answering HEAD has none to frame).
+PER_REPLY = {"date", "expires", "x-request-id", "content-length", "set-cookie", "transfer-encoding"}
 
 
 def proxy_routes() -> list[str]:
@@ -164,6 +164,15 @@ def test_preflights_are_answered_before_the_api_key_check(cors_router) -> None:
                 )
                 assert int(got.headers["access-control-max-age"]) > 0
                 assert "Origin" in got.headers["vary"]
+        # Chromium's Private Network Access asks one more question of a preflight.
+        asked = {"Origin": "https://app.example.com", "Access-Control-Request-Method": "POST"}
+        private = http.options(
+            "/api/chat", headers={**asked, "Access-Control-Request-Private-Network": "true"}
+        )
+        assert (
+            private.status_code == 204 and private.headers["access-control-allow-private-network"] == "true"
+        )
+        assert "access-control-allow-private-network" not in http.options("/api/chat", headers=asked).headers
         # No requested headers, or a list that is not one: the default list, with authorization.
         for asked in (None, "x-a\r\nx-b: 1"):
             try:
@@ -193,7 +202,9 @@ def test_disallowed_origins_get_403_and_no_cors_headers(cors_router) -> None:
             )
             assert simple.status_code == 403 and cors_of(simple) == {}, origin
             assert "ROUTER_ORIGINS" in simple.json()["error"]
-        assert cors_router.log().count("not allowed (ROUTER_ORIGINS)") == 10
+        head = http.head("/api/version", headers={**auth, "Origin": "https://evil.example"})
+        assert head.status_code == 403 and head.content == b"" and cors_of(head) == {}
+        assert cors_router.log().count("not allowed (ROUTER_ORIGINS)") == 11
 
 
 def test_every_reply_to_an_allowed_origin_carries_cors_headers(cors_router) -> None:
