@@ -174,11 +174,8 @@ def test_preflights_are_answered_before_the_api_key_check(cors_router) -> None:
         )
         assert "access-control-allow-private-network" not in http.options("/api/chat", headers=asked).headers
         # No requested headers, or a list that is not one: the default list, with authorization.
-        for asked in (None, "x-a\r\nx-b: 1"):
-            try:
-                got = preflight(http, "/api/chat", "http://127.0.0.1:3000", asked)
-            except httpx.LocalProtocolError:
-                continue  # the client refused to send it
+        for listed in (None, "x-a; x-b=(1)"):
+            got = preflight(http, "/api/chat", "http://127.0.0.1:3000", listed)
             assert got.status_code == 204
             assert "authorization" in got.headers["access-control-allow-headers"].lower()
 
