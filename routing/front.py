@@ -12,8 +12,8 @@
   an allowed origin gets the CORS headers on its reply, whatever the status; a preflight is
   answered here, before the API-key check (browsers send preflights without credentials);
   a disallowed origin gets 403 in the route's error shape and no CORS headers, as Ollama
-  does. Requests without `Origin` that are not HEAD never come here (the common case costs
-  one scan of the request headers, in asgi.py).
+  does. An API client's GET, POST or DELETE without `Origin`, the common case, never
+  comes here: asgi.py tells it apart with one scan of the request headers.
 """
 
 from __future__ import annotations
