@@ -119,3 +119,18 @@ def test_same_origin_compares_the_authority_with_the_host_header() -> None:
     assert not same_origin(b"http://router.internal:8080", b"router.internal")
     assert not same_origin(b"router.internal:8080", b"router.internal:8080")
     assert not same_origin(b"http://router.internal", None)
+
+
+def test_entries_that_can_never_match_are_reported_by_the_system_check(settings) -> None:
+    from routing.checks import router_origins
+
+    settings.ROUTER_ORIGINS = [
+        "https://ok.example",
+        "https://*.ok.example:*",
+        "*",
+        "null",
+        "https://x.example/app",
+        "x",
+    ]
+    warned = [w.msg for w in router_origins(None)]
+    assert len(warned) == 2 and "'https://x.example/app'" in warned[0] and "'x'" in warned[1]
