@@ -17,19 +17,35 @@ from typing import Any  # noqa: E402
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-from routing import daphne_hooks, lifecycle  # noqa: E402
+from routing import daphne_hooks, front, lifecycle  # noqa: E402
 from routing.lean_asgi import ProxyHandler, is_proxy_path  # noqa: E402
 from stats.routing import websocket_urlpatterns  # noqa: E402
 
 proxy_app = ProxyHandler()
+PLAIN_METHODS = frozenset({"GET", "POST", "DELETE"})
 
 
 async def http_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    if is_proxy_path(scope["path"]):
-        await proxy_app(scope, receive, send)
+    """Proxy routes to the lean handler, `/` to the base-URL answer, the rest to Django.
+
+    HEAD and requests from browsers (an `Origin` header) go through routing/front.py; the
+    common case, an API client's GET/POST/DELETE, costs one scan of the request headers.
+    """
+    path = scope["path"]
+    if is_proxy_path(path):
+        if scope["method"] in PLAIN_METHODS and front.header(scope, b"origin") is None:
+            await proxy_app(scope, receive, send)
+        else:
+            await front.serve(proxy_app, scope, receive, send)
+    elif path == "/":
+        await front.serve(front.base_url, scope, receive, send)
     else:
         lifecycle.ensure_started()
-        await django_app(scope, receive, send)
+        if scope["method"] == "HEAD":
+            # Django answers HEAD as GET; the body is dropped on the way out. Pages get no CORS.
+            await front.serve(django_app, scope, receive, send, stop_streams=False, cors=False)
+        else:
+            await django_app(scope, receive, send)
 
 
 application = ProtocolTypeRouter(

@@ -113,6 +113,9 @@ STORAGES = {
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
 WHITENOISE_USE_FINDERS = True  # works before (and without) collectstatic
+# Files served at the site's root: /favicon.ico, which browsers ask for on pages without
+# a <link rel="icon"> (the admin's).
+WHITENOISE_ROOT = BASE_DIR / "static" / "root"
 LOGIN_URL = "/admin/login/"
 
 # Each proxied request writes one access-log line. No formatter here shows the caller's
@@ -145,6 +148,8 @@ LOGGING = {
 
 # --- Router behaviour -------------------------------------------------------------
 ROUTER_API_KEY = env("ROUTER_API_KEY", default="")
+# Browser origins allowed to call the API (CORS), added to Ollama's defaults: see routing/cors.py.
+ROUTER_ORIGINS = env.list("ROUTER_ORIGINS", default=[])
 ROUTER_CONFIG = env("ROUTER_CONFIG", default="")
 ROUTER_QUEUE_TIMEOUT = env.float("ROUTER_QUEUE_TIMEOUT", default=60.0)
 ROUTER_QUEUE_MAX = env.int("ROUTER_QUEUE_MAX", default=1000)

@@ -40,3 +40,22 @@ def router_settings(app_configs: Any, **kwargs: Any) -> list[Error | Warning]:
             )
         )
     return problems
+
+
+@register()
+def router_origins(app_configs: Any, **kwargs: Any) -> list[Error | Warning]:
+    """ROUTER_ORIGINS entries that can never match: an `Origin` header is `scheme://host[:port]`."""
+    import re
+
+    from routing.cors import clean
+
+    shape = re.compile(r"\*|null|[a-z][a-z0-9+.*-]*://[^/?#\s]*")
+    return [
+        Warning(
+            f"ROUTER_ORIGINS entry {entry!r} is not an origin (scheme://host[:port], no path); "
+            "it never matches.",
+            id="routing.W020",
+        )
+        for entry in settings.ROUTER_ORIGINS
+        if clean(entry) and not shape.fullmatch(clean(entry))
+    ]

@@ -88,8 +88,16 @@ async def _probe_version(ep: EndpointInfo) -> tuple[EndpointInfo, str | None, st
     return ep, version, None
 
 
+# The Ollama API level the facade speaks: /api/version's answer when no Ollama server does
+# (only OpenAI-compatible servers, none at all, or every Ollama server down). Clients'
+# "test connection" (Open WebUI, editor plugins) calls /api/version and wants a 200 with a
+# version; whether models can be served is /health's and /api/tags' business.
+FACADE_VERSION = "0.12.0"
+
+
 @methods("GET")
 async def version(request: HttpRequest) -> HttpResponseBase:
+    """{"version": the lowest among answering Ollama servers, else FACADE_VERSION}; never 503."""
     endpoints = [ep for ep in await registry.enabled() if ep.is_ollama]
     found: list[str] = []
     for ep in endpoints:
@@ -99,9 +107,7 @@ async def version(request: HttpRequest) -> HttpResponseBase:
     if not found:
         results = await asyncio.gather(*(_probe_version(ep) for ep in endpoints))
         found = [v for _, v, _ in results if v is not None]
-    if not found:
-        raise ApiError(503, "no Ollama endpoint answered", retry_after=5)
-    return JsonResponse({"version": min(found, key=_version_tuple)})
+    return JsonResponse({"version": min(found, key=_version_tuple) if found else FACADE_VERSION})
 
 
 def _shows_detail(request: HttpRequest) -> bool:

@@ -10,6 +10,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.utils import timezone
 
+from routing.models import Endpoint
 from stats import charts
 
 RANGES = {
@@ -33,9 +34,17 @@ def dashboard(request: HttpRequest) -> HttpResponse:
 
 @staff_member_required
 def series(request: HttpRequest) -> JsonResponse:
-    """Input and output tokens over a range, and the distribution over endpoints."""
+    """Input and output tokens over a range, and the distribution over endpoints.
+
+    {"range", "from", "to", "points": [{"t", "input", "output"}],
+     "by_endpoint": [{"endpoint": url, "name": the endpoint's name or null, "total"}]}"""
     name = request.GET.get("range", "hour")
     if name not in RANGES:
         return JsonResponse({"error": f"range must be one of {', '.join(RANGES)}"}, status=400)
     end = timezone.now()
-    return JsonResponse(charts.series(end - RANGES[name], end, name))
+    data = charts.series(end - RANGES[name], end, name)
+    # Token rows are keyed by the endpoint's url; the charts' legends show its name.
+    names = dict(Endpoint.objects.values_list("url", "name"))
+    for row in data["by_endpoint"]:
+        row["name"] = names.get(row["endpoint"]) or None  # blank names fall back in the page
+    return JsonResponse(data)

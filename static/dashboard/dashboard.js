@@ -83,11 +83,24 @@
     return modelColors.get(model);
   }
 
+  // A duration in seconds as people read it: "45s", "1m 30s", "12m", "2h 5m", "3d 4h".
+  // Whole units only (floored), so "for 1m 30s" never reads "for 2m" after 90 s.
   function ago(seconds) {
-    if (seconds < 60) return `${Math.max(0, Math.round(seconds))}s`;
-    if (seconds < 3600) return `${Math.round(seconds / 60)}m`;
-    if (seconds < 86400) return `${Math.round(seconds / 3600)}h`;
-    return `${Math.round(seconds / 86400)}d`;
+    const s = Math.max(0, Math.floor(seconds || 0));
+    const two = (big, bigName, small, smallName) => (small ? `${big}${bigName} ${small}${smallName}` : `${big}${bigName}`);
+    if (s < 60) return `${s}s`;
+    if (s < 600) return two(Math.floor(s / 60), "m", s % 60, "s");
+    if (s < 3600) return `${Math.floor(s / 60)}m`;
+    if (s < 86400) return two(Math.floor(s / 3600), "h", Math.floor((s % 3600) / 60), "m");
+    return two(Math.floor(s / 86400), "d", Math.floor((s % 86400) / 3600), "h");
+  }
+
+  // The server's clock now, in seconds: the snapshot's taken_at plus the time since it
+  // arrived. Durations computed against it do not depend on the browser's clock being right.
+  function serverNow() {
+    const taken = state.snap && Number(state.snap.taken_at);
+    if (!taken) return Date.now() / 1000;
+    return taken + (Date.now() - state.lastMessageAt) / 1000;
   }
 
   // -- connection state and the badge ----------------------------------------------------
@@ -257,7 +270,7 @@
     if (!ep.enabled) return el("span", { class: "pill pill-off", text: "disabled" });
     const breaker = ep.breaker || (ep.failing_since ? "open" : "closed");
     if (breaker !== "closed" && ep.failing_since) {
-      const since = (Date.now() / 1000 - ep.failing_since);
+      const since = serverNow() - Number(ep.failing_since);
       const trial = breaker === "half_open";
       return el(
         "div",
@@ -268,7 +281,7 @@
           title: trial ? "circuit breaker half-open: a probe answered, requests go there again"
             : "circuit breaker open: out of rotation, probed until it answers",
         }),
-        el("div", { class: "reason", text: `${ep.failing_reason || "no answer"} · since ${ago(since)} ago` }),
+        el("div", { class: "reason", text: `${ep.failing_reason || "no answer"} · for ${ago(since)}` }),
       );
     }
     if (ep.healthy) return el("span", { class: "pill pill-ok", text: "healthy" });
@@ -606,6 +619,15 @@
     return `M${x0},${y0}A${r},${r} 0 ${large} 1 ${x1},${y1}L${x2},${y2}A${r0},${r0} 0 ${large} 0 ${x3},${y3}Z`;
   }
 
+  // An endpoint's label in the charts: its name (sent with the series, or from the live
+  // snapshot); for an url no endpoint has any more, the url without its scheme, which tells
+  // servers on one host apart where "http://127…" did not. The full url goes in the tooltip.
+  function endpointLabel(row, names) {
+    if (row.name) return row.name;
+    if (names.has(row.endpoint)) return names.get(row.endpoint);
+    return String(row.endpoint).replace(/^[a-z][a-z0-9+.-]*:\/\//i, "");
+  }
+
   function drawDistribution(data) {
     const box = $("dist-chart");
     const names = new Map(((state.snap && state.snap.endpoints) || []).map((ep) => [ep.url, ep.name]));
@@ -624,15 +646,15 @@
     rows.forEach((r, i) => {
       const color = ENDPOINT_COLORS[i % ENDPOINT_COLORS.length];
       const share = r.total / total;
-      const label = names.get(r.endpoint) || r.endpoint;
+      const label = endpointLabel(r, names);
       const a1 = a + share * 2 * Math.PI;
       const shape = share >= 0.9999
         ? svg("circle", { cx: c, cy: c, r: (c - 4 + c * 0.58) / 2, fill: "none", stroke: color, "stroke-width": c - 4 - c * 0.58 })
         : svg("path", { d: arc(c, c, c - 4, c * 0.58, a, a1), fill: color });
-      shape.append(svg("title", { text: `${label}: ${num(r.total)} tokens (${(share * 100).toFixed(1)}%)` }));
+      shape.append(svg("title", { text: `${label} (${r.endpoint}): ${num(r.total)} tokens (${(share * 100).toFixed(1)}%)` }));
       root.append(shape);
       a = a1;
-      legend.append(el("li", { "data-endpoint": label },
+      legend.append(el("li", { "data-endpoint": label, title: `${label}\n${r.endpoint}` },
         el("span", { class: "dot", style: { "--c": color } }),
         el("span", { class: "dist-name", text: label, title: r.endpoint }),
         el("span", { class: "dist-num", text: compact(r.total) }),

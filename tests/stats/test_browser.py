@@ -75,15 +75,19 @@ class Page:
         self.base_url = base_url
 
     def log_in(self) -> None:
+        self.log_in_without_waiting()
+        self.wait_badge("live")
+
+    def log_in_without_waiting(self) -> None:
         page = self.page
-        page.goto(self.base_url + "/")  # not logged in: the admin's login form, then back here
+        # A browser at the base URL is sent to the page (API clients get Ollama's answer
+        # there); not logged in: the admin's login form, then back to the page.
+        page.goto(self.base_url + "/")
         assert "/admin/login/" in page.url
         page.fill("#id_username", USER)
         page.fill("#id_password", PASSWORD)
         page.click("input[type=submit]")
-        page.wait_for_url(self.base_url + "/")
-        self.wait_badge("live")
-        self.errors.clear()  # the admin's login page asks for /favicon.ico; only this page counts
+        page.wait_for_url(self.base_url + "/dashboard/")
 
     def wait_badge(self, state: str, timeout: float = 20) -> None:
         self.page.wait_for_selector(f'#conn[data-state="{state}"]', timeout=timeout * 1000)
@@ -255,6 +259,14 @@ def test_the_page_shows_live_usage_and_token_totals(fleet, browser, tmp_path) ->
     view.wait_text('#tokens tr[data-model="llama3.1:8b"] .tok-total', fmt(llama_before))
     page.wait_for_selector("#time-chart svg path.line-input")
     page.wait_for_selector('#dist-chart li[data-endpoint="gpu-1"]')
+    # The legend names the servers (two share 127.0.0.1); the full url is in the tooltip.
+    legend = page.eval_on_selector_all(
+        "#dist-chart li",
+        "items => items.map(li => [li.dataset.endpoint, li.querySelector('.dist-name').title])",
+    )
+    assert sorted(legend) == sorted(
+        [["gpu-1", gpu1.url], ["gpu-2", gpu2.url], ["llamacpp-1", cpp.url + "/v1"]]
+    ), legend
     assert view.text("#processes") == "1 router process"
 
     # Real traffic: five llama3.1 chats (two slots on each GPU: one waits), a qwen chat
@@ -355,3 +367,50 @@ def test_the_page_reconnects_after_the_router_restarts(small_fleet, browser, tmp
     finally:
         view.context.close()
         second.stop()
+
+
+def test_a_failing_server_reads_for_how_long_from_its_since_time(small_fleet, browser) -> None:
+    """The page's own arithmetic: snapshots are stood in for (Playwright answers the page's
+    websocket), with the server's clock 1,000 s ahead of the browser's, as on a machine whose
+    clock is off; the durations come from the snapshot's times, not the browser's clock."""
+    import json
+    import time
+
+    view = Page(browser, small_fleet.url)
+    served_at = time.time() + 1000
+
+    def snapshot(down_for: float) -> str:
+        endpoint = {
+            "id": 1,
+            "name": "gpu-1",
+            "url": "http://127.0.0.1:9",
+            "kind": "ollama",
+            "enabled": True,
+            "limit": 2,
+            "healthy": False,
+            "failing_since": served_at - down_for,
+            "failing_reason": "connection refused",
+            "version": None,
+            "models": [],
+            "loaded": [],
+            "active": 0,
+        }
+        snap = {"type": "usage.snapshot", "taken_at": served_at, "processes": 1, "endpoints": [endpoint]}
+        return json.dumps({**snap, "active": [], "tokens": [], "queued": {}})
+
+    sockets: list[Any] = []
+    view.page.route_web_socket("**/ws/usage/", lambda ws: sockets.append(ws))
+    view.log_in_without_waiting()
+    reason = '#endpoints tr[data-endpoint="gpu-1"] .reason'
+    for down_for, shown in (
+        (0.4, "0s"),
+        (42, "42s"),
+        (90, "1m 30s"),
+        (600, "10m"),
+        (7300, "2h 1m"),
+        (90061, "1d 1h"),
+    ):
+        view.page.wait_for_function("(n) => n > 0", arg=len(sockets))
+        sockets[-1].send(snapshot(down_for))
+        view.wait_text(reason, f"connection refused · for {shown}")
+    view.context.close()

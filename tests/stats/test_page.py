@@ -38,16 +38,17 @@ def staff_client(db: None) -> Client:
 @pytest.mark.django_db
 def test_the_page_and_its_data_are_for_staff_only() -> None:
     client = Client()
-    for path in ("/", "/dashboard/", "/dashboard/series.json?range=hour"):
+    # `/` is answered before Django (routing/front.py; tests/integration/test_facade.py).
+    for path in ("/dashboard/", "/dashboard/series.json?range=hour"):
         reply = client.get(path)
         assert reply.status_code == 302 and reply["Location"].startswith("/admin/login/")
     client.force_login(User.objects.create_user("visitor", password="x", is_staff=False))
-    assert client.get("/").status_code == 302
+    assert client.get("/dashboard/").status_code == 302
     assert client.get("/dashboard/series.json").status_code == 302
 
 
 def test_the_page_loads_its_own_script_and_styles(staff_client: Client) -> None:
-    html = staff_client.get("/").content.decode()
+    html = staff_client.get("/dashboard/").content.decode()
     assert "/static/dashboard/dashboard.js" in html and "/static/dashboard/dashboard.css" in html
     assert 'data-ws-path="/ws/usage/"' in html
     assert 'href="/admin/"' in html
@@ -63,6 +64,9 @@ def test_the_series_rejects_an_unknown_range(staff_client: Client) -> None:
 
 
 def test_the_series_counts_the_live_minutes(staff_client: Client) -> None:
+    from routing.models import Endpoint
+
+    Endpoint.objects.create(url=EP1, name="gpu-a")
     now = datetime.now(tz=UTC).replace(second=0, microsecond=0)
     minute(EP1, now - timedelta(minutes=5), 10, 20)
     minute(EP2, now - timedelta(minutes=5), 1, 2, model="qwen")
@@ -70,7 +74,11 @@ def test_the_series_counts_the_live_minutes(staff_client: Client) -> None:
     minute(EP1, now - timedelta(hours=2), 1000, 1000)  # outside the hour
     data = staff_client.get("/dashboard/series.json?range=hour").json()
     assert [(p["input"], p["output"]) for p in data["points"]] == [(11, 22), (3, 4)]
-    assert data["by_endpoint"] == [{"endpoint": EP1, "total": 37}, {"endpoint": EP2, "total": 3}]
+    # The legend's label: the endpoint's name where an endpoint has that url (EP2 has none any more).
+    assert data["by_endpoint"] == [
+        {"endpoint": EP1, "total": 37, "name": "gpu-a"},
+        {"endpoint": EP2, "total": 3, "name": None},
+    ]
     assert data["range"] == "hour" and data["from"] < data["to"]
 
 
