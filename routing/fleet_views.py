@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 
-from routing import caches, fleet, metrics, snapshot, upstream
+from routing import caches, fleet, lifecycle, metrics, snapshot, upstream
 from routing.decorators import methods
 from routing.errors import ApiError
 from routing.names import model_key
@@ -104,6 +104,8 @@ async def version(request: HttpRequest) -> HttpResponseBase:
 
 @methods("GET", "HEAD")
 async def health(request: HttpRequest) -> HttpResponseBase:
+    if lifecycle.draining:  # shutting down: a load balancer should stop sending here
+        return JsonResponse({"status": "draining"}, status=503, headers={"Retry-After": "5"})
     endpoints = await registry.enabled()
     results = await asyncio.gather(*(_probe_version(ep) for ep in endpoints))
     detail: dict[str, dict[str, str | None]] = {
