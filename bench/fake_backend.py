@@ -130,6 +130,9 @@ class FakeConfig:
     #: stall length; also the first-byte delay of "slow_first_byte" when
     #: first_byte_delay is 0
     stall: float = 30.0
+    #: bytes of filler ("." * pad) added to the text of each streamed Ollama token: a
+    #: large streamed reply from few chunks (backpressure tests, the slow-reader benchmark)
+    pad: int = 0
 
     def __post_init__(self) -> None:
         self._validate()
@@ -153,7 +156,7 @@ class FakeConfig:
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise ValueError(f"{key} must be a list of strings")
                 value = list(value)
-            elif key in ("tokens", "fault_after"):
+            elif key in ("tokens", "fault_after", "pad"):
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                     raise ValueError(f"{key} must be a non-negative int")
             elif key in ("delay", "first_byte_delay", "stall"):
@@ -186,6 +189,7 @@ class FakeConfig:
             "fault": self.fault,
             "fault_after": self.fault_after,
             "stall": self.stall,
+            "pad": self.pad,
         }
 
 
@@ -209,6 +213,10 @@ class FakeStats:
         self.completed = 0
         self.cancelled = 0
         self.faults = 0
+        #: bytes of streamed replies handed to the connection so far (a gauge of progress:
+        #: aiohttp's write waits while the peer is behind, so a throttled stream stalls it).
+        #: Written only by the server's event loop, without the lock; read it from anywhere.
+        self.bytes_streamed = 0
         self.last_request_bodies: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self.auth_headers_seen: deque[str | None] = deque(maxlen=HISTORY)
 
@@ -227,6 +235,7 @@ class FakeStats:
             self.completed = 0
             self.cancelled = 0
             self.faults = 0
+            self.bytes_streamed = 0
             self.last_request_bodies = deque(maxlen=HISTORY)
             self.auth_headers_seen = deque(maxlen=HISTORY)
 
@@ -242,6 +251,7 @@ class FakeStats:
                 "completed": self.completed,
                 "cancelled": self.cancelled,
                 "faults": self.faults,
+                "bytes_streamed": self.bytes_streamed,
                 "last_request_bodies": list(self.last_request_bodies),
                 "auth_headers_seen": list(self.auth_headers_seen),
             }
@@ -729,6 +739,7 @@ class FakeBackend:
                     if delay > 0:
                         await asyncio.sleep(delay)
                     await resp.write(chunk)
+                    stats.bytes_streamed += len(chunk)
                 if midstream and fault_at >= len(chunks):
                     if fault == "die_midstream":
                         aborted = True
@@ -1023,16 +1034,19 @@ class FakeBackend:
                     + b'},"done":false}\n'
                 )
             else:
+                filler = b"." * self.config.pad
                 for i in range(n):
                     chunks.append(
-                        head + b'"message":{"role":"assistant","content":"tok%d "},"done":false}\n' % i
+                        head
+                        + b'"message":{"role":"assistant","content":"tok%d %s"},"done":false}\n' % (i, filler)
                     )
             last: dict[str, Any] = {"message": {"role": "assistant", "content": ""}}
         else:
             for i in range(think):
                 chunks.append(head + b'"response":"","thinking":"think%d ","done":false}\n' % i)
+            filler = b"." * self.config.pad
             for i in range(n):
-                chunks.append(head + b'"response":"tok%d ","done":false}\n' % i)
+                chunks.append(head + b'"response":"tok%d %s","done":false}\n' % (i, filler))
             last = {"response": ""}
         last["done"] = True
         last["done_reason"] = done_reason
@@ -1401,6 +1415,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--fault", choices=sorted(FAULTS), default="none")
     p.add_argument("--fault-after", type=int, default=2)
     p.add_argument("--stall", type=float, default=30.0)
+    p.add_argument("--pad", type=int, default=0, help="filler bytes per streamed Ollama token")
     return p.parse_args(argv)
 
 
@@ -1431,6 +1446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fault=args.fault,
         fault_after=args.fault_after,
         stall=args.stall,
+        pad=args.pad,
     )
     if args.models is not None:
         config.models = args.models

@@ -32,7 +32,8 @@ Memory bounded by settings, not by clients (the three hooks below):
   Twisted would answer `Expect: 100-continue`), and a chunked one as soon as its count
   passes the limit. The 413 goes out in the route's error shape with `Connection: close`;
   the rest of the body is then read and dropped (so a client that sends it all before
-  reading still gets the 413) for at most LINGER_SECONDS, and the connection is closed.
+  reading still gets the 413) for at most LINGER_SECONDS and LINGER_BYTES (or
+  ROUTER_MAX_BODY if larger), and the connection is closed.
 - Backpressure on replies. Daphne's `send` never waits: each chunk goes into Twisted's
   transport buffer, so a client reading slowly made the router read the upstream as fast
   as the backend wrote and hold the difference. Twisted tells the channel when its buffer
@@ -54,7 +55,10 @@ import sys
 from typing import Any
 
 LISTEN_BACKLOG = 2048
-LINGER_SECONDS = 5.0  # after a refused body: how long its rest is read and dropped
+# After a refused body, its rest is read and dropped for at most this long and this much
+# (or ROUTER_MAX_BODY if larger), then the connection is closed.
+LINGER_SECONDS = 5.0
+LINGER_BYTES = 8 << 20
 
 log = logging.getLogger("routing.access")
 
@@ -177,6 +181,7 @@ def _without_form_parsing(web_request: type) -> type | None:
     if "parsePOSTFormSubmission" not in inspect.signature(Request.__init__).parameters:
         return None
     limit = settings.ROUTER_MAX_BODY
+    most_dropped = max(limit, LINGER_BYTES)
 
     class RawBodyRequest(web_request):  # type: ignore[misc,valid-type]
         _router_received = 0
@@ -197,9 +202,11 @@ def _without_form_parsing(web_request: type) -> type | None:
             super().gotLength(length)
 
         def handleContentChunk(self, data: bytes) -> None:
-            if self._router_refused:
-                return  # the rest of a refused body: dropped
             self._router_received += len(data)
+            if self._router_refused:  # the rest of a refused body: dropped, up to a point
+                if self._router_received > most_dropped:
+                    self.channel.transport.abortConnection()
+                return
             if self._router_received > limit:
                 _refuse_body(self, limit)
                 return
