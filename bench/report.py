@@ -231,12 +231,17 @@ def memory_section(results: dict[str, Any]) -> list[str]:
         return []
     o = results["options"]
     max_body = (mem["bodies"][0]["max_body"] >> 20) if mem.get("bodies") else o.get("memory_max_body_mb")
+    m = results["meta"]
     lines = [
         "## Memory bounded by settings, not by clients",
         "",
+        f"Recorded on {m['date']} at commit `{m.get('commit', '-')}` (load average "
+        f"{m['loadavg_start'][0]:.1f} at the start: the machine was shared), with the memory phase "
+        "of `make bench` alone:",
+        "",
         "```sh",
-        "make bench   # the memory phase alone, as recorded here:",
-        "python -m bench.run --only memory",
+        f"{o['command']}",
+        "python -m bench.report bench/results/bench-<stamp>.json --memory-section  # this section only",
         "```",
         "",
         f"- **Slow readers (backpressure).** {o['memory_streams']} clients each stream one "

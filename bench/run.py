@@ -558,7 +558,7 @@ class Bench:
                             timeout=120,
                         )
                     )
-                row = {
+                row: dict[str, Any] = {
                     "target": server,
                     "framing": "chunked" if chunked else "Content-Length",
                     "bodies": o.memory_bodies,

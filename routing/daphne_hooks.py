@@ -251,7 +251,7 @@ def _refuse_body(request: Any, limit: int) -> None:
         if transport.connected:
             transport.abortConnection()
 
-    reactor.callLater(LINGER_SECONDS, close)  # type: ignore[attr-defined]
+    reactor.callLater(LINGER_SECONDS, close)  # type: ignore[attr-defined,arg-type]
 
 
 def _send_waits_while_paused() -> None:

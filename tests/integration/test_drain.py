@@ -69,9 +69,7 @@ def test_sigterm_lets_a_stream_finish_and_refuses_new_requests(server_name, fake
         ollama = client.post(server.url + "/api/chat", json=chat_body(stream=False), timeout=10)
         assert ollama.status_code == 503 and ollama.headers["retry-after"]
         assert "shutting down" in ollama.json()["error"]
-        openai = client.post(
-            server.url + "/v1/chat/completions", json=chat_body(stream=False), timeout=10
-        )
+        openai = client.post(server.url + "/v1/chat/completions", json=chat_body(stream=False), timeout=10)
         assert openai.status_code == 503 and openai.headers["retry-after"]
         assert openai.json()["error"]["type"] == "service_unavailable"
     keep_alive.close()
@@ -83,7 +81,12 @@ def test_sigterm_lets_a_stream_finish_and_refuses_new_requests(server_name, fake
     assert (lines[-1]["done"], lines[-1]["eval_count"]) == (True, tokens)
     assert _exit_code(server) in (0, -signal.SIGTERM)
     row = TokenTotal.objects.get()
-    assert (row.input_tokens, row.output_tokens, row.requests, row.incomplete) == (PROMPT_TOKENS, tokens, 1, 0)
+    assert (row.input_tokens, row.output_tokens, row.requests, row.incomplete) == (
+        PROMPT_TOKENS,
+        tokens,
+        1,
+        0,
+    )
     assert fake.stats.completed == 1 and fake.stats.cancelled == 0
     assert "Traceback" not in server.log()
 

@@ -18,6 +18,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -51,7 +52,7 @@ def _open_stream(server: RouterProcess, *, rcvbuf: int = 16384) -> tuple[socket.
     return sock, received.split(b"\r\n\r\n", 1)[1]
 
 
-def _stalled(read: callable, settle: float = 1.0, timeout: float = 60.0) -> int:  # type: ignore[valid-type]
+def _stalled(read: Callable[[], int], settle: float = 1.0, timeout: float = 60.0) -> int:
     """The value of `read()` once it stops changing for `settle` seconds."""
     deadline = time.monotonic() + timeout
     last = read()
@@ -126,7 +127,7 @@ def _reply_size(fake) -> int:  # type: ignore[no-untyped-def]
 
 def _unchunk(data: bytes) -> bytes:
     """The payload of an HTTP/1.1 chunked body."""
-    out = []
+    out: list[bytes] = []
     at = 0
     while True:
         end = data.index(b"\r\n", at)
@@ -181,9 +182,7 @@ def _assert_shape(path: str, headers: dict[str, str], body: bytes) -> None:
 
 @pytest.mark.parametrize("server_name", SERVERS)
 @pytest.mark.parametrize("expect", [False, True], ids=["plain", "expect-100-continue"])
-def test_a_huge_content_length_gets_413_before_the_body_is_sent(
-    server_name, expect, fakes, endpoint, router
-):
+def test_a_huge_content_length_gets_413_before_the_body_is_sent(server_name, expect, fakes, endpoint, router):
     fake = fakes(kind="ollama", models=[MODEL], tokens=2)
     endpoint(fake.url)
     server = router(server=server_name, ROUTER_MAX_BODY=str(MAX_BODY))
