@@ -8,6 +8,11 @@ request is built (`ProxyRequest`), the view is found by exact path in a table bu
 `routing.proxy_urls`, the async view runs, and the reply is sent. Auth and request ids
 are async checks here rather than sync-capable middleware. Admin and pages stay on
 Django's normal, fully safe path.
+
+A body declared (Content-Length) larger than ROUTER_MAX_BODY is refused before any of it is
+read, a chunked one as soon as its count passes the limit. Every request being served is
+in `lifecycle.in_flight` from its first await to its end, so a shutdown drain can wait for
+it or cut it; while the router drains, new requests (but /health and /metrics) get 503.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def test_a_slow_reader_throttles_the_backend_and_frees_its_slot_on_hang_up(
     sock, _ = _open_stream(server)
     # Not reading: everything between the backend and this socket fills, then the backend waits.
     held = _stalled(lambda: fake.stats.bytes_streamed)
-    assert held < total // 4, (held, total)
+    assert held < total // 2, (held, total)  # unthrottled, the backend would write it all at once
     # Reading slowly (1 KB at a time): the backend moves on only as the client does.
     read = 0
     for _ in range(100):
@@ -87,7 +87,7 @@ def test_a_slow_reader_throttles_the_backend_and_frees_its_slot_on_hang_up(
         read += len(chunk)
         time.sleep(0.01)
     assert fake.stats.completed == 0
-    assert fake.stats.bytes_streamed < total // 4, (fake.stats.bytes_streamed, total)
+    assert fake.stats.bytes_streamed < total // 2, (fake.stats.bytes_streamed, total)
     sock.close()  # hang up while throttled
     wait_idle(server)
     wait_until(lambda: fake.stats.cancelled == 1 and not any(fake.stats.in_flight.values()))
