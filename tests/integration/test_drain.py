@@ -14,6 +14,8 @@ import httpx
 import pytest
 
 from stats.models import TokenTotal
+from tests.conftest import wait_until
+from tests.integration.helpers import queued
 from tests.reliability.support import PROMPT_TOKENS, RawRequest, chat_body
 
 MODEL = "llama3:latest"
@@ -96,10 +98,13 @@ def test_a_stream_longer_than_the_drain_timeout_is_cut_and_the_router_exits(
     server_name, fakes, endpoint, router
 ):
     fake = fakes(kind="ollama", models=[MODEL], tokens=600, delay=0.1)  # a 60 s stream
-    endpoint(fake.url, max_concurrent_connections=4)
+    endpoint(fake.url, max_concurrent_connections=1)
     server = router(server=server_name, ROUTER_DRAIN_TIMEOUT="1", ROUTER_FLUSH_INTERVAL="3600")
     stream = RawRequest.post_json(server, "/api/chat", chat_body(stream=True))
     stream.read_until(b'"done":false', 2)
+    # A second request waits in the queue for the one slot when the signal comes.
+    waiting = RawRequest.post_json(server, "/v1/chat/completions", chat_body(stream=False))
+    wait_until(lambda: queued(server.url) == 1)
     server.proc.send_signal(signal.SIGTERM)
     raw = stream.read_to_end()  # the router ends the reply after about ROUTER_DRAIN_TIMEOUT
     stream.close()
@@ -107,8 +112,30 @@ def test_a_stream_longer_than_the_drain_timeout_is_cut_and_the_router_exits(
     assert 2 <= len(lines) < 600
     assert "shutting down" in str(lines[-1]["error"])  # the protocol's own mid-stream error
     assert all(line.get("done") is False for line in lines[:-1])
+    assert waiting.status() == 503 and waiting.header("retry-after")
+    assert (
+        json.loads(waiting.read_to_end().split(b"\r\n\r\n", 1)[1])["error"]["type"] == "service_unavailable"
+    )
+    waiting.close()
     assert _exit_code(server) in (0, -signal.SIGTERM)
     row = TokenTotal.objects.get()
     assert (row.input_tokens, row.output_tokens, row.requests, row.incomplete) == (0, 0, 0, 1)
     assert fake.stats.completed == 0
     assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("server_name", SERVERS)
+def test_a_second_signal_cuts_at_once(server_name, fakes, endpoint, router):
+    fake = fakes(kind="ollama", models=[MODEL], tokens=600, delay=0.1)  # a 60 s stream
+    endpoint(fake.url)
+    server = router(server=server_name, ROUTER_DRAIN_TIMEOUT="600")
+    stream = RawRequest.post_json(server, "/api/chat", chat_body(stream=True))
+    stream.read_until(b'"done":false', 2)
+    server.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: httpx.get(server.url + "/health", timeout=10).status_code == 503)
+    server.proc.send_signal(signal.SIGTERM)
+    lines = _lines(stream.read_to_end())  # long before the 600 s drain would end
+    stream.close()
+    assert "shutting down" in str(lines[-1]["error"])
+    assert _exit_code(server) in (0, -signal.SIGTERM)
+    assert fake.stats.completed == 0
