@@ -49,6 +49,8 @@ cut: set[asyncio.Task[Any]] = set()
 _drain_task: asyncio.Task[None] | None = None
 _hurry: asyncio.Event | None = None
 _stop_signals = 0
+_hurried = False  # a second stop signal came (possibly before the drain started)
+_uvicorn_stop: asyncio.Task[None] | None = None  # the drain, then uvicorn's own stop
 CUT_GRACE = 5.0  # seconds the cut requests get to send their error, release and record
 
 
@@ -149,12 +151,16 @@ def drain() -> asyncio.Future[None]:
     if _drain_task is None:
         draining = True
         _hurry = asyncio.Event()
+        if _hurried:
+            _hurry.set()
         _drain_task = asyncio.get_running_loop().create_task(_drain(settings.ROUTER_DRAIN_TIMEOUT, _hurry))
     return asyncio.shield(_drain_task)
 
 
 def hurry() -> None:
     """Cut what is still in flight now instead of at the end of ROUTER_DRAIN_TIMEOUT."""
+    global _hurried
+    _hurried = True
     if _hurry is not None:
         _hurry.set()
 
@@ -250,9 +256,6 @@ def _stop_requested(number: int, server_handler: Callable[[int, FrameType | None
         server_handler(number, None)  # drained already: uvicorn's own second-signal behaviour
 
 
-_uvicorn_stop: asyncio.Task[None] | None = None
-
-
 async def lifespan(scope: object, receive: object, send: object) -> None:
     """ASGI lifespan protocol (uvicorn)."""
     while True:
@@ -268,11 +271,11 @@ async def lifespan(scope: object, receive: object, send: object) -> None:
 
 
 def reset_for_tests() -> None:
-    global _started_loop, draining, _drain_task, _hurry, _stop_signals
+    global _started_loop, draining, _drain_task, _hurry, _stop_signals, _hurried
     for task in _tasks:
         task.cancel()
     _tasks.clear()
     _started_loop = None
-    draining, _drain_task, _hurry, _stop_signals = False, None, None, 0
+    draining, _drain_task, _hurry, _stop_signals, _hurried = False, None, None, 0, False
     in_flight.clear()
     cut.clear()
