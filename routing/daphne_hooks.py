@@ -308,9 +308,10 @@ def _send_waits_while_paused() -> None:
                 protocol.basic_error(500, b"Server Error", "Server Error")
                 raise
         protocol.handle_reply(message)
-        channel = getattr(protocol, "channel", None)  # Twisted drops it once the reply is finished
-        if channel is not None and channel._router_writable is not None:
-            await asyncio.shield(channel._router_writable)
+        # The HTTP channel (Twisted drops it once the reply is finished; a websocket has none).
+        waiter = getattr(getattr(protocol, "channel", None), "_router_writable", None)
+        if waiter is not None:
+            await asyncio.shield(waiter)
 
     HTTPChannel.pauseProducing = pause_producing  # type: ignore[method-assign]
     HTTPChannel.resumeProducing = resume_producing  # type: ignore[method-assign]
