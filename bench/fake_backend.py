@@ -141,6 +141,9 @@ class FakeConfig:
     #: top-level request fields refused with a 400 naming them, as servers that reject
     #: unknown parameters do (e.g. ``["stream_options"]``); OpenAI routes only
     reject_fields: list[str] = field(default_factory=list)
+    #: bytes of filler ("." * pad) added to the text of each streamed Ollama token: a
+    #: large streamed reply from few chunks (backpressure tests, the slow-reader benchmark)
+    pad: int = 0
 
     def __post_init__(self) -> None:
         self._validate()
@@ -164,7 +167,7 @@ class FakeConfig:
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise ValueError(f"{key} must be a list of strings")
                 value = list(value)
-            elif key in ("tokens", "fault_after"):
+            elif key in ("tokens", "fault_after", "pad"):
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                     raise ValueError(f"{key} must be a non-negative int")
             elif key in ("delay", "first_byte_delay", "stall", "idle_close"):
@@ -200,6 +203,7 @@ class FakeConfig:
             "fault_match": self.fault_match,
             "idle_close": self.idle_close,
             "reject_fields": list(self.reject_fields),
+            "pad": self.pad,
         }
 
 
@@ -224,6 +228,10 @@ class FakeStats:
         self.cancelled = 0
         self.faults = 0
         self.idle_closes = 0
+        #: bytes of streamed replies handed to the connection so far (a gauge of progress:
+        #: aiohttp's write waits while the peer is behind, so a throttled stream stalls it).
+        #: Written only by the server's event loop, without the lock; read it from anywhere.
+        self.bytes_streamed = 0
         self.last_request_bodies: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self.auth_headers_seen: deque[str | None] = deque(maxlen=HISTORY)
 
@@ -243,6 +251,7 @@ class FakeStats:
             self.cancelled = 0
             self.faults = 0
             self.idle_closes = 0
+            self.bytes_streamed = 0
             self.last_request_bodies = deque(maxlen=HISTORY)
             self.auth_headers_seen = deque(maxlen=HISTORY)
 
@@ -259,6 +268,7 @@ class FakeStats:
                 "cancelled": self.cancelled,
                 "faults": self.faults,
                 "idle_closes": self.idle_closes,
+                "bytes_streamed": self.bytes_streamed,
                 "last_request_bodies": list(self.last_request_bodies),
                 "auth_headers_seen": list(self.auth_headers_seen),
             }
@@ -775,6 +785,7 @@ class FakeBackend:
                     if delay > 0:
                         await asyncio.sleep(delay)
                     await resp.write(chunk)
+                    stats.bytes_streamed += len(chunk)
                 if midstream and fault_at >= len(chunks):
                     if fault == "die_midstream":
                         aborted = True
@@ -1069,16 +1080,19 @@ class FakeBackend:
                     + b'},"done":false}\n'
                 )
             else:
+                filler = b"." * self.config.pad
                 for i in range(n):
                     chunks.append(
-                        head + b'"message":{"role":"assistant","content":"tok%d "},"done":false}\n' % i
+                        head
+                        + b'"message":{"role":"assistant","content":"tok%d %s"},"done":false}\n' % (i, filler)
                     )
             last: dict[str, Any] = {"message": {"role": "assistant", "content": ""}}
         else:
             for i in range(think):
                 chunks.append(head + b'"response":"","thinking":"think%d ","done":false}\n' % i)
+            filler = b"." * self.config.pad
             for i in range(n):
-                chunks.append(head + b'"response":"tok%d ","done":false}\n' % i)
+                chunks.append(head + b'"response":"tok%d %s","done":false}\n' % (i, filler))
             last = {"response": ""}
         last["done"] = True
         last["done_reason"] = done_reason
@@ -1447,6 +1461,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--fault", choices=sorted(FAULTS), default="none")
     p.add_argument("--fault-after", type=int, default=2)
     p.add_argument("--stall", type=float, default=30.0)
+    p.add_argument("--pad", type=int, default=0, help="filler bytes per streamed Ollama token")
     return p.parse_args(argv)
 
 
@@ -1477,6 +1492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fault=args.fault,
         fault_after=args.fault_after,
         stall=args.stall,
+        pad=args.pad,
     )
     if args.models is not None:
         config.models = args.models

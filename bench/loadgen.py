@@ -11,9 +11,11 @@ the difference.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import time
@@ -406,3 +408,131 @@ async def slow_streams(
         open_at_once=open_max,
         chunks_per_s=len(good) * chunks_per_stream / wall if wall else 0.0,
     )
+
+
+# -- memory bounds: slow readers and refused bodies -------------------------------------
+@dataclass
+class SlowReadersResult:
+    streams: int
+    started: int  # replies that began with 200
+    bytes_read: int  # by all clients together
+    errors: int
+    error_samples: list[str]
+    duration_s: float
+
+
+async def slow_readers(
+    url: str, body: bytes, *, streams: int, read_bytes: int, interval: float, duration: float
+) -> SlowReadersResult:
+    """`streams` streamed requests, each on its own socket, each reading at most `read_bytes`
+    every `interval` seconds (straight from the socket: nothing read ahead in the client) for
+    `duration` seconds; then every client hangs up."""
+    host, port = _host_port(url)
+    request = _request_bytes(url, body, close=True)
+    loop = asyncio.get_running_loop()
+    stop_at = loop.time() + duration
+    ramp = min(1.0, duration / 4) / max(1, streams)
+
+    async def one(index: int) -> tuple[bool, int, str]:
+        await asyncio.sleep(index * ramp)
+        sock = socket.socket()
+        sock.setblocking(False)
+        got = 0
+        head = b""
+        try:
+            await loop.sock_connect(sock, (host, port))
+            await loop.sock_sendall(sock, request)
+            while (left := stop_at - loop.time()) > 0:
+                try:
+                    data = await asyncio.wait_for(loop.sock_recv(sock, read_bytes), left)
+                except TimeoutError:
+                    break
+                if not data:
+                    return head.startswith(b"HTTP/1.1 200"), got, "the router closed the reply early"
+                got += len(data)
+                if len(head) < 16:
+                    head += data[:16]
+                await asyncio.sleep(min(interval, max(0.0, stop_at - loop.time())))
+            return head.startswith(b"HTTP/1.1 200"), got, "" if head else "no reply"
+        except OSError as exc:
+            return False, got, f"{type(exc).__name__}: {exc}"
+        finally:
+            sock.close()
+
+    started = time.perf_counter()
+    outcomes = await asyncio.gather(*(one(i) for i in range(streams)))
+    errors = [err for _, _, err in outcomes if err]
+    return SlowReadersResult(
+        streams=streams,
+        started=sum(1 for ok, _, _ in outcomes if ok),
+        bytes_read=sum(n for _, n, _ in outcomes),
+        errors=len(errors),
+        error_samples=sorted(set(errors))[:5],
+        duration_s=time.perf_counter() - started,
+    )
+
+
+@dataclass
+class BodyOutcome:
+    status: int  # of the router's reply, 0 when none arrived
+    sent: int  # body bytes the client got to send before the router stopped reading
+    cut: bool  # the router closed the connection before the whole body was sent
+    error: str
+
+
+async def big_bodies(url: str, *, bodies: int, size: int, chunked: bool, timeout: float) -> list[BodyOutcome]:
+    """`bodies` concurrent POSTs of a `size`-byte body (Content-Length, or chunked), each
+    written as fast as the router takes it without waiting for its reply (as a naive client
+    does), while the reply is read alongside."""
+    host, port = _host_port(url)
+    parts = urlsplit(url)
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}"
+    head = (
+        f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+        f"{framing}\r\n\r\n"
+    ).encode()
+    piece_size = 1 << 20
+    payload = b" " * piece_size
+    piece = b"%x\r\n%s\r\n" % (piece_size, payload) if chunked else payload
+    loop = asyncio.get_running_loop()
+
+    async def one() -> BodyOutcome:
+        sock = socket.socket()
+        sock.setblocking(False)
+        sent = 0
+        received = bytearray()
+        error = ""
+
+        async def read() -> None:
+            while True:
+                data = await loop.sock_recv(sock, 65536)
+                if not data:
+                    return
+                received.extend(data)
+
+        reader: asyncio.Task[None] | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.sock_connect(sock, (host, port))
+                reader = asyncio.create_task(read())
+                await loop.sock_sendall(sock, head)
+                while sent < size:
+                    await loop.sock_sendall(sock, piece)
+                    sent += piece_size
+                if chunked:
+                    await loop.sock_sendall(sock, b"0\r\n\r\n")
+                await reader
+        except (OSError, TimeoutError) as exc:
+            error = f"{type(exc).__name__}"
+            if reader is not None and not reader.done():
+                with contextlib.suppress(OSError, TimeoutError):
+                    async with asyncio.timeout(2):
+                        await reader
+        finally:
+            if reader is not None:
+                reader.cancel()
+            sock.close()
+        status = int(received.split(b" ", 2)[1]) if received.startswith(b"HTTP/1.1 ") else 0
+        return BodyOutcome(status=status, sent=min(sent, size), cut=sent < size, error=error)
+
+    return list(await asyncio.gather(*(one() for _ in range(bodies))))

@@ -114,7 +114,9 @@ def _wait_http(proc: Proc, path: str, timeout: float) -> None:
     raise RuntimeError(f"{proc.name} did not answer {path} in {timeout:g} s:\n{proc.log_tail()}")
 
 
-def start_fake(name: str, *, kind: str, models: list[str], tokens: int, delay: float, log_dir: Path) -> Proc:
+def start_fake(
+    name: str, *, kind: str, models: list[str], tokens: int, delay: float, log_dir: Path, pad: int = 0
+) -> Proc:
     port = free_port()
     cmd = [
         sys.executable,
@@ -130,6 +132,8 @@ def start_fake(name: str, *, kind: str, models: list[str], tokens: int, delay: f
         str(tokens),
         "--delay",
         f"{delay:g}",
+        "--pad",
+        str(pad),
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = _spawn(name, cmd, env, log_dir, port, f"http://127.0.0.1:{port}")

@@ -17,6 +17,9 @@ WHOLE_RATIO = {"daphne": 0.1}
 ADDED_P50_MS = 1.5
 ADDED_P99_MS = 5.0
 RSS_LIMIT_MB = 200.0
+# Targets of issue 11, item 4 (memory bounded by settings, not by clients).
+READERS_RSS_LIMIT_MB = 250.0
+BODY_MARGIN_MB = 8.0  # per refused body, over what its framing lets the router hold
 
 
 # -- aggregation -----------------------------------------------------------------------
@@ -162,6 +165,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
                     f"{row['errors']} ({row['open_at_once']:,} open at once)",
                 )
             )
+    out += memory_targets(results)
     failures = sum(r["errors"] + r["status_errors"] for r in results["throughput"])
     failures += sum(r["errors"] for r in results["ttfb"]) + sum(r["errors"] for r in results["slow"])
     stats = results.get("stats") or {}
@@ -170,6 +174,183 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     failures += conc.get("errors", 0) + conc.get("status_errors", 0)
     out.append(_target("zero failures, all phases", failures, "0", failures == 0, str(failures)))
     return out
+
+
+def body_growth_limit_mb(row: dict[str, Any]) -> float:
+    """What refusing `row`'s bodies may add to the router's RSS: a margin per body, plus, for a
+    chunked body (no length to refuse it by), up to ROUTER_MAX_BODY held before it passes it."""
+    held = row["max_body"] / (1 << 20) if row["framing"] == "chunked" else 0.0
+    return float(row["bodies"] * (held + BODY_MARGIN_MB))
+
+
+def memory_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    mem = results.get("memory") or {}
+    out: list[dict[str, Any]] = []
+    size = mem.get("reply_bytes", 0) / 1e6
+    for r in mem.get("readers", []):
+        out.append(
+            _target(
+                f"{r['target']}: {r['streams']} clients reading a {size:.1f} MB stream slowly, "
+                "router RSS peak",
+                r["rss_peak_mb"],
+                f"< {READERS_RSS_LIMIT_MB:.0f} MB",
+                r["rss_peak_mb"] < READERS_RSS_LIMIT_MB,
+                f"{r['rss_peak_mb']:.0f} MB",
+            )
+        )
+        out.append(
+            _target(
+                f"{r['target']}: those replies started, and every slot back after the hang-up",
+                r["started"],
+                f"{r['streams']}, yes",
+                r["started"] == r["streams"] and r["slots_released"],
+                f"{r['started']}, {'yes' if r['slots_released'] else 'NO'}",
+            )
+        )
+    for r in mem.get("bodies", []):
+        growth = r["rss_peak_mb"] - r["rss_before_mb"]
+        limit = body_growth_limit_mb(r)
+        refused = all(status == 413 for status in r["statuses"])
+        out.append(
+            _target(
+                f"{r['target']}: {r['bodies']} concurrent {r['body_bytes'] >> 20} MiB bodies "
+                f"({r['framing']}), 413 each, router RSS growth",
+                growth,
+                f"413s, < {limit:.0f} MB",
+                refused and growth < limit,
+                f"{'413s' if refused else r['statuses']}, {growth:.0f} MB",
+            )
+        )
+    return out
+
+
+def memory_section(results: dict[str, Any]) -> list[str]:
+    """The "Memory bounded by settings" section: method, targets and both tables."""
+    mem = results.get("memory") or {}
+    if not mem.get("readers") and not mem.get("bodies"):
+        return []
+    o = results["options"]
+    max_body = (mem["bodies"][0]["max_body"] >> 20) if mem.get("bodies") else o.get("memory_max_body_mb")
+    m = results["meta"]
+    lines = [
+        "## Memory bounded by settings, not by clients",
+        "",
+        f"Recorded on {m['date']} at commit `{m.get('commit', '-')}` (load average "
+        f"{m['loadavg_start'][0]:.1f} at the start: the machine was shared), with the memory phase "
+        "of `make bench` alone:",
+        "",
+        "```sh",
+        f"{o['command']}",
+        "python -m bench.report bench/results/bench-<stamp>.json --memory-section  # this section only",
+        "```",
+        "",
+        f"- **Slow readers (backpressure).** {o['memory_streams']} clients each stream one "
+        f"`/api/chat` reply of {mem.get('reply_bytes', 0) / 1e6:.1f} MB ({o['memory_tokens']:,} "
+        f"tokens of ~{o['memory_pad'] + 120:,} bytes from a fake backend that writes as fast as "
+        f"the connection takes it) and read {o['memory_read_bytes']:,} bytes every "
+        f"{o['memory_interval']:g} s straight from their sockets, for {o['memory_duration']:g} s (the "
+        "shape of the field report, shortened: a whole reply would take hours at that pace); then "
+        "they all hang up. Before backpressure the router read every reply whole into its memory "
+        "(the field report: 97 MB to 798 MB). *Backend wrote* is what the fake handed to its "
+        "connections: on loopback Linux lets each connection's socket buffers grow to several MB "
+        "(tcp_rmem/tcp_wmem autotuning), so a reply of this size can wait whole in the kernel "
+        "between the backend and the router; what matters here is that it does not wait in the "
+        "router. (tests/integration/test_memory_bounds.py shows the backend itself held back, "
+        "with an 82 MB reply.) *Slots back*: /metrics shows no slot held once the clients hung up.",
+        f"- **Refused bodies.** {o['memory_bodies']} clients at once each POST a "
+        f"{o['memory_body_mb']} MiB body to `/api/chat`, written as fast as the router takes it "
+        "without waiting for the reply (as a naive client does), first with a Content-Length, "
+        f"then chunked; the routers run with `ROUTER_MAX_BODY={max_body} MiB` (set for this run; "
+        "the default is 64 MiB). *Sent before the cut* is what each client got to send before the router "
+        "closed the connection. The limit on RSS growth is "
+        f"{BODY_MARGIN_MB:.0f} MB per body, plus ROUTER_MAX_BODY per chunked body: a body "
+        "without a length can only be refused once it has passed the limit (under daphne it "
+        "is then on disk, in Twisted's temporary file; under uvicorn in memory).",
+        "- RSS is sampled from `/proc/PID/status` every 50 ms.",
+        "",
+        *_table(
+            ["target", "measured", "limit", "verdict"],
+            [
+                [
+                    t["name"],
+                    t["shown"] if t["shown"] is not None else _f(t["value"]),
+                    t["limit"],
+                    "**pass**" if t["pass"] else "**FAIL**",
+                ]
+                for t in memory_targets(results)
+            ],
+            "lrrl",
+        ),
+        "",
+    ]
+    if mem.get("readers"):
+        rows = []
+        total = o["memory_streams"] * mem.get("reply_bytes", 0) / 1e6
+        for r in mem["readers"]:
+            rows.append(
+                [
+                    r["target"],
+                    f"{r['started']}/{r['streams']}",
+                    f"{r['bytes_read'] / 1e6:.2f} MB",
+                    f"{r['backend_bytes'] / 1e6:.0f} of {total:.0f} MB",
+                    f"{r['backend_completed']}",
+                    "yes" if r["slots_released"] else "**no**",
+                    f"{r['rss_before_mb']:.0f} MB",
+                    f"**{r['rss_peak_mb']:.0f} MB**",
+                    f"{r['rss_after_mb']:.0f} MB",
+                ]
+            )
+        lines += _table(
+            [
+                "router",
+                "replies started",
+                "clients read",
+                "backend wrote",
+                "replies completed",
+                "slots back",
+                "RSS before",
+                "RSS peak",
+                "RSS after",
+            ],
+            rows,
+        )
+        lines.append("")
+    if mem.get("bodies"):
+        rows = []
+        for r in mem["bodies"]:
+            rows.append(
+                [
+                    r["target"],
+                    r["framing"],
+                    ", ".join(str(x) for x in r["statuses"]),
+                    ", ".join(f"{x:g}" for x in r["sent_mb"]) + " MiB",
+                    f"{r['rss_before_mb']:.0f} MB",
+                    f"**{r['rss_peak_mb']:.0f} MB**",
+                    f"{r['rss_peak_mb'] - r['rss_before_mb']:.0f} MB",
+                    f"{body_growth_limit_mb(r):.0f} MB",
+                ]
+            )
+        header = ["router", "framing", "replies", "sent before the cut", "RSS before", "RSS peak"]
+        lines += _table([*header, "growth", "limit"], rows)
+        lines.append("")
+    return lines
+
+
+def splice_section(doc: str, section: list[str]) -> str:
+    """`doc` with its "## Memory bounded..." section replaced by `section` (or inserted before
+    the /api/stats section, else at the end)."""
+    if not section:
+        return doc
+    heading = section[0]
+    text = "\n".join(section).rstrip() + "\n\n"
+    start = doc.find(heading)
+    if start >= 0:
+        end = doc.find("\n## ", start + len(heading))
+        return doc[:start] + text + (doc[end + 1 :] if end >= 0 else "")
+    anchor = doc.find("## `/api/stats`")
+    if anchor < 0:
+        return doc.rstrip() + "\n\n" + text
+    return doc[:anchor] + text + doc[anchor:]
 
 
 # -- formatting -----------------------------------------------------------------------
@@ -672,6 +853,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         *slow_table(results),
         "",
+        *memory_section(results),
         "## `/api/stats` over 1,000,000 time-series rows (PostgreSQL)",
         "",
         *stats_section(results),
@@ -706,9 +888,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--doc", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
     )
+    parser.add_argument(
+        "--memory-section",
+        action="store_true",
+        help="only replace the doc's memory section with the one of these results (a `--only memory` run)",
+    )
     args = parser.parse_args(argv)
     results = json.loads(args.results.read_text())
     results["targets"] = evaluate(results)
+    if args.memory_section:
+        args.doc.write_text(splice_section(args.doc.read_text(), memory_section(results)))
+        print("\n".join(memory_section(results)))
+        return 0
     args.doc.write_text(markdown(results))
     print(summary_text(results))
     return 0

@@ -92,6 +92,15 @@ class Options:
     stats_rows: int
     stats_requests: int
     pg_url: str
+    memory_streams: int
+    memory_tokens: int
+    memory_pad: int
+    memory_max_body_mb: int
+    memory_read_bytes: int
+    memory_interval: float
+    memory_duration: float
+    memory_bodies: int
+    memory_body_mb: int
     write_doc: bool
     doc: Path
     command: str
@@ -99,7 +108,8 @@ class Options:
     notes: list[str] = field(default_factory=list)
 
 
-PHASES = ("throughput", "ttfb", "slow", "stats")
+PHASES = ("throughput", "ttfb", "slow", "memory", "stats")
+BIG_MODEL = "big:latest"
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -118,6 +128,19 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--stats-rows", type=int, default=1_000_000)
     p.add_argument("--stats-requests", type=int, default=50)
     p.add_argument("--pg-url", default="postgres://postgres@127.0.0.1:5432", help="server, no database")
+    p.add_argument("--memory-streams", type=int, default=100, help="slow readers of one large stream each")
+    p.add_argument("--memory-tokens", type=int, default=2_600, help="tokens of that stream")
+    p.add_argument(
+        "--memory-pad", type=int, default=2_000, help="filler bytes per token (2,600 x ~2.1 kB: 5.5 MB)"
+    )
+    p.add_argument(
+        "--memory-max-body-mb", type=int, default=16, help="ROUTER_MAX_BODY (MiB) of the routers in this run"
+    )
+    p.add_argument("--memory-read-bytes", type=int, default=1024, help="what a slow reader reads at a time")
+    p.add_argument("--memory-interval", type=float, default=0.5, help="seconds between its reads")
+    p.add_argument("--memory-duration", type=float, default=20.0, help="seconds the slow readers read")
+    p.add_argument("--memory-bodies", type=int, default=3, help="concurrent oversized request bodies")
+    p.add_argument("--memory-body-mb", type=int, default=400, help="size of each, in MiB")
     p.add_argument("--quick", action="store_true", help="short smoke run; does not write the docs")
     p.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
     p.add_argument("--doc", type=Path, default=DOC)
@@ -145,6 +168,15 @@ def parse_args(argv: list[str] | None) -> Options:
         stats_rows=args.stats_rows,
         stats_requests=args.stats_requests,
         pg_url=args.pg_url.rstrip("/"),
+        memory_streams=args.memory_streams,
+        memory_tokens=args.memory_tokens,
+        memory_pad=args.memory_pad,
+        memory_max_body_mb=args.memory_max_body_mb,
+        memory_read_bytes=args.memory_read_bytes,
+        memory_interval=args.memory_interval,
+        memory_duration=args.memory_duration,
+        memory_bodies=args.memory_bodies,
+        memory_body_mb=args.memory_body_mb,
         write_doc=not (args.no_doc or args.quick),
         doc=args.doc,
         command=" ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])]),
@@ -152,6 +184,7 @@ def parse_args(argv: list[str] | None) -> Options:
     if args.quick:
         opts.duration, opts.rounds, opts.ttfb_requests = 2.0, 1, 100
         opts.slow_streams, opts.stats_rows, opts.stats_requests = 200, 100_000, 10
+        opts.memory_duration = 8.0
         opts.warmup = 1.0
     return opts
 
@@ -280,6 +313,7 @@ class Bench:
             "ttfb": [],
             "first_request": {},
             "slow": [],
+            "memory": {"readers": [], "bodies": []},
             "stats": {},
         }
         self.results["options"]["doc"] = (
@@ -304,6 +338,18 @@ class Bench:
         )
         for kind, fake in start_fast_fakes(tokens=o.tokens, delay=o.delay, log_dir=self.log_dir).items():
             self.fakes[kind] = self._track(fake)
+        if "memory" in o.only:
+            self.fakes["big"] = self._track(
+                procs.start_fake(
+                    "fake-big",
+                    kind="ollama",
+                    models=[BIG_MODEL],
+                    tokens=o.memory_tokens,
+                    delay=0.0,
+                    log_dir=self.log_dir,
+                    pad=o.memory_pad,
+                )
+            )
         if "slow" in o.only:
             self.fakes["slow"] = self._track(
                 procs.start_fake(
@@ -326,6 +372,9 @@ class Bench:
             spec.append(
                 {"name": "fake-slow", "url": self.fakes["slow"].url, "kind": "ollama", "limit": limit}
             )
+        if "big" in self.fakes:
+            limit = self.opts.memory_streams + 100
+            spec.append({"name": "fake-big", "url": self.fakes["big"].url, "kind": "ollama", "limit": limit})
         procs.dbtool("endpoints", json.dumps(spec), database_url=url)
         return url
 
@@ -481,6 +530,93 @@ class Bench:
             )
             time.sleep(1.0)  # let the closed connections drain before the next target
 
+    # -- memory bounded by settings, not by clients ---------------------------------------
+    def phase_memory(self) -> None:
+        """Oversized bodies (the body limit), then slow readers of a large stream (backpressure);
+        in that order, so each body's cost shows on a router that has not grown yet."""
+        o = self.opts
+        fake = self.fakes["big"]
+        body = json.dumps({"model": "big", "stream": True, "messages": PROMPT}).encode()
+        with urllib.request.urlopen(
+            urllib.request.Request(fake.url + "/api/chat", data=body), timeout=60
+        ) as resp:
+            reply_bytes = len(resp.read())
+        mem = self.results["memory"]
+        mem["reply_bytes"] = reply_bytes
+        size = o.memory_body_mb << 20
+        log(f"memory: {o.memory_bodies} concurrent {o.memory_body_mb} MiB bodies (Content-Length, chunked)")
+        for server, router in self.routers.items():
+            for chunked in (False, True):
+                rss_before = router.status_kb("VmRSS")
+                with procs.RssSampler(router) as sampler:
+                    outcomes = asyncio.run(
+                        loadgen.big_bodies(
+                            router.url + "/api/chat",
+                            bodies=o.memory_bodies,
+                            size=size,
+                            chunked=chunked,
+                            timeout=120,
+                        )
+                    )
+                row: dict[str, Any] = {
+                    "target": server,
+                    "framing": "chunked" if chunked else "Content-Length",
+                    "bodies": o.memory_bodies,
+                    "body_bytes": size,
+                    "max_body": _router_max_body(),
+                    "statuses": [b.status for b in outcomes],
+                    "sent_mb": [round(b.sent / (1 << 20), 1) for b in outcomes],
+                    "cut": sum(b.cut for b in outcomes),
+                    "rss_before_mb": rss_before / 1024,
+                    "rss_peak_mb": sampler.peak_kb / 1024,
+                    "rss_after_mb": router.status_kb("VmRSS") / 1024,
+                }
+                mem["bodies"].append(row)
+                log(
+                    f"memory {server:8s} {row['framing']:14s} statuses {row['statuses']}"
+                    f" sent MiB {row['sent_mb']}"
+                    f" RSS {row['rss_before_mb']:.0f} -> peak {row['rss_peak_mb']:.0f} MB"
+                )
+        log(
+            f"memory: {o.memory_streams} clients reading a {reply_bytes / 1e6:.1f} MB stream, "
+            f"{o.memory_read_bytes} B every {o.memory_interval:g} s for {o.memory_duration:g} s"
+        )
+        for server, router in self.routers.items():
+            fetch_json(fake.url + "/_fake/reset", b"{}")
+            rss_before = router.status_kb("VmRSS")
+            with procs.RssSampler(router) as sampler:
+                res = asyncio.run(
+                    loadgen.slow_readers(
+                        router.url + "/api/chat",
+                        body,
+                        streams=o.memory_streams,
+                        read_bytes=o.memory_read_bytes,
+                        interval=o.memory_interval,
+                        duration=o.memory_duration,
+                    )
+                )
+                released = _wait_slots_released(router.url, timeout=30)
+            stats = fetch_json(fake.url + "/_fake/stats")
+            row = {
+                "target": server,
+                **asdict(res),
+                "backend_bytes": stats["bytes_streamed"],
+                "backend_completed": stats["completed"],
+                "backend_cancelled": stats["cancelled"],
+                "slots_released": released,
+                "rss_before_mb": rss_before / 1024,
+                "rss_peak_mb": sampler.peak_kb / 1024,
+                "rss_after_mb": router.status_kb("VmRSS") / 1024,
+            }
+            mem["readers"].append(row)
+            log(
+                f"memory {server:8s} readers {res.started}/{res.streams} read {res.bytes_read / 1e6:.1f} MB,"
+                f" backend wrote {row['backend_bytes'] / 1e6:.1f} MB"
+                f" of {o.memory_streams * reply_bytes / 1e6:.0f},"
+                f" RSS {row['rss_before_mb']:.0f} -> peak {row['rss_peak_mb']:.0f} MB,"
+                f" slots released: {released}" + (f" errors: {res.error_samples}" if res.errors else "")
+            )
+
     # -- /api/stats on PostgreSQL --------------------------------------------------------
     def phase_stats(self) -> None:
         o = self.opts
@@ -566,7 +702,10 @@ class Bench:
         started = time.monotonic()
         log(f"logs in {self.log_dir.relative_to(REPO)}")
         try:
-            needs_routing = o.only & {"throughput", "ttfb", "slow"}
+            needs_routing = o.only & {"throughput", "ttfb", "slow", "memory"}
+            if "memory" in o.only:
+                # The routers of this run refuse bodies over this (their other requests are small).
+                os.environ["ROUTER_MAX_BODY"] = str(o.memory_max_body_mb << 20)
             if needs_routing:
                 self.start_backends()
                 self.start_routers(self.prepare_sqlite())
@@ -576,6 +715,8 @@ class Bench:
                 self.phase_ttfb()
             if "slow" in o.only:
                 self.phase_slow()
+            if "memory" in o.only:
+                self.phase_memory()
             for server, router in self.routers.items():
                 meta.setdefault("router_hwm_mb", {})[server] = router.status_kb("VmHWM") / 1024
                 if not router.alive():
@@ -588,6 +729,28 @@ class Bench:
         meta["loadavg_end"] = os.getloadavg()
         meta["wall_s"] = round(time.monotonic() - started, 1)
         return self.results
+
+
+def _wait_slots_released(base: str, timeout: float) -> bool:
+    """Until the router's /metrics shows no slot held (True), or `timeout` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        held = [
+            line
+            for line in text.splitlines()
+            if line.startswith("router_in_flight{") and not line.endswith(" 0")
+        ]
+        if not held:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _router_max_body() -> int:
+    """ROUTER_MAX_BODY as the bench's routers see it (the environment, else the default)."""
+    return int(os.environ.get("ROUTER_MAX_BODY", 64 * 1024 * 1024))
 
 
 def main(argv: list[str] | None = None) -> int:

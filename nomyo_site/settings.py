@@ -155,6 +155,8 @@ ROUTER_QUEUE_TIMEOUT = env.float("ROUTER_QUEUE_TIMEOUT", default=60.0)
 ROUTER_QUEUE_MAX = env.int("ROUTER_QUEUE_MAX", default=1000)
 ROUTER_MAX_BODY = env.int("ROUTER_MAX_BODY", default=64 * 1024 * 1024)
 ROUTER_FLUSH_INTERVAL = env.float("ROUTER_FLUSH_INTERVAL", default=5.0)
+# On SIGTERM/SIGINT: how long in-flight replies may take to finish before they are cut (s).
+ROUTER_DRAIN_TIMEOUT = env.float("ROUTER_DRAIN_TIMEOUT", default=30.0)
 ROUTER_MODELS_TTL = env.float("ROUTER_MODELS_TTL", default=300.0)
 ROUTER_LOADED_TTL = env.float("ROUTER_LOADED_TTL", default=10.0)
 # An endpoint whose circuit breaker is open is probed every ROUTER_FAILING_TTL / 4 s (at least 0.5 s).

@@ -132,7 +132,10 @@ async def health(request: HttpRequest) -> HttpResponseBase:
     """200 {"status": "ok"} when at least one enabled server answers its probe, else 503
     {"status": "error"}. With per-server detail, "endpoints": {name: {"status": "ok",
     "version"} | {"status": "error", "error"}}, unless a router api key is set and the
-    caller did not send it (see `_shows_detail`)."""
+    caller did not send it (see `_shows_detail`). While the router drains: 503
+    {"status": "draining"}."""
+    if lifecycle.draining:  # shutting down: a load balancer should stop sending here
+        return JsonResponse({"status": "draining"}, status=503, headers={"Retry-After": "5"})
     endpoints = await registry.enabled()
     results = await asyncio.gather(*(_probe_version(ep) for ep in endpoints))
     detail: dict[str, dict[str, str | float | None]] = {}

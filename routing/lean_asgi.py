@@ -8,6 +8,11 @@ request is built (`ProxyRequest`), the view is found by exact path in a table bu
 `routing.proxy_urls`, the async view runs, and the reply is sent. Auth and request ids
 are async checks here rather than sync-capable middleware. Admin and pages stay on
 Django's normal, fully safe path.
+
+A body declared (Content-Length) larger than ROUTER_MAX_BODY is refused before any of it is
+read, a chunked one as soon as its count passes the limit. Every request being served is
+in `lifecycle.in_flight` from its first await to its end, so a shutdown drain can wait for
+it or cut it; while the router drains, new requests (but /health and /metrics) get 503.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ log = logging.getLogger("routing.access")
 PROXY_PREFIXES = ("/api/", "/v1/")
 PROXY_PATHS = frozenset({"/health", "/metrics", "/api", "/v1"})
 OPEN_PATHS = frozenset({"/health"})  # load balancers probe it without credentials
+# Still served while the router drains (/health then says "draining"); the rest gets 503.
+DRAIN_OPEN_PATHS = frozenset({"/health", "/metrics"})
+DRAIN_RETRY_AFTER = 5  # seconds, in the Retry-After of a 503 sent while draining
+CUT_SEND_TIMEOUT = 1.0  # seconds a cut request may take to send its error and end
 
 Scope = dict[str, Any]
 
@@ -89,19 +98,19 @@ class ProxyHandler:
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         lifecycle.ensure_started()
         path: str = scope["path"]
-        request_id = (_header(scope, b"x-request-id") or "")[:64] or os.urandom(8).hex()
+        request_id, declared_length = _request_headers(scope)
+        if lifecycle.draining and path not in DRAIN_OPEN_PATHS:
+            await self._send(send, error_response(path, _draining_error()), request_id)
+            return
         started = time.perf_counter()
-        try:
-            body = await self._read_body(receive)
-        except Disconnected:
-            return
-        except ApiError as err:
-            await self._send(send, error_response(path, err), request_id)
-            return
-        response: HttpResponseBase | None = None
         task = asyncio.current_task()
         assert task is not None
+        in_flight = lifecycle.in_flight
+        in_flight.add(task)  # before any await: the drain waits for (or cuts) this request
+        response: HttpResponseBase | None = None
+        listener: asyncio.Future[Any] | None = None
         disconnected = False
+        status = 0
 
         def on_message(fut: asyncio.Future[Any]) -> None:
             nonlocal disconnected
@@ -111,41 +120,89 @@ class ProxyHandler:
                 disconnected = True
                 task.cancel()
 
-        listener = asyncio.ensure_future(receive())
-        listener.add_done_callback(on_message)
-        status = 0
         try:
+            try:
+                body = await self._read_body(receive, declared_length)
+            except Disconnected:
+                return
+            except ApiError as err:
+                await self._send(send, error_response(path, err), request_id)
+                return
+            listener = asyncio.ensure_future(receive())
+            listener.add_done_callback(on_message)
             response = await self._respond(scope, path, body)
             status = response.status_code
             await self._send(send, response, request_id)
         except asyncio.CancelledError:
-            if not disconnected:
+            if disconnected:
+                status = 499  # the client went away
+            elif task in lifecycle.cut:
+                task.uncancel()
+                if listener is not None:
+                    listener.remove_done_callback(on_message)
+                status = 503
+                await self._cut_short(send, path, response, request_id)
+            else:
                 raise
-            status = 499  # the client went away
         finally:
-            listener.remove_done_callback(on_message)
-            listener.cancel()
-            if isinstance(response, ProxyStreamingResponse):
-                await response.finish()
-            metrics.requests.inc(
-                route=_route_label(path),
-                endpoint=response.get("X-Router-Endpoint", "") if response is not None else "",
-                status=str(status),
-            )
-            elapsed = time.perf_counter() - started
-            metrics.duration.observe(elapsed, route=_route_label(path))
-            log.info(
-                "%s %s %s %.1fms endpoint=%s request_id=%s",
-                scope.get("method"),
-                path,
-                status,
-                elapsed * 1000,
-                response.get("X-Router-Endpoint", "-") if response is not None else "-",
-                request_id,
-            )
+            in_flight.discard(task)
+            if listener is not None:
+                listener.remove_done_callback(on_message)
+                listener.cancel()
+                if isinstance(response, ProxyStreamingResponse):
+                    await response.finish()
+                self._account(scope, path, response, status, started, request_id)
 
-    async def _read_body(self, receive: Any) -> bytes:
+    def _account(
+        self,
+        scope: Scope,
+        path: str,
+        response: HttpResponseBase | None,
+        status: int,
+        started: float,
+        request_id: str,
+    ) -> None:
+        """The request's metrics and its one access-log line."""
+        endpoint = response.get("X-Router-Endpoint", "") if response is not None else ""
+        metrics.requests.inc(route=_route_label(path), endpoint=endpoint, status=str(status))
+        elapsed = time.perf_counter() - started
+        metrics.duration.observe(elapsed, route=_route_label(path))
+        log.info(
+            "%s %s %s %.1fms endpoint=%s request_id=%s",
+            scope.get("method"),
+            path,
+            status,
+            elapsed * 1000,
+            endpoint or "-",
+            request_id,
+        )
+
+    async def _cut_short(
+        self, send: Any, path: str, response: HttpResponseBase | None, request_id: str
+    ) -> None:
+        """End a request the drain cut: a 503 if nothing was sent yet, else the stream's own
+        error chunk and its end (as when an upstream fails mid-reply). Bounded: a client that
+        does not read gets its connection closed by the server instead."""
+        try:
+            async with asyncio.timeout(CUT_SEND_TIMEOUT):
+                if response is None:
+                    await self._send(send, error_response(path, _draining_error()), request_id)
+                elif isinstance(response, ProxyStreamingResponse):
+                    chunk = response.proxy_stream.relay.error_chunk(
+                        "the router is shutting down; this reply was cut before its end"
+                    )
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except (TimeoutError, OSError):
+            pass
+
+    async def _read_body(self, receive: Any, declared_length: int = -1) -> bytes:
+        """The whole request body, refused with 413 as soon as it is known to pass ROUTER_MAX_BODY:
+        by its Content-Length before anything is read, else (chunked) as the count passes it.
+        (Under daphne, routing/daphne_hooks.py refuses earlier still, inside Twisted.)"""
         limit = settings.ROUTER_MAX_BODY
+        if declared_length > limit:
+            raise _too_large(limit)
         parts: list[bytes] = []
         size = 0
         while True:
@@ -156,7 +213,7 @@ class ProxyHandler:
             if chunk:
                 size += len(chunk)
                 if size > limit:
-                    raise ApiError(413, f"request body is larger than {limit} bytes")
+                    raise _too_large(limit)
                 parts.append(chunk)
             if not message.get("more_body", False):
                 return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -199,6 +256,29 @@ class ProxyHandler:
         else:
             assert isinstance(response, HttpResponse)
             await send({"type": "http.response.body", "body": response.content, "more_body": False})
+
+
+def _request_headers(scope: Scope) -> tuple[str, int]:
+    """(request id, declared Content-Length or -1) in one pass over the headers. The id is the
+    client's X-Request-Id cut to 64 characters, else a random one."""
+    request_id = ""
+    length = -1
+    for key, value in scope.get("headers", ()):
+        if key == b"x-request-id":
+            request_id = value[:64].decode("latin-1")
+        elif key == b"content-length" and value.isdigit():
+            length = int(value)
+    return request_id or os.urandom(8).hex(), length
+
+
+def _too_large(limit: int) -> ApiError:
+    # Connection: close, so the server does not go on reading (and discarding) the rest.
+    return ApiError(413, f"request body is larger than {limit} bytes", headers={"Connection": "close"})
+
+
+def _draining_error() -> ApiError:
+    message = "the router is shutting down; retry (another instance)"
+    return ApiError(503, message, retry_after=DRAIN_RETRY_AFTER)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
