@@ -241,6 +241,7 @@ def _refuse_body(request: Any, limit: int) -> None:
     head = [b"HTTP/1.1 413 Request Entity Too Large"]
     head += [f"{k}: {v}".encode("latin-1") for k, v in response.items()]
     head.append(b"X-Request-Id: " + request_id.encode("latin-1"))
+    head += [k + b": " + v for k, v in _cors_headers(request)]  # a browser app reads the 413 too
     head += [b"Content-Length: %d" % len(response.content), b"Connection: close"]
     transport.write(b"\r\n".join(head) + b"\r\n\r\n" + response.content)
     requests.inc(route=_route_label(path), endpoint="", status="413")
@@ -252,6 +253,20 @@ def _refuse_body(request: Any, limit: int) -> None:
             transport.abortConnection()
 
     reactor.callLater(LINGER_SECONDS, close)  # type: ignore[attr-defined,arg-type]
+
+
+def _cors_headers(request: Any) -> list[tuple[bytes, bytes]]:
+    """The CORS headers routing.front would add to this reply (none without an allowed Origin)."""
+    from routing import cors
+
+    origins = request.requestHeaders.getRawHeaders(b"origin")
+    if not origins:
+        return []
+    hosts = request.requestHeaders.getRawHeaders(b"host")
+    origin = origins[-1]
+    if cors.policy().allows(origin) or cors.same_origin(origin, hosts[-1] if hosts else None):
+        return cors.reply_headers(origin)
+    return []
 
 
 def _send_waits_while_paused() -> None:

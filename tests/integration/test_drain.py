@@ -119,7 +119,7 @@ def test_a_stream_longer_than_the_drain_timeout_is_cut_and_the_router_exits(
     waiting.close()
     assert _exit_code(server) in (0, -signal.SIGTERM)
     row = TokenTotal.objects.get()
-    assert (row.input_tokens, row.output_tokens, row.requests, row.incomplete) == (0, 0, 0, 1)
+    assert (row.input_tokens, row.output_tokens, row.requests, row.incomplete) == (0, 0, 1, 1)
     assert fake.stats.completed == 0
     assert "Traceback" not in server.log()
 
