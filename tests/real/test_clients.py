@@ -13,6 +13,7 @@ import httpx
 import ollama
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import wait_until
 from tests.real.conftest import Real
@@ -20,7 +21,7 @@ from tests.real.llama import ALIAS
 from tests.reliability.support import Totals, wait_db_totals
 
 PROMPT = "Name three colours."
-MESSAGES = [{"role": "user", "content": PROMPT}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": PROMPT}]
 MAX_TOKENS = 12
 SAMPLING: dict[str, Any] = {"temperature": 0, "seed": 1, "max_tokens": MAX_TOKENS}
 EMBEDDING_SIZE = 640  # Gemma 3 270M's hidden size

@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import httpx
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import wait_until
 from tests.integration.helpers import in_flight, queued
@@ -27,7 +28,7 @@ from tests.real.conftest import Real
 from tests.real.llama import ALIAS, LlamaServer
 from tests.reliability.support import RawRequest, endpoint_up, run_async
 
-MESSAGES = [{"role": "user", "content": "Write a long story about a cat."}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Write a long story about a cat."}]
 
 
 def chat_body(path: str, tokens: int, *, stream: bool = True) -> dict[str, Any]:
