@@ -47,7 +47,7 @@ def router_origins(app_configs: Any, **kwargs: Any) -> list[Error | Warning]:
     """ROUTER_ORIGINS entries that can never match: an `Origin` header is `scheme://host[:port]`."""
     import re
 
-    from routing.cors import clean
+    from routing.server.cors import clean
 
     shape = re.compile(r"\*|null|[a-z][a-z0-9+.*-]*://[^/?#\s]*")
     return [

@@ -24,12 +24,13 @@ from asgiref.sync import sync_to_async
 from django.db import DatabaseError, close_old_connections
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 
-from routing import caches, fleet, snapshot
-from routing.breaker import State, breakers
-from routing.decorators import methods
-from routing.errors import ApiError
-from routing.parsing import parse_object
-from routing.registry import EndpointInfo, registry
+from routing.core.errors import ApiError
+from routing.fleet import caches, health, probes
+from routing.fleet.breaker import State, breakers
+from routing.fleet.registry import EndpointInfo, registry
+from routing.protocols.common.decorators import methods
+from routing.protocols.common.parsing import parse_object
+from routing.status import snapshot
 from stats import queries, rollup
 from stats.publisher import publisher
 
@@ -315,11 +316,11 @@ async def _version_of(ep: EndpointInfo) -> str | None:
     if cached is not None or not ep.enabled or breakers.is_open(ep.id):
         return cached
     try:
-        version = await caches.versions.get(ep.id, lambda: fleet.fetch_version(ep))
-    except fleet.ProbeError as exc:
-        fleet.mark_failing(ep, str(exc))
+        version = await caches.versions.get(ep.id, lambda: probes.fetch_version(ep))
+    except probes.ProbeError as exc:
+        health.mark_failing(ep, str(exc))
         return None
-    fleet.mark_healthy(ep)
+    health.mark_healthy(ep)
     return version
 
 

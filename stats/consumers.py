@@ -40,8 +40,8 @@ class UsageConsumer(AsyncJsonWebsocketConsumer):
         self.wake = asyncio.Event()
         await self.channel_layer.group_add(GROUP, self.channel_name)
         await self.accept()
-        from routing import lifecycle
-        from routing.registry import registry
+        from routing.fleet.registry import registry
+        from routing.server import lifecycle
 
         lifecycle.ensure_started()
         await registry.all()  # the snapshot reads the registry's cached copy: make sure it is loaded

@@ -17,8 +17,8 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 
-from routing import fleet
-from routing.board import board
+from routing.engine.board import board
+from routing.fleet import health
 from stats.recorder import recorder
 
 log = logging.getLogger("stats.publisher")
@@ -92,7 +92,7 @@ class Publisher:
             return len(self._subscribers)
 
     async def publish_now(self) -> dict[str, Any]:
-        from routing import snapshot
+        from routing.status import snapshot
 
         self._dirty = False  # before building: a change from now on makes another snapshot
         snap = snapshot.build()
@@ -151,4 +151,4 @@ class Publisher:
 publisher = Publisher()
 board.add_listener(publisher.notify)
 recorder.add_listener(publisher.notify)
-fleet.listeners.append(publisher.notify)
+health.listeners.append(publisher.notify)

@@ -21,8 +21,8 @@ from datetime import UTC, datetime
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections, connection, transaction
 
-from routing.locks import TimedLock
-from routing.streams import Counts
+from routing.engine.accounting import Counts
+from routing.observability.locks import TimedLock
 
 log = logging.getLogger("stats.recorder")
 
@@ -60,7 +60,7 @@ class Recorder:
     def record(self, endpoint: str, model: str, counts: Counts) -> None:
         """One request whose reply reported its token counts."""
         self._count(endpoint, model, counts.prompt, counts.completion, incomplete=0)
-        from routing import metrics
+        from routing.observability import metrics
 
         metrics.tokens.inc(counts.prompt, endpoint=endpoint, model=model, direction="input")
         metrics.tokens.inc(counts.completion, endpoint=endpoint, model=model, direction="output")

@@ -14,17 +14,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from routing.locks import TimedLock
-from routing.registry import EndpointInfo
+from routing.fleet.candidates import Candidate
+from routing.fleet.registry import EndpointInfo
+from routing.observability.locks import TimedLock
 
 Slot = tuple[int, str]  # (endpoint id, model key)
-
-
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    endpoint: EndpointInfo
-    backend_model: str  # the name the backend advertises
-    loaded: bool
 
 
 @dataclass(slots=True)

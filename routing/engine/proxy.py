@@ -9,7 +9,7 @@ closes the stream whether or not it ever ran). Whatever raises in between (the p
 the send, reading the reply, cancellation) the slot, and its cluster claim, come back.
 
 Failures are judged by what they say about the server (upstream.verdict/status_verdict,
-routing/breaker.py): a pooled connection that closed before any reply byte is retried once
+routing/fleet/breaker.py): a pooled connection that closed before any reply byte is retried once
 on a fresh connection to the same server; a 4xx and a normal 5xx go back to this client
 alone; a first-byte timeout fails this request alone (504), never resent; refused and
 timed-out connects open the endpoint's breaker at once, repeated 5xx and cut replies only
@@ -23,73 +23,30 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 
 import aiohttp
 from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 
-from routing import caches, fleet, metrics, upstream
-from routing.board import Candidate, Lease, QueueFull, QueueTimeout, board
-from routing.breaker import breakers
-from routing.cluster import cluster
-from routing.errors import ApiError, error_response, is_openai_path
-from routing.locks import TimedLock
-from routing.names import model_key
-from routing.relays import BodyReader, Relay
+from routing.core.errors import ApiError, error_response, is_openai_path
+from routing.core.names import model_key
+from routing.engine.attempt import Attempt, Planner, Relay
+from routing.engine.board import Lease, QueueFull, QueueTimeout, board
+from routing.engine.cluster import cluster
+from routing.fleet import caches, health
+from routing.fleet import candidates as fleet_candidates
+from routing.fleet.breaker import breakers
+from routing.fleet.candidates import Candidate
+from routing.fleet.refusals import refusals
+from routing.observability import metrics
+from routing.upstream import client, failures
+from routing.upstream.failures import UPSTREAM_ERRORS
 from stats.recorder import recorder
 
 log = logging.getLogger("routing.proxy")
 
 MAX_ERROR_BODY = 64 * 1024
-
-
-@dataclass(slots=True)
-class Attempt:
-    """One upstream request for one chosen candidate."""
-
-    url: str
-    body: bytes
-    relay: Callable[[], Relay]  # for streaming replies
-    read_body: BodyReader  # for whole replies
-    stream: bool
-    headers: dict[str, str] = field(default_factory=dict)
-    method: str = "POST"
-    counted: bool = True  # False for replies that carry no token counts (legacy embeddings)
-    # Builds the body without the field(s) the router added on its own (OpenAI
-    # `stream_options`), sent instead when the server refuses them; None: nothing added.
-    fallback_body: Callable[[], bytes] | None = None
-
-
-Planner = Callable[[Candidate], Attempt]
-
-
-class AddedFieldRefusals:
-    """Endpoints known to refuse the fields the router adds (one lock; no I/O under it).
-    Forgotten when the endpoint changes (caches.invalidate_endpoint)."""
-
-    def __init__(self) -> None:
-        self._lock = TimedLock("refusals")
-        self._ids: set[int] = set()
-
-    def add(self, endpoint_id: int) -> None:
-        with self._lock:
-            self._ids.add(endpoint_id)
-
-    def __contains__(self, endpoint_id: int) -> bool:
-        return endpoint_id in self._ids  # a set membership test is atomic: no lock needed
-
-    def forget(self, endpoint_id: int | None = None) -> None:
-        with self._lock:
-            if endpoint_id is None:
-                self._ids.clear()
-            else:
-                self._ids.discard(endpoint_id)
-
-
-refusals = AddedFieldRefusals()
-caches.on_invalidate.append(refusals.forget)
 
 
 async def forward(
@@ -104,7 +61,7 @@ async def forward(
     Raises ApiError: 404 (no endpoint has the model), 503 (none reachable or all busy),
     400 (the planner could not build the upstream request), 504 (first-byte timeout),
     502 (every tried server failed before replying)."""
-    lookup = await fleet.candidates_for(model)
+    lookup = await fleet_candidates.candidates_for(model)
     if not lookup.candidates:
         if lookup.failing_with_model:
             raise ApiError(503, f"every endpoint serving '{model}' is failing; try again", retry_after=5)
@@ -161,8 +118,8 @@ async def _attempt(
         try:
             response = await _send(lease, attempt)
         except UPSTREAM_ERRORS as exc:
-            failure = upstream.classify(exc)
-            judged = upstream.verdict(failure)
+            failure = failures.classify(exc)
+            judged = failures.verdict(failure)
             if not judged.failover:  # a first-byte timeout: the work may be running there
                 if attempt.counted:
                     recorder.incomplete(ep.url, lease.model)
@@ -171,14 +128,14 @@ async def _attempt(
                     f"'{ep.name}' sent no reply within {settings.ROUTER_FIRST_BYTE_TIMEOUT:g} s; "
                     "not resent elsewhere, as it may still be working on it",
                 ) from None
-            fleet.server_failed(ep, failure.value, strong=judged.evidence is upstream.Evidence.STRONG)
+            health.server_failed(ep, failure.value, strong=judged.evidence is failures.Evidence.STRONG)
             return failure.value
         try:
             status = response.status
             if status >= 500:
-                judged = upstream.status_verdict(status)
+                judged = failures.status_verdict(status)
                 body = await _read_error(response)
-                fleet.server_failed(ep, f"HTTP {status}", strong=False)
+                health.server_failed(ep, f"HTTP {status}", strong=False)
                 if judged.failover:
                     return f"HTTP {status}: {_error_message(body, response.reason)}"
                 return _error_reply(path, ep.name, status, body, response.reason)
@@ -255,9 +212,6 @@ async def _claim_in_cluster(lease: Lease, key: str, candidates: list[Candidate],
         raise
 
 
-UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
-
-
 async def _send(lease: Lease, attempt: Attempt) -> aiohttp.ClientResponse:
     """Send the request and wait for the reply's head; the body is read by the caller.
     A connection that closes before any reply byte (a pooled one the server closed while
@@ -266,17 +220,17 @@ async def _send(lease: Lease, attempt: Attempt) -> aiohttp.ClientResponse:
     headers = {
         "Content-Type": "application/json",
         "Accept-Encoding": "identity",
-        **upstream.auth_headers(ep.api_key),
+        **client.auth_headers(ep.api_key),
         **attempt.headers,
     }
     try:
-        response = await _request(upstream.get_session(), attempt, headers)
+        response = await _request(client.get_session(), attempt, headers)
     except UPSTREAM_ERRORS as exc:
-        if not upstream.closed_before_reply(exc):
+        if not failures.closed_before_reply(exc):
             raise
         metrics.fresh_retries.inc()
-        response = await _request(upstream.fresh_session(), attempt, headers)
-    upstream.set_gap_timeout(response, settings.ROUTER_READ_TIMEOUT)
+        response = await _request(client.fresh_session(), attempt, headers)
+    client.set_gap_timeout(response, settings.ROUTER_READ_TIMEOUT)
     return response
 
 
@@ -288,7 +242,7 @@ async def _request(
         attempt.url,
         data=attempt.body,
         headers=headers,
-        timeout=upstream.proxy_timeout(),
+        timeout=client.proxy_timeout(),
         allow_redirects=False,
     )
 
@@ -363,7 +317,7 @@ async def _reply(
     except UPSTREAM_ERRORS as exc:
         response.close()
         lease.release()
-        fleet.server_failed(ep, upstream.midstream_reason(exc), strong=False)
+        health.server_failed(ep, failures.midstream_reason(exc), strong=False)
         if attempt.counted:
             recorder.incomplete(ep.url, lease.model)
         raise ApiError(502, f"upstream closed before its reply was complete ({ep.name})") from None
@@ -406,7 +360,7 @@ class ProxyStream:
         self.path = path
         self.closed = False
         self.finished = False  # the upstream ended normally
-        self.gap_watch = upstream.GapWatch(response, settings.ROUTER_READ_TIMEOUT)
+        self.gap_watch = client.GapWatch(response, settings.ROUTER_READ_TIMEOUT)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         read = self.response.content.readany
@@ -421,8 +375,8 @@ class ProxyStream:
             if tail:
                 yield tail
         except UPSTREAM_ERRORS as exc:
-            reason = upstream.midstream_reason(exc)
-            fleet.server_failed(self.lease.endpoint, reason, strong=False)
+            reason = failures.midstream_reason(exc)
+            health.server_failed(self.lease.endpoint, reason, strong=False)
             yield self.relay.error_chunk(f"upstream {self.lease.endpoint.name}: {reason}")
         finally:
             self.close()

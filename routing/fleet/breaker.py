@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from routing.locks import TimedLock
+from routing.observability.locks import TimedLock
 
 log = logging.getLogger("routing.breaker")
 

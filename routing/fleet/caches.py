@@ -1,6 +1,6 @@
 """Time-limited caches of what each endpoint advertises, has loaded, and which version it runs.
 
-Whether an endpoint is in rotation is not a cache: routing/breaker.py owns that.
+Whether an endpoint is in rotation is not a cache: routing/fleet/breaker.py owns that.
 
 Each cache owns one lock. Freshness is checked and stale entries removed under the lock;
 the network fetch happens outside it, in one task per key that every concurrent caller
@@ -16,11 +16,11 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from routing.breaker import breakers
-from routing.locks import TimedLock
+from routing.fleet.breaker import breakers
+from routing.observability.locks import TimedLock
 
 if TYPE_CHECKING:
-    from routing.fleet import ModelList
+    from routing.fleet.probes import ModelList
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")

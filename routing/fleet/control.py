@@ -40,8 +40,8 @@ def broadcast_sync(endpoint_ids: list[int] | None) -> None:
 
 
 def apply(message: dict[str, Any]) -> None:
-    from routing import caches
-    from routing.registry import registry
+    from routing.fleet import caches
+    from routing.fleet.registry import registry
 
     if message.get("origin") == ORIGIN:
         return

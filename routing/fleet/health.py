@@ -5,104 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
-import httpx
 from django.conf import settings
 
-from routing import caches, upstream
-from routing.board import Candidate
-from routing.breaker import State, breakers
-from routing.names import model_key
-from routing.registry import EndpointInfo, registry
+from routing.fleet import caches
+from routing.fleet.breaker import State, breakers
+from routing.fleet.probes import EMPTY, ModelList, ProbeError, fetch_advertised, fetch_loaded, fetch_version
+from routing.fleet.registry import EndpointInfo, registry
 
 log = logging.getLogger("routing.fleet")
-
-
-class ProbeError(Exception):
-    pass
-
-
-async def _get_json(ep: EndpointInfo, url: str) -> Any:
-    client = upstream.get_client()
-    for retry in (False, True):
-        try:
-            response = await client.get(
-                url,
-                headers=upstream.auth_headers(ep.api_key),
-                timeout=upstream.timeouts(first_byte=settings.ROUTER_PROBE_TIMEOUT),
-            )
-            body = response.content
-            break
-        except (httpx.HTTPError, OSError) as exc:
-            failure = upstream.classify(exc)
-            if not retry and failure is upstream.Failure.DISCONNECTED:
-                continue  # a pooled connection the server closed while idle: once more
-            raise ProbeError(failure.value) from exc
-    if response.status_code != 200:
-        raise ProbeError(f"HTTP {response.status_code} from {url.rsplit('/', 1)[-1]}")
-    try:
-        return response.json() if body else None
-    except ValueError:
-        raise ProbeError("malformed JSON") from None
-
-
-@dataclass(frozen=True, slots=True)
-class ModelList:
-    """Models as one endpoint reports them: raw entries for listing, keys for matching."""
-
-    entries: tuple[dict[str, Any], ...]
-    names: tuple[str, ...]
-    keys: frozenset[str]
-
-    def backend_name(self, key: str) -> str | None:
-        if key not in self.keys:
-            return None
-        for name in self.names:
-            if model_key(name) == key:
-                return name
-        return None
-
-
-EMPTY = ModelList((), (), frozenset())
-
-
-def _model_list(data: Any, list_key: str, name_keys: tuple[str, ...]) -> ModelList:
-    if not isinstance(data, dict) or not isinstance(data.get(list_key), list):
-        raise ProbeError(f"unexpected reply: no '{list_key}' list")
-    entries: list[dict[str, Any]] = []
-    names: list[str] = []
-    for item in data[list_key]:
-        if isinstance(item, dict):
-            for key in name_keys:
-                if isinstance(item.get(key), str):
-                    entries.append(item)
-                    names.append(item[key])
-                    break
-    return ModelList(tuple(entries), tuple(names), frozenset(model_key(n) for n in names))
-
-
-async def fetch_advertised(ep: EndpointInfo) -> ModelList:
-    if ep.is_ollama:
-        return _model_list(await _get_json(ep, ep.url + "/api/tags"), "models", ("name", "model"))
-    return _model_list(await _get_json(ep, ep.url + "/models"), "data", ("id",))
-
-
-async def fetch_loaded(ep: EndpointInfo) -> ModelList:
-    if not ep.is_ollama:
-        return EMPTY
-    return _model_list(await _get_json(ep, ep.url + "/api/ps"), "models", ("name", "model"))
-
-
-async def fetch_version(ep: EndpointInfo) -> str:
-    if not ep.is_ollama:
-        await fetch_advertised(ep)  # answers: it is up; OpenAI servers have no version route
-        return "openai-compatible"
-    data = await _get_json(ep, ep.url + "/api/version")
-    if not isinstance(data, dict) or not isinstance(data.get("version"), str):
-        raise ProbeError("unexpected reply from /api/version")
-    return str(data["version"])
 
 
 # -- the breaker's probes ----------------------------------------------------------------
@@ -126,7 +37,7 @@ def mark_failing(ep: EndpointInfo, reason: str) -> None:
 
 
 def server_failed(ep: EndpointInfo, reason: str, *, strong: bool) -> None:
-    """Record a failure that says something about the server (see routing/breaker.py)."""
+    """Record a failure that says something about the server (see routing/fleet/breaker.py)."""
     breakers.failed(ep.id, reason, strong=strong, name=ep.name)
     if breakers.is_open(ep.id):
         caches.loaded.invalidate(ep.id)
@@ -187,64 +98,6 @@ async def loaded_or_empty(ep: EndpointInfo) -> ModelList:
         return await caches.loaded.get(ep.id, lambda: fetch_loaded(ep))
     except ProbeError:
         return EMPTY  # the request itself will find out whether the server is up
-
-
-@dataclass(frozen=True, slots=True)
-class Lookup:
-    candidates: list[Candidate]
-    reachable: int  # enabled endpoints that answered
-    failing_with_model: int = 0  # endpoints with an open breaker that advertised the model
-
-
-async def gather_advertised(
-    endpoints: tuple[EndpointInfo, ...],
-) -> list[tuple[EndpointInfo, ModelList | None]]:
-    """Each endpoint with its models, or None when its breaker is open."""
-    # Fast path: everything fresh in the caches, no task created.
-    found: list[tuple[EndpointInfo, ModelList | None]] = []
-    for ep in endpoints:
-        if breakers.is_open(ep.id):
-            found.append((ep, None))
-            continue
-        models = caches.advertised.peek(ep.id)
-        if models is None:
-            results = await asyncio.gather(*(advertised_or_none(e) for e in endpoints))
-            return list(zip(endpoints, results, strict=True))
-        found.append((ep, models))
-    return found
-
-
-async def gather_loaded(endpoints: list[EndpointInfo]) -> list[ModelList]:
-    found: list[ModelList] = []
-    for ep in endpoints:
-        cached = caches.loaded.peek(ep.id) if ep.is_ollama else EMPTY
-        if cached is None:
-            return list(await asyncio.gather(*(loaded_or_empty(e) for e in endpoints)))
-        found.append(cached)
-    return found
-
-
-async def candidates_for(model: str) -> Lookup:
-    key = model_key(model)
-    endpoints = await registry.enabled()
-    matches: list[tuple[EndpointInfo, str]] = []
-    reachable = 0
-    failing_with_model = 0
-    for ep, models in await gather_advertised(endpoints):
-        if models is None:
-            last_seen = caches.advertised.peek(ep.id)
-            if last_seen is not None and key in last_seen.keys:
-                failing_with_model += 1
-            continue
-        reachable += 1
-        name = models.backend_name(key)
-        if name is not None:
-            matches.append((ep, name))
-    loaded = await gather_loaded([ep for ep, _ in matches])
-    candidates = [
-        Candidate(ep, name, key in names.keys) for (ep, name), names in zip(matches, loaded, strict=True)
-    ]
-    return Lookup(candidates, reachable, failing_with_model)
 
 
 # -- background upkeep -----------------------------------------------------------------

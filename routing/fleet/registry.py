@@ -2,7 +2,7 @@
 
 Proxied requests never query the database. A change in the admin (or any service call)
 bumps the generation; the next request reloads the copy once. Other router processes
-learn of the change through the control group (routing/control.py) or, as a safety net,
+learn of the change through the control group (routing/fleet/control.py) or, as a safety net,
 by a reload at most ROUTER_REGISTRY_RELOAD seconds old.
 """
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from asgiref.sync import sync_to_async
 
-from routing.locks import TimedLock
+from routing.observability.locks import TimedLock
 
 if TYPE_CHECKING:
     from routing.models import Endpoint
@@ -123,7 +123,7 @@ class Registry:
             self._endpoints = endpoints
             self._loaded_generation = generation
             self._loaded_at = time.monotonic()
-        from routing.board import board
+        from routing.engine.board import board
 
         board.set_limits({ep.id: ep.limit if ep.enabled else 0 for ep in endpoints})
         # A change made by another process (or an id reused after a delete) must not
@@ -131,7 +131,7 @@ class Registry:
         after = {ep.id: ep for ep in endpoints}
         changed = [i for i, ep in before.items() if after.get(i) != ep]
         if changed:
-            from routing import caches
+            from routing.fleet import caches
 
             for endpoint_id in changed:
                 caches.invalidate_endpoint(endpoint_id)

@@ -17,8 +17,9 @@ from routing.models import Endpoint, RouterSettings, normalise_url
 
 def endpoints_changed(endpoint_ids: list[int] | None = None) -> None:
     """Invalidate in-process state now, and tell the other router processes."""
-    from routing import caches, control, lifecycle
-    from routing.registry import registry
+    from routing.fleet import caches, control
+    from routing.fleet.registry import registry
+    from routing.server import lifecycle
 
     registry.invalidate()
     if endpoint_ids is None:
@@ -40,7 +41,7 @@ def endpoints_set_enabled(*, endpoint_ids: list[int], enabled: bool) -> int:
 
 
 def router_api_key_set(*, key: str) -> None:
-    from routing import lifecycle
+    from routing.server import lifecycle
 
     settings_row = RouterSettings.load()
     settings_row.api_key = key
@@ -125,7 +126,7 @@ def import_config(data: Any) -> ImportResult:
                 row.api_key = router_key
                 row.save()
             result.api_key_set = True
-    from routing import lifecycle
+    from routing.server import lifecycle
 
     if router_key:
         lifecycle.set_db_api_key(router_key)

@@ -14,7 +14,7 @@ import socket
 import threading
 from collections.abc import Iterable
 
-from routing.locks import all_locks
+from routing.observability.locks import all_locks
 
 INSTANCE = f"{socket.gethostname()}:{os.getpid()}"
 _lock = threading.Lock()

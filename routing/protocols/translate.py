@@ -10,7 +10,7 @@ on OpenAI-compatible servers" is the table of every field.
 Invariants:
 - `refusal()` runs in the view before any slot is taken; a field that cannot be
   translated is refused there with a 400 naming it, never dropped in silence;
-- the builders below only run on bodies routing/schema.py accepted, and never raise;
+- the builders below only run on bodies routing/protocols/common/schema.py accepted, and never raise;
 - tool-call ids are derived from positions in the conversation (`call_<message>_<call>`),
   so the same conversation always translates to the same request; the `role: tool`
   messages after an assistant turn get the ids of the calls they answer (a given
@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from routing.board import Candidate
-from routing.errors import ApiError
-from routing.proxy import Attempt
-from routing.relays import BodyReader
-from routing.streams import Counts, openai_counts
+from routing.core.errors import ApiError
+from routing.engine.accounting import Counts
+from routing.engine.attempt import Attempt, BodyReader
+from routing.fleet.candidates import Candidate
+from routing.protocols.common.streams import openai_counts
 
 # Ollama option -> the OpenAI-compatible parameters it becomes. Beyond OpenAI's own, the
 # names are llama.cpp server's (top_k, min_p, typical_p, repeat_penalty, repeat_last_n,
@@ -266,7 +266,9 @@ def _common(data: dict[str, Any], model: str, stream: bool) -> dict[str, Any]:
         if src == "num_predict" and value < 0:
             continue  # Ollama's -1 (no limit) / -2 (fill the context): no max_tokens at all
         if isinstance(value, float) and src in INTEGER_OPTIONS:
-            value = int(value)  # 100.0, which Ollama takes for 100 (routing/schema.py checked it)
+            value = int(
+                value
+            )  # 100.0, which Ollama takes for 100 (routing/protocols/common/schema.py checked it)
         for dst in OPTIONS[src]:
             body[dst] = value
     fmt = data.get("format")

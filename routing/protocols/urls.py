@@ -1,9 +1,13 @@
-"""URLs of the lean proxy path (see routing/lean_asgi.py). Not part of ROOT_URLCONF."""
+"""Routes of the client APIs on the lean proxy path (see routing/server/lean_asgi.py): Ollama, OpenAI and
+the router's own /health and /metrics. Not part of ROOT_URLCONF; nomyo_site/proxy_urls.py composes it with
+the statistics routes."""
 
 from django.urls import path
 
-from routing import fleet_views, ollama_views, openai_views
-from stats import api_views
+from routing.protocols.ollama import fleet_views
+from routing.protocols.ollama import views as ollama_views
+from routing.protocols.openai import views as openai_views
+from routing.protocols.router import views as router_views
 
 urlpatterns = [
     path("api/chat", ollama_views.chat),
@@ -19,18 +23,10 @@ urlpatterns = [
     path("api/create", fleet_views.create),
     path("api/copy", fleet_views.copy),
     path("api/delete", fleet_views.delete),
-    path("health", fleet_views.health),
-    path("metrics", fleet_views.metrics_view),
+    path("health", router_views.health),
+    path("metrics", router_views.metrics_view),
     path("v1/chat/completions", openai_views.chat_completions),
     path("v1/completions", openai_views.completions),
     path("v1/embeddings", openai_views.embeddings),
     path("v1/models", openai_views.models),
-    # NOMYO Router-compatible statistics
-    path("api/usage", api_views.usage),
-    path("api/token_counts", api_views.token_counts),
-    path("api/stats", api_views.stats),
-    path("api/stats.csv", api_views.stats_csv),
-    path("api/aggregate_time_series_days", api_views.aggregate),
-    path("api/config", api_views.config),
-    path("api/usage-stream", api_views.usage_stream),
 ]

@@ -43,7 +43,7 @@ Memory bounded by settings, not by clients (the three hooks below):
   own buffer is full, and TCP slows the backend. The check costs one attribute read per
   message; the wait happens only while the client is behind.
 - Drain. daphne cancels every application when the reactor stops; here that waits for
-  the router's drain first (routing/lifecycle.py).
+  the router's drain first (routing/server/lifecycle.py).
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def _write_without_polling(transport: Any) -> None:
 def _skip_proxy_access_lines() -> None:
     from daphne.server import Server
 
-    from routing.lean_asgi import is_proxy_path
+    from routing.server.lean_asgi import is_proxy_path
 
     original = Server.log_action
 
@@ -225,9 +225,9 @@ def _refuse_body(request: Any, limit: int) -> None:
     """Answer 413 in the route's error shape straight on the transport, then linger."""
     from twisted.internet import reactor
 
-    from routing.errors import ApiError, error_response
-    from routing.lean_asgi import _route_label
-    from routing.metrics import requests
+    from routing.core.errors import ApiError, error_response
+    from routing.observability.metrics import requests
+    from routing.server.lean_asgi import _route_label
 
     request._router_refused = True
     channel = request.channel
@@ -256,8 +256,8 @@ def _refuse_body(request: Any, limit: int) -> None:
 
 
 def _cors_headers(request: Any) -> list[tuple[bytes, bytes]]:
-    """The CORS headers routing.front would add to this reply (none without an allowed Origin)."""
-    from routing import cors
+    """The CORS headers routing.server.front would add to this reply (none without an allowed Origin)."""
+    from routing.server import cors
 
     origins = request.requestHeaders.getRawHeaders(b"origin")
     if not origins:
@@ -340,7 +340,7 @@ def _kill_applications_after_drain() -> None:
     from daphne.server import Server
     from twisted.internet import defer
 
-    from routing import lifecycle
+    from routing.server import lifecycle
 
     async def kill_after_drain(server: Any) -> None:
         await lifecycle.drain()

@@ -6,9 +6,9 @@
   navigating to `/` (its `Accept` names `text/html`) is sent to the page, `/dashboard/`,
   with a 302; `fetch()` from a script sends `Accept: */*` and gets Ollama's answer.
 - `serve`: runs an ASGI app with two additions. HEAD: the app answers it as GET (the views
-  accept HEAD wherever they accept GET, routing/decorators.py) and the body is dropped on
+  accept HEAD wherever they accept GET, routing/protocols/common/decorators.py) and the body is dropped on
   the way out, so status and headers, `Content-Length` included, are the GET's; a stream
-  stops after its headers. CORS (routing/cors.py): a request with an `Origin` header from
+  stops after its headers. CORS (routing/server/cors.py): a request with an `Origin` header from
   an allowed origin gets the CORS headers on its reply, whatever the status; a preflight is
   answered here, before the API-key check (browsers send preflights without credentials);
   a disallowed origin gets 403 in the route's error shape and no CORS headers, as Ollama
@@ -23,8 +23,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from routing import cors as cors_policy
-from routing.errors import is_openai_path
+from routing.core.errors import is_openai_path
+from routing.server import cors as server_cors
 
 log = logging.getLogger("routing.access")
 
@@ -128,8 +128,8 @@ async def serve(
     if method == "HEAD":
         send = _without_body(send, stop_streams)  # the router's own replies below too
     if origin is not None:
-        allowed = cors_policy.policy().allows(origin)
-        if not (allowed or cors_policy.same_origin(origin, header(scope, b"host"))):
+        allowed = server_cors.policy().allows(origin)
+        if not (allowed or server_cors.same_origin(origin, header(scope, b"host"))):
             shown = origin.decode("latin-1")[:200]
             log.info("%s %s 403 origin %r not allowed (ROUTER_ORIGINS)", method, scope["path"], shown)
             message = f"origin {shown!r} is not allowed; add it to ROUTER_ORIGINS"
@@ -139,14 +139,14 @@ async def serve(
             requested_method = header(scope, b"access-control-request-method")
             if requested_method is not None:
                 requested = header(scope, b"access-control-request-headers")
-                headers = cors_policy.preflight_headers(origin, requested)
+                headers = server_cors.preflight_headers(origin, requested)
                 if header(scope, b"access-control-request-private-network") == b"true":
                     # Chromium's Private Network Access: a public page calling a router on
                     # the local network asks this too; an allowed origin is trusted with it.
                     headers.append((b"access-control-allow-private-network", b"true"))
                 await _reply(send, 204, headers, b"")
                 return
-        send = _with_headers(send, cors_policy.reply_headers(origin))
+        send = _with_headers(send, server_cors.reply_headers(origin))
     try:
         await app(scope, receive, send)
     except _HeadAnswered:

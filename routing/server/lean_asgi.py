@@ -5,7 +5,7 @@ Django's full handler runs every request inside a thread-sensitive context, fire
 connections) and closes responses in a thread. The proxy routes do no database work, so
 they skip all of that: the body is read once (bounded by ROUTER_MAX_BODY), a light
 request is built (`ProxyRequest`), the view is found by exact path in a table built from
-`routing.proxy_urls`, the async view runs, and the reply is sent. Auth and request ids
+`routing.protocols.urls`, the async view runs, and the reply is sent. Auth and request ids
 are async checks here rather than sync-capable middleware. Admin and pages stay on
 Django's normal, fully safe path.
 
@@ -31,9 +31,10 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, QueryDict, 
 from django.urls import URLPattern, get_resolver
 from django.utils.functional import cached_property
 
-from routing import lifecycle, metrics
-from routing.errors import ApiError, error_response
-from routing.proxy import ProxyStreamingResponse
+from routing.core.errors import ApiError, error_response
+from routing.engine.proxy import ProxyStreamingResponse
+from routing.observability import metrics
+from routing.server import lifecycle
 
 log = logging.getLogger("routing.access")
 
@@ -80,10 +81,11 @@ class ProxyRequest(HttpRequest):
         return QueryDict(self.scope.get("query_string", b"").decode("latin-1"))
 
 
-def proxy_views() -> dict[str, View]:
-    """Exact path -> view, from routing.proxy_urls (every proxy route is a fixed path)."""
+def proxy_views(urlconf: str) -> dict[str, View]:
+    """Exact path -> view, from the route table `urlconf` (a dotted module path with `urlpatterns`;
+    every proxy route is a fixed path, else ValueError)."""
     views: dict[str, View] = {}
-    for pattern in get_resolver("routing.proxy_urls").url_patterns:
+    for pattern in get_resolver(urlconf).url_patterns:
         route = str(pattern.pattern)
         if not isinstance(pattern, URLPattern) or "<" in route:
             raise ValueError(f"proxy routes are fixed paths; {route!r} is not")
@@ -92,8 +94,9 @@ def proxy_views() -> dict[str, View]:
 
 
 class ProxyHandler:
-    def __init__(self) -> None:
-        self.views = proxy_views()  # imports the views now, not on the first request
+    def __init__(self, urlconf: str) -> None:
+        """urlconf: the dotted path of the route table (nomyo_site.proxy_urls)."""
+        self.views = proxy_views(urlconf)  # imports the views now, not on the first request
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         lifecycle.ensure_started()
@@ -199,7 +202,7 @@ class ProxyHandler:
     async def _read_body(self, receive: Any, declared_length: int = -1) -> bytes:
         """The whole request body, refused with 413 as soon as it is known to pass ROUTER_MAX_BODY:
         by its Content-Length before anything is read, else (chunked) as the count passes it.
-        (Under daphne, routing/daphne_hooks.py refuses earlier still, inside Twisted.)"""
+        (Under daphne, routing/server/daphne_hooks.py refuses earlier still, inside Twisted.)"""
         limit = settings.ROUTER_MAX_BODY
         if declared_length > limit:
             raise _too_large(limit)

@@ -12,7 +12,7 @@ its protocol's error, releases its slot and records itself as incomplete), and o
 does the server close its connections and the final token flush run. A second signal
 during the drain cuts at once. Under daphne the drain runs in a "before shutdown" trigger
 of the reactor (the listening sockets stay open until it ends; daphne's own cancelling of
-applications waits for it, see routing/daphne_hooks.py); under uvicorn the router's
+applications waits for it, see routing/server/daphne_hooks.py); under uvicorn the router's
 signal handler runs it first and then hands the signal to uvicorn, whose own shutdown then
 finds nothing in flight.
 
@@ -77,7 +77,8 @@ def ensure_started() -> None:
 
 
 async def _start() -> None:
-    from routing import control, fleet, upstream
+    from routing.fleet import control, health
+    from routing.upstream import client
     from stats.publisher import publisher
     from stats.recorder import recorder
 
@@ -89,10 +90,10 @@ async def _start() -> None:
     _tasks.append(loop.create_task(recorder.run(settings.ROUTER_FLUSH_INTERVAL)))
     _tasks.append(loop.create_task(publisher.run()))
     _tasks.append(loop.create_task(control.listen()))
-    _tasks.append(loop.create_task(fleet.watch()))
+    _tasks.append(loop.create_task(health.watch()))
     # Pre-warm: the first proxied request should not pay for the client; fleet.watch()
     # fills the caches right away.
-    upstream.get_client()
+    client.get_client()
     # Everything loaded so far (Django, the apps, Twisted) lives as long as the process:
     # move it out of the collector's reach, so full collections stay short.
     gc.collect()
@@ -102,8 +103,8 @@ async def _start() -> None:
 def _prepare_database() -> None:
     from django.db import close_old_connections
 
+    from routing.fleet.services import import_config_file
     from routing.models import Endpoint, RouterSettings
-    from routing.services import import_config_file
     from stats.recorder import recorder
 
     close_old_connections()
@@ -119,8 +120,8 @@ def _prepare_database() -> None:
 
 async def shutdown() -> None:
     """Flush tokens (retrying a few times) and close the upstream client inside the loop."""
-    from routing import upstream
-    from routing.board import board
+    from routing.engine.board import board
+    from routing.upstream import client
     from stats.recorder import recorder
 
     for task in _tasks:
@@ -138,7 +139,7 @@ async def shutdown() -> None:
         except Exception:
             log.exception("final token flush failed (attempt %d); retrying", attempt + 1)
             await asyncio.sleep(0.5 * (attempt + 1))
-    await upstream.close_client()
+    await client.close_client()
 
 
 def drain() -> asyncio.Future[None]:

@@ -11,11 +11,11 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from routing import caches
-from routing.board import board
-from routing.breaker import CLOSED, State, breakers
-from routing.metrics import INSTANCE
-from routing.registry import registry
+from routing.engine.board import board
+from routing.fleet import caches
+from routing.fleet.breaker import CLOSED, State, breakers
+from routing.fleet.registry import registry
+from routing.observability.metrics import INSTANCE
 from stats.recorder import recorder
 
 
@@ -75,7 +75,7 @@ def build() -> dict[str, Any]:
 
 
 def prometheus_gauges() -> Iterable[str]:
-    from routing.metrics import _labels
+    from routing.observability.metrics import _labels
 
     snap = build()
     yield "# HELP router_in_flight Requests holding a slot, by endpoint and model."

@@ -1,7 +1,7 @@
 """The database briefly unavailable: no token is lost or counted twice, flushes are retried,
 and routing goes on with the endpoint list the router already has.
 
-Unit level on stats/recorder.py and routing/registry.py (a write or read that raises), and,
+Unit level on stats/recorder.py and routing/fleet/registry.py (a write or read that raises), and,
 when the suite runs on PostgreSQL, end to end with a real outage: the router reaches the
 database through a TCP relay that the test cuts and restores.
 """
@@ -19,9 +19,9 @@ from asgiref.sync import sync_to_async
 from django.db import OperationalError
 from django.db.models import Sum
 
-from routing import registry as registry_module
-from routing.registry import EndpointInfo, Registry
-from routing.streams import Counts
+from routing.engine.accounting import Counts
+from routing.fleet import registry as registry_module
+from routing.fleet.registry import EndpointInfo, Registry
 from stats import recorder as recorder_module
 from stats.models import TokenTimeSeries, TokenTotal
 from stats.recorder import Recorder

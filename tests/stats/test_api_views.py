@@ -18,13 +18,14 @@ from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.test import AsyncRequestFactory
 
-from routing import caches
-from routing.board import Candidate, board
-from routing.breaker import breakers
-from routing.errors import ApiError, error_response
+from routing.core.errors import ApiError, error_response
+from routing.engine.accounting import Counts as StreamCounts
+from routing.engine.board import board
+from routing.fleet import caches
+from routing.fleet.breaker import breakers
+from routing.fleet.candidates import Candidate
+from routing.fleet.registry import registry
 from routing.models import Endpoint
-from routing.registry import registry
-from routing.streams import Counts as StreamCounts
 from stats import api_views
 from stats.models import TokenDaily, TokenTimeSeries, TokenTotal
 from stats.publisher import publisher

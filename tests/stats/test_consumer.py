@@ -18,10 +18,13 @@ import pytest_asyncio
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 
-from routing import caches, lifecycle, upstream
-from routing.board import Candidate, Lease, board
-from routing.registry import EndpointInfo, registry
-from routing.streams import Counts
+from routing.engine.accounting import Counts
+from routing.engine.board import Lease, board
+from routing.fleet import caches
+from routing.fleet.candidates import Candidate
+from routing.fleet.registry import EndpointInfo, registry
+from routing.server import lifecycle
+from routing.upstream import client
 from stats import publisher as publisher_module
 from stats.publisher import Subscriber, publisher
 from stats.recorder import recorder
@@ -88,7 +91,7 @@ async def live(transactional_db: None, gpu: Any) -> AsyncIterator[EndpointInfo]:
     await recorder.flush()
     lifecycle.reset_for_tests()
     await asyncio.sleep(0)
-    await upstream.close_client()
+    await client.close_client()
     board.clear()
     recorder.clear()
     caches.clear_all()

@@ -5,7 +5,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from routing.streams import Counts as StreamCounts
+from routing.engine.accounting import Counts as StreamCounts
 from stats import queries
 from stats.models import TokenDaily, TokenTimeSeries, TokenTotal
 from stats.queries import QueryError

@@ -8,7 +8,7 @@ from typing import Any
 
 from django.http import HttpRequest, HttpResponseBase
 
-from routing.errors import ApiError
+from routing.core.errors import ApiError
 
 View = Callable[..., Coroutine[Any, Any, HttpResponseBase]]
 
@@ -17,7 +17,7 @@ def methods(*names: str) -> Callable[[View], View]:
     """405 in the protocol's own error shape, with an Allow header.
 
     HEAD is allowed wherever GET is (RFC 9110 9.3.2: same status and headers as GET, no
-    body); the view runs as for GET and routing/front.py drops the body on the way out.
+    body); the view runs as for GET and routing/server/front.py drops the body on the way out.
     """
     allowed = (*names, "HEAD") if "GET" in names and "HEAD" not in names else names
 

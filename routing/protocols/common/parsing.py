@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any, NoReturn
 
-from routing import schema
-from routing.errors import ApiError
+from routing.core.errors import ApiError
+from routing.protocols.common import schema
 
 
 def _no_constant(name: str) -> NoReturn:
@@ -60,7 +60,7 @@ def parse_object(body: bytes) -> dict[str, Any]:
 
 
 def parse_checked(body: bytes, spec: schema.Obj) -> dict[str, Any]:
-    """`parse_object`, then the body's shape checked against `spec` (routing/schema.py)."""
+    """`parse_object`, then the body's shape checked against `spec` (routing/protocols/common/schema.py)."""
     data = parse_object(body)
     schema.check(spec, data)
     return data

@@ -2,30 +2,16 @@
 
 A relay sees each upstream chunk, returns what the client gets, and knows at the end
 whether the reply completed and with which counts. Pass-through relays return chunks
-unchanged; translating relays (routing/translate.py) rewrite them.
+unchanged; translating relays (routing/protocols/translate.py) rewrite them.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Protocol
+from typing import Any
 
-from routing.streams import Counts, NdjsonScanner, SseScanner, ollama_counts, openai_counts
-
-
-class Relay(Protocol):
-    content_type: str
-
-    def feed(self, chunk: bytes) -> bytes: ...
-    def finish(self) -> bytes: ...
-    def counts(self) -> Counts | None: ...
-    def error_chunk(self, message: str) -> bytes: ...
-
-
-class BodyReader(Protocol):
-    """For non-streaming replies: the body the client gets and the counts in it."""
-
-    def __call__(self, body: bytes) -> tuple[bytes, Counts | None]: ...
+from routing.engine.accounting import Counts
+from routing.protocols.common.streams import NdjsonScanner, SseScanner, ollama_counts, openai_counts
 
 
 class OllamaStream:

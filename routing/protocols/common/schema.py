@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from routing.errors import ApiError
+from routing.core.errors import ApiError
 
 
 class _Bad(Exception):

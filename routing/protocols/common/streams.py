@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from typing import Any
+
+from routing.engine.accounting import Counts
 
 MAX_PENDING = 32 * 1024 * 1024  # a line longer than this cannot be a counts line we need
 
@@ -30,16 +31,6 @@ def _first_mark(data: bytes) -> int:
             return at
         at = data.find(b'"usage"', at + 7)
     return done
-
-
-@dataclass(frozen=True, slots=True)
-class Counts:
-    prompt: int
-    completion: int
-
-    @property
-    def total(self) -> int:
-        return self.prompt + self.completion
 
 
 def _int(value: Any) -> int:

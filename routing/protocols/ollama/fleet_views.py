@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,13 +10,16 @@ from typing import Any
 import httpx
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 
-from routing import caches, fleet, lifecycle, metrics, schema, snapshot, upstream
-from routing.breaker import breakers
-from routing.decorators import methods
-from routing.errors import ApiError
-from routing.names import model_key
-from routing.parsing import optional_bool, parse_checked
-from routing.registry import EndpointInfo, registry
+from routing.core.errors import ApiError
+from routing.core.names import model_key
+from routing.fleet import caches, candidates, health, probes
+from routing.fleet.breaker import breakers
+from routing.fleet.registry import EndpointInfo, registry
+from routing.protocols.common import schema
+from routing.protocols.common.decorators import methods
+from routing.protocols.common.parsing import optional_bool, parse_checked
+from routing.upstream import client as upstream_client
+from routing.upstream import failures
 
 
 def _as_ollama_tag(ep: EndpointInfo, entry: dict[str, Any], name: str) -> dict[str, Any]:
@@ -45,7 +47,7 @@ async def tags(request: HttpRequest) -> HttpResponseBase:
     endpoints = await registry.enabled()
     seen: set[str] = set()
     models: list[dict[str, Any]] = []
-    for ep, found in await fleet.gather_advertised(endpoints):
+    for ep, found in await candidates.gather_advertised(endpoints):
         if found is None:
             continue
         for entry, name in zip(found.entries, found.names, strict=True):
@@ -61,7 +63,7 @@ async def ps(request: HttpRequest) -> HttpResponseBase:
     endpoints = [ep for ep in await registry.enabled() if ep.is_ollama and not breakers.is_open(ep.id)]
     seen: set[str] = set()
     models: list[dict[str, Any]] = []
-    for found in await fleet.gather_loaded(endpoints):
+    for found in await candidates.gather_loaded(endpoints):
         for entry, name in zip(found.entries, found.names, strict=True):
             if model_key(name) not in seen:
                 seen.add(model_key(name))
@@ -77,14 +79,14 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-async def _probe_version(ep: EndpointInfo) -> tuple[EndpointInfo, str | None, str | None]:
+async def probe_version(ep: EndpointInfo) -> tuple[EndpointInfo, str | None, str | None]:
     try:
-        version = await fleet.fetch_version(ep)
-    except fleet.ProbeError as exc:
-        fleet.mark_failing(ep, str(exc))
+        version = await probes.fetch_version(ep)
+    except probes.ProbeError as exc:
+        health.mark_failing(ep, str(exc))
         return ep, None, str(exc)
     caches.versions.put(ep.id, version)
-    fleet.mark_healthy(ep)
+    health.mark_healthy(ep)
     return ep, version, None
 
 
@@ -105,61 +107,9 @@ async def version(request: HttpRequest) -> HttpResponseBase:
         if cached is not None and not breakers.is_open(ep.id):
             found.append(cached)
     if not found:
-        results = await asyncio.gather(*(_probe_version(ep) for ep in endpoints))
+        results = await asyncio.gather(*(probe_version(ep) for ep in endpoints))
         found = [v for _, v, _ in results if v is not None]
     return JsonResponse({"version": min(found, key=_version_tuple) if found else FACADE_VERSION})
-
-
-def _shows_detail(request: HttpRequest) -> bool:
-    """Whether /health may show per-server detail: always without a router api key; with
-    one, only to a caller that sends it (`Authorization: Bearer <key>`). /health itself
-    stays open (load balancers probe it without credentials), so a missing or wrong key
-    gets the status alone, never a 401."""
-    expected = lifecycle.router_api_key()
-    if not expected:
-        return True
-    scope = getattr(request, "scope", None)
-    if scope is not None:  # the lean path's request: headers only in the ASGI scope
-        auth = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"), "")
-    else:
-        auth = request.META.get("HTTP_AUTHORIZATION", "")
-    scheme, _, token = auth.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
-
-
-@methods("GET", "HEAD")
-async def health(request: HttpRequest) -> HttpResponseBase:
-    """200 {"status": "ok"} when at least one enabled server answers its probe, else 503
-    {"status": "error"}. With per-server detail, "endpoints": {name: {"status": "ok",
-    "version"} | {"status": "error", "error"}}, unless a router api key is set and the
-    caller did not send it (see `_shows_detail`). While the router drains: 503
-    {"status": "draining"}."""
-    if lifecycle.draining:  # shutting down: a load balancer should stop sending here
-        return JsonResponse({"status": "draining"}, status=503, headers={"Retry-After": "5"})
-    endpoints = await registry.enabled()
-    results = await asyncio.gather(*(_probe_version(ep) for ep in endpoints))
-    detail: dict[str, dict[str, str | float | None]] = {}
-    for ep, v, err in results:
-        view = breakers.view(ep.id)  # after this probe: its state, the latest evidence, since when
-        row: dict[str, str | float | None] = (
-            {"status": "ok", "version": v} if v is not None else {"status": "error", "error": err}
-        )
-        row["breaker"] = view.state.value
-        if view.since is not None:
-            row["breaker_reason"] = view.reason
-            row["breaker_since"] = view.since
-        detail[ep.name] = row
-    healthy = any(v is not None for _, v, _ in results)
-    body: dict[str, Any] = {"status": "ok" if healthy else "error"}
-    if _shows_detail(request):
-        body["endpoints"] = detail
-    return JsonResponse(body, status=200 if healthy else 503)
-
-
-@methods("GET")
-async def metrics_view(request: HttpRequest) -> HttpResponseBase:
-    gauges = snapshot.prometheus_gauges()
-    return HttpResponse(metrics.render(gauges), content_type="text/plain; version=0.0.4")
 
 
 # -- fan-out management ---------------------------------------------------------------
@@ -171,17 +121,17 @@ async def _ollama_endpoints() -> list[EndpointInfo]:
 
 
 async def _call(ep: EndpointInfo, method: str, path: str, body: bytes) -> tuple[EndpointInfo, int, bytes]:
-    client = upstream.get_client()
+    client = upstream_client.get_client()
     try:
         response = await client.request(
             method,
             ep.url + path,
             content=body,
-            headers={"Content-Type": "application/json", **upstream.auth_headers(ep.api_key)},
+            headers={"Content-Type": "application/json", **upstream_client.auth_headers(ep.api_key)},
         )
         return ep, response.status_code, response.content
     except (httpx.HTTPError, OSError) as exc:
-        return ep, 502, json.dumps({"error": upstream.classify(exc).value}).encode()
+        return ep, 502, json.dumps({"error": failures.classify(exc).value}).encode()
     finally:
         caches.advertised.invalidate(ep.id)
 
@@ -224,12 +174,12 @@ async def _pull_stream(
     async def one(ep: EndpointInfo) -> None:
         error: str | None = None
         try:
-            client = upstream.get_client()
+            client = upstream_client.get_client()
             async with client.stream(
                 "POST",
                 ep.url + path,
                 content=request.body,
-                headers={"Content-Type": "application/json", **upstream.auth_headers(ep.api_key)},
+                headers={"Content-Type": "application/json", **upstream_client.auth_headers(ep.api_key)},
             ) as response:
                 if response.status_code >= 400:
                     error = f"HTTP {response.status_code}: {_error_of(await response.aread())}"
@@ -242,7 +192,7 @@ async def _pull_stream(
                         elif '"success"' not in line:
                             await queue.put((ep, line.encode() + b"\n", None))
         except (httpx.HTTPError, OSError) as exc:
-            error = upstream.classify(exc).value
+            error = failures.classify(exc).value
         finally:
             caches.advertised.invalidate(ep.id)
             await queue.put((ep, None, error))

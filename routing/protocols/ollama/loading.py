@@ -22,11 +22,12 @@ from typing import Any
 from django.conf import settings
 from django.http import HttpResponse
 
-from routing import caches, fleet, upstream
-from routing.board import Candidate
-from routing.errors import ApiError
-from routing.proxy import UPSTREAM_ERRORS
-from routing.translate import now
+from routing.core.errors import ApiError
+from routing.fleet import caches, candidates
+from routing.fleet.candidates import Candidate
+from routing.protocols.translate import now
+from routing.upstream import client, failures
+from routing.upstream.failures import UPSTREAM_ERRORS
 
 # A Go duration of zero ("0", "0s", "0.0m", ...), as Ollama parses keep_alive strings.
 _ZERO_DURATION = re.compile(r"(?:0+(?:\.0*)?|\.0+)(?:ns|us|µs|ms|s|m|h)?")
@@ -52,18 +53,18 @@ async def _send(cand: Candidate, path: str, body: bytes) -> str | None:
     """None when the server did it, else why not."""
     ep = cand.endpoint
     try:
-        async with upstream.get_session().post(
+        async with client.get_session().post(
             ep.url + path,
             data=body,
-            headers={"Content-Type": "application/json", **upstream.auth_headers(ep.api_key)},
-            timeout=upstream.proxy_timeout(),
+            headers={"Content-Type": "application/json", **client.auth_headers(ep.api_key)},
+            timeout=client.proxy_timeout(),
             allow_redirects=False,
         ) as response:
             async with asyncio.timeout(settings.ROUTER_READ_TIMEOUT):
                 text = await response.read()
             status = response.status
     except UPSTREAM_ERRORS as exc:
-        return upstream.classify(exc).value
+        return failures.classify(exc).value
     finally:
         caches.loaded.invalidate(ep.id)
     lines = [line for line in text.splitlines() if line.strip()]
@@ -98,7 +99,7 @@ async def load_or_unload(
 ) -> HttpResponse:
     """Answer a load/unload request (see the module docstring). Errors: 404/503 as for any
     routed request when no server has the model; 502 naming the servers that failed."""
-    lookup = await fleet.candidates_for(model)
+    lookup = await candidates.candidates_for(model)
     if not lookup.candidates:
         if lookup.failing_with_model:
             raise ApiError(503, f"every endpoint serving '{model}' is failing; try again", retry_after=5)

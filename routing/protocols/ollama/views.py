@@ -1,9 +1,10 @@
 """Ollama's API, routed by model: chat, generate, embed, embeddings, show.
 
-Each view checks the whole body (routing/schema.py) before anything is routed, so a
+Each view checks the whole body (routing/protocols/common/schema.py) before anything is routed, so a
 malformed request is a 400 and never takes a slot. A request that an OpenAI-compatible
 server would have to serve with a field it cannot translate is refused the same way
-(routing/translate.py `refusal`). Load and unload requests go to routing/loading.py.
+(routing/protocols/translate.py `refusal`). Load and unload requests go to
+routing/protocols/ollama/loading.py.
 """
 
 from __future__ import annotations
@@ -12,15 +13,19 @@ from typing import Any
 
 from django.http import HttpRequest, HttpResponseBase
 
-from routing import fleet, loading, proxy, schema, translate
-from routing.board import Candidate
-from routing.decorators import methods
-from routing.parsing import optional_bool, parse_object, require_model
-from routing.proxy import Attempt
-from routing.relays import OllamaStream, no_counts, ollama_body
+from routing.engine import attempt, proxy
+from routing.engine.attempt import Attempt
+from routing.fleet import candidates
+from routing.fleet.candidates import Candidate
+from routing.protocols import translate
+from routing.protocols.common import schema
+from routing.protocols.common.decorators import methods
+from routing.protocols.common.parsing import optional_bool, parse_object, require_model
+from routing.protocols.common.relays import OllamaStream, no_counts, ollama_body
+from routing.protocols.ollama import loading
 
 
-def _passthrough(path: str, raw: bytes, stream: bool, *, counted: bool = True) -> proxy.Planner:
+def _passthrough(path: str, raw: bytes, stream: bool, *, counted: bool = True) -> attempt.Planner:
     def plan(cand: Candidate) -> Attempt:
         return Attempt(
             url=cand.endpoint.url + path,
@@ -36,7 +41,7 @@ def _passthrough(path: str, raw: bytes, stream: bool, *, counted: bool = True) -
 
 def _routed(
     path: str, raw: bytes, data: dict[str, Any], stream: bool, *, counted: bool = True
-) -> proxy.Planner:
+) -> attempt.Planner:
     """Ollama endpoints get the request untouched; OpenAI-compatible ones get a translation."""
     direct = _passthrough(path, raw, stream, counted=counted)
 
@@ -61,7 +66,7 @@ async def _refuse_untranslatable(path: str, model: str, data: dict[str, Any]) ->
     refused = translate.refusal(path, data)
     if refused is None:
         return
-    lookup = await fleet.candidates_for(model)
+    lookup = await candidates.candidates_for(model)
     if any(not c.endpoint.is_ollama for c in lookup.candidates):
         raise refused
 

@@ -11,17 +11,19 @@ from typing import Any
 
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
 
-from routing import fleet, proxy, schema
-from routing.board import Candidate
-from routing.decorators import methods
-from routing.names import model_key
-from routing.parsing import optional_bool, parse_object, require_model
-from routing.proxy import Attempt
-from routing.registry import registry
-from routing.relays import OpenAIStream, openai_body
+from routing.core.names import model_key
+from routing.engine import attempt, proxy
+from routing.engine.attempt import Attempt
+from routing.fleet import candidates
+from routing.fleet.candidates import Candidate
+from routing.fleet.registry import registry
+from routing.protocols.common import schema
+from routing.protocols.common.decorators import methods
+from routing.protocols.common.parsing import optional_bool, parse_object, require_model
+from routing.protocols.common.relays import OpenAIStream, openai_body
 
 
-def _plan(suffix: str, raw: bytes, data: dict[str, Any], stream: bool) -> proxy.Planner:
+def _plan(suffix: str, raw: bytes, data: dict[str, Any], stream: bool) -> attempt.Planner:
     strip_usage = False
     body = data
     if stream and suffix != "/embeddings":
@@ -63,7 +65,7 @@ def _plan(suffix: str, raw: bytes, data: dict[str, Any], stream: bool) -> proxy.
 
 
 async def _route(request: HttpRequest, suffix: str, spec: schema.Obj) -> HttpResponseBase:
-    """Check the whole body (routing/schema.py) before routing: a malformed one is a 400
+    """Check the whole body (routing/protocols/common/schema.py) before routing: a malformed one is a 400
     and takes no slot."""
     data = parse_object(request.body)
     model = require_model(data)
@@ -92,7 +94,7 @@ async def models(request: HttpRequest) -> HttpResponseBase:
     endpoints = await registry.enabled()
     seen: set[str] = set()
     data: list[dict[str, Any]] = []
-    for ep, found in await fleet.gather_advertised(endpoints):
+    for ep, found in await candidates.gather_advertised(endpoints):
         if found is None:
             continue
         for entry, name in zip(found.entries, found.names, strict=True):

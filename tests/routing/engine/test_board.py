@@ -1,4 +1,4 @@
-"""Selection, slot reservation and the first-come-first-served queue (routing/board.py)."""
+"""Selection, slot reservation and the first-come-first-served queue (routing/engine/board.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
-from routing.board import Board, Candidate, QueueFull, QueueTimeout
-from routing.registry import EndpointInfo
+from routing.engine.board import Board, QueueFull, QueueTimeout
+from routing.fleet.candidates import Candidate
+from routing.fleet.registry import EndpointInfo
 
 
 def ep(id: int, limit: int = 1) -> EndpointInfo:

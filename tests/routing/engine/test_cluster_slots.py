@@ -1,4 +1,4 @@
-"""Cluster-wide slot claims in Redis (routing/cluster.py)."""
+"""Cluster-wide slot claims in Redis (routing/engine/cluster.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from routing import cluster as cluster_module
-from routing.cluster import ClusterSlots
+from routing.engine import cluster as cluster_module
+from routing.engine.cluster import ClusterSlots
 from tests.integration.test_cluster import _redis_answers
 
 pytestmark = pytest.mark.skipif(not _redis_answers(), reason="no Redis at 127.0.0.1:6379 (CI starts one)")

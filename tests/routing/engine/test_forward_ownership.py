@@ -15,13 +15,16 @@ from typing import Any
 import pytest
 
 from bench.fake_backend import ThreadedFake
-from routing import fleet, proxy, upstream
-from routing.board import Candidate, board
-from routing.breaker import breakers
-from routing.cluster import cluster
-from routing.errors import ApiError
-from routing.registry import EndpointInfo
-from routing.relays import OllamaStream, ollama_body
+from routing.core.errors import ApiError
+from routing.engine import attempt, proxy
+from routing.engine.board import board
+from routing.engine.cluster import cluster
+from routing.fleet import candidates
+from routing.fleet.breaker import breakers
+from routing.fleet.candidates import Candidate
+from routing.fleet.registry import EndpointInfo
+from routing.protocols.common.relays import OllamaStream, ollama_body
+from routing.upstream import client
 from tests.integration.test_cluster import _redis_answers
 
 MODEL = "llama3:latest"
@@ -51,15 +54,15 @@ def candidate(url: str, limit: int = 2, ep_id: int = EP_ID) -> Candidate:
 
 
 def use_candidates(monkeypatch: pytest.MonkeyPatch, *cands: Candidate) -> None:
-    async def lookup(model: str) -> fleet.Lookup:
-        return fleet.Lookup(list(cands), reachable=len(cands))
+    async def lookup(model: str) -> candidates.Lookup:
+        return candidates.Lookup(list(cands), reachable=len(cands))
 
-    monkeypatch.setattr(fleet, "candidates_for", lookup)
+    monkeypatch.setattr(candidates, "candidates_for", lookup)
 
 
 def planner(
     *, stream: bool, fail_plan: bool = False, fail_read: bool = False, fail_relay: bool = False
-) -> proxy.Planner:
+) -> attempt.Planner:
     def read(body: bytes) -> Any:
         if fail_read:
             raise ValueError("unexpected reply shape")
@@ -70,7 +73,7 @@ def planner(
             raise KeyError("relay state")
         return OllamaStream()
 
-    def plan(cand: Candidate) -> proxy.Attempt:
+    def plan(cand: Candidate) -> attempt.Attempt:
         if fail_plan:
             # what a translation does with `images: [5]`: a TypeError from deep inside
             raise TypeError("sequence item 0: expected str instance, int found")
@@ -79,7 +82,7 @@ def planner(
             "messages": [{"role": "user", "content": "hi"}],
             "stream": stream,
         }
-        return proxy.Attempt(
+        return attempt.Attempt(
             url=cand.endpoint.url + "/api/chat",
             body=json.dumps(body).encode(),
             relay=relay,
@@ -95,10 +98,10 @@ async def settled() -> None:
     assert board.active() == {}
     assert board.queued_total() == 0
     assert cluster.held() == 0
-    await upstream.close_client()
+    await client.close_client()
 
 
-async def forward(plan: proxy.Planner) -> Any:
+async def forward(plan: attempt.Planner) -> Any:
     return await proxy.forward("/api/chat", model=MODEL, plan=plan)
 
 

@@ -1,5 +1,5 @@
-"""The circuit breaker's state machine (routing/breaker.py) and how failures are judged
-(routing/upstream.py verdict / status_verdict / closed_before_reply)."""
+"""The circuit breaker's state machine (routing/fleet/breaker.py) and how failures are judged
+(routing/upstream/client.py verdict / status_verdict / closed_before_reply)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from routing import upstream
-from routing.breaker import Breakers, State
-from routing.upstream import Evidence, Failure
+from routing.fleet.breaker import Breakers, State
+from routing.upstream import failures
+from routing.upstream.failures import Evidence, Failure
 
 
 def make(threshold: int = 3) -> tuple[Breakers, list[int]]:
@@ -123,33 +123,33 @@ def test_any_sequence_keeps_the_invariants(events):
 
 # -- what failures say -----------------------------------------------------------------
 def test_the_verdicts():
-    assert upstream.verdict(Failure.REFUSED) == upstream.Verdict(Evidence.STRONG, failover=True)
-    assert upstream.verdict(Failure.CONNECT_TIMEOUT) == upstream.Verdict(Evidence.STRONG, failover=True)
+    assert failures.verdict(Failure.REFUSED) == failures.Verdict(Evidence.STRONG, failover=True)
+    assert failures.verdict(Failure.CONNECT_TIMEOUT) == failures.Verdict(Evidence.STRONG, failover=True)
     # the work may be running: never resent, never held against the server
-    assert upstream.verdict(Failure.FIRST_BYTE_TIMEOUT) == upstream.Verdict(Evidence.NONE, failover=False)
-    assert upstream.verdict(Failure.DISCONNECTED).evidence is Evidence.WEAK
-    assert all(upstream.verdict(f) for f in Failure)  # every kind has a verdict
+    assert failures.verdict(Failure.FIRST_BYTE_TIMEOUT) == failures.Verdict(Evidence.NONE, failover=False)
+    assert failures.verdict(Failure.DISCONNECTED).evidence is Evidence.WEAK
+    assert all(failures.verdict(f) for f in Failure)  # every kind has a verdict
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 413, 422, 429, 499])
 def test_a_4xx_is_about_the_request(status):
-    assert upstream.status_verdict(status) == upstream.Verdict(Evidence.NONE, failover=False)
+    assert failures.status_verdict(status) == failures.Verdict(Evidence.NONE, failover=False)
 
 
 @pytest.mark.parametrize(
     "status,failover", [(500, False), (501, False), (504, False), (502, True), (503, True)]
 )
 def test_a_5xx_is_weak_evidence_and_fails_over_only_when_the_work_was_not_taken(status, failover):
-    assert upstream.status_verdict(status) == upstream.Verdict(Evidence.WEAK, failover=failover)
+    assert failures.status_verdict(status) == failures.Verdict(Evidence.WEAK, failover=failover)
 
 
 def test_closed_before_reply_is_a_closed_connection_not_a_failed_connect():
     key = aiohttp.client_reqrep.ConnectionKey("h", 1, False, True, None, None, None)
     refused = aiohttp.ClientConnectorError(key, ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
-    assert upstream.closed_before_reply(aiohttp.ServerDisconnectedError())
-    assert upstream.closed_before_reply(aiohttp.ClientOSError(errno.ECONNRESET, "reset by peer"))
-    assert not upstream.closed_before_reply(refused)
-    assert not upstream.closed_before_reply(aiohttp.SocketTimeoutError("no first byte"))
-    assert not upstream.closed_before_reply(aiohttp.ConnectionTimeoutError("connect"))
-    assert upstream.classify(refused) is Failure.REFUSED
-    assert upstream.classify(aiohttp.SocketTimeoutError("x")) is Failure.FIRST_BYTE_TIMEOUT
+    assert failures.closed_before_reply(aiohttp.ServerDisconnectedError())
+    assert failures.closed_before_reply(aiohttp.ClientOSError(errno.ECONNRESET, "reset by peer"))
+    assert not failures.closed_before_reply(refused)
+    assert not failures.closed_before_reply(aiohttp.SocketTimeoutError("no first byte"))
+    assert not failures.closed_before_reply(aiohttp.ConnectionTimeoutError("connect"))
+    assert failures.classify(refused) is Failure.REFUSED
+    assert failures.classify(aiohttp.SocketTimeoutError("x")) is Failure.FIRST_BYTE_TIMEOUT

@@ -1,4 +1,4 @@
-"""The TTL caches: freshness, invalidation, coalesced refreshes (routing/caches.py)."""
+"""The TTL caches: freshness, invalidation, coalesced refreshes (routing/fleet/caches.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from routing.caches import TTLCache
+from routing.fleet.caches import TTLCache
 
 
 def cache(ttl: float = 60.0) -> TTLCache[int, str]:

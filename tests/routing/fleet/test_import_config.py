@@ -1,4 +1,4 @@
-"""Importing a NOMYO Router config.yaml (routing/services.py, the import_config command)."""
+"""Importing a NOMYO Router config.yaml (routing/fleet/services.py, the import_config command)."""
 
 from __future__ import annotations
 

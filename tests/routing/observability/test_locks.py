@@ -1,4 +1,4 @@
-"""The timed locks: wait metrics and the deadlock guard (routing/locks.py)."""
+"""The timed locks: wait metrics and the deadlock guard (routing/observability/locks.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from routing import locks
-from routing.locks import LockTimeout, TimedLock
+from routing.observability import locks
+from routing.observability.locks import LockTimeout, TimedLock
 
 
 def test_it_records_how_long_a_caller_waited():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from routing import metrics
+from routing.observability import metrics
 
 
 def _rendered(hist: metrics.Histogram) -> dict[str, float]:

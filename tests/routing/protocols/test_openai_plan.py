@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from routing.board import Candidate
-from routing.openai_views import _plan
-from routing.registry import EndpointInfo
+from routing.fleet.candidates import Candidate
+from routing.fleet.registry import EndpointInfo
+from routing.protocols.openai.views import _plan
 
 
 def cand(backend_model: str) -> Candidate:

@@ -1,9 +1,9 @@
 """Property tests (hypothesis) of request parsing, model names and the stream scanners.
 
-- routing/parsing.py: any bytes give a dict or a 400 ApiError, never another exception;
+- routing/protocols/common/parsing.py: any bytes give a dict or a 400 ApiError, never another exception;
   any JSON object parses back to itself; field checks answer 400 and nothing else.
-- routing/names.py: the model key is canonical (idempotent, `:latest` implied, blanks ignored).
-- routing/streams.py: however a stream is cut into chunks, NdjsonScanner finds the same
+- routing/core/names.py: the model key is canonical (idempotent, `:latest` implied, blanks ignored).
+- routing/protocols/common/streams.py: however a stream is cut into chunks, NdjsonScanner finds the same
   final line and counts, SseScanner gives the same bytes and usage, and stripping removes
   exactly the usage-only event.
 """
@@ -18,10 +18,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from routing.errors import ApiError
-from routing.names import display_name, model_key
-from routing.parsing import expect_types, optional_bool, parse_object, require_model
-from routing.streams import Counts, NdjsonScanner, SseScanner, ollama_counts
+from routing.core.errors import ApiError
+from routing.core.names import display_name, model_key
+from routing.engine.accounting import Counts
+from routing.protocols.common.parsing import expect_types, optional_bool, parse_object, require_model
+from routing.protocols.common.streams import NdjsonScanner, SseScanner, ollama_counts
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,6 +1,6 @@
 # ruff: noqa: E501  (tables of cases, one per line)
-"""Unit and property tests of the Ollama -> OpenAI-compatible translation (routing/translate.py)
-and of the request shapes checked before routing (routing/schema.py, routing/parsing.py).
+"""Unit and property tests of the Ollama -> OpenAI-compatible translation (routing/protocols/translate.py)
+and of the request shapes checked before routing (routing/protocols/common/schema.py, routing/protocols/common/parsing.py).
 
 - tool-call ids: every tool result gets the id of a call it can answer, each call answered
   at most once, ids unique, the same conversation always translated the same;
@@ -20,9 +20,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from routing import loading, schema, translate
-from routing.errors import ApiError
-from routing.parsing import parse_object
+from routing.core.errors import ApiError
+from routing.protocols import translate
+from routing.protocols.common import schema
+from routing.protocols.common.parsing import parse_object
+from routing.protocols.ollama import loading
 
 PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

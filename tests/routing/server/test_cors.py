@@ -1,4 +1,4 @@
-"""The origin policy (routing/cors.py): Ollama's defaults, ROUTER_ORIGINS patterns, header lists."""
+"""The origin policy (routing/server/cors.py): Ollama's defaults, ROUTER_ORIGINS patterns, header lists."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import string
 from hypothesis import given
 from hypothesis import strategies as st
 
-from routing.cors import DEFAULT_ORIGINS, OriginPolicy, preflight_headers, same_origin
+from routing.server.cors import DEFAULT_ORIGINS, OriginPolicy, preflight_headers, same_origin
 
 DEFAULTS = OriginPolicy(DEFAULT_ORIGINS)
 LABEL = st.text(string.ascii_lowercase + string.digits + "-", min_size=1, max_size=20)
