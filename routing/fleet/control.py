@@ -14,6 +14,9 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
+from routing.fleet import caches
+from routing.fleet.registry import registry
+
 log = logging.getLogger("routing.control")
 
 GROUP = "router.control"
@@ -40,9 +43,6 @@ def broadcast_sync(endpoint_ids: list[int] | None) -> None:
 
 
 def apply(message: dict[str, Any]) -> None:
-    from routing.fleet import caches
-    from routing.fleet.registry import registry
-
     if message.get("origin") == ORIGIN:
         return
     registry.invalidate()
