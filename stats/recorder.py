@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections, connection, transaction
 
+from routing.auth.principal import Principal
 from routing.core.events import Signal
 from routing.engine.accounting import Counts
 from routing.observability.locks import TimedLock
@@ -56,16 +57,14 @@ class Recorder:
         self.reread_every = 5.0  # seconds between database re-reads while idle
         self._flush_lock: asyncio.Lock | None = None
 
-    def record(self, endpoint: str, model: str, counts: Counts) -> None:
+    # An accounting sink (routing/engine/accounting.py), installed by StatsConfig.ready. The
+    # principal is not stored yet (no column for it); the token metrics are routing's own sink.
+    def record(self, principal: Principal, endpoint: str, model: str, counts: Counts) -> None:
         """One request whose reply reported its token counts."""
         self._count(endpoint, model, counts.prompt, counts.completion, incomplete=0)
-        from routing.observability import metrics
-
-        metrics.tokens.inc(counts.prompt, endpoint=endpoint, model=model, direction="input")
-        metrics.tokens.inc(counts.completion, endpoint=endpoint, model=model, direction="output")
         self.changed.send()
 
-    def incomplete(self, endpoint: str, model: str) -> None:
+    def incomplete(self, principal: Principal, endpoint: str, model: str) -> None:
         """One request whose reply ended without counts (the server reported no usage, or the
         reply was cut): counted as a request, in the totals and its minute, and in
         `incomplete`; no tokens invented."""

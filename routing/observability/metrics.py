@@ -116,6 +116,12 @@ duration = Histogram("router_request_duration_seconds", "Whole request duration,
 _queue_wait = Histogram("router_queue_wait_seconds", "Time spent waiting for a free slot.")
 
 
+def count_tokens(endpoint: str, model: str, prompt: int, completion: int) -> None:
+    """The tokens one reply reported (endpoint: its url; model: the model key)."""
+    tokens.inc(prompt, endpoint=endpoint, model=model, direction="input")
+    tokens.inc(completion, endpoint=endpoint, model=model, direction="output")
+
+
 def first_byte(route: str, seconds: float) -> None:
     _first_byte.observe(seconds, route=route)
 
