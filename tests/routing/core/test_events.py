@@ -16,7 +16,7 @@ def test_receivers_run_in_connect_order_with_the_arguments():
     sig.connect(lambda n, s: seen.append(("a", n, s)))
     sig.connect(lambda n, s: seen.append(("b", n, s)))
     sig.send(1, "x")
-    sig.send(2, s="y")
+    sig.send(2, "y")
     assert seen == [("a", 1, "x"), ("b", 1, "x"), ("a", 2, "y"), ("b", 2, "y")]
 
 

@@ -23,7 +23,7 @@ from routing.upstream import failures
 from routing.upstream.failures import UPSTREAM_ERRORS, Evidence, Failure, Verdict
 from tests.conftest import free_port
 
-AIOHTTP = [
+AIOHTTP: list[tuple[BaseException, Failure]] = [
     (aiohttp.ServerDisconnectedError(), Failure.DISCONNECTED),
     (aiohttp.ClientOSError(errno.ECONNRESET, "reset by peer"), Failure.DISCONNECTED),
     (aiohttp.ConnectionTimeoutError("connect"), Failure.CONNECT_TIMEOUT),
@@ -33,7 +33,7 @@ AIOHTTP = [
     (aiohttp.ClientPayloadError("bad chunk"), Failure.PROTOCOL),
     (ValueError("anything else"), Failure.OTHER),
 ]
-HTTPX = [
+HTTPX: list[tuple[BaseException, Failure]] = [
     (httpx.ConnectTimeout("connect"), Failure.CONNECT_TIMEOUT),
     (httpx.PoolTimeout("pool"), Failure.CONNECT_TIMEOUT),
     (httpx.ConnectError("refused"), Failure.REFUSED),
