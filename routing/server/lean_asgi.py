@@ -304,7 +304,6 @@ def _check_api_key(scope: Scope) -> None:
         raise ApiError(403, "invalid router api key")
 
 
-
 # Route label values: the paths of every route table a handler was built from (nomyo_site/asgi.py
 # builds one), so a new route gets its own label with no list to keep. Any other path is
 # "other": unknown paths create no new time series. Grown only at start-up, replaced whole.

@@ -71,4 +71,3 @@ def build() -> dict[str, Any]:
         ],
         "queued": board.queued(),
     }
-

@@ -73,7 +73,8 @@ def test_label_children_are_made_once_and_reused() -> None:
 def test_counter_values_are_exact_for_large_token_counts() -> None:
     metrics.count_tokens("http://big:1", "m", 12_345_678, 0)
     samples = _samples()
-    assert _value(samples, "router_tokens_total", endpoint="http://big:1", model="m", direction="input") == 12_345_678
+    labels = {"endpoint": "http://big:1", "model": "m", "direction": "input"}
+    assert _value(samples, "router_tokens_total", **labels) == 12_345_678
 
 
 def test_every_sample_carries_the_instance_and_the_documented_families_are_there() -> None:
