@@ -1,33 +1,34 @@
-"""The usage snapshot: what every endpoint is doing right now, in one JSON-ready dict.
+"""The fleet snapshot: what every endpoint is doing right now, in one JSON-ready dict.
 
 Built from the in-process structures only (no database, no network), so it is cheap
-enough to build on every change. It never contains api keys.
+enough to build on every change. It never contains api keys. Token totals are not routing's:
+stats/snapshot.py adds them for the page and the NOMYO usage API.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import cast
 
 from routing.engine.board import board
 from routing.fleet import caches
 from routing.fleet.breaker import CLOSED, State, breakers
 from routing.fleet.registry import registry
 from routing.observability.metrics import INSTANCE
-from stats.recorder import recorder
+from routing.status.types import BreakerState, EndpointState, FleetSnapshot
 
 
-def build() -> dict[str, Any]:
+def build() -> FleetSnapshot:
+    """This process's view (shapes: routing/status/types.py)."""
     endpoints = registry.cached()
     active = board.active()
-    totals = recorder.totals()
     breaker_views = breakers.snapshot()
     loaded = caches.loaded.snapshot()
     advertised = caches.advertised.snapshot()
     versions = caches.versions.snapshot()
     by_id = {ep.id: ep for ep in endpoints}
-    states = []
+    states: list[EndpointState] = []
     for ep in endpoints:
         view = breaker_views.get(ep.id, CLOSED)
         states.append(
@@ -41,7 +42,7 @@ def build() -> dict[str, Any]:
                 "healthy": view.state is State.CLOSED and ep.id in advertised,
                 # The circuit breaker: closed, open (out of rotation) or half_open (on trial);
                 # failing_since is when it left closed and does not restart while it stays out.
-                "breaker": view.state.value,
+                "breaker": cast(BreakerState, view.state.value),
                 "failing_since": view.since,
                 "failing_reason": view.reason if view.since is not None else None,
                 "version": versions.get(ep.id),
@@ -64,10 +65,6 @@ def build() -> dict[str, Any]:
                 "count": n,
             }
             for (eid, model), n in sorted(active.items())
-        ],
-        "tokens": [
-            {"endpoint": ep, "model": model, "input": t[0], "output": t[1], "total": t[2]}
-            for (ep, model), t in sorted(totals.items())
         ],
         "queued": board.queued(),
     }
