@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -43,7 +44,8 @@ def clean_state() -> Iterator[None]:
     reset()
 
 
-def keys(typed: type) -> set[str]:
+def keys(typed: Any) -> set[str]:
+    """Every key of a TypedDict class, required or not."""
     return set(typed.__required_keys__) | set(typed.__optional_keys__)
 
 
