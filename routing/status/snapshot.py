@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
-from typing import Any
+from typing import cast
 
 from routing.engine.board import board
 from routing.fleet import caches
 from routing.fleet.breaker import CLOSED, State, breakers
 from routing.fleet.registry import registry
 from routing.observability.metrics import INSTANCE
+from routing.status.types import BreakerState, EndpointState, FleetSnapshot
 
 
-def build() -> dict[str, Any]:
+def build() -> FleetSnapshot:
+    """This process's view (shapes: routing/status/types.py)."""
     endpoints = registry.cached()
     active = board.active()
     breaker_views = breakers.snapshot()
@@ -27,7 +28,7 @@ def build() -> dict[str, Any]:
     advertised = caches.advertised.snapshot()
     versions = caches.versions.snapshot()
     by_id = {ep.id: ep for ep in endpoints}
-    states = []
+    states: list[EndpointState] = []
     for ep in endpoints:
         view = breaker_views.get(ep.id, CLOSED)
         states.append(
@@ -41,7 +42,7 @@ def build() -> dict[str, Any]:
                 "healthy": view.state is State.CLOSED and ep.id in advertised,
                 # The circuit breaker: closed, open (out of rotation) or half_open (on trial);
                 # failing_since is when it left closed and does not restart while it stays out.
-                "breaker": view.state.value,
+                "breaker": cast(BreakerState, view.state.value),
                 "failing_since": view.since,
                 "failing_reason": view.reason if view.since is not None else None,
                 "version": versions.get(ep.id),
@@ -67,41 +68,3 @@ def build() -> dict[str, Any]:
         ],
         "queued": board.queued(),
     }
-
-
-def prometheus_gauges() -> Iterable[str]:
-    from routing.observability.metrics import _labels
-
-    snap = build()
-    yield "# HELP router_in_flight Requests holding a slot, by endpoint and model."
-    yield "# TYPE router_in_flight gauge"
-    for row in snap["active"]:
-        labels = _labels((("endpoint", row["endpoint"]), ("model", row["model"])))
-        yield f"router_in_flight{labels} {row['count']}"
-    yield "# HELP router_queued Requests waiting for a slot, by model."
-    yield "# TYPE router_queued gauge"
-    for model, n in snap["queued"].items():
-        yield f"router_queued{_labels((('model', model),))} {n}"
-    yield "# HELP router_endpoint_up 1 when the endpoint is enabled and its breaker is not open."
-    yield "# TYPE router_endpoint_up gauge"
-    for ep in snap["endpoints"]:
-        up = 1 if ep["enabled"] and ep["breaker"] != State.OPEN.value else 0
-        yield f"router_endpoint_up{_labels((('endpoint', ep['name']),))} {up}"
-    yield "# HELP router_endpoint_breaker_state 1 for the circuit breaker's current state, per endpoint."
-    yield "# TYPE router_endpoint_breaker_state gauge"
-    for ep in snap["endpoints"]:
-        for state in State:
-            value = 1 if ep["breaker"] == state.value else 0
-            labels = _labels((("endpoint", ep["name"]), ("state", state.value)))
-            yield f"router_endpoint_breaker_state{labels} {value}"
-    yield "# HELP router_endpoint_breaker_since_seconds Unix time the endpoint left closed (0: closed)."
-    yield "# TYPE router_endpoint_breaker_since_seconds gauge"
-    for ep in snap["endpoints"]:
-        since = ep["failing_since"] or 0
-        yield f"router_endpoint_breaker_since_seconds{_labels((('endpoint', ep['name']),))} {since}"
-    yield "# HELP router_endpoint_breaker_reason The latest evidence against an endpoint out of closed."
-    yield "# TYPE router_endpoint_breaker_reason gauge"
-    for ep in snap["endpoints"]:
-        if ep["failing_since"] is not None:
-            labels = _labels((("endpoint", ep["name"]), ("reason", str(ep["failing_reason"])[:200])))
-            yield f"router_endpoint_breaker_reason{labels} 1"
