@@ -5,7 +5,7 @@ HOST ?= 127.0.0.1
 PORT ?= 12434
 PG_URL ?= postgres://postgres@127.0.0.1:5432/nomyo_router_test
 
-.PHONY: run test install install-dev install-llama lint types migrations-check test-sqlite test-postgres bench serve-uvicorn clean
+.PHONY: run test install install-dev install-llama lint types imports migrations-check test-sqlite test-postgres bench serve-uvicorn clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -51,7 +51,7 @@ serve-uvicorn: install
 	$(PY) manage.py migrate --noinput
 	$(VENV)/bin/uvicorn nomyo_site.asgi:application --host $(HOST) --port $(PORT) --no-access-log
 
-test: install-dev install-llama lint types migrations-check test-sqlite test-postgres
+test: install-dev install-llama lint types imports migrations-check test-sqlite test-postgres
 
 lint: install-dev
 	$(VENV)/bin/ruff check .
@@ -59,6 +59,10 @@ lint: install-dev
 
 types: install-dev
 	$(VENV)/bin/mypy .
+
+# The import graph's contracts ([tool.importlinter] in pyproject.toml; docs/architecture.md).
+imports: install-dev
+	$(VENV)/bin/lint-imports --no-cache
 
 migrations-check: install-dev
 	$(PY) manage.py makemigrations --check --dry-run

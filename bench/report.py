@@ -657,16 +657,16 @@ every upstream read.
 
 Changes made from these measurements:
 
-- `routing/daphne_hooks.py`: Twisted's POST form parsing switched off for daphne's requests.
+- `routing/server/daphne_hooks.py`: Twisted's POST form parsing switched off for daphne's requests.
   Router CPU per request, A/B in one run (old and new router side by side, 3 rounds):
   streaming `/api/chat` c=32 3.07 -> 2.36 ms, non-streaming c=32 2.33 -> 2.19 ms, streaming
   `/v1/chat/completions` c=32 3.04 -> 2.81 ms, non-streaming c=1 2.71 -> 2.46 ms.
-- `routing/daphne_hooks.py`: daphne listens with a backlog of 2048 instead of Twisted's 50. With
+- `routing/server/daphne_hooks.py`: daphne listens with a backlog of 2048 instead of Twisted's 50. With
   1,000 streams opened within a second the kernel counted 1,361 listen-queue overflows and
   966 SYN retransmits; streams whose SYN was dropped started 1 to 3 s late, so only 876 to
   934 were ever open at once (backend peak 469 to 678). After: 0 overflows, 1,000 open at once,
   876 to 1,000 at the backend, and the relay rate rose from 4,400-5,000 to 6,900-7,400 chunks/s.
-- `routing/upstream.py`: the shared upstream client keeps no cookie jar. httpx stored every
+- `routing/upstream/client.py`: the shared upstream client keeps no cookie jar. httpx stored every
   backend's cookies and sent them with all later requests of every user; parsing them cost
   ~45 us per reply.
 - TCP_NODELAY: strace shows every accepted socket getting `setsockopt(fd, SOL_TCP,
@@ -674,7 +674,7 @@ Changes made from these measurements:
   HTTPChannel sets it. The router's hook was set on the protocol daphne's factory returns, a
   proxy whose makeConnection goes straight to the channel, so it never ran; it now wraps the
   channel's connectionMade (and keeps setting TCP_NODELAY, for an older Twisted).
-- `routing/daphne_hooks.py`: replies leave without asking epoll. Twisted registered each
+- `routing/server/daphne_hooks.py`: replies leave without asking epoll. Twisted registered each
   socket for writability on every write burst and unregistered it after the send: two
   `epoll_ctl` per reply (per chunk for a slow stream) and one more poll event. The send is
   now scheduled with `call_soon` (still one `send` for a reply's head and body); strace at
@@ -685,10 +685,10 @@ Changes made from these measurements:
   0.57 -> 0.48 ms (stream /api/chat), 0.64 -> 0.55 (stream /v1), 0.47 -> 0.39 (whole).
   Under 1,000 slow streams the replies' first bytes came 1.2 s (p50) after connecting before,
   70 ms after; the relay rate went from 78% to 99% of direct.
-- `routing/proxy.py`: the proxied request calls aiohttp directly (httpx stays for probes and
+- `routing/engine/proxy.py`: the proxied request calls aiohttp directly (httpx stays for probes and
   fan-out, over the same connection pool): router CPU per request -17 to -21% in an A/B run.
-- `routing/streams.py`, `routing/upstream.py`: a fast path for whole SSE token events, one
-  gap timer per stream instead of aiohttp's re-armed timer per read, include_usage appended
+- `routing/protocols/common/streams.py`, `routing/upstream/client.py`: a fast path for whole SSE token
+  events, one gap timer per stream instead of aiohttp's re-armed timer per read, include_usage appended
   to the client's bytes: each measurably cheaper in isolation (an SSE reply read at once
   22 -> 14 us), but within the noise of an A/B run (1-3%); kept because they cost nothing.
 - `requirements.txt`: aiohttp pinned to 3.13.5 instead of 3.14.5. Found with cProfile on the
@@ -701,6 +701,12 @@ Changes made from these measurements:
   0.46 -> 0.43-0.44 ms; `/v1` streaming went from 0.49-0.50 to 0.53-0.54 of direct.
 - Tried and dropped: running daphne's Twisted reactor on uvloop: 3 to 8% less CPU, not worth
   a launcher of our own in front of daphne's.
+- Packages by role (issue 13: the flat `routing/` split into server, protocols, status, engine,
+  fleet, upstream, auth, observability and core; accounting through sinks, signals instead of
+  listener lists, a principal on every request). `python -m bench.ab` against the commit before
+  (15c13fa), router CPU per request B/A: daphne c=32 0.95 (stream `/api/chat`), 0.89 (whole),
+  1.04 (stream `/v1`); daphne c=1 0.91, 0.99, 0.97; uvicorn c=32 1.05, 0.97, 0.95. An A/A run
+  (15c13fa against itself, daphne c=32) gave 1.05, 0.99, 1.12: every figure is within noise.
 """
 
 

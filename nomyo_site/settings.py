@@ -38,7 +38,7 @@ INSTALLED_APPS = [
 ]
 
 # The normal, fully safe Django path: admin, login and pages. The proxy routes never
-# go through this list; they have their own lean async chain (routing/lean_asgi.py).
+# go through this list; they have their own lean async chain (routing/server/lean_asgi.py).
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -148,7 +148,7 @@ LOGGING = {
 
 # --- Router behaviour -------------------------------------------------------------
 ROUTER_API_KEY = env("ROUTER_API_KEY", default="")
-# Browser origins allowed to call the API (CORS), added to Ollama's defaults: see routing/cors.py.
+# Browser origins allowed to call the API (CORS), added to Ollama's defaults: see routing/server/cors.py.
 ROUTER_ORIGINS = env.list("ROUTER_ORIGINS", default=[])
 ROUTER_CONFIG = env("ROUTER_CONFIG", default="")
 ROUTER_QUEUE_TIMEOUT = env.float("ROUTER_QUEUE_TIMEOUT", default=60.0)

@@ -13,11 +13,13 @@ from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from routing import caches, fleet, services
-from routing.board import board
-from routing.breaker import State, breakers
+from routing.engine.board import board
+from routing.fleet import caches, probes, services
+from routing.fleet.breaker import State, breakers
+from routing.fleet.registry import EndpointInfo
 from routing.models import Endpoint, RouterSettings
-from routing.registry import EndpointInfo
+from routing.server.lifecycle import lifecycle
+from routing.upstream import client
 
 
 class EndpointForm(forms.ModelForm[Endpoint]):
@@ -46,20 +48,16 @@ class EndpointForm(forms.ModelForm[Endpoint]):
         return data
 
 
-async def _check(ep: EndpointInfo) -> tuple[str | None, fleet.ModelList | None, str | None]:
-    from routing import upstream
-
+async def _check(ep: EndpointInfo) -> tuple[str | None, probes.ModelList | None, str | None]:
     try:
-        version = await fleet.fetch_version(ep)
-        models = await fleet.fetch_advertised(ep)
+        version = await probes.fetch_version(ep)
+        models = await probes.fetch_advertised(ep)
         return version, models, None
-    except fleet.ProbeError as exc:
+    except probes.ProbeError as exc:
         return None, None, str(exc)
     finally:
-        from routing import lifecycle
-
-        if asyncio.get_running_loop() is not lifecycle._started_loop:
-            await upstream.close_client()  # a throwaway loop (no server running): close its client
+        if asyncio.get_running_loop() is not lifecycle.loop:
+            await client.close_client()  # a throwaway loop (no server running): close its client
 
 
 def _duration(seconds: float) -> str:
@@ -93,7 +91,7 @@ class EndpointAdmin(admin.ModelAdmin[Endpoint]):
 
     @admin.display(description="state")
     def state(self, obj: Endpoint) -> str:
-        """The circuit breaker in words: why it is out and since when (see routing/breaker.py)."""
+        """The circuit breaker in words: why it is out and since when (see routing/fleet/breaker.py)."""
         if not obj.enabled:
             return "disabled"
         view = breakers.view(obj.id)

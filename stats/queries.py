@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from django.db.models import DateTimeField, Sum
 from django.db.models.functions import Trunc
 
-from routing.names import model_key
+from routing.core.names import model_key
 from stats.models import TokenDaily, TokenTimeSeries, TokenTotal
 from stats.recorder import recorder
 

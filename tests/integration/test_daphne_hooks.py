@@ -1,4 +1,4 @@
-"""daphne with the router's hooks (routing/daphne_hooks.py), over real sockets: replies far
+"""daphne with the router's hooks (routing/server/daphne_hooks.py), over real sockets: replies far
 larger than a socket buffer, also to a client that does not read for a while, arrive whole and
 in order (the send then falls back to Twisted's own wait for room); a proxied request is logged
 once, by the router, while admin and page requests keep daphne's access line."""

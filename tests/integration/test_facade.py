@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from routing import proxy_urls
+from nomyo_site import proxy_urls
 
 SECRET = "s3cret"
 EXTRA_ORIGINS = "https://app.example.com, https://*.corp.example"

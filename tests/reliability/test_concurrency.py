@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from routing import services
+from routing.fleet import services
 from routing.models import Endpoint
 from tests.conftest import wait_until
 from tests.reliability.support import (

@@ -38,7 +38,9 @@ FUZZ = settings(
 HUGE = "__huge_integer__"
 DEEP = "__deep_nesting__"
 NAN = "__nan__"
-DEEPISH = "__nested_850__"  # parses (routing/parsing.py HEADROOM) and must re-encode deeper down
+DEEPISH = (
+    "__nested_850__"  # parses (routing/protocols/common/parsing.py HEADROOM) and must re-encode deeper down
+)
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
 OLLAMA_CHAT = {

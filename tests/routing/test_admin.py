@@ -6,7 +6,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.test import Client
 
-from routing import caches
+from routing.fleet import caches
 from routing.models import Endpoint
 
 

@@ -11,20 +11,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_asyncio
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 
-from routing import caches, lifecycle, upstream
-from routing.board import Candidate, Lease, board
-from routing.registry import EndpointInfo, registry
-from routing.streams import Counts
+from routing.auth.principal import ANONYMOUS
+from routing.engine.accounting import Counts
+from routing.engine.board import Lease, board
+from routing.fleet import caches
+from routing.fleet.candidates import Candidate
+from routing.fleet.registry import EndpointInfo, registry
+from routing.server.lifecycle import lifecycle
+from routing.upstream import client
 from stats import publisher as publisher_module
 from stats.publisher import Subscriber, publisher
 from stats.recorder import recorder
+from stats.types import UsagePart
 from tests.stats.live import (
     UsageSocket,
     active_of,
@@ -88,7 +93,7 @@ async def live(transactional_db: None, gpu: Any) -> AsyncIterator[EndpointInfo]:
     await recorder.flush()
     lifecycle.reset_for_tests()
     await asyncio.sleep(0)
-    await upstream.close_client()
+    await client.close_client()
     board.clear()
     recorder.clear()
     caches.clear_all()
@@ -273,10 +278,10 @@ async def test_a_change_in_usage_sends_a_new_snapshot(
     snap, _ = await wait_for(comm, lambda s: active_of(s, "gpu-1") == 0)
     assert snap["active"] == []
 
-    recorder.record(live.url, MODEL, Counts(prompt=12, completion=30))
+    recorder.record(ANONYMOUS, live.url, MODEL, Counts(prompt=12, completion=30))
     snap, _ = await wait_for(comm, lambda s: tokens_of(s, live.url, MODEL) != (0, 0, 0))
     assert tokens_of(snap, live.url, MODEL) == (12, 30, 42)
-    recorder.record(live.url, MODEL, Counts(prompt=3, completion=4))
+    recorder.record(ANONYMOUS, live.url, MODEL, Counts(prompt=3, completion=4))
     snap, _ = await wait_for(comm, lambda s: tokens_of(s, live.url, MODEL)[2] != 42)
     assert tokens_of(snap, live.url, MODEL) == (15, 34, 49)
     await comm.disconnect()
@@ -328,7 +333,7 @@ async def test_a_stuck_subscriber_stays_bounded_and_does_not_hold_up_the_pages(
             if i % 2 == 0:
                 held.append(acquire(live))
             else:
-                recorder.record(live.url, MODEL, Counts(prompt=1, completion=1))
+                recorder.record(ANONYMOUS, live.url, MODEL, Counts(prompt=1, completion=1))
             if i % 10 == 0:
                 await asyncio.sleep(0.02)
         publishes = publisher.published - published_before
@@ -356,8 +361,8 @@ async def test_a_stuck_subscriber_stays_bounded_and_does_not_hold_up_the_pages(
 def test_a_subscriber_buffer_drops_the_oldest_snapshots() -> None:
     sub = Subscriber(size=8)
     for i in range(1000):
-        sub.offer({"n": i})
-    assert [s["n"] for s in sub._items] == list(range(992, 1000))
+        sub.offer(cast(UsagePart, {"taken_at": float(i)}))
+    assert [s["taken_at"] for s in sub._items] == list(range(992, 1000))
     assert sub.dropped == 992
 
 

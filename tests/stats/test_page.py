@@ -38,7 +38,7 @@ def staff_client(db: None) -> Client:
 @pytest.mark.django_db
 def test_the_page_and_its_data_are_for_staff_only() -> None:
     client = Client()
-    # `/` is answered before Django (routing/front.py; tests/integration/test_facade.py).
+    # `/` is answered before Django (routing/server/front.py; tests/integration/test_facade.py).
     for path in ("/dashboard/", "/dashboard/series.json?range=hour"):
         reply = client.get(path)
         assert reply.status_code == 302 and reply["Location"].startswith("/admin/login/")

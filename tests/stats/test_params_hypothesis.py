@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from routing.errors import ApiError
-from routing.names import model_key
+from routing.core.errors import ApiError
+from routing.core.names import model_key
 from stats import api_views, queries, rollup
 
 pytestmark = pytest.mark.timeout(120)

@@ -4,7 +4,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from routing.services import ConfigError, import_config_file
+from routing.fleet.services import ConfigError, import_config_file
 
 
 class Command(BaseCommand):

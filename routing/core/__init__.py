@@ -1,0 +1,2 @@
+"""The bottom layer: error replies in each protocol's shape and model-name rules. Imports nothing of
+routing."""

@@ -1,0 +1,290 @@
+"""The usage board: active requests per (endpoint, model), the wait queue, and the calls into
+the selection strategy (routing/engine/selection.py).
+
+One lock guards the counters and the queues, so selecting an endpoint (the strategy's
+`pick`, called under the lock) and reserving its slot is one atomic step, and releasing a
+slot hands it to the first waiter in the same step (first come, first served per model).
+Nothing here awaits while holding the lock. The board also keeps the moving average of time
+to first byte per (endpoint, model), folded in when a lease that measured it is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from routing.core.events import Signal
+from routing.engine.selection import Ask, Load, LoadedThenLeastBusy, SelectionStrategy, Slot
+from routing.fleet.candidates import Candidate
+from routing.fleet.registry import EndpointInfo
+from routing.observability.locks import TimedLock
+
+FIRST_BYTE_WEIGHT = 0.2  # weight of the newest time to first byte in the moving average
+
+
+@dataclass(slots=True)
+class Lease:
+    """A reserved slot. `release()` is idempotent and synchronous, safe in any `finally`."""
+
+    board: Board | None  # None: an unmetered lease that holds no slot
+    candidate: Candidate
+    model: str
+    released: bool = False
+    _also: list[Callable[[], None]] | None = None
+    # Seconds to the upstream's first byte, set by the forwarding engine once measured;
+    # folded into the board's moving average when the lease is released.
+    first_byte: float | None = None
+
+    @property
+    def endpoint(self) -> EndpointInfo:
+        return self.candidate.endpoint
+
+    def on_release(self, callback: Callable[[], None]) -> None:
+        """Run a (synchronous, cheap) callback when the slot is released."""
+        if self._also is None:
+            self._also = []
+        self._also.append(callback)
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            if self.board is not None:
+                self.board.release(self)
+            for callback in self._also or ():
+                callback()
+
+
+@dataclass(slots=True)
+class _Waiter:
+    ask: Ask
+    candidates: list[Candidate]
+    future: asyncio.Future[Lease]
+
+
+class QueueFull(Exception):
+    pass
+
+
+class QueueTimeout(Exception):
+    pass
+
+
+class Board:
+    def __init__(self, strategy: SelectionStrategy | None = None) -> None:
+        self._lock = TimedLock("usage")
+        self._strategy: SelectionStrategy = strategy or LoadedThenLeastBusy()
+        self._active: dict[Slot, int] = {}
+        self._per_endpoint: dict[int, int] = {}
+        self._queues: dict[str, deque[_Waiter]] = {}
+        self._queued = 0
+        # Sent (outside the lock) after every change of slots or queues.
+        self.changed: Signal[[]] = Signal("board.changed")
+        # Current limits by endpoint id, from the registry; candidates carry the limit of
+        # the moment they were looked up, and a queued request must see admin changes.
+        # 0: disabled or deleted, no new slot there.
+        self._limits: dict[int, int] = {}
+        self._first_byte: dict[Slot, float] = {}
+        # The strategy's view of the dicts above, built once; they are only ever changed in place.
+        self._load = Load(self._active, self._per_endpoint, self._limits, self._first_byte)
+
+    # -- selection -------------------------------------------------------------------
+    @property
+    def strategy(self) -> SelectionStrategy:
+        return self._strategy
+
+    def use(self, strategy: SelectionStrategy) -> None:
+        """Select with `strategy` from the next pick on (queued requests included)."""
+        with self._lock:
+            self._strategy = strategy
+
+    def _reserve(self, model: str, cand: Candidate) -> Lease:
+        slot = (cand.endpoint.id, model)
+        self._active[slot] = self._active.get(slot, 0) + 1
+        self._per_endpoint[cand.endpoint.id] = self._per_endpoint.get(cand.endpoint.id, 0) + 1
+        return Lease(self, cand, model)
+
+    def unmetered(self, model: str, candidates: list[Candidate], *, affinity: str | None = None) -> Lease:
+        """A choice without a slot, for metadata calls (show), by the same strategy.
+        ValueError when `candidates` is empty."""
+        with self._lock:
+            best = self._strategy.pick(Ask(model, affinity), candidates, self._load, metered=False)
+        if best is None:
+            raise ValueError(f"no candidate for {model!r}")
+        return Lease(None, best, model)
+
+    def try_acquire(
+        self, model: str, candidates: list[Candidate], *, affinity: str | None = None
+    ) -> Lease | None:
+        """Select and reserve in one step, unless earlier requests for the model wait.
+        affinity: the request's conversation key, for strategies that use one."""
+        return self._try_acquire(Ask(model, affinity), candidates)
+
+    def _try_acquire(self, ask: Ask, candidates: list[Candidate]) -> Lease | None:
+        model = ask.model
+        with self._lock:
+            if self._queues.get(model):
+                return None
+            cand = self._strategy.pick(ask, candidates, self._load, metered=True)
+            lease = self._reserve(model, cand) if cand is not None else None
+        if lease is not None:
+            self.changed.send()
+        return lease
+
+    async def acquire(
+        self,
+        model: str,
+        candidates: list[Candidate],
+        *,
+        timeout: float,
+        queue_max: int,
+        affinity: str | None = None,
+    ) -> Lease:
+        """A slot on one of `candidates` for `model`, now or after waiting in the model's queue
+        (first come, first served) for at most `timeout` seconds. QueueFull when `queue_max`
+        requests already wait, QueueTimeout when the wait runs out."""
+        ask = Ask(model, affinity)
+        lease = self._try_acquire(ask, candidates)
+        if lease is not None:
+            return lease
+        future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(ask, candidates, future)
+        with self._lock:
+            # Re-check under the lock: a slot may have freed since try_acquire.
+            queue = self._queues.get(model)
+            if not queue:
+                cand = self._strategy.pick(ask, candidates, self._load, metered=True)
+                if cand is not None:
+                    lease = self._reserve(model, cand)
+            if lease is None:
+                if self._queued >= queue_max:
+                    raise QueueFull()
+                self._queues.setdefault(model, deque()).append(waiter)
+                self._queued += 1
+        self.changed.send()
+        if lease is not None:
+            return lease
+        got: Lease | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                got = await future
+            return got
+        except TimeoutError:
+            raise QueueTimeout() from None
+        finally:
+            self._leave_queue(model, waiter, kept=got is not None)
+
+    def _leave_queue(self, model: str, waiter: _Waiter, *, kept: bool) -> None:
+        """A waiter stops waiting (served, timed out or cancelled)."""
+        orphan: Lease | None = None
+        with self._lock:
+            queue = self._queues.get(model)
+            if queue is not None and waiter in queue:
+                queue.remove(waiter)
+                self._queued -= 1
+                if not queue:
+                    del self._queues[model]
+            fut = waiter.future
+            if not fut.done():
+                fut.cancel()  # so no slot is handed to it from now on
+            elif not kept and not fut.cancelled():
+                # Granted in the same instant as a timeout or cancellation: the caller
+                # will never use the slot, so hand it back (to the next waiter).
+                orphan = fut.result()
+        if orphan is not None:
+            orphan.release()
+        else:
+            self.changed.send()
+
+    def release(self, lease: Lease) -> None:
+        model = lease.model
+        ep_id = lease.candidate.endpoint.id
+        slot = (ep_id, model)
+        seconds = lease.first_byte
+        with self._lock:
+            if seconds is not None:
+                average = self._first_byte.get(slot)
+                self._first_byte[slot] = (
+                    seconds if average is None else average + FIRST_BYTE_WEIGHT * (seconds - average)
+                )
+            left = self._active.get(slot, 0) - 1
+            if left > 0:
+                self._active[slot] = left
+            else:
+                self._active.pop(slot, None)
+            left = self._per_endpoint.get(ep_id, 0) - 1
+            if left > 0:
+                self._per_endpoint[ep_id] = left
+            else:
+                self._per_endpoint.pop(ep_id, None)
+            self._serve_waiters(model)
+        self.changed.send()
+
+    def _serve_waiters(self, model: str) -> None:
+        """Hand free slots to waiters in arrival order (lock held)."""
+        queue = self._queues.get(model)
+        while queue:
+            waiter = queue[0]
+            if waiter.future.done():  # timed out or cancelled, leaving
+                queue.popleft()
+                self._queued -= 1
+                continue
+            cand = self._strategy.pick(waiter.ask, waiter.candidates, self._load, metered=True)
+            if cand is None:
+                return
+            queue.popleft()
+            self._queued -= 1
+            waiter.future.set_result(self._reserve(model, cand))
+        if queue is not None and not queue:
+            del self._queues[model]
+
+    def apply_endpoints(self, endpoints: Iterable[EndpointInfo]) -> None:
+        """The registry reloaded: each endpoint's current limit (0 when disabled)."""
+        self.set_limits({ep.id: ep.limit if ep.enabled else 0 for ep in endpoints})
+
+    def set_limits(self, limits: dict[int, int]) -> None:
+        """The registry's current view (id -> limit, 0 when disabled); re-runs the queues."""
+        with self._lock:
+            self._limits.clear()  # in place: self._load reads this dict
+            self._limits.update(limits)
+            for model in list(self._queues):
+                self._serve_waiters(model)
+        self.changed.send()
+
+    # -- reads -----------------------------------------------------------------------
+    def active(self) -> dict[Slot, int]:
+        with self._lock:
+            return dict(self._active)
+
+    def first_byte(self) -> dict[Slot, float]:
+        """The moving average of time to first byte, seconds, per (endpoint id, model key)."""
+        with self._lock:
+            return dict(self._first_byte)
+
+    def active_for(self, endpoint_id: int) -> int:
+        with self._lock:
+            return self._per_endpoint.get(endpoint_id, 0)
+
+    def queued(self) -> dict[str, int]:
+        with self._lock:
+            return {model: len(q) for model, q in self._queues.items()}
+
+    def queued_total(self) -> int:
+        with self._lock:
+            return self._queued
+
+    def clear(self) -> None:
+        with self._lock:
+            self._active.clear()
+            self._per_endpoint.clear()
+            for queue in self._queues.values():
+                for waiter in queue:
+                    waiter.future.cancel()
+            self._queues.clear()
+            self._queued = 0
+            self._limits.clear()
+            self._first_byte.clear()
+
+
+board = Board()

@@ -1,0 +1,128 @@
+"""Slot limits across several router processes, kept in Redis.
+
+The board enforces `max_concurrent_connections` inside one process. With REDIS_URL set,
+several processes share the servers, so each slot is also claimed in Redis: one sorted
+set per (endpoint, model) whose members are the slots held anywhere, scored by when
+their lease runs out. A Lua script drops expired members, checks the count against the
+limit and adds the claim in one step, so two processes never both take the last slot.
+Holders renew their leases every few seconds; a process that dies loses its slots when
+its leases expire (LEASE seconds) instead of holding them for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+import weakref
+
+from django.conf import settings
+
+log = logging.getLogger("routing.cluster")
+
+LEASE = 15.0  # seconds a claim lives without renewal
+RENEW_EVERY = 5.0
+PREFIX = "nomyo:slots"
+
+# KEYS[1] = the slot set; ARGV = now, expiry, member, limit
+_CLAIM = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+  redis.call('EXPIRE', KEYS[1], 3600)
+  return 1
+end
+return 0
+"""
+
+
+class ClusterSlots:
+    def __init__(self) -> None:
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, object] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._held: dict[str, str] = {}  # member -> key, renewed while held
+        self._renewer: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def _client(self):  # type: ignore[no-untyped-def]
+        import redis.asyncio as aioredis  # only with REDIS_URL set
+
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+            self._clients[loop] = client
+        return client
+
+    @staticmethod
+    def enabled() -> bool:
+        return bool(settings.REDIS_URL)
+
+    @staticmethod
+    def key(endpoint_url: str, model: str) -> str:
+        # By url, not id: every process agrees on it even right after an admin change.
+        return f"{PREFIX}:{endpoint_url}:{model}"
+
+    async def claim(self, endpoint_url: str, model: str, limit: int) -> str | None:
+        """A member name when a slot was free across the cluster, else None."""
+        key = self.key(endpoint_url, model)
+        member = f"{self.owner}:{uuid.uuid4().hex[:12]}"
+        now = time.time()
+        try:
+            ok = await self._client().eval(_CLAIM, 1, key, now, now + LEASE, member, limit)
+        except Exception:
+            # Redis unreachable: fall back to this process's own limit rather than stall.
+            log.warning("could not claim a cluster slot; using the local limit only", exc_info=True)
+            return ""
+        if not ok:
+            return None
+        self._held[member] = key
+        self._ensure_renewer()
+        return member
+
+    def free(self, member: str) -> None:
+        """Synchronous, safe in `finally`: forgets the claim now, tells Redis in the background."""
+        key = self._held.pop(member, None)
+        if key is None:
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(self._zrem(key, member))
+        except RuntimeError:
+            return  # no loop: the lease expires by itself
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _zrem(self, key: str, member: str) -> None:
+        try:
+            await self._client().zrem(key, member)
+        except Exception:
+            log.warning("could not free a cluster slot; its lease expires in %ss", LEASE)
+
+    def _ensure_renewer(self) -> None:
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _renew(self) -> None:
+        while self._held:
+            await asyncio.sleep(RENEW_EVERY)
+            expiry = time.time() + LEASE
+            try:
+                pipe = self._client().pipeline(transaction=False)
+                for member, key in list(self._held.items()):
+                    pipe.zadd(key, {member: expiry}, xx=True)
+                await pipe.execute()
+            except Exception:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError() from None  # the client swallowed our cancel
+                log.warning("could not renew cluster slot leases", exc_info=True)
+
+    def held(self) -> int:
+        return len(self._held)
+
+
+cluster = ClusterSlots()

@@ -1,0 +1,431 @@
+"""The one forwarding path every routed request takes: select, reserve, send, relay, account.
+
+Both protocols and every route come through `forward()`; only the `Planner` differs (which
+url, which body, how to read the reply).
+
+Slot ownership: from the moment `_acquire` returns a lease, `forward` owns it in one
+try/finally that releases it unless a `ProxyStream` took it over (the lean handler then
+closes the stream whether or not it ever ran). Whatever raises in between (the planner,
+the send, reading the reply, cancellation) the slot, and its cluster claim, come back.
+
+Failures are judged by what they say about the server (upstream.verdict/status_verdict,
+routing/fleet/breaker.py): a pooled connection that closed before any reply byte is retried once
+on a fresh connection to the same server; a 4xx and a normal 5xx go back to this client
+alone; a first-byte timeout fails this request alone (504), never resent; refused and
+timed-out connects open the endpoint's breaker at once, repeated 5xx and cut replies only
+when they repeat across requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+from django.conf import settings
+from django.http import HttpResponse, StreamingHttpResponse
+
+from routing.auth.principal import Principal
+from routing.core.errors import ApiError, error_response, is_openai_path
+from routing.core.names import model_key
+from routing.engine.accounting import sinks
+from routing.engine.attempt import Attempt, Planner, Relay
+from routing.engine.board import Lease, QueueFull, QueueTimeout, board
+from routing.engine.cluster import cluster
+from routing.fleet import caches, health
+from routing.fleet import candidates as fleet_candidates
+from routing.fleet.breaker import breakers
+from routing.fleet.candidates import Candidate
+from routing.fleet.refusals import refusals
+from routing.observability import metrics
+from routing.upstream import client, failures
+from routing.upstream.failures import UPSTREAM_ERRORS
+
+log = logging.getLogger("routing.proxy")
+
+MAX_ERROR_BODY = 64 * 1024
+
+
+async def forward(
+    request_path: str,
+    *,
+    model: str,
+    plan: Planner,
+    principal: Principal,
+    metered: bool = True,
+) -> HttpResponse | StreamingHttpResponse:
+    """Route one request for `principal` (who it is accounted to). `metered=False` is for
+    metadata calls (show) that take no slot.
+
+    Raises ApiError: 404 (no endpoint has the model), 503 (none reachable or all busy),
+    400 (the planner could not build the upstream request), 504 (first-byte timeout),
+    502 (every tried server failed before replying)."""
+    lookup = await fleet_candidates.candidates_for(model)
+    if not lookup.candidates:
+        if lookup.failing_with_model:
+            raise ApiError(503, f"every endpoint serving '{model}' is failing; try again", retry_after=5)
+        if lookup.reachable == 0:
+            raise ApiError(503, "no endpoint is reachable", retry_after=5)
+        raise ApiError(404, f"model '{model}' not found", code="model_not_found")
+    key = model_key(model)
+    candidates = list(lookup.candidates)
+    failure = "no endpoint answered"
+    for _ in range(settings.ROUTER_MAX_RETRIES + 1):
+        lease = await _acquire(key, model, candidates) if metered else board.unmetered(key, candidates)
+        handed_over = False
+        try:
+            outcome = await _attempt(request_path, lease, plan, metered, principal)
+            if not isinstance(outcome, str):
+                handed_over = isinstance(outcome, ProxyStreamingResponse)  # its stream owns the slot
+                return outcome
+            failure = outcome
+        finally:
+            if not handed_over:
+                lease.release()
+        candidates[:] = [c for c in candidates if c.endpoint.id != lease.endpoint.id]
+        if not candidates:
+            break
+        metrics.failovers.inc()
+    raise ApiError(502, f"upstream failed for model '{model}': {failure}", retry_after=5)
+
+
+def _plan(plan: Planner, cand: Candidate) -> Attempt:
+    """The planner's Attempt; anything it raises other than ApiError means it could not
+    express this request for this server: a 400 for this request alone."""
+    try:
+        return plan(cand)
+    except ApiError:
+        raise
+    except Exception as exc:
+        log.warning("request not sendable to %s: %s: %s", cand.endpoint.name, type(exc).__name__, exc)
+        raise ApiError(400, f"the request cannot be sent as given: {exc}"[:500]) from None
+
+
+async def _attempt(
+    path: str, lease: Lease, plan: Planner, metered: bool, principal: Principal
+) -> HttpResponse | StreamingHttpResponse | str:
+    """One server's try: the reply, or why it failed in a way that allows failover (str).
+    The caller owns the lease; this owns the upstream response until a reply takes it."""
+    ep = lease.endpoint
+    attempt = _plan(plan, lease.candidate)
+    if not metered:
+        attempt.counted = False
+    if attempt.fallback_body is not None and ep.id in refusals:
+        attempt.body, attempt.fallback_body = attempt.fallback_body(), None
+    started = time.perf_counter()
+    while True:
+        try:
+            response = await _send(lease, attempt)
+        except UPSTREAM_ERRORS as exc:
+            failure = failures.classify(exc)
+            judged = failures.verdict(failure)
+            if not judged.failover:  # a first-byte timeout: the work may be running there
+                if attempt.counted:
+                    sinks.incomplete(principal, ep.url, lease.model)
+                raise ApiError(
+                    504,
+                    f"'{ep.name}' sent no reply within {settings.ROUTER_FIRST_BYTE_TIMEOUT:g} s; "
+                    "not resent elsewhere, as it may still be working on it",
+                ) from None
+            health.server_failed(ep, failure.value, strong=judged.evidence is failures.Evidence.STRONG)
+            return failure.value
+        try:
+            status = response.status
+            if status >= 500:
+                judged = failures.status_verdict(status)
+                body = await _read_error(response)
+                health.server_failed(ep, f"HTTP {status}", strong=False)
+                if judged.failover:
+                    return f"HTTP {status}: {_error_message(body, response.reason)}"
+                return _error_reply(path, ep.name, status, body, response.reason)
+            if status in (400, 422) and attempt.fallback_body is not None:
+                body = await _read_error(response)
+                if not _refuses_added_field(body):
+                    breakers.succeeded(ep.id)
+                    return _error_reply(path, ep.name, status, body, response.reason)
+                log.info("endpoint %s refuses stream_options: sent without it from now on", ep.name)
+                refusals.add(ep.id)
+                attempt.body, attempt.fallback_body = attempt.fallback_body(), None
+                continue  # the same request again, on the same server and slot
+            lease.first_byte = time.perf_counter() - started  # the board averages it per endpoint and model
+            metrics.first_byte(path, lease.first_byte)
+            return await _reply(path, lease, attempt, response, principal)
+        except BaseException:
+            response.close()  # never handed to a reply: drop the connection
+            raise
+
+
+def _refuses_added_field(body: bytes) -> bool:
+    """A 400/422 about the `stream_options` the router added (servers that reject unknown
+    parameters name it, e.g. "Unrecognized request argument supplied: stream_options")."""
+    return b"stream_options" in body.lower()
+
+
+async def _acquire(key: str, model: str, candidates: list[Candidate]) -> Lease:
+    waited = time.perf_counter()
+    deadline = waited + settings.ROUTER_QUEUE_TIMEOUT
+    try:
+        lease = await board.acquire(
+            key, candidates, timeout=settings.ROUTER_QUEUE_TIMEOUT, queue_max=settings.ROUTER_QUEUE_MAX
+        )
+        if cluster.enabled():
+            lease = await _claim_in_cluster(lease, key, candidates, deadline)
+        metrics.queue_wait(time.perf_counter() - waited)
+        return lease
+    except QueueFull:
+        raise ApiError(503, "the router's queue is full; try again shortly", retry_after=1) from None
+    except QueueTimeout:
+        raise ApiError(
+            503, f"every endpoint serving '{model}' stayed busy; try again", retry_after=5
+        ) from None
+
+
+async def _claim_in_cluster(lease: Lease, key: str, candidates: list[Candidate], deadline: float) -> Lease:
+    """Also hold the slot across router processes; try other candidates, then wait.
+    Owns `lease` (and each later one) until it returns it: any exception releases it."""
+    backoff = 0.01
+    full: set[int] = set()
+    try:
+        while True:
+            ep = lease.endpoint
+            member = await cluster.claim(ep.url, key, ep.limit)  # cancelled meanwhile: it expires
+            if member is not None:
+                if member:
+                    lease.on_release(functools.partial(cluster.free, member))
+                return lease
+            lease.release()  # full elsewhere in the cluster: give the local slot back
+            full.add(ep.id)
+            others = [c for c in candidates if c.endpoint.id not in full]
+            if not others:
+                full.clear()
+                others = candidates
+                if time.perf_counter() + backoff > deadline:
+                    raise QueueTimeout()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 0.2)
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                raise QueueTimeout()
+            lease = await board.acquire(key, others, timeout=remaining, queue_max=settings.ROUTER_QUEUE_MAX)
+    except BaseException:
+        lease.release()  # idempotent: a lease already given back stays given back
+        raise
+
+
+async def _send(lease: Lease, attempt: Attempt) -> aiohttp.ClientResponse:
+    """Send the request and wait for the reply's head; the body is read by the caller.
+    A connection that closes before any reply byte (a pooled one the server closed while
+    idle) is retried once at once on a fresh connection to the same server."""
+    ep = lease.endpoint
+    headers = {
+        "Content-Type": "application/json",
+        "Accept-Encoding": "identity",
+        **client.auth_headers(ep.api_key),
+        **attempt.headers,
+    }
+    try:
+        response = await _request(client.get_session(), attempt, headers)
+    except UPSTREAM_ERRORS as exc:
+        if not failures.closed_before_reply(exc):
+            raise
+        metrics.fresh_retries.inc()
+        response = await _request(client.fresh_session(), attempt, headers)
+    client.set_gap_timeout(response, settings.ROUTER_READ_TIMEOUT)
+    return response
+
+
+async def _request(
+    session: aiohttp.ClientSession, attempt: Attempt, headers: dict[str, str]
+) -> aiohttp.ClientResponse:
+    return await session.request(
+        attempt.method,
+        attempt.url,
+        data=attempt.body,
+        headers=headers,
+        timeout=client.proxy_timeout(),
+        allow_redirects=False,
+    )
+
+
+async def _read_error(response: aiohttp.ClientResponse) -> bytes:
+    """Up to MAX_ERROR_BODY bytes of an error reply; releases the response."""
+    try:
+        async with asyncio.timeout(settings.ROUTER_PROBE_TIMEOUT):
+            return await response.content.read(MAX_ERROR_BODY)
+    except UPSTREAM_ERRORS:
+        return b""
+    finally:
+        response.close()
+
+
+def _error_message(body: bytes, reason: str | None) -> str:
+    """The message of an error body in either protocol's shape, or its text."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+    return body[:500].decode("utf-8", "replace").strip() or reason or "error"
+
+
+def _error_reply(path: str, ep_name: str, status: int, body: bytes, reason: str | None) -> HttpResponse:
+    """An error the server sent about this request, for this client alone, in the route's
+    shape: passed as is when it already has it, rewritten otherwise."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    error = data.get("error") if isinstance(data, dict) else None
+    openai = is_openai_path(path)
+    if (openai and isinstance(error, dict) and isinstance(error.get("message"), str)) or (
+        not openai and isinstance(error, str)
+    ):
+        reply = HttpResponse(body, status=status, content_type="application/json")
+    else:
+        reply = error_response(path, ApiError(status, _error_message(body, reason)))
+    reply["X-Router-Endpoint"] = ep_name
+    return reply
+
+
+async def _reply(
+    path: str, lease: Lease, attempt: Attempt, response: aiohttp.ClientResponse, principal: Principal
+) -> HttpResponse | StreamingHttpResponse:
+    ep = lease.endpoint
+    status = response.status
+    if status == 404:
+        caches.advertised.invalidate(ep.id)  # it no longer has the model we thought it had
+    if status >= 400:
+        error = await _read_error(response)
+        breakers.succeeded(ep.id)  # it answered normally, about this request
+        return _error_reply(path, ep.name, status, error, response.reason)
+    if attempt.stream and status == 200:
+        try:
+            relay = attempt.relay()
+        except Exception as exc:
+            raise ApiError(502, f"cannot relay the reply of {ep.name}: {exc}"[:500]) from None
+        stream = ProxyStream(lease, response, relay, path, counted=attempt.counted, principal=principal)
+        streaming = ProxyStreamingResponse(stream, content_type=stream.relay.content_type)
+        streaming["X-Router-Endpoint"] = ep.name
+        return streaming
+    try:
+        body = await response.read()
+    except UPSTREAM_ERRORS as exc:
+        response.close()
+        lease.release()
+        health.server_failed(ep, failures.midstream_reason(exc), strong=False)
+        if attempt.counted:
+            sinks.incomplete(principal, ep.url, lease.model)
+        raise ApiError(502, f"upstream closed before its reply was complete ({ep.name})") from None
+    finally:
+        response.release()
+        lease.release()
+    breakers.succeeded(ep.id)
+    if status == 200:
+        try:
+            out, counts = attempt.read_body(body)
+        except Exception as exc:
+            log.warning("malformed reply from %s on %s: %s", ep.name, path, type(exc).__name__)
+            if attempt.counted:
+                sinks.incomplete(principal, ep.url, lease.model)
+            raise ApiError(502, f"malformed reply from upstream {ep.name}") from None
+        if attempt.counted:
+            if counts is not None:
+                sinks.record(principal, ep.url, lease.model, counts)
+            else:
+                sinks.incomplete(principal, ep.url, lease.model)
+    else:
+        out = body
+    reply = HttpResponse(
+        out, status=status, content_type=response.headers.get("Content-Type", "application/json")
+    )
+    reply["X-Router-Endpoint"] = ep.name
+    return reply
+
+
+class ProxyStream:
+    """Relays one upstream stream; `close()` is idempotent, synchronous and does the accounting."""
+
+    def __init__(
+        self,
+        lease: Lease,
+        response: aiohttp.ClientResponse,
+        relay: Relay,
+        path: str,
+        *,
+        counted: bool,
+        principal: Principal,
+    ) -> None:
+        self.lease = lease
+        self.counted = counted
+        self.principal = principal
+        self.response = response
+        self.relay = relay
+        self.path = path
+        self.closed = False
+        self.finished = False  # the upstream ended normally
+        self.gap_watch = client.GapWatch(response, settings.ROUTER_READ_TIMEOUT)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        read = self.response.content.readany
+        feed = self.relay.feed
+        try:
+            while chunk := await read():
+                out = feed(chunk)
+                if out:
+                    yield out
+            self.finished = True
+            tail = self.relay.finish()
+            if tail:
+                yield tail
+        except UPSTREAM_ERRORS as exc:
+            reason = failures.midstream_reason(exc)
+            health.server_failed(self.lease.endpoint, reason, strong=False)
+            yield self.relay.error_chunk(f"upstream {self.lease.endpoint.name}: {reason}")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.gap_watch.cancel()
+        ep, model = self.lease.endpoint, self.lease.model
+        try:
+            if self.finished:
+                breakers.succeeded(ep.id)
+                self.response.release()  # the connection goes back to the pool
+            else:
+                self.response.close()  # cut off: drop the connection, cancelling the upstream
+        finally:
+            self.lease.release()
+            counts = self.relay.counts() if self.finished else None
+            if not self.counted:
+                pass
+            elif counts is not None:
+                sinks.record(self.principal, ep.url, model, counts)
+            else:
+                sinks.incomplete(self.principal, ep.url, model)
+
+
+class ProxyStreamingResponse(StreamingHttpResponse):
+    """A streaming reply whose upstream is closed and slot released even if never iterated."""
+
+    def __init__(self, stream: ProxyStream, **kwargs: object) -> None:
+        self.proxy_stream = stream
+        self.chunks = stream.chunks()
+        super().__init__(self.chunks, **kwargs)  # type: ignore[arg-type]
+        # Django's own handler closes responses synchronously: close the stream there too.
+        self._resource_closers.append(stream.close)  # type: ignore[attr-defined]
+
+    async def finish(self) -> None:
+        await self.chunks.aclose()  # type: ignore[attr-defined]
+        self.proxy_stream.close()

@@ -1,0 +1,82 @@
+"""The candidates for a model: the enabled endpoints that advertise it, whether each has it loaded.
+
+Reads the caches (fresh entries without a task) and falls back to probing; an endpoint whose
+breaker is open is no candidate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from routing.core.names import model_key
+from routing.fleet import caches
+from routing.fleet.breaker import breakers
+from routing.fleet.health import advertised_or_none, loaded_or_empty
+from routing.fleet.probes import EMPTY, ModelList
+from routing.fleet.registry import EndpointInfo, registry
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    endpoint: EndpointInfo
+    backend_model: str  # the name the backend advertises
+    loaded: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    candidates: list[Candidate]
+    reachable: int  # enabled endpoints that answered
+    failing_with_model: int = 0  # endpoints with an open breaker that advertised the model
+
+
+async def gather_advertised(
+    endpoints: tuple[EndpointInfo, ...],
+) -> list[tuple[EndpointInfo, ModelList | None]]:
+    """Each endpoint with its models, or None when its breaker is open."""
+    # Fast path: everything fresh in the caches, no task created.
+    found: list[tuple[EndpointInfo, ModelList | None]] = []
+    for ep in endpoints:
+        if breakers.is_open(ep.id):
+            found.append((ep, None))
+            continue
+        models = caches.advertised.peek(ep.id)
+        if models is None:
+            results = await asyncio.gather(*(advertised_or_none(e) for e in endpoints))
+            return list(zip(endpoints, results, strict=True))
+        found.append((ep, models))
+    return found
+
+
+async def gather_loaded(endpoints: list[EndpointInfo]) -> list[ModelList]:
+    found: list[ModelList] = []
+    for ep in endpoints:
+        cached = caches.loaded.peek(ep.id) if ep.is_ollama else EMPTY
+        if cached is None:
+            return list(await asyncio.gather(*(loaded_or_empty(e) for e in endpoints)))
+        found.append(cached)
+    return found
+
+
+async def candidates_for(model: str) -> Lookup:
+    key = model_key(model)
+    endpoints = await registry.enabled()
+    matches: list[tuple[EndpointInfo, str]] = []
+    reachable = 0
+    failing_with_model = 0
+    for ep, models in await gather_advertised(endpoints):
+        if models is None:
+            last_seen = caches.advertised.peek(ep.id)
+            if last_seen is not None and key in last_seen.keys:
+                failing_with_model += 1
+            continue
+        reachable += 1
+        name = models.backend_name(key)
+        if name is not None:
+            matches.append((ep, name))
+    loaded = await gather_loaded([ep for ep, _ in matches])
+    candidates = [
+        Candidate(ep, name, key in names.keys) for (ep, name), names in zip(matches, loaded, strict=True)
+    ]
+    return Lookup(candidates, reachable, failing_with_model)

@@ -1,0 +1,81 @@
+"""Cross-process control messages over the channel layer: "endpoints changed".
+
+Every router process listens on the `router.control` group; a change made through any
+process (admin, command) reaches all of them, so the next request anywhere sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+
+from routing.fleet import caches
+from routing.fleet.registry import registry
+
+log = logging.getLogger("routing.control")
+
+GROUP = "router.control"
+ORIGIN = f"{os.getpid()}-{id(object())}"
+_pending: set[asyncio.Future[None]] = set()  # keeps fire-and-forget sends alive until done
+
+
+def broadcast_sync(endpoint_ids: list[int] | None) -> None:
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    message = {"type": "endpoints.changed", "ids": endpoint_ids, "origin": ORIGIN}
+    try:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            async_to_sync(layer.group_send)(GROUP, message)
+        else:
+            task = asyncio.ensure_future(layer.group_send(GROUP, message))
+            _pending.add(task)
+            task.add_done_callback(_pending.discard)
+    except Exception:
+        log.warning("could not broadcast an endpoint change; other processes reload within 5 s")
+
+
+def apply(message: dict[str, Any]) -> None:
+    if message.get("origin") == ORIGIN:
+        return
+    registry.invalidate()
+    ids = message.get("ids")
+    if ids is None:
+        caches.invalidate_endpoint(None)
+    else:
+        for endpoint_id in ids:
+            caches.invalidate_endpoint(int(endpoint_id))
+    registry.refresh_soon()
+
+
+async def listen() -> None:
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    channel = await layer.new_channel()
+    await layer.group_add(GROUP, channel)
+    try:
+        while True:
+            try:
+                message = await layer.receive(channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("control channel receive failed; retrying", exc_info=True)
+                await asyncio.sleep(2)
+                await layer.group_add(GROUP, channel)
+                continue
+            if message.get("type") == "endpoints.changed":
+                apply(message)
+    finally:
+        try:
+            await layer.group_discard(GROUP, channel)
+        except Exception:
+            pass

@@ -1,0 +1,138 @@
+"""Workflows that change the fleet. The admin, management commands and tests call these;
+each one tells the running router about the change so it applies to the next request."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from django.db import transaction
+
+from routing.auth.keys import router_key
+from routing.fleet import caches, control
+from routing.fleet.registry import registry
+from routing.models import Endpoint, RouterSettings, normalise_url
+
+
+def endpoints_changed(endpoint_ids: list[int] | None = None) -> None:
+    """Invalidate in-process state now, and tell the other router processes."""
+    registry.invalidate()
+    if endpoint_ids is None:
+        caches.invalidate_endpoint(None)
+    else:
+        for endpoint_id in endpoint_ids:
+            caches.invalidate_endpoint(endpoint_id)
+    registry.refresh_soon_threadsafe()  # in the server's loop now: queued requests see new limits at once
+    control.broadcast_sync(endpoint_ids)
+
+
+def endpoints_set_enabled(*, endpoint_ids: list[int], enabled: bool) -> int:
+    count = Endpoint.objects.filter(id__in=endpoint_ids).update(enabled=enabled)
+    transaction.on_commit(lambda: endpoints_changed(endpoint_ids))
+    return count
+
+
+def router_api_key_set(*, key: str) -> None:
+    settings_row = RouterSettings.load()
+    settings_row.api_key = key
+    settings_row.save()
+    router_key.set_stored(key)
+    endpoints_changed(None)
+
+
+# -- NOMYO Router config.yaml ----------------------------------------------------------
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(value: Any) -> str:
+    """`${NAME}` is replaced by the environment variable NAME (empty if unset)."""
+    text = "" if value is None else str(value)
+    return _ENV_REF.sub(lambda m: os.environ.get(m.group(1), ""), text)
+
+
+@dataclass
+class ImportResult:
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    api_key_set: bool = False
+
+    def __str__(self) -> str:
+        key = ", router api key set" if self.api_key_set else ""
+        return f"{self.created} created, {self.updated} updated, {self.unchanged} unchanged{key}"
+
+
+class ConfigError(Exception):
+    pass
+
+
+def import_config(data: Any) -> ImportResult:
+    if not isinstance(data, dict):
+        raise ConfigError("the config must be a YAML mapping")
+    limit = data.get("max_concurrent_connections", 1)
+    if not isinstance(limit, int) or limit < 1:
+        raise ConfigError("max_concurrent_connections must be a positive integer")
+    keys = data.get("api_keys") or {}
+    if not isinstance(keys, dict):
+        raise ConfigError("api_keys must be a mapping of url to key")
+    keys = {normalise_url(str(url)): _expand(key) for url, key in keys.items()}
+    wanted: list[tuple[str, Endpoint.Kind]] = []
+    for field, kind in (
+        ("endpoints", Endpoint.Kind.OLLAMA),
+        ("llama_server_endpoints", Endpoint.Kind.OPENAI),
+    ):
+        urls = data.get(field) or []
+        if not isinstance(urls, list):
+            raise ConfigError(f"{field} must be a list of urls")
+        for url in urls:
+            url = normalise_url(_expand(url))
+            kind_here: Endpoint.Kind = kind
+            if kind == Endpoint.Kind.OLLAMA and url.endswith("/v1"):
+                kind_here = Endpoint.Kind.OPENAI  # NOMYO lists OpenAI-compatible servers here too
+            wanted.append((url, kind_here))
+    result = ImportResult()
+    with transaction.atomic():
+        for url, kind in wanted:
+            api_key = keys.get(url, "")
+            ep = Endpoint.objects.filter(url=url).first()
+            if ep is None:
+                ep = Endpoint(url=url, kind=kind, api_key=api_key, max_concurrent_connections=limit)
+                ep.full_clean()
+                ep.save()
+                result.created += 1
+                continue
+            changed = (ep.kind, ep.api_key, ep.max_concurrent_connections) != (kind, api_key, limit)
+            if changed:
+                ep.kind, ep.api_key, ep.max_concurrent_connections = kind, api_key, limit
+                ep.full_clean()
+                ep.save()
+                result.updated += 1
+            else:
+                result.unchanged += 1
+        new_key = _expand(data.get("nomyo-router-api-key")) if data.get("nomyo-router-api-key") else ""
+        if new_key:
+            row = RouterSettings.load()
+            if row.api_key != new_key:
+                row.api_key = new_key
+                row.save()
+            result.api_key_set = True
+    if new_key:
+        router_key.set_stored(new_key)
+    transaction.on_commit(lambda: endpoints_changed(None))
+    return result
+
+
+def import_config_file(path: str | Path) -> ImportResult:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return import_config(data)

@@ -1,0 +1,140 @@
+"""Ollama's API, routed by model: chat, generate, embed, embeddings, show.
+
+Each view checks the whole body (routing/protocols/common/schema.py) before anything is routed, so a
+malformed request is a 400 and never takes a slot. A request that an OpenAI-compatible
+server would have to serve with a field it cannot translate is refused the same way
+(routing/protocols/translate.py `refusal`). Load and unload requests go to
+routing/protocols/ollama/loading.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import HttpRequest, HttpResponseBase
+
+from routing.auth.principal import principal_of
+from routing.engine import attempt, proxy
+from routing.engine.attempt import Attempt
+from routing.fleet import candidates
+from routing.fleet.candidates import Candidate
+from routing.protocols import translate
+from routing.protocols.common import schema
+from routing.protocols.common.decorators import methods
+from routing.protocols.common.parsing import optional_bool, parse_object, require_model
+from routing.protocols.common.relays import OllamaStream, no_counts, ollama_body
+from routing.protocols.ollama import loading
+
+
+def _passthrough(path: str, raw: bytes, stream: bool, *, counted: bool = True) -> attempt.Planner:
+    def plan(cand: Candidate) -> Attempt:
+        return Attempt(
+            url=cand.endpoint.url + path,
+            body=raw,
+            relay=OllamaStream,
+            read_body=ollama_body if counted else no_counts,
+            stream=stream,
+            counted=counted,
+        )
+
+    return plan
+
+
+def _routed(
+    path: str, raw: bytes, data: dict[str, Any], stream: bool, *, counted: bool = True
+) -> attempt.Planner:
+    """Ollama endpoints get the request untouched; OpenAI-compatible ones get a translation."""
+    direct = _passthrough(path, raw, stream, counted=counted)
+
+    def plan(cand: Candidate) -> Attempt:
+        if cand.endpoint.is_ollama:
+            return direct(cand)
+        return translate.plan_for_openai_backend(path, data, stream, cand)
+
+    return plan
+
+
+def _checked(request: HttpRequest, spec: schema.Obj) -> tuple[dict[str, Any], str]:
+    data = parse_object(request.body)
+    model = require_model(data)
+    schema.check(spec, data)
+    return data, model
+
+
+async def _refuse_untranslatable(path: str, model: str, data: dict[str, Any]) -> None:
+    """Raise the translation's 400 when an OpenAI-compatible server may serve the request.
+    The lookup runs only when some field cannot be translated (rare), from warm caches."""
+    refused = translate.refusal(path, data)
+    if refused is None:
+        return
+    lookup = await candidates.candidates_for(model)
+    if any(not c.endpoint.is_ollama for c in lookup.candidates):
+        raise refused
+
+
+async def _generation(request: HttpRequest, path: str, spec: schema.Obj) -> HttpResponseBase:
+    data, model = _checked(request, spec)
+    stream = optional_bool(data, "stream", True)
+    if loading.is_load_request(path, data):
+        return await loading.load_or_unload(path, model, request.body, data, stream)
+    await _refuse_untranslatable(path, model, data)
+    return await proxy.forward(
+        request.path,
+        model=model,
+        plan=_routed(path, request.body, data, stream),
+        principal=principal_of(request),
+    )
+
+
+@methods("POST")
+async def chat(request: HttpRequest) -> HttpResponseBase:
+    return await _generation(request, "/api/chat", schema.OLLAMA_CHAT)
+
+
+@methods("POST")
+async def generate(request: HttpRequest) -> HttpResponseBase:
+    return await _generation(request, "/api/generate", schema.OLLAMA_GENERATE)
+
+
+@methods("POST")
+async def embed(request: HttpRequest) -> HttpResponseBase:
+    data, model = _checked(request, schema.OLLAMA_EMBED)
+    await _refuse_untranslatable("/api/embed", model, data)
+    return await proxy.forward(
+        request.path,
+        model=model,
+        plan=_routed("/api/embed", request.body, data, False),
+        principal=principal_of(request),
+    )
+
+
+@methods("POST")
+async def embeddings(request: HttpRequest) -> HttpResponseBase:
+    """The legacy embeddings route. An Ollama server's reply carries no counts (nothing is
+    recorded for it); an OpenAI-compatible server's carries usage, which is counted."""
+    data, model = _checked(request, schema.OLLAMA_EMBEDDINGS)
+    await _refuse_untranslatable("/api/embeddings", model, data)
+    plan = _routed("/api/embeddings", request.body, data, False, counted=False)
+    return await proxy.forward(request.path, model=model, plan=plan, principal=principal_of(request))
+
+
+@methods("POST")
+async def show(request: HttpRequest) -> HttpResponseBase:
+    data = parse_object(request.body)
+    model = require_model(data, alt="name")
+    schema.check(schema.OLLAMA_SHOW, data)
+
+    def plan(cand: Candidate) -> Attempt:
+        if cand.endpoint.is_ollama:
+            return Attempt(
+                url=cand.endpoint.url + "/api/show",
+                body=request.body,
+                relay=OllamaStream,
+                read_body=no_counts,
+                stream=False,
+            )
+        return translate.show_for_openai_backend(cand)
+
+    return await proxy.forward(
+        request.path, model=model, plan=plan, principal=principal_of(request), metered=False
+    )

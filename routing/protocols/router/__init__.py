@@ -1,0 +1,1 @@
+"""The router's own routes: /health and /metrics."""

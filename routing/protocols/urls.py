@@ -1,0 +1,32 @@
+"""Routes of the client APIs on the lean proxy path (see routing/server/lean_asgi.py): Ollama, OpenAI and
+the router's own /health and /metrics. Not part of ROOT_URLCONF; nomyo_site/proxy_urls.py composes it with
+the statistics routes."""
+
+from django.urls import path
+
+from routing.protocols.ollama import fleet_views
+from routing.protocols.ollama import views as ollama_views
+from routing.protocols.openai import views as openai_views
+from routing.protocols.router import views as router_views
+
+urlpatterns = [
+    path("api/chat", ollama_views.chat),
+    path("api/generate", ollama_views.generate),
+    path("api/embed", ollama_views.embed),
+    path("api/embeddings", ollama_views.embeddings),
+    path("api/show", ollama_views.show),
+    path("api/tags", fleet_views.tags),
+    path("api/ps", fleet_views.ps),
+    path("api/version", fleet_views.version),
+    path("api/pull", fleet_views.pull),
+    path("api/push", fleet_views.push),
+    path("api/create", fleet_views.create),
+    path("api/copy", fleet_views.copy),
+    path("api/delete", fleet_views.delete),
+    path("health", router_views.health),
+    path("metrics", router_views.metrics_view),
+    path("v1/chat/completions", openai_views.chat_completions),
+    path("v1/completions", openai_views.completions),
+    path("v1/embeddings", openai_views.embeddings),
+    path("v1/models", openai_views.models),
+]

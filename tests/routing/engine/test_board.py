@@ -1,0 +1,209 @@
+"""Selection, slot reservation and the first-come-first-served queue (routing/engine/board.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from routing.engine.board import Board, QueueFull, QueueTimeout
+from routing.fleet.candidates import Candidate
+from routing.fleet.registry import EndpointInfo
+
+
+def ep(id: int, limit: int = 1) -> EndpointInfo:
+    return EndpointInfo(
+        id=id,
+        name=f"ep{id}",
+        url=f"http://127.0.0.1:{9000 + id}",
+        kind="ollama",
+        api_key="",
+        enabled=True,
+        limit=limit,
+    )
+
+
+def cand(id: int, limit: int = 1, loaded: bool = False) -> Candidate:
+    return Candidate(ep(id, limit), "m:latest", loaded)
+
+
+def test_it_prefers_an_endpoint_where_the_model_is_loaded():
+    board = Board()
+    for _ in range(20):
+        lease = board.try_acquire("m:latest", [cand(1, 4), cand(2, 4, loaded=True), cand(3, 4)])
+        assert lease is not None and lease.endpoint.id == 2
+        lease.release()
+
+
+def test_it_prefers_the_least_busy_endpoint_for_the_model():
+    board = Board()
+    first = board.try_acquire("m:latest", [cand(1, 4, loaded=True)])
+    assert first is not None
+    lease = board.try_acquire("m:latest", [cand(1, 4, loaded=True), cand(2, 4, loaded=True)])
+    assert lease is not None and lease.endpoint.id == 2
+
+
+def test_it_prefers_the_least_busy_endpoint_overall_on_a_tie():
+    board = Board()
+    other = board.try_acquire("other:latest", [Candidate(ep(1, 4), "other:latest", False)])
+    assert other is not None
+    lease = board.try_acquire("m:latest", [cand(1, 4), cand(2, 4)])
+    assert lease is not None and lease.endpoint.id == 2
+
+
+def test_it_breaks_ties_at_random():
+    board = Board()
+    chosen = set()
+    for _ in range(200):
+        lease = board.try_acquire("m:latest", [cand(1, 4), cand(2, 4), cand(3, 4)])
+        assert lease is not None
+        chosen.add(lease.endpoint.id)
+        lease.release()
+    assert chosen == {1, 2, 3}
+
+
+def test_it_never_reserves_past_the_limit():
+    board = Board()
+    leases = [board.try_acquire("m:latest", [cand(1, 2)]) for _ in range(3)]
+    assert leases[0] is not None and leases[1] is not None and leases[2] is None
+    assert board.active() == {(1, "m:latest"): 2}
+
+
+def test_it_counts_slots_per_model_on_the_same_endpoint():
+    board = Board()
+    a = board.try_acquire("a:latest", [Candidate(ep(1, 1), "a", False)])
+    b = board.try_acquire("b:latest", [Candidate(ep(1, 1), "b", False)])
+    assert a is not None and b is not None
+    assert board.active() == {(1, "a:latest"): 1, (1, "b:latest"): 1}
+
+
+def test_it_releases_a_lease_only_once():
+    board = Board()
+    lease = board.try_acquire("m:latest", [cand(1, 2)])
+    assert lease is not None
+    lease.release()
+    lease.release()
+    assert board.active() == {}
+
+
+@pytest.mark.asyncio
+async def test_it_serves_waiters_first_come_first_served():
+    board = Board()
+    held = board.try_acquire("m:latest", [cand(1)])
+    assert held is not None
+    order: list[int] = []
+
+    async def wait(n: int) -> None:
+        lease = await board.acquire("m:latest", [cand(1)], timeout=5, queue_max=10)
+        order.append(n)
+        await asyncio.sleep(0.01)
+        lease.release()
+
+    tasks = []
+    for n in range(5):
+        tasks.append(asyncio.create_task(wait(n)))
+        await asyncio.sleep(0.001)
+    assert board.queued() == {"m:latest": 5}
+    held.release()
+    await asyncio.gather(*tasks)
+    assert order == [0, 1, 2, 3, 4]
+    assert board.active() == {} and board.queued_total() == 0
+
+
+@pytest.mark.asyncio
+async def test_it_makes_a_newcomer_wait_behind_queued_requests():
+    board = Board()
+    held = board.try_acquire("m:latest", [cand(1)])
+    assert held is not None
+    waiter = asyncio.create_task(board.acquire("m:latest", [cand(1)], timeout=5, queue_max=10))
+    await asyncio.sleep(0.01)
+    held.release()  # handed straight to the waiter, not left for a newcomer
+    assert board.try_acquire("m:latest", [cand(1)]) is None
+    lease = await waiter
+    lease.release()
+
+
+@pytest.mark.asyncio
+async def test_it_times_out_a_waiter_and_forgets_it():
+    board = Board()
+    held = board.try_acquire("m:latest", [cand(1)])
+    assert held is not None
+    with pytest.raises(QueueTimeout):
+        await board.acquire("m:latest", [cand(1)], timeout=0.05, queue_max=10)
+    assert board.queued_total() == 0
+    held.release()
+    assert board.active() == {}
+
+
+@pytest.mark.asyncio
+async def test_it_refuses_at_once_when_the_queue_is_full():
+    board = Board()
+    held = board.try_acquire("m:latest", [cand(1)])
+    assert held is not None
+    first = asyncio.create_task(board.acquire("m:latest", [cand(1)], timeout=5, queue_max=1))
+    await asyncio.sleep(0.01)
+    with pytest.raises(QueueFull):
+        await board.acquire("m:latest", [cand(1)], timeout=5, queue_max=1)
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    held.release()
+    assert board.active() == {} and board.queued_total() == 0
+
+
+@pytest.mark.asyncio
+async def test_it_leaks_no_slot_when_a_waiter_is_cancelled_as_its_slot_arrives():
+    board = Board()
+    held = board.try_acquire("m:latest", [cand(1)])
+    assert held is not None
+    waiter = asyncio.create_task(board.acquire("m:latest", [cand(1)], timeout=5, queue_max=10))
+    await asyncio.sleep(0.01)
+    held.release()  # grants the slot to the waiter's future...
+    waiter.cancel()  # ...and the waiter is cancelled before it can run
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert board.active() == {} and board.queued_total() == 0
+
+
+@pytest.mark.asyncio
+async def test_it_keeps_forty_requests_within_a_limit_of_two():
+    board = Board()
+    in_flight = 0
+    peak = 0
+
+    async def request() -> None:
+        nonlocal in_flight, peak
+        lease = await board.acquire("m:latest", [cand(1, 2)], timeout=10, queue_max=100)
+        try:
+            in_flight += 1
+            peak = max(peak, in_flight)
+            await asyncio.sleep(0.002)
+        finally:
+            in_flight -= 1
+            lease.release()
+
+    await asyncio.gather(*(request() for _ in range(40)))
+    assert peak == 2
+    assert board.active() == {} and board.queued_total() == 0
+
+
+@pytest.mark.asyncio
+async def test_it_gives_queued_requests_the_slots_of_a_raised_limit():
+    board = Board()
+    held = board.try_acquire("m:latest", [cand(1, 1)])
+    assert held is not None
+    waiter = asyncio.create_task(board.acquire("m:latest", [cand(1, 1)], timeout=5, queue_max=10))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    board.set_limits({1: 2})  # the admin raised the limit
+    lease = await asyncio.wait_for(waiter, 1)
+    assert board.active() == {(1, "m:latest"): 2}
+    lease.release()
+    held.release()
+
+
+def test_it_gives_no_new_slot_on_a_disabled_endpoint():
+    board = Board()
+    board.set_limits({1: 0, 2: 1})
+    lease = board.try_acquire("m:latest", [cand(1, 4), cand(2, 1)])
+    assert lease is not None and lease.endpoint.id == 2
+    assert board.try_acquire("m:latest", [cand(1, 4)]) is None

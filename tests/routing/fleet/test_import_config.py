@@ -1,0 +1,95 @@
+"""Importing a NOMYO Router config.yaml (routing/fleet/services.py, the import_config command)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from routing.models import Endpoint, RouterSettings
+
+CONFIG = """
+endpoints:
+  - http://gpu-1:11434
+  - http://gpu-2:11434/
+  - http://vllm-box:8000/v1
+llama_server_endpoints:
+  - http://llama-cpp:8080/v1
+max_concurrent_connections: 3
+nomyo-router-api-key: "${ROUTER_TEST_KEY}"
+api_keys:
+  "http://llama-cpp:8080/v1": "${LLAMA_KEY}"
+  "http://gpu-1:11434": "plain-key"
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("ROUTER_TEST_KEY", "router-secret")
+    monkeypatch.setenv("LLAMA_KEY", "llama-secret")
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+@pytest.mark.django_db
+def test_it_imports_endpoints_kinds_limits_and_keys(config_file: Path):
+    call_command("import_config", str(config_file))
+    rows = {ep.url: ep for ep in Endpoint.objects.all()}
+    assert sorted(rows) == [
+        "http://gpu-1:11434",
+        "http://gpu-2:11434",
+        "http://llama-cpp:8080/v1",
+        "http://vllm-box:8000/v1",
+    ]
+    assert rows["http://gpu-1:11434"].kind == "ollama" and rows["http://gpu-1:11434"].api_key == "plain-key"
+    assert rows["http://vllm-box:8000/v1"].kind == "openai"
+    assert rows["http://llama-cpp:8080/v1"].api_key == "llama-secret"
+    assert {ep.max_concurrent_connections for ep in rows.values()} == {3}
+    assert RouterSettings.load().api_key == "router-secret"
+
+
+@pytest.mark.django_db
+def test_it_is_idempotent(config_file: Path):
+    call_command("import_config", str(config_file))
+    first = list(Endpoint.objects.values_list("id", "url", "kind", "api_key", "max_concurrent_connections"))
+    call_command("import_config", str(config_file))
+    assert (
+        list(Endpoint.objects.values_list("id", "url", "kind", "api_key", "max_concurrent_connections"))
+        == first
+    )
+
+
+@pytest.mark.django_db
+def test_it_updates_what_changed(config_file: Path):
+    call_command("import_config", str(config_file))
+    config_file.write_text(CONFIG.replace("max_concurrent_connections: 3", "max_concurrent_connections: 5"))
+    call_command("import_config", str(config_file))
+    assert set(Endpoint.objects.values_list("max_concurrent_connections", flat=True)) == {5}
+
+
+@pytest.mark.django_db
+def test_it_reports_a_bad_file_clearly(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("endpoints: [unclosed")
+    with pytest.raises(CommandError, match="not valid YAML"):
+        call_command("import_config", str(bad))
+    with pytest.raises(CommandError, match="cannot read"):
+        call_command("import_config", str(tmp_path / "missing.yaml"))
+    bad.write_text("max_concurrent_connections: 0\nendpoints: []\n")
+    with pytest.raises(CommandError, match="positive integer"):
+        call_command("import_config", str(bad))
+    assert Endpoint.objects.count() == 0
+
+
+def test_it_imports_the_config_at_start_when_the_database_has_no_endpoint(config_file: Path, router):
+    server = router(ROUTER_CONFIG=str(config_file), ROUTER_TEST_KEY="router-secret", LLAMA_KEY="llama-secret")
+    import httpx
+
+    from tests.conftest import wait_until
+
+    # The imported router key protects the API from then on.
+    wait_until(lambda: httpx.get(server.url + "/api/tags").status_code == 401)
+    assert httpx.get(server.url + "/api/tags", headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert Endpoint.objects.count() == 4
