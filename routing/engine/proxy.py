@@ -407,7 +407,10 @@ class ProxyStream:
                 self.response.close()  # cut off: drop the connection, cancelling the upstream
         finally:
             self.lease.release()
-            counts = self.relay.counts() if self.finished else None
+            # Usage the server already reported counts even when the upstream's end was not
+            # read: a client that hangs up right after the last event (the OpenAI SDK closes
+            # on [DONE]) must not turn a whole reply into an incomplete one.
+            counts = self.relay.counts()
             if not self.counted:
                 pass
             elif counts is not None:
