@@ -156,3 +156,21 @@ def test_closed_before_reply_is_a_closed_connection_not_a_failed_connect():
     assert not failures.closed_before_reply(aiohttp.ConnectionTimeoutError("connect"))
     assert failures.classify(refused) is Failure.REFUSED
     assert failures.classify(aiohttp.SocketTimeoutError("x")) is Failure.FIRST_BYTE_TIMEOUT
+
+
+def test_the_log_names_the_endpoint_the_same_way_out_of_and_back_in_rotation(caplog):
+    b, _ = make()
+    with caplog.at_level("INFO", logger="routing.breaker"):
+        b.failed(6, "connection refused", strong=True, name="llama")
+        b.probe_succeeded(6)  # half-open: on trial
+        b.succeeded(6)  # the trial answered: closed
+        b.failed(7, "connect timeout", strong=True)  # no name given: its id, both ways
+        b.probe_succeeded(7)
+        b.succeeded(7)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "endpoint llama out of rotation (breaker open): connection refused",
+        "endpoint llama back in rotation (breaker closed)",
+        "endpoint 7 out of rotation (breaker open): connect timeout",
+        "endpoint 7 back in rotation (breaker closed)",
+    ]
