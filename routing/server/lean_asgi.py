@@ -145,10 +145,14 @@ class ProxyHandler:
         lifecycle.ensure_started()
         path: str = scope["path"]
         request_id, declared_length = _request_headers(scope)
-        if serving.draining and path not in DRAIN_OPEN_PATHS:
-            await self._send(send, error_response(path, _draining_error()), request_id)
-            return
         started = time.perf_counter()
+        if serving.draining and path not in DRAIN_OPEN_PATHS:
+            refused = error_response(path, _draining_error())
+            try:
+                await self._send(send, refused, request_id)
+            finally:  # counted and logged like every other request
+                self._account(scope, path, refused, refused.status_code, started, request_id)
+            return
         task = asyncio.current_task()
         assert task is not None
         in_flight = lifecycle.in_flight
