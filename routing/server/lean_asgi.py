@@ -54,7 +54,13 @@ Scope = dict[str, Any]
 
 
 def is_proxy_path(path: str) -> bool:
-    return path.startswith(PROXY_PREFIXES) or path in PROXY_PATHS
+    """A path the lean handler answers: a route of its table, or any other path under /api/ or
+    /v1/, with any number of leading slashes (`//api/chat`: a client's base URL ending in '/'),
+    so every such path gets the protocol's JSON error (404 "no route"), never Django's HTML page.
+    Such paths are not normalised: a request is served at its route's own path only."""
+    if path.startswith(PROXY_PREFIXES) or path in PROXY_PATHS:
+        return True
+    return path.startswith("//") and ("/" + path.lstrip("/")).startswith(PROXY_PREFIXES)
 
 
 class Disconnected(Exception):

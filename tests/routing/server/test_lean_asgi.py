@@ -53,3 +53,19 @@ def test_a_finished_request_is_counted_under_its_route_label() -> None:
     assert ("/api/usage", "", 200) in metrics._request_children
     assert ("other", "", 404) in metrics._request_children
     assert not any(key[0] == "/api/usage/../x" for key in metrics._request_children)
+
+
+@given(
+    st.integers(2, 5), st.sampled_from(["api/chat", "api/nope", "v1/models", "v1/chat/completions", "v1/x/y"])
+)
+def test_paths_under_the_apis_with_extra_leading_slashes_are_the_lean_handlers(
+    slashes: int, rest: str
+) -> None:
+    path = "/" * slashes + rest
+    assert lean_asgi.is_proxy_path(path)  # a JSON 404 in the protocol's shape, never Django's HTML
+    assert lean_asgi._route_label(path) == "other"  # not normalised: no route answers it
+
+
+def test_other_double_slash_paths_stay_djangos() -> None:
+    for path in ["//admin/", "//", "//dashboard/", "//apix", "//v1x", "//health"]:
+        assert not lean_asgi.is_proxy_path(path), path
