@@ -181,7 +181,7 @@ class ProxyHandler:
                 body = await self._read_body(receive, declared_length)
             except Disconnected:
                 return
-            except ApiError as err:  # a body over ROUTER_MAX_BODY: counted like any reply
+            except ApiError as err:  # a body over ROUTER_MAX_BODY or too slow: counted like any reply
                 status = err.status
                 await self._send(send, error_response(path, err), request_id)
                 return
@@ -255,15 +255,33 @@ class ProxyHandler:
 
     async def _read_body(self, receive: Any, declared_length: int = -1) -> bytes:
         """The whole request body, refused with 413 as soon as it is known to pass ROUTER_MAX_BODY:
-        by its Content-Length before anything is read, else (chunked) as the count passes it.
+        by its Content-Length before anything is read, else (chunked) as the count passes it;
+        408 when it is not whole ROUTER_BODY_TIMEOUT seconds after the handler started (uvicorn
+        calls it once the headers are in).
         (Under daphne, routing/server/daphne_hooks.py refuses earlier still, inside Twisted.)"""
         limit = settings.ROUTER_MAX_BODY
         if declared_length > limit:
             raise _too_large(limit)
+        message = await receive()  # the common case: the whole body in one message, no timer
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            body: bytes = message.get("body", b"")
+            if len(body) > limit:
+                raise _too_large(limit)
+            return body
+        timeout = settings.ROUTER_BODY_TIMEOUT
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._read_rest(receive, message, limit)
+        except TimeoutError:
+            raise ApiError(
+                408, f"the request body did not arrive within {timeout:g} s", headers={"Connection": "close"}
+            ) from None
+
+    async def _read_rest(self, receive: Any, message: dict[str, Any], limit: int) -> bytes:
+        """The body from its first message on (ROUTER_BODY_TIMEOUT bounds the whole read)."""
         parts: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
             if message["type"] == "http.disconnect":
                 raise Disconnected()
             chunk = message.get("body", b"")
@@ -274,6 +292,7 @@ class ProxyHandler:
                 parts.append(chunk)
             if not message.get("more_body", False):
                 return parts[0] if len(parts) == 1 else b"".join(parts)
+            message = await receive()
 
     async def _respond(self, scope: Scope, path: str, body: bytes) -> HttpResponseBase:
         try:
