@@ -131,7 +131,9 @@ def prefix_routes(urlconf: str) -> tuple[PrefixRoute, ...]:
     """The prefix routes of the route table `urlconf`, longest prefix first."""
     found = []
     for pattern in get_resolver(urlconf).url_patterns:
-        shape = _prefix_of(str(pattern.pattern)) if isinstance(pattern, URLPattern) else None
+        if not isinstance(pattern, URLPattern):
+            continue
+        shape = _prefix_of(str(pattern.pattern))
         if shape is not None:
             head, name = shape
             found.append(PrefixRoute("/" + head, name, f"/{head}{{{name}}}", pattern.callback))
