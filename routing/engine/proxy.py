@@ -137,7 +137,8 @@ async def _attempt(
             failure = failures.classify(exc)
             judged = failures.verdict(failure)
             if not judged.failover:  # a first-byte timeout: the work may be running there
-                health.server_failed(ep, failure.value, strong=False)
+                if judged.evidence is not failures.Evidence.NONE:  # weak: counts when it repeats
+                    health.server_failed(ep, failure.value, strong=False)
                 if attempt.counted:
                     sinks.incomplete(principal, ep.url, lease.model)
                 raise ApiError(

@@ -219,6 +219,7 @@ def test_clients_sending_requests_the_server_answers_with_500_never_take_it_out_
         with httpx.Client(timeout=20) as client:
             while time.monotonic() < stop:
                 seen.append(client.post(server.url + PATHS[protocol], json=body).status_code)
+                time.sleep(0.01)  # still hundreds of 500s in a row, on a shared machine
         return seen
 
     def valid_client() -> list[int]:
