@@ -111,7 +111,7 @@ def test_it_accepts_a_model_only_when_it_is_a_sensible_name(value: Any):
 
 @PROPERTY
 @given(
-    st.text(st.characters(min_codepoint=32, blacklist_categories=("Cs",)), min_size=1, max_size=40).filter(
+    st.text(st.characters(min_codepoint=32, exclude_categories=["Cs"]), min_size=1, max_size=40).filter(
         lambda s: s == s.strip()
     )
 )
