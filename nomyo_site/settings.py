@@ -154,6 +154,8 @@ ROUTER_CONFIG = env("ROUTER_CONFIG", default="")
 ROUTER_QUEUE_TIMEOUT = env.float("ROUTER_QUEUE_TIMEOUT", default=60.0)
 ROUTER_QUEUE_MAX = env.int("ROUTER_QUEUE_MAX", default=1000)
 ROUTER_MAX_BODY = env.int("ROUTER_MAX_BODY", default=64 * 1024 * 1024)
+# Seconds a client may take to send a whole request body (from its headers); then 408 (slowloris).
+ROUTER_BODY_TIMEOUT = env.float("ROUTER_BODY_TIMEOUT", default=60.0)
 ROUTER_FLUSH_INTERVAL = env.float("ROUTER_FLUSH_INTERVAL", default=5.0)
 # On SIGTERM/SIGINT: how long in-flight replies may take to finish before they are cut (s).
 ROUTER_DRAIN_TIMEOUT = env.float("ROUTER_DRAIN_TIMEOUT", default=30.0)

@@ -25,6 +25,7 @@ from django.db import DatabaseError, close_old_connections
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 
 from routing.core.errors import ApiError
+from routing.core.names import is_model_name
 from routing.fleet import caches, health, probes
 from routing.fleet.breaker import State, breakers
 from routing.fleet.registry import EndpointInfo, registry
@@ -145,13 +146,7 @@ def _model_param(params: dict[str, Any]) -> str:
     model = params.get("model")
     if model is None or model == "":
         raise ApiError(400, "Missing required field 'model'")
-    if (
-        not isinstance(model, str)
-        or not model.strip()
-        or len(model) > 500
-        # control characters, and lone surrogates (valid in JSON, not storable as UTF-8)
-        or any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in model)
-    ):
+    if not isinstance(model, str) or not is_model_name(model):  # the routes' own check
         raise ApiError(400, "'model' must be a model name")
     return model
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from django.db.models import DateTimeField, Sum
 from django.db.models.functions import Trunc
 
-from routing.core.names import model_key
+from routing.core.names import spellings as model_spellings
 from stats.models import TokenDaily, TokenTimeSeries, TokenTotal
 from stats.recorder import recorder
 
@@ -101,11 +101,7 @@ def spellings(model: str) -> list[str]:
     """Every stored name of one model. `llama3` and `llama3:latest` are one model (see
     routing/names.model_key): tokens are recorded under the key, and a client may ask with
     either spelling the model lists show, so a query matches all of them."""
-    key = model_key(model)
-    names = {model, key}
-    if key.endswith(":latest"):
-        names.add(key.removesuffix(":latest"))
-    return sorted(names)
+    return model_spellings(model)
 
 
 def next_minute(now: datetime) -> datetime:

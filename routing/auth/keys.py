@@ -32,12 +32,13 @@ class RouterKey:
     def authenticate(self, authorization: str | None) -> Principal:
         """The principal for an `Authorization` header value (None: absent).
 
-        No key configured: ANONYMOUS. Else `Bearer <key>` gives OPERATOR; a missing header
-        raises ApiError(401), a wrong scheme or key ApiError(403)."""
+        No key configured: ANONYMOUS. Else `Bearer <key>` gives OPERATOR; a missing credential
+        (no header, a blank one, `Bearer` with no token) raises ApiError(401) (RFC 6750 3.1: a
+        request without a token gets no error code), a wrong scheme or key ApiError(403)."""
         expected = self.current()
         if not expected:
             return ANONYMOUS
-        if not authorization:
+        if not authorization or not authorization.strip().partition(" ")[2].strip():
             raise ApiError(401, "missing Authorization: Bearer <router api key>")
         if not _matches(authorization, expected):
             raise ApiError(403, "invalid router api key")

@@ -39,6 +39,9 @@ class ApiError(Exception):
 
 
 def is_openai_path(path: str) -> bool:
+    """Under /v1 (OpenAI's shape), with any number of leading slashes (`//v1/models`)."""
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")
     return path == "/v1" or path.startswith("/v1/")
 
 

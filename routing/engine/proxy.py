@@ -10,10 +10,11 @@ the send, reading the reply, cancellation) the slot, and its cluster claim, come
 
 Failures are judged by what they say about the server (upstream.verdict/status_verdict,
 routing/fleet/breaker.py): a pooled connection that closed before any reply byte is retried once
-on a fresh connection to the same server; a 4xx and a normal 5xx go back to this client
-alone; a first-byte timeout fails this request alone (504), never resent; refused and
-timed-out connects open the endpoint's breaker at once, repeated 5xx and cut replies only
-when they repeat across requests.
+on a fresh connection to the same server; a 4xx and a complete normal 5xx (not 502/503) go
+back to this client alone and are no evidence about the server; a first-byte timeout fails
+this request alone (504), never resent; refused and timed-out connects open the endpoint's
+breaker at once; 502/503, first-byte timeouts and cut or stalled replies only when they
+repeat across requests. Every error about a server carries `X-Router-Endpoint`.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ async def forward(
     key = model_key(model)
     candidates = list(lookup.candidates)
     failure = "no endpoint answered"
+    tried = ""
     for _ in range(settings.ROUTER_MAX_RETRIES + 1):
         lease = await _acquire(key, model, candidates) if metered else board.unmetered(key, candidates)
         handed_over = False
@@ -83,6 +85,7 @@ async def forward(
                 handed_over = isinstance(outcome, ProxyStreamingResponse)  # its stream owns the slot
                 return outcome
             failure = outcome
+            tried = lease.endpoint.name
         finally:
             if not handed_over:
                 lease.release()
@@ -90,7 +93,17 @@ async def forward(
         if not candidates:
             break
         metrics.failovers.inc()
-    raise ApiError(502, f"upstream failed for model '{model}': {failure}", retry_after=5)
+    raise ApiError(
+        502,
+        f"upstream failed for model '{model}': {failure}",
+        retry_after=5,
+        headers=_named(tried),
+    )
+
+
+def _named(endpoint_name: str) -> dict[str, str]:
+    """The header naming the server an error is about (metrics and the access log read it)."""
+    return {"X-Router-Endpoint": endpoint_name} if endpoint_name else {}
 
 
 def _plan(plan: Planner, cand: Candidate) -> Attempt:
@@ -124,12 +137,15 @@ async def _attempt(
             failure = failures.classify(exc)
             judged = failures.verdict(failure)
             if not judged.failover:  # a first-byte timeout: the work may be running there
+                if judged.evidence is not failures.Evidence.NONE:  # weak: counts when it repeats
+                    health.server_failed(ep, failure.value, strong=False)
                 if attempt.counted:
                     sinks.incomplete(principal, ep.url, lease.model)
                 raise ApiError(
                     504,
                     f"'{ep.name}' sent no reply within {settings.ROUTER_FIRST_BYTE_TIMEOUT:g} s; "
                     "not resent elsewhere, as it may still be working on it",
+                    headers=_named(ep.name),
                 ) from None
             health.server_failed(ep, failure.value, strong=judged.evidence is failures.Evidence.STRONG)
             return failure.value
@@ -137,8 +153,9 @@ async def _attempt(
             status = response.status
             if status >= 500:
                 judged = failures.status_verdict(status)
-                body = await _read_error(response)
-                health.server_failed(ep, f"HTTP {status}", strong=False)
+                body, complete = await _read_error_body(response)
+                if judged.evidence is not failures.Evidence.NONE or not complete:
+                    health.server_failed(ep, f"HTTP {status}", strong=False)
                 if judged.failover:
                     return f"HTTP {status}: {_error_message(body, response.reason)}"
                 return _error_reply(path, ep.name, status, body, response.reason)
@@ -253,11 +270,17 @@ async def _request(
 
 async def _read_error(response: aiohttp.ClientResponse) -> bytes:
     """Up to MAX_ERROR_BODY bytes of an error reply; releases the response."""
+    return (await _read_error_body(response))[0]
+
+
+async def _read_error_body(response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
+    """Up to MAX_ERROR_BODY bytes of an error reply, and whether it arrived whole (False: the
+    server cut or stalled it, which says something about the server); releases the response."""
     try:
         async with asyncio.timeout(settings.ROUTER_PROBE_TIMEOUT):
-            return await response.content.read(MAX_ERROR_BODY)
+            return await response.content.read(MAX_ERROR_BODY), True
     except UPSTREAM_ERRORS:
-        return b""
+        return b"", False
     finally:
         response.close()
 
@@ -311,7 +334,9 @@ async def _reply(
         try:
             relay = attempt.relay()
         except Exception as exc:
-            raise ApiError(502, f"cannot relay the reply of {ep.name}: {exc}"[:500]) from None
+            raise ApiError(
+                502, f"cannot relay the reply of {ep.name}: {exc}"[:500], headers=_named(ep.name)
+            ) from None
         stream = ProxyStream(lease, response, relay, path, counted=attempt.counted, principal=principal)
         streaming = ProxyStreamingResponse(stream, content_type=stream.relay.content_type)
         streaming["X-Router-Endpoint"] = ep.name
@@ -324,7 +349,9 @@ async def _reply(
         health.server_failed(ep, failures.midstream_reason(exc), strong=False)
         if attempt.counted:
             sinks.incomplete(principal, ep.url, lease.model)
-        raise ApiError(502, f"upstream closed before its reply was complete ({ep.name})") from None
+        raise ApiError(
+            502, f"upstream closed before its reply was complete ({ep.name})", headers=_named(ep.name)
+        ) from None
     finally:
         response.release()
         lease.release()
@@ -336,7 +363,7 @@ async def _reply(
             log.warning("malformed reply from %s on %s: %s", ep.name, path, type(exc).__name__)
             if attempt.counted:
                 sinks.incomplete(principal, ep.url, lease.model)
-            raise ApiError(502, f"malformed reply from upstream {ep.name}") from None
+            raise ApiError(502, f"malformed reply from upstream {ep.name}", headers=_named(ep.name)) from None
         if attempt.counted:
             if counts is not None:
                 sinks.record(principal, ep.url, lease.model, counts)

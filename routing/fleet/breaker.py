@@ -60,6 +60,7 @@ class _Entry:
     reason: str
     since: float | None
     failures: int
+    name: str  # how logs name the endpoint (its id when no name was given)
 
 
 class Breakers:
@@ -77,8 +78,11 @@ class Breakers:
         with self._lock:
             entry = self._entries.get(endpoint_id)
             if entry is None:
-                entry = self._entries[endpoint_id] = _Entry(State.CLOSED, reason, None, 0)
+                entry = self._entries[endpoint_id] = _Entry(State.CLOSED, reason, None, 0, str(endpoint_id))
+            if name:
+                entry.name = name
             entry.failures += 1
+            label = entry.name
             entry.reason = reason
             before = entry.state
             if before is State.HALF_OPEN or (
@@ -90,7 +94,7 @@ class Breakers:
             changed = entry.state is not before
         if changed:
             if before is State.CLOSED:
-                log.warning("endpoint %s out of rotation (breaker open): %s", name or endpoint_id, reason)
+                log.warning("endpoint %s out of rotation (breaker open): %s", label, reason)
             self.changed.send()
         return changed and before is State.CLOSED
 
@@ -106,7 +110,7 @@ class Breakers:
             closed = entry.state is State.HALF_OPEN
             del self._entries[endpoint_id]
         if closed:
-            log.info("endpoint %s back in rotation (breaker closed)", endpoint_id)
+            log.info("endpoint %s back in rotation (breaker closed)", entry.name)
             self.changed.send()
 
     def probe_succeeded(self, endpoint_id: int) -> State:

@@ -60,7 +60,9 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "num_keep": ("n_keep",),
 }
 INTEGER_OPTIONS = frozenset({"num_predict", "top_k", "seed", "repeat_last_n", "mirostat", "num_keep"})
-# Set when an OpenAI-compatible server starts, not per request.
+# Settings an Ollama runner takes when it loads a model; an OpenAI-compatible server fixed them
+# when it started. Clients (Open WebUI, LangChain) send num_ctx routinely: they are accepted and
+# not forwarded, and the reply names them in `X-Router-Ignored` (`ignored_options`).
 SERVER_OPTIONS = frozenset(
     {"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap", "use_mlock", "numa", "low_vram"}
 )
@@ -76,15 +78,26 @@ def _option_refusal(options: Any, *, embedding: bool) -> ApiError | None:
     if not isinstance(options, dict):
         return None
     for name, value in options.items():
-        if value is None:
+        if value is None or name in SERVER_OPTIONS:  # load-time settings: ignored, and said so
             continue
         if embedding:
             return _refuse(f"options.{name}", "has no equivalent for embeddings")
-        if name in SERVER_OPTIONS:
-            return _refuse(f"options.{name}", "is fixed when the server starts and cannot be set per request")
         if name not in OPTIONS:
             return _refuse(f"options.{name}", "has no translation")
     return None
+
+
+IGNORED_HEADER = "X-Router-Ignored"
+
+
+def ignored_options(data: dict[str, Any]) -> str:
+    """The load-time options (SERVER_OPTIONS) this Ollama request sets, as the value of the
+    reply's `X-Router-Ignored` header when an OpenAI-compatible server serves it
+    ("num_ctx,num_gpu", in the request's order); "" when it sets none."""
+    options = data.get("options")
+    if not isinstance(options, dict):
+        return ""
+    return ",".join(name for name, value in options.items() if name in SERVER_OPTIONS and value is not None)
 
 
 # The fields each route translates (Ollama's docs/api.md); any other field that is set

@@ -29,4 +29,5 @@ urlpatterns = [
     path("v1/completions", openai_views.completions),
     path("v1/embeddings", openai_views.embeddings),
     path("v1/models", openai_views.models),
+    path("v1/models/<path:model_id>", openai_views.model),  # a prefix route: label "/v1/models/{model_id}"
 ]

@@ -22,7 +22,9 @@ logs each of them itself (`routing.access`, with the endpoint chosen and the req
 and a second line per request cost one more write(2) and its formatting.
 Admin and page requests keep daphne's line.
 
-Memory bounded by settings, not by clients (the three hooks below):
+Memory bounded by settings, not by clients (the three hooks below), and time: a body still
+incomplete ROUTER_BODY_TIMEOUT seconds after its headers is answered 408 inside Twisted
+(daphne hands the application nothing before the whole body is in) and its connection closed.
 
 - Request bodies. Twisted receives a whole body (into memory, or a temporary file past
   100 kB) before daphne calls the application, and daphne then queues all of it for the
@@ -192,6 +194,7 @@ def _without_form_parsing(web_request: type) -> type | None:
     class RawBodyRequest(web_request):  # type: ignore[misc,valid-type]
         _router_received = 0
         _router_refused = False
+        _router_timer: Any = None  # the body deadline (ROUTER_BODY_TIMEOUT), while a body is read
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs.setdefault("parsePOSTFormSubmission", False)
@@ -206,6 +209,8 @@ def _without_form_parsing(web_request: type) -> type | None:
                 _refuse_body(self, limit)
                 return
             super().gotLength(length)
+            if length or (length is None and self.requestHeaders.hasHeader(b"transfer-encoding")):
+                self._router_timer = _body_deadline(self)  # a body to read: bound its time
 
         def handleContentChunk(self, data: bytes) -> None:
             self._router_received += len(data)
@@ -218,7 +223,14 @@ def _without_form_parsing(web_request: type) -> type | None:
                 return
             super().handleContentChunk(data)
 
+        def connectionLost(self, reason: Any) -> None:
+            if self._router_timer is not None and self._router_timer.active():
+                self._router_timer.cancel()
+            super().connectionLost(reason)
+
         def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+            if self._router_timer is not None and self._router_timer.active():
+                self._router_timer.cancel()  # the whole body arrived in time
             if self._router_refused:
                 self.channel.transport.loseConnection()  # all of it dropped: close cleanly
                 return
@@ -231,6 +243,40 @@ def _refuse_body(request: Any, limit: int) -> None:
     """Answer 413 in the route's error shape straight on the transport, then linger."""
     from twisted.internet import reactor  # daphne only
 
+    transport = _answer_early(
+        request, 413, b"Request Entity Too Large", f"request body is larger than {limit} bytes"
+    )
+
+    def close() -> None:
+        if transport.connected:
+            transport.abortConnection()
+
+    reactor.callLater(LINGER_SECONDS, close)  # type: ignore[attr-defined,arg-type]
+
+
+def _body_deadline(request: Any) -> Any:
+    """A timer (Twisted's IDelayedCall) that answers 408 and closes the connection when the
+    body is not whole ROUTER_BODY_TIMEOUT seconds after the headers; cancelled when it is."""
+    from twisted.internet import reactor  # daphne only
+
+    timeout = settings.ROUTER_BODY_TIMEOUT
+
+    def expire() -> None:
+        transport = request.channel.transport if request.channel is not None else None
+        if request._router_refused or transport is None or not transport.connected:
+            return
+        _answer_early(
+            request, 408, b"Request Timeout", f"the request body did not arrive within {timeout:g} s"
+        )
+        transport.loseConnection()  # after the 408 is written; the rest of the body is not read
+
+    return reactor.callLater(timeout, expire)  # type: ignore[attr-defined]
+
+
+def _answer_early(request: Any, status: int, reason: bytes, message: str) -> Any:
+    """Answer `status` in the route's error shape straight on the transport, before the
+    application has the request (its body is refused); counted and logged as the lean handler
+    would. Returns the transport."""
     request._router_refused = True
     channel = request.channel
     transport = channel.transport
@@ -239,22 +285,17 @@ def _refuse_body(request: Any, limit: int) -> None:
     path = raw_path.partition(b"?")[0].decode("latin-1")
     given = request.requestHeaders.getRawHeaders(b"x-request-id")
     request_id = given[-1][:64].decode("latin-1") if given else os.urandom(8).hex()
-    response = error_response(path, ApiError(413, f"request body is larger than {limit} bytes"))
-    head = [b"HTTP/1.1 413 Request Entity Too Large"]
+    response = error_response(path, ApiError(status, message))
+    head = [b"HTTP/1.1 %d %s" % (status, reason)]
     head += [f"{k}: {v}".encode("latin-1") for k, v in response.items()]
     head.append(b"X-Request-Id: " + request_id.encode("latin-1"))
-    head += [k + b": " + v for k, v in _cors_headers(request)]  # a browser app reads the 413 too
+    head += [k + b": " + v for k, v in _cors_headers(request)]  # a browser app reads it too
     head += [b"Content-Length: %d" % len(response.content), b"Connection: close"]
     transport.write(b"\r\n".join(head) + b"\r\n\r\n" + response.content)
-    requests.labels(route=_route_label(path), endpoint="", status="413").inc()
+    requests.labels(route=_route_label(path), endpoint="", status=str(status)).inc()
     method = getattr(channel, "_command", b"-").decode("latin-1")
-    log.info("%s %s 413 body over ROUTER_MAX_BODY, refused request_id=%s", method, path, request_id)
-
-    def close() -> None:
-        if transport.connected:
-            transport.abortConnection()
-
-    reactor.callLater(LINGER_SECONDS, close)  # type: ignore[attr-defined,arg-type]
+    log.info("%s %s %d %s request_id=%s", method, path, status, message, request_id)
+    return transport
 
 
 def _cors_headers(request: Any) -> list[tuple[bytes, bytes]]:

@@ -5,7 +5,8 @@ Django's full handler runs every request inside a thread-sensitive context, fire
 connections) and closes responses in a thread. The proxy routes do no database work, so
 they skip all of that: the body is read once (bounded by ROUTER_MAX_BODY), a light
 request is built (`ProxyRequest`), the view is found by exact path in a table built from
-`routing.protocols.urls`, the async view runs, and the reply is sent. Auth and request ids
+`routing.protocols.urls` (or, for a route ending in `<path:name>`, by its fixed prefix: the rest
+of the path is the view's argument), the async view runs, and the reply is sent. Auth and request ids
 are async checks here rather than sync-capable middleware. Admin and pages stay on
 Django's normal, fully safe path.
 
@@ -22,6 +23,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
@@ -52,7 +54,13 @@ Scope = dict[str, Any]
 
 
 def is_proxy_path(path: str) -> bool:
-    return path.startswith(PROXY_PREFIXES) or path in PROXY_PATHS
+    """A path the lean handler answers: a route of its table, or any other path under /api/ or
+    /v1/, with any number of leading slashes (`//api/chat`: a client's base URL ending in '/'),
+    so every such path gets the protocol's JSON error (404 "no route"), never Django's HTML page.
+    Such paths are not normalised: a request is served at its route's own path only."""
+    if path.startswith(PROXY_PREFIXES) or path in PROXY_PATHS:
+        return True
+    return path.startswith("//") and ("/" + path.lstrip("/")).startswith(PROXY_PREFIXES)
 
 
 class Disconnected(Exception):
@@ -85,32 +93,74 @@ class ProxyRequest(HttpRequest):
 
 
 def proxy_views(urlconf: str) -> dict[str, View]:
-    """Exact path -> view, from the route table `urlconf` (a dotted module path with `urlpatterns`;
-    every proxy route is a fixed path, else ValueError)."""
+    """Exact path -> view, from the route table `urlconf` (a dotted module path with `urlpatterns`).
+    Every proxy route is a fixed path or a fixed prefix ending in one `<path:name>` (those are in
+    `prefix_routes`); any other pattern is a ValueError."""
     views: dict[str, View] = {}
     for pattern in get_resolver(urlconf).url_patterns:
         route = str(pattern.pattern)
-        if not isinstance(pattern, URLPattern) or "<" in route:
-            raise ValueError(f"proxy routes are fixed paths; {route!r} is not")
-        views["/" + route] = pattern.callback
+        if not isinstance(pattern, URLPattern):
+            raise ValueError(f"proxy routes are fixed paths or prefixes; {route!r} is not")
+        if "<" not in route:
+            views["/" + route] = pattern.callback
+        elif _prefix_of(route) is None:
+            raise ValueError(f"proxy routes are fixed paths or prefixes; {route!r} is not")
     return views
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixRoute:
+    """A route `prefix` + one path argument (ids with '/' and ':', e.g. /v1/models/{model_id})."""
+
+    prefix: str  # "/v1/models/"
+    argument: str  # the view's keyword argument: "model_id"
+    label: str  # its metrics label, one per route whatever the argument: "/v1/models/{model_id}"
+    view: View
+
+
+def _prefix_of(route: str) -> tuple[str, str] | None:
+    """("v1/models/", "model_id") for "v1/models/<path:model_id>"; None for any other shape."""
+    head, sep, tail = route.partition("<path:")
+    if not sep or "<" in head or not head.endswith("/") or not tail.endswith(">"):
+        return None
+    name = tail[:-1]
+    return (head, name) if name.isidentifier() else None
+
+
+def prefix_routes(urlconf: str) -> tuple[PrefixRoute, ...]:
+    """The prefix routes of the route table `urlconf`, longest prefix first."""
+    found = []
+    for pattern in get_resolver(urlconf).url_patterns:
+        if not isinstance(pattern, URLPattern):
+            continue
+        shape = _prefix_of(str(pattern.pattern))
+        if shape is not None:
+            head, name = shape
+            found.append(PrefixRoute("/" + head, name, f"/{head}{{{name}}}", pattern.callback))
+    return tuple(sorted(found, key=lambda r: -len(r.prefix)))
 
 
 class ProxyHandler:
     def __init__(self, urlconf: str) -> None:
         """urlconf: the dotted path of the route table (nomyo_site.proxy_urls)."""
-        global _routes
+        global _routes, _prefixes
         self.views = proxy_views(urlconf)  # imports the views now, not on the first request
+        self.prefixes = prefix_routes(urlconf)
         _routes = _routes | self.views.keys()
+        _prefixes = _prefixes + self.prefixes
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         lifecycle.ensure_started()
         path: str = scope["path"]
         request_id, declared_length = _request_headers(scope)
-        if serving.draining and path not in DRAIN_OPEN_PATHS:
-            await self._send(send, error_response(path, _draining_error()), request_id)
-            return
         started = time.perf_counter()
+        if serving.draining and path not in DRAIN_OPEN_PATHS:
+            refused = error_response(path, _draining_error())
+            try:
+                await self._send(send, refused, request_id)
+            finally:  # counted and logged like every other request
+                self._account(scope, path, refused, refused.status_code, started, request_id)
+            return
         task = asyncio.current_task()
         assert task is not None
         in_flight = lifecycle.in_flight
@@ -133,7 +183,7 @@ class ProxyHandler:
                 body = await self._read_body(receive, declared_length)
             except Disconnected:
                 return
-            except ApiError as err:  # a body over ROUTER_MAX_BODY: counted like any reply
+            except ApiError as err:  # a body over ROUTER_MAX_BODY or too slow: counted like any reply
                 status = err.status
                 await self._send(send, error_response(path, err), request_id)
                 return
@@ -175,7 +225,7 @@ class ProxyHandler:
         """The request's metrics and its one access-log line."""
         endpoint = response.get("X-Router-Endpoint", "") if response is not None else ""
         elapsed = time.perf_counter() - started
-        metrics.request_done(path if path in self.views else "other", endpoint, status, elapsed)
+        metrics.request_done(_route_label(path), endpoint, status, elapsed)
         log.info(
             "%s %s %s %.1fms endpoint=%s request_id=%s",
             scope.get("method"),
@@ -207,15 +257,33 @@ class ProxyHandler:
 
     async def _read_body(self, receive: Any, declared_length: int = -1) -> bytes:
         """The whole request body, refused with 413 as soon as it is known to pass ROUTER_MAX_BODY:
-        by its Content-Length before anything is read, else (chunked) as the count passes it.
+        by its Content-Length before anything is read, else (chunked) as the count passes it;
+        408 when it is not whole ROUTER_BODY_TIMEOUT seconds after the handler started (uvicorn
+        calls it once the headers are in).
         (Under daphne, routing/server/daphne_hooks.py refuses earlier still, inside Twisted.)"""
         limit = settings.ROUTER_MAX_BODY
         if declared_length > limit:
             raise _too_large(limit)
+        message = await receive()  # the common case: the whole body in one message, no timer
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            body: bytes = message.get("body", b"")
+            if len(body) > limit:
+                raise _too_large(limit)
+            return body
+        timeout = settings.ROUTER_BODY_TIMEOUT
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._read_rest(receive, message, limit)
+        except TimeoutError:
+            raise ApiError(
+                408, f"the request body did not arrive within {timeout:g} s", headers={"Connection": "close"}
+            ) from None
+
+    async def _read_rest(self, receive: Any, message: dict[str, Any], limit: int) -> bytes:
+        """The body from its first message on (ROUTER_BODY_TIMEOUT bounds the whole read)."""
         parts: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
             if message["type"] == "http.disconnect":
                 raise Disconnected()
             chunk = message.get("body", b"")
@@ -226,15 +294,20 @@ class ProxyHandler:
                 parts.append(chunk)
             if not message.get("more_body", False):
                 return parts[0] if len(parts) == 1 else b"".join(parts)
+            message = await receive()
 
     async def _respond(self, scope: Scope, path: str, body: bytes) -> HttpResponseBase:
         try:
             principal = _principal(scope, path)
             view = self.views.get(path)
-            if view is None:
-                raise ApiError(404, f"no route {path}")
-            # The body was read (and bounded) above; Django's own size cap is for forms.
-            return await view(ProxyRequest(scope, body, principal))
+            if view is not None:
+                # The body was read (and bounded) above; Django's own size cap is for forms.
+                return await view(ProxyRequest(scope, body, principal))
+            for route in self.prefixes:
+                if path.startswith(route.prefix) and len(path) > len(route.prefix):
+                    argument = {route.argument: path[len(route.prefix) :]}
+                    return await route.view(ProxyRequest(scope, body, principal), **argument)
+            raise ApiError(404, f"no route {path}")
         except ApiError as err:
             return error_response(path, err)
         except (BadRequest, SuspiciousOperation) as exc:
@@ -309,8 +382,15 @@ def _principal(scope: Scope, path: str) -> Principal:
 # builds one), so a new route gets its own label with no list to keep. Any other path is
 # "other": unknown paths create no new time series. Grown only at start-up, replaced whole.
 _routes: frozenset[str] = frozenset()
+_prefixes: tuple[PrefixRoute, ...] = ()
 
 
 def _route_label(path: str) -> str:
-    """The `route` label of a request for `path`: the path when it is in the route table, else "other"."""
-    return path if path in _routes else "other"
+    """The `route` label of a request for `path`: the path when it is in the route table, a prefix
+    route's label ("/v1/models/{model_id}") for a path under it, else "other"."""
+    if path in _routes:
+        return path
+    for route in _prefixes:
+        if path.startswith(route.prefix) and len(path) > len(route.prefix):
+            return route.label
+    return "other"

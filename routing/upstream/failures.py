@@ -93,9 +93,9 @@ class Verdict:
 _FAILURE_VERDICTS = {
     Failure.REFUSED: Verdict(Evidence.STRONG, failover=True),
     Failure.CONNECT_TIMEOUT: Verdict(Evidence.STRONG, failover=True),
-    # The work may be running there: neither resent elsewhere nor held against the server
-    # (a hung server fails its probes, which are evidence about it).
-    Failure.FIRST_BYTE_TIMEOUT: Verdict(Evidence.NONE, failover=False),
+    # The work may be running there: never resent elsewhere. Weak: one request may be slow,
+    # but a server that stalls request after request leaves rotation (it may answer probes).
+    Failure.FIRST_BYTE_TIMEOUT: Verdict(Evidence.WEAK, failover=False),
     # Closed twice without a reply, or a malformed head: nothing was answered, so trying
     # another server cannot double an answer; weak, as one request may crash a server.
     Failure.DISCONNECTED: Verdict(Evidence.WEAK, failover=True),
@@ -109,15 +109,18 @@ def verdict(failure: Failure) -> Verdict:
 
 
 def status_verdict(status: int) -> Verdict:
-    """A reply the server sent normally. Below 500 it is about the request (the server works).
-    502 and 503 say the server did not take the work (overloaded, or a proxy in front of it
-    could not reach it): another server may try. Every other 5xx (500 from one bad request,
-    504 from a proxy whose backend may still be working) goes back to this client alone.
-    Every 5xx is weak evidence: it only opens the breaker when it repeats across requests
-    with no good reply in between."""
-    if status < 500:
-        return Verdict(Evidence.NONE, failover=False)
-    return Verdict(Evidence.WEAK, failover=status in (502, 503))
+    """A complete reply the server sent normally (its error body read to the end).
+
+    Below 500 it is about the request. 502 and 503 say the server did not take the work
+    (overloaded, or a proxy in front of it could not reach it): weak evidence, and another
+    server may try. Every other 5xx (500 "image input is not supported", 501, a 504 from a
+    proxy whose backend may still be working) is the server's normal answer about this
+    request: it goes back to this client alone and is no evidence either way, so clients
+    sending bad requests cannot take the server out for others (issue 11 section 3). A 5xx
+    whose body is cut or stalled is a broken reply: the caller counts it as weak evidence."""
+    if status in (502, 503):
+        return Verdict(Evidence.WEAK, failover=True)
+    return Verdict(Evidence.NONE, failover=False)
 
 
 UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)

@@ -91,6 +91,14 @@ def test_sigterm_lets_a_stream_finish_and_refuses_new_requests(server_name, fake
     )
     assert fake.stats.completed == 1 and fake.stats.cancelled == 0
     assert "Traceback" not in server.log()
+    # every request has its one access-log line, the ones refused while draining included
+    log_lines = server.log().splitlines()
+    for route, status, count in [
+        ("/api/chat", 503, 2),
+        ("/v1/chat/completions", 503, 2),
+        ("/api/chat", 200, 1),
+    ]:
+        assert sum(f"POST {route} {status} " in line for line in log_lines) == count, (route, status)
 
 
 @pytest.mark.parametrize("server_name", SERVERS)

@@ -212,7 +212,7 @@ def test_every_reply_to_an_allowed_origin_carries_cors_headers(cors_router) -> N
         assert reply.status_code == status, reply.text
         assert reply.headers["access-control-allow-origin"] == origin
         exposed = {h.strip().lower() for h in reply.headers["access-control-expose-headers"].split(",")}
-        assert {"x-request-id", "x-router-endpoint", "retry-after"} <= exposed
+        assert {"x-request-id", "x-router-endpoint", "x-router-ignored", "retry-after"} <= exposed
         assert "Origin" in reply.headers["vary"]
 
     with httpx.Client(base_url=cors_router.url, timeout=10) as http:

@@ -244,3 +244,64 @@ def test_a_chunked_body_over_the_limit_is_cut_off(server_name, fakes, endpoint, 
 
     reply = httpx.post(server.url + "/api/chat", json=chat_body(stream=False), timeout=30)
     assert (reply.status_code, reply.json()["eval_count"]) == (200, 2)
+
+
+# ------------------------------------------------------------------------ slow bodies (slowloris)
+
+
+@pytest.mark.parametrize("server_name", SERVERS)
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_trickled_past_the_body_timeout_gets_408_and_its_connection_closed(
+    server_name, chunked, fakes, endpoint, router
+):
+    fake = fakes(kind="ollama", models=[MODEL], tokens=2)
+    endpoint(fake.url)
+    server = router(server=server_name, ROUTER_BODY_TIMEOUT="1")
+    for path in ("/api/chat", "/v1/chat/completions"):
+        framing = "Transfer-Encoding: chunked" if chunked else "Content-Length: 1000"
+        sock = _raw(
+            server, f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{framing}\r\n\r\n"
+        )
+        started = time.monotonic()
+        trickling = threading.Event()
+
+        def trickle(sock: socket.socket = sock, done: threading.Event = trickling) -> None:
+            try:
+                while not done.is_set():  # one byte every 0.2 s: never done within the timeout
+                    sock.sendall(b"1\r\n \r\n" if chunked else b" ")
+                    time.sleep(0.2)
+            except OSError:
+                pass  # the router closed the connection
+
+        writer = threading.Thread(target=trickle, daemon=True)
+        writer.start()
+        status, headers, body = _read_reply(sock)
+        elapsed = time.monotonic() - started
+        trickling.set()
+        assert status == 408, body
+        assert 0.9 <= elapsed < 5, elapsed
+        assert headers["content-type"] == "application/json" and headers.get("connection") == "close"
+        error = json.loads(body)["error"]
+        message = error["message"] if path.startswith("/v1/") else error
+        assert "did not arrive within 1 s" in message
+        assert sock.recv(65536) == b""  # closed by the router
+        sock.close()
+        writer.join(5)
+    assert _generations(fake) == 0
+    # a body sent in parts, in time, is served as usual
+    payload = json.dumps(chat_body(stream=False)).encode()
+    sock = _raw(
+        server,
+        f"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n",
+    )
+    for at in range(0, len(payload), 16):
+        sock.sendall(payload[at : at + 16])
+        time.sleep(0.02)
+    status, _, body = _read_reply(sock)
+    sock.close()
+    assert status == 200, body
+    wait_idle(server)
+    counted = metrics_of(server)
+    for path in ("/api/chat", "/v1/chat/completions"):
+        assert counted.value("router_requests_total", route=path, status="408") == 1

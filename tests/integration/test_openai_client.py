@@ -44,6 +44,42 @@ def test_it_lists_the_merged_models(mixed):
     assert sorted(m.id for m in client.models.list()) == ["llama3:latest", "qwen-coder"]
 
 
+def test_it_retrieves_one_model_in_any_spelling_the_lists_show_and_404s_an_unknown_one(
+    fakes, endpoint, router
+):
+    names = ["llama3:latest", "hf.co/org/Model-GGUF:Q4_K_M"]  # ids may hold '/' and ':'
+    ollama_fake = fakes(kind="ollama", models=names)
+    llama_cpp = fakes(kind="openai", models=["qwen-coder", "org/qwen:7b"])
+    endpoint(ollama_fake.url, name="gpu-ollama", max_concurrent_connections=4)
+    endpoint(llama_cpp.url + "/v1", name="gpu-llamacpp", kind="openai", max_concurrent_connections=4)
+    server = router()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    for asked, listed in [
+        ("llama3", "llama3:latest"),
+        ("llama3:latest", "llama3:latest"),
+        ("hf.co/org/Model-GGUF:Q4_K_M", "hf.co/org/Model-GGUF:Q4_K_M"),
+        ("qwen-coder", "qwen-coder"),
+        ("org/qwen:7b", "org/qwen:7b"),
+    ]:
+        found = client.models.retrieve(asked)
+        assert (found.id, found.object) == (listed, "model")
+        assert isinstance(found.created, int) and found.owned_by
+        assert found.id in {m.id for m in client.models.list()}
+    for unknown in ["nope", "org/nope:1", "llama3:7b"]:
+        with pytest.raises(openai.NotFoundError) as caught:
+            client.models.retrieve(unknown)
+        error = caught.value.response.json()["error"]
+        assert error["code"] == "model_not_found" and unknown in error["message"]
+        assert error["type"] == "not_found_error"
+    refused = httpx.post(server.url + "/v1/models/llama3", timeout=10)
+    assert refused.status_code == 405 and refused.json()["error"]["type"] == "invalid_request_error"
+    # one bounded metrics label for the route, whatever the id
+    metrics = httpx.get(server.url + "/metrics", timeout=10).text
+    lines = [line for line in metrics.splitlines() if 'route="/v1/m' in line]
+    labelled = {line.split('route="')[1].split('"')[0] for line in lines}
+    assert labelled == {"/v1/models/{model_id}", "/v1/models"}
+
+
 @pytest.mark.parametrize("model", ["llama3", "qwen-coder"])
 def test_it_completes_a_chat_without_streaming(mixed, model):
     _, _, _, client = mixed

@@ -295,8 +295,9 @@ def test_raw_generate_uses_completions_with_the_prompt_as_it_is(xl):
 @pytest.mark.parametrize(
     ("route", "extra", "named"),
     [
-        ("/api/chat", {"options": {"num_ctx": 8192}}, "options.num_ctx"),
+        ("/api/chat", {"options": {"num_ctx": 8192, "tfs_z": 1.0}}, "options.tfs_z"),
         ("/api/chat", {"options": {"no_such_option": 1}}, "options.no_such_option"),
+        ("/api/embed", {"options": {"num_ctx": 8192, "temperature": 1}}, "options.temperature"),
         ("/api/generate", {"template": "{{ .Prompt }}"}, "template"),
         ("/api/generate", {"context": [1, 2, 3]}, "context"),
         ("/api/generate", {"raw": True, "system": "be brief"}, "system"),
@@ -322,6 +323,55 @@ def test_a_field_that_cannot_be_translated_is_refused_by_name(xl, route, extra, 
         proc.url + route, json={"model": "llama3", "stream": False, **base, **extra}, timeout=10
     )
     assert same.status_code == 200, same.text
+
+
+LOAD_TIME = {"num_ctx": 8192, "num_gpu": 99, "num_thread": 8, "num_batch": 512, "use_mmap": True}
+LOAD_TIME_ALL = {**LOAD_TIME, "use_mlock": False, "numa": False, "low_vram": False, "main_gpu": 0}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_load_time_options_are_ignored_on_an_openai_server_and_the_reply_names_them(xl, stream):
+    # Open WebUI and LangChain send num_ctx with every request: an OpenAI-compatible server fixed
+    # it when it started, so the request is served without it, and the reply says so.
+    scripts, server, (first, second), proc = xl
+    scripts.reply = (
+        Reply(events=[chat_chunk({"content": "Hi"}, "stop"), usage_chunk()])
+        if stream
+        else Reply(whole=whole_chat("Hi"))
+    )
+    options = {**LOAD_TIME_ALL, "temperature": 0.5}
+    body = {"model": "gpt-x", "stream": stream, "messages": CONVERSATION[:1], "options": options}
+    reply = httpx.post(proc.url + "/api/chat", json=body, timeout=10)
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["x-router-ignored"] == ",".join(LOAD_TIME_ALL)
+    assert "Hi" in "".join(line["message"]["content"] for line in ndjson(reply))
+    (path, sent), *_ = server.bodies
+    assert path == "/v1/chat/completions" and sent["temperature"] == 0.5
+    assert not set(LOAD_TIME_ALL) & set(sent) and "options" not in sent
+    scripts.reply = Reply(
+        whole={
+            "object": "list",
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}],
+            "usage": usage(2, 0),
+        }
+    )
+    embed = httpx.post(
+        proc.url + "/api/embed",
+        json={"model": "gpt-x", "input": "x", "options": {"num_ctx": 512}},
+        timeout=10,
+    )
+    assert embed.status_code == 200 and embed.headers["x-router-ignored"] == "num_ctx"
+    assert embed.json()["embeddings"] == [[0.5]]
+    # on an Ollama server they are real settings: sent as given, and nothing is named
+    ollama_body = {**body, "model": "llama3", "options": LOAD_TIME}
+    direct = httpx.post(proc.url + "/api/chat", json=ollama_body, timeout=10)
+    assert direct.status_code == 200 and "x-router-ignored" not in direct.headers
+    forwarded = [b for fake in (first, second) for b in fake.stats.bodies_for("/api/chat")]
+    assert forwarded and forwarded[-1]["options"] == LOAD_TIME
+    # without load-time options, no header
+    plain = httpx.post(proc.url + "/api/chat", json={**body, "options": {"temperature": 0.5}}, timeout=10)
+    assert plain.status_code == 200 and "x-router-ignored" not in plain.headers
+    assert in_flight(proc.url) == 0
 
 
 # --------------------------------------------------------------------------- 7. load / unload

@@ -88,6 +88,9 @@ BAD_MODEL_VALUES: dict[str, Any] = {
     "model nul": "llama\u0000",
     "model escape": "\u001b[31mred",
     "model 501 chars": "x" * 501,
+    "model lone surrogate": "\ud800",  # valid JSON, not storable as UTF-8 (as /api/stats says)
+    "model leading blank": " llama3",  # the routes and /api/stats accept the same spellings
+    "model trailing blank": "llama3 ",
 }
 
 ODD_BUT_VALID_NAMES = [
@@ -100,7 +103,6 @@ ODD_BUT_VALID_NAMES = [
     "/",
     "llama3:latest:extra",
     "%00",
-    "\ud800",  # a lone surrogate
     "llama3:",
     "<script>alert(1)</script>",
     "llama3?x=1#y",
@@ -167,7 +169,7 @@ UNKNOWN_ROUTES = [
     ("GET", "/api/tags/extra"),
     ("POST", "/v1/nope"),
     ("POST", "/v1/chat/completions/"),
-    ("GET", "/v1/models/llama3"),
+    ("GET", "/v1/models/"),
     ("POST", "/v1/responses"),
 ]
 

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from tests.conftest import wait_until
 from tests.reliability.support import (
     MODEL_KEY,
     PROMPT_TOKENS,
@@ -194,3 +195,88 @@ def test_a_request_the_translation_cannot_build_is_a_400_and_its_slot_comes_back
     assert ok.status_code == 200
     assert endpoint_up(server, "oa") == 1
     assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("kind", ["ollama", "openai"])
+def test_clients_sending_requests_the_server_answers_with_500_never_take_it_out_for_others(
+    kind, fakes, endpoint, router
+):
+    # Issue 11 section 3: several clients keep sending a request the server answers with a
+    # normal 500 (llama-server: "image input is not supported"), far more than the breaker's
+    # threshold in a row, while one client sends valid requests now and then: the valid
+    # client never gets a 503, and the server never leaves rotation.
+    fake = fakes(kind=kind, models=[MODEL_KEY], fault="500", fault_match="BADREQ")
+    url = fake.url + ("/v1" if kind == "openai" else "")
+    endpoint(url, name="solo", kind=kind, max_concurrent_connections=4)
+    server = router(ROUTER_BREAKER_FAILURES="3")
+    stop = time.monotonic() + 4.0
+
+    def bad_client(i: int) -> list[int]:
+        protocol = ("ollama", "openai")[i % 2]
+        body = chat_body(stream=i % 3 == 0, model=MODEL_KEY)
+        body["messages"] = [{"role": "user", "content": "BADREQ describe this image"}]
+        seen = []
+        with httpx.Client(timeout=20) as client:
+            while time.monotonic() < stop:
+                seen.append(client.post(server.url + PATHS[protocol], json=body).status_code)
+                time.sleep(0.01)  # still hundreds of 500s in a row, on a shared machine
+        return seen
+
+    def valid_client() -> list[int]:
+        seen = []
+        with httpx.Client(timeout=20) as client:
+            i = 0
+            while time.monotonic() < stop:
+                protocol = ("ollama", "openai")[i % 2]
+                body = chat_body(stream=i % 3 == 0, model=MODEL_KEY)
+                seen.append(client.post(server.url + PATHS[protocol], json=body).status_code)
+                i += 1
+                time.sleep(0.15)
+        return seen
+
+    with ThreadPoolExecutor(4) as pool:
+        bad = [pool.submit(bad_client, i) for i in range(3)]
+        valid = pool.submit(valid_client)
+        bad_statuses = [s for f in bad for s in f.result()]
+        valid_statuses = valid.result()
+    assert len(bad_statuses) >= 30 and set(bad_statuses) == {500}  # far past the threshold
+    assert fake.stats.faults == len(bad_statuses)  # the fault really happened each time
+    assert len(valid_statuses) >= 10 and set(valid_statuses) == {200}, valid_statuses
+    metrics = metrics_of(server)
+    assert metrics.value("router_endpoint_breaker_state", endpoint="solo", state="closed") == 1
+    assert endpoint_up(server, "solo") == 1
+    # the 500s are named after the server that sent them
+    assert metrics.value("router_requests_total", endpoint="solo", status="500") == len(bad_statuses)
+    wait_idle(server)
+
+
+def test_a_server_that_stalls_request_after_request_leaves_rotation_and_its_timeouts_name_it(
+    fakes, endpoint, router
+):
+    # slow answers its probes but sends no first byte in time, request after request: each
+    # request fails alone (504, never resent), the repeats open its breaker, and each 504
+    # names the server in the reply, /metrics and the access log.
+    slow = fakes(models=[MODEL_KEY], loaded=[MODEL_KEY], first_byte_delay=3)
+    fast = fakes(models=[MODEL_KEY])
+    endpoint(slow.url, name="slow1", max_concurrent_connections=4)
+    endpoint(fast.url, name="fast", max_concurrent_connections=4)
+    server = router(ROUTER_FIRST_BYTE_TIMEOUT="0.5", ROUTER_BREAKER_FAILURES="2")
+    statuses = []
+    for i in range(8):
+        reply = httpx.post(server.url + "/api/chat", json=chat_body(stream=i % 2 == 0), timeout=20)
+        statuses.append(reply.status_code)
+        if reply.status_code == 504:
+            assert reply.headers["x-router-endpoint"] == "slow1"
+        else:
+            assert reply.status_code == 200 and reply.headers["x-router-endpoint"] == "fast"
+    timeouts = statuses.count(504)
+    assert 2 <= timeouts <= 3 and statuses[-1] == 200, statuses  # out after the threshold
+    assert slow.stats.requests.get("/api/chat") == timeouts  # each timed-out request sent once
+    metrics = metrics_of(server)
+    assert metrics.value("router_endpoint_breaker_state", endpoint="slow1", state="closed") == 0
+    assert metrics.value("router_requests_total", endpoint="slow1", status="504") == timeouts
+    assert metrics.value("router_requests_total", endpoint="", status="504") == 0
+    wait_until(lambda: server.log().count("504") >= timeouts)
+    lines = [line for line in server.log().splitlines() if "/api/chat 504" in line]
+    assert len(lines) == timeouts and all("endpoint=slow1" in line for line in lines), lines
+    wait_idle(server)

@@ -147,23 +147,32 @@ def test_it_fails_over_to_the_second_endpoint_before_the_first_byte(fault, fakes
     assert db_totals(bad.url) == Totals(PROMPT_TOKENS, 8, 1, 0)  # the failed try counts nothing
 
 
-def test_a_500_goes_to_its_client_and_only_repeated_ones_open_the_breaker(fakes, endpoint, router):
+def test_a_500_goes_to_its_client_alone_and_never_opens_the_breaker_but_repeated_503s_do(
+    fakes, endpoint, router
+):
     fake = fakes(models=[MODEL_KEY], fault="500")
     endpoint(fake.url, name="solo", max_concurrent_connections=1)
     server = router(ROUTER_BREAKER_FAILURES="2", **RECOVERY)
     first = post(server, "ollama", stream=True)
     assert first.status_code == 500 and first.headers["x-router-endpoint"] == "solo"
     assert first.json() == {"error": "fake fault: internal server error"}  # Ollama's shape
-    assert endpoint_up(server, "solo") == 1  # one 500 may be about that one request
-    second = post(server, "openai", stream=False)
-    assert second.status_code == 500
-    assert second.json()["error"]["message"] == "fake fault: internal server error"
-    assert endpoint_up(server, "solo") == 0  # the second in a row, with no good reply between
+    for _ in range(4):  # far past the threshold: a complete 500 is an answer about its request
+        again = post(server, "openai", stream=False)
+        assert again.status_code == 500
+        assert again.json()["error"]["message"] == "fake fault: internal server error"
+    assert endpoint_up(server, "solo") == 1
+    assert fake.stats.faults == 5
+    # a 503 says the server did not take the work: weak evidence, out after the second in a row
+    fake.config.fault = "503"
+    assert post(server, "openai", stream=False).status_code == 502  # no other server to try
+    assert endpoint_up(server, "solo") == 1
+    assert post(server, "openai", stream=False).status_code == 502
+    assert endpoint_up(server, "solo") == 0
     third = post(server, "openai", stream=False)  # out of rotation: answered at once
     assert third.status_code == 503 and third.headers["retry-after"] == "5"
     error = third.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "service_unavailable"
-    assert fake.stats.faults == 2
+    assert fake.stats.faults == 7
     wait_idle(server)
     fake.config.fault = "none"
     wait_up(server, "solo", True)

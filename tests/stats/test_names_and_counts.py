@@ -66,9 +66,9 @@ def test_every_stats_route_finds_a_model_in_any_spelling_the_lists_show(fakes, e
     listed = {m["name"] for m in httpx.get(server.url + "/api/tags").json()["models"]}
     listed |= {m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]}
     assert listed & {GEMMA, f"{GEMMA}:latest"}
-    # what the lists show, both spellings (llama-server lists the bare name), and stray blanks
+    # what the lists show, both spellings (llama-server lists the bare name)
     answers = {}
-    for name in sorted(listed | {GEMMA, f"{GEMMA}:latest", f" {GEMMA} "}):
+    for name in sorted(listed | {GEMMA, f"{GEMMA}:latest"}):
         reply = _stats(server.url, name)
         assert reply.status_code == 200, (name, reply.text)
         data = reply.json()
@@ -93,6 +93,11 @@ def test_every_stats_route_finds_a_model_in_any_spelling_the_lists_show(fakes, e
         assert sum(int(r["requests"]) for r in rows) == 7
     assert _stats(server.url, "gemma3-270m:q8").status_code == 404  # another tag is another model
     assert _stats(server.url, "gemma3").status_code == 404
+    # the statistics accept exactly the spellings the routes accept (routing/core/names.py)
+    for name in [f" {GEMMA}", f"{GEMMA} ", f"\t{GEMMA}:latest", f"{GEMMA}:latest:latest", f"{GEMMA}::latest"]:
+        routed = httpx.post(server.url + "/api/chat", json=chat_body(stream=False, model=name), timeout=10)
+        stats = _stats(server.url, name)
+        assert routed.status_code == stats.status_code and stats.status_code in (400, 404), (name, stats.text)
 
 
 def test_a_request_without_reported_usage_still_counts_as_a_request(fakes, endpoint, router):

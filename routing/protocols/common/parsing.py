@@ -10,6 +10,7 @@ import json
 from typing import Any, NoReturn
 
 from routing.core.errors import ApiError
+from routing.core.names import is_model_name
 from routing.protocols.common import schema
 
 
@@ -74,8 +75,8 @@ def require_model(data: dict[str, Any], *, field: str = "model", alt: str | None
         raise ApiError(400, f"'{field}' is required")
     if not isinstance(model, str):
         raise ApiError(400, f"'{field}' must be a string")
-    if not model.strip() or len(model) > 500 or any(ord(c) < 32 for c in model):
-        raise ApiError(400, f"invalid model name {model!r}")
+    if not is_model_name(model):
+        raise ApiError(400, f"invalid model name {model[:80]!r}")
     return model
 
 

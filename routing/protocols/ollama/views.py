@@ -40,18 +40,33 @@ def _passthrough(path: str, raw: bytes, stream: bool, *, counted: bool = True) -
     return plan
 
 
-def _routed(
-    path: str, raw: bytes, data: dict[str, Any], stream: bool, *, counted: bool = True
-) -> attempt.Planner:
-    """Ollama endpoints get the request untouched; OpenAI-compatible ones get a translation."""
-    direct = _passthrough(path, raw, stream, counted=counted)
+class _Routed:
+    """The planner of a routed Ollama request: Ollama endpoints get the request untouched,
+    OpenAI-compatible ones a translation. `translated` tells whether the last attempt (the
+    one whose reply the client gets) went to an OpenAI-compatible server."""
 
-    def plan(cand: Candidate) -> Attempt:
-        if cand.endpoint.is_ollama:
-            return direct(cand)
-        return translate.plan_for_openai_backend(path, data, stream, cand)
+    def __init__(
+        self, path: str, raw: bytes, data: dict[str, Any], stream: bool, *, counted: bool = True
+    ) -> None:
+        self.path, self.data, self.stream = path, data, stream
+        self.direct = _passthrough(path, raw, stream, counted=counted)
+        self.translated = False
 
-    return plan
+    def __call__(self, cand: Candidate) -> Attempt:
+        self.translated = not cand.endpoint.is_ollama
+        if not self.translated:
+            return self.direct(cand)
+        return translate.plan_for_openai_backend(self.path, self.data, self.stream, cand)
+
+
+async def _forward(request: HttpRequest, plan: _Routed, model: str) -> HttpResponseBase:
+    """Forward, and name the load-time options an OpenAI-compatible server did not get
+    (`X-Router-Ignored: num_ctx,num_gpu`; translate.SERVER_OPTIONS) on its reply."""
+    response = await proxy.forward(request.path, model=model, plan=plan, principal=principal_of(request))
+    ignored = translate.ignored_options(plan.data) if plan.translated else ""
+    if ignored:
+        response[translate.IGNORED_HEADER] = ignored
+    return response
 
 
 def _checked(request: HttpRequest, spec: schema.Obj) -> tuple[dict[str, Any], str]:
@@ -78,12 +93,7 @@ async def _generation(request: HttpRequest, path: str, spec: schema.Obj) -> Http
     if loading.is_load_request(path, data):
         return await loading.load_or_unload(path, model, request.body, data, stream)
     await _refuse_untranslatable(path, model, data)
-    return await proxy.forward(
-        request.path,
-        model=model,
-        plan=_routed(path, request.body, data, stream),
-        principal=principal_of(request),
-    )
+    return await _forward(request, _Routed(path, request.body, data, stream), model)
 
 
 @methods("POST")
@@ -100,12 +110,7 @@ async def generate(request: HttpRequest) -> HttpResponseBase:
 async def embed(request: HttpRequest) -> HttpResponseBase:
     data, model = _checked(request, schema.OLLAMA_EMBED)
     await _refuse_untranslatable("/api/embed", model, data)
-    return await proxy.forward(
-        request.path,
-        model=model,
-        plan=_routed("/api/embed", request.body, data, False),
-        principal=principal_of(request),
-    )
+    return await _forward(request, _Routed("/api/embed", request.body, data, False), model)
 
 
 @methods("POST")
@@ -114,8 +119,8 @@ async def embeddings(request: HttpRequest) -> HttpResponseBase:
     recorded for it); an OpenAI-compatible server's carries usage, which is counted."""
     data, model = _checked(request, schema.OLLAMA_EMBEDDINGS)
     await _refuse_untranslatable("/api/embeddings", model, data)
-    plan = _routed("/api/embeddings", request.body, data, False, counted=False)
-    return await proxy.forward(request.path, model=model, plan=plan, principal=principal_of(request))
+    plan = _Routed("/api/embeddings", request.body, data, False, counted=False)
+    return await _forward(request, plan, model)
 
 
 @methods("POST")

@@ -12,6 +12,7 @@ from typing import Any
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
 
 from routing.auth.principal import principal_of
+from routing.core.errors import ApiError
 from routing.core.names import model_key
 from routing.engine import attempt, proxy
 from routing.engine.attempt import Attempt
@@ -95,8 +96,9 @@ async def embeddings(request: HttpRequest) -> HttpResponseBase:
     return await _route(request, "/embeddings", schema.OPENAI_EMBEDDINGS)
 
 
-@methods("GET")
-async def models(request: HttpRequest) -> HttpResponseBase:
+async def _model_objects() -> list[dict[str, Any]]:
+    """Every model the enabled endpoints advertise, once each (by `model_key`), as OpenAI's
+    model object: {"id", "object": "model", "created", "owned_by"} (OpenAI API reference, Models)."""
     endpoints = await registry.enabled()
     seen: set[str] = set()
     data: list[dict[str, Any]] = []
@@ -116,4 +118,21 @@ async def models(request: HttpRequest) -> HttpResponseBase:
                     "owned_by": entry.get("owned_by", "library") if not ep.is_ollama else "library",
                 }
             )
-    return JsonResponse({"object": "list", "data": data})
+    return data
+
+
+@methods("GET")
+async def models(request: HttpRequest) -> HttpResponseBase:
+    return JsonResponse({"object": "list", "data": await _model_objects()})
+
+
+@methods("GET")
+async def model(request: HttpRequest, model_id: str) -> HttpResponseBase:
+    """GET /v1/models/{model_id}: one model object, matched in any spelling the lists show
+    (`llama3` is `llama3:latest`; ids may hold '/' and ':'). Raises ApiError 404 with code
+    `model_not_found` (OpenAI's code for an unknown model) when no enabled endpoint has it."""
+    wanted = model_key(model_id)
+    for found in await _model_objects():
+        if model_key(found["id"]) == wanted:
+            return JsonResponse(found)
+    raise ApiError(404, f"The model '{model_id}' does not exist", code="model_not_found")

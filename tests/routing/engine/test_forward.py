@@ -3,8 +3,9 @@ kind of upstream answer does to the request, the other candidates, the breaker a
 
 - a server that did not take the work (refused, 503) -> failover to the next candidate;
 - a 4xx -> passed through as it is, no failover, the breaker untouched;
-- another 5xx -> back to this client alone (weak evidence, no failover);
-- no first byte in time -> 504, never resent elsewhere, counted as incomplete;
+- another complete 5xx -> back to this client alone (no evidence either way, no failover);
+- no first byte in time -> 504 naming the server, never resent elsewhere, counted as
+  incomplete, weak evidence (the breaker opens when it repeats across requests);
 - a server refusing the router's own `stream_options` -> the same request again without it,
   on the same server and slot, and never sent with it again;
 and on every one of these paths the slot comes back.
@@ -170,15 +171,17 @@ async def test_a_4xx_is_passed_through_without_failover(
 @pytest.mark.asyncio
 @pytest.mark.django_db
 async def test_a_500_goes_back_to_this_client_alone(
-    book: Book, fakes: Callable[..., ThreadedFake], monkeypatch
+    book: Book, fakes: Callable[..., ThreadedFake], monkeypatch, settings
 ):
     broken = fakes(models=[MODEL], fault="500")
     other = fakes(models=[MODEL])
     use(monkeypatch, endpoint(broken.url, 9_221), endpoint(other.url, 9_222))
-    response = await forward(ollama_plan)
-    assert response.status_code == 500 and response["X-Router-Endpoint"] == "ep9221"
+    settings.ROUTER_BREAKER_FAILURES = 2
+    for _ in range(4):  # repeated: still about those requests, never about the server
+        response = await forward(ollama_plan)
+        assert response.status_code == 500 and response["X-Router-Endpoint"] == "ep9221"
     assert other.stats.total_requests() == 0  # it may have run there: not resent
-    assert breakers.view(9_221).state is State.CLOSED  # weak: opens only when it repeats
+    assert breakers.view(9_221) == breakers.view(-1)  # no evidence recorded: plainly closed
     await settled()
 
 
@@ -191,12 +194,17 @@ async def test_no_first_byte_in_time_is_a_504_never_resent(
     slow = fakes(models=[MODEL], first_byte_delay=3)
     other = fakes(models=[MODEL])
     use(monkeypatch, endpoint(slow.url, 9_231), endpoint(other.url, 9_232))
+    settings.ROUTER_BREAKER_FAILURES = 2
     with pytest.raises(ApiError) as caught:
         await forward(ollama_plan)
     assert caught.value.status == 504 and "not resent" in caught.value.message
+    assert caught.value.headers == {"X-Router-Endpoint": "ep9231"}
     assert other.stats.total_requests() == 0
-    assert breakers.view(9_231).state is State.CLOSED  # about this request, not the server
+    assert breakers.view(9_231).state is State.CLOSED  # once: weak evidence
     assert book.entries == [("incomplete", slow.url)]
+    with pytest.raises(ApiError):  # a second request stalls too: out of rotation
+        await forward(ollama_plan)
+    assert breakers.view(9_231).state is State.OPEN and other.stats.total_requests() == 0
     await settled()
 
 
@@ -243,6 +251,7 @@ async def test_every_candidate_failing_is_a_502_with_the_last_reason(book: Book,
     with pytest.raises(ApiError) as caught:
         await forward(ollama_plan)
     assert caught.value.status == 502 and "connection refused" in caught.value.message
+    assert caught.value.headers["X-Router-Endpoint"] in ("ep9251", "ep9252")  # the last one tried
     assert breakers.is_open(9_251) and breakers.is_open(9_252)
     assert book.entries == []
     await settled()

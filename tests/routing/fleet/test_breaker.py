@@ -125,8 +125,8 @@ def test_any_sequence_keeps_the_invariants(events):
 def test_the_verdicts():
     assert failures.verdict(Failure.REFUSED) == failures.Verdict(Evidence.STRONG, failover=True)
     assert failures.verdict(Failure.CONNECT_TIMEOUT) == failures.Verdict(Evidence.STRONG, failover=True)
-    # the work may be running: never resent, never held against the server
-    assert failures.verdict(Failure.FIRST_BYTE_TIMEOUT) == failures.Verdict(Evidence.NONE, failover=False)
+    # the work may be running: never resent; weak, so a server stalling request after request leaves
+    assert failures.verdict(Failure.FIRST_BYTE_TIMEOUT) == failures.Verdict(Evidence.WEAK, failover=False)
     assert failures.verdict(Failure.DISCONNECTED).evidence is Evidence.WEAK
     assert all(failures.verdict(f) for f in Failure)  # every kind has a verdict
 
@@ -136,11 +136,14 @@ def test_a_4xx_is_about_the_request(status):
     assert failures.status_verdict(status) == failures.Verdict(Evidence.NONE, failover=False)
 
 
-@pytest.mark.parametrize(
-    "status,failover", [(500, False), (501, False), (504, False), (502, True), (503, True)]
-)
-def test_a_5xx_is_weak_evidence_and_fails_over_only_when_the_work_was_not_taken(status, failover):
-    assert failures.status_verdict(status) == failures.Verdict(Evidence.WEAK, failover=failover)
+@pytest.mark.parametrize("status", [500, 501, 504, 505, 599])
+def test_a_complete_5xx_other_than_502_503_is_about_the_request_not_the_server(status):
+    assert failures.status_verdict(status) == failures.Verdict(Evidence.NONE, failover=False)
+
+
+@pytest.mark.parametrize("status", [502, 503])
+def test_a_502_or_503_is_weak_evidence_and_fails_over(status):
+    assert failures.status_verdict(status) == failures.Verdict(Evidence.WEAK, failover=True)
 
 
 def test_closed_before_reply_is_a_closed_connection_not_a_failed_connect():
@@ -153,3 +156,21 @@ def test_closed_before_reply_is_a_closed_connection_not_a_failed_connect():
     assert not failures.closed_before_reply(aiohttp.ConnectionTimeoutError("connect"))
     assert failures.classify(refused) is Failure.REFUSED
     assert failures.classify(aiohttp.SocketTimeoutError("x")) is Failure.FIRST_BYTE_TIMEOUT
+
+
+def test_the_log_names_the_endpoint_the_same_way_out_of_and_back_in_rotation(caplog):
+    b, _ = make()
+    with caplog.at_level("INFO", logger="routing.breaker"):
+        b.failed(6, "connection refused", strong=True, name="llama")
+        b.probe_succeeded(6)  # half-open: on trial
+        b.succeeded(6)  # the trial answered: closed
+        b.failed(7, "connect timeout", strong=True)  # no name given: its id, both ways
+        b.probe_succeeded(7)
+        b.succeeded(7)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "endpoint llama out of rotation (breaker open): connection refused",
+        "endpoint llama back in rotation (breaker closed)",
+        "endpoint 7 out of rotation (breaker open): connect timeout",
+        "endpoint 7 back in rotation (breaker closed)",
+    ]

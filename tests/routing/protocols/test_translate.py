@@ -232,8 +232,7 @@ def test_a_raw_generate_becomes_a_plain_completion():
 @pytest.mark.parametrize(
     ("path", "data", "named"),
     [
-        ("/api/chat", {"options": {"num_ctx": 4096}}, "options.num_ctx"),
-        ("/api/chat", {"options": {"use_mmap": True}}, "options.use_mmap"),
+        ("/api/chat", {"options": {"num_ctx": 4096, "tfs_z": 1.0}}, "options.tfs_z"),
         ("/api/chat", {"options": {"tfs_z": 1.0}}, "options.tfs_z"),
         ("/api/chat", {"messages": [{"role": "developer", "content": "x"}]}, "messages[0].role"),
         ("/api/chat", {"format": "xml"}, "format"),
@@ -252,6 +251,20 @@ def test_a_raw_generate_becomes_a_plain_completion():
 def test_untranslatable_fields_are_refused_by_name(path: str, data: dict[str, Any], named: str):
     err = translate.refusal(path, data)
     assert err is not None and err.status == 400 and f"'{named}'" in err.message
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/generate", "/api/embed", "/api/embeddings"])
+def test_load_time_options_are_accepted_not_forwarded_and_named(path: str):
+    options = {name: 1 for name in sorted(translate.SERVER_OPTIONS)}
+    assert translate.refusal(path, {"options": options}) is None
+    assert translate.ignored_options({"options": {"num_gpu": 1, "seed": 2, "num_ctx": 8, "numa": None}}) == (
+        "num_gpu,num_ctx"  # in the request's order; null is not set
+    )
+    assert translate.ignored_options({"options": {"seed": 1}}) == ""
+    assert translate.ignored_options({}) == ""
+    if path == "/api/chat":
+        body = translate.chat_request({"messages": [], "options": {**options, "seed": 3}}, "m", False)
+        assert not translate.SERVER_OPTIONS & set(body) and body["seed"] == 3
 
 
 def test_translatable_requests_are_not_refused():

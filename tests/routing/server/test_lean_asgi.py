@@ -13,12 +13,14 @@ from routing.server import lean_asgi
 
 URLCONF = "nomyo_site.proxy_urls"
 HANDLER = lean_asgi.ProxyHandler(URLCONF)
-TABLE = {"/" + str(p.pattern) for p in get_resolver(URLCONF).url_patterns}
+PATTERNS = {"/" + str(p.pattern) for p in get_resolver(URLCONF).url_patterns}
+TABLE = {p for p in PATTERNS if "<" not in p}
 
 
 def test_every_path_of_the_route_table_is_its_own_label() -> None:
     assert {"/api/chat", "/v1/models", "/health", "/metrics", "/api/usage", "/api/stats.csv"} <= TABLE
     assert len(TABLE) == 26  # 19 client API routes + 7 statistics routes
+    assert PATTERNS - TABLE == {"/v1/models/<path:model_id>"}  # the one prefix route
     assert set(HANDLER.views) == TABLE
     for path in TABLE:
         assert lean_asgi._route_label(path) == path
@@ -26,8 +28,22 @@ def test_every_path_of_the_route_table_is_its_own_label() -> None:
 
 @given(st.text(max_size=60).map(lambda s: "/" + s))
 def test_any_other_path_is_other(path: str) -> None:
-    if path not in TABLE:
+    if path not in TABLE and not (path.startswith("/v1/models/") and path != "/v1/models/"):
         assert lean_asgi._route_label(path) == "other"
+
+
+@given(st.text(min_size=1, max_size=60))
+def test_every_path_under_a_prefix_route_has_the_routes_one_label(model_id: str) -> None:
+    assert lean_asgi._route_label("/v1/models/" + model_id) == "/v1/models/{model_id}"
+    assert lean_asgi._route_label("/v1/models/") == "other"
+
+
+def test_a_prefix_route_is_found_by_its_prefix_and_only_that_shape_is_accepted() -> None:
+    (route,) = HANDLER.prefixes
+    assert (route.prefix, route.argument, route.label) == ("/v1/models/", "model_id", "/v1/models/{model_id}")
+    assert lean_asgi._prefix_of("v1/models/<path:model_id>") == ("v1/models/", "model_id")
+    for other in ["v1/<int:n>/x", "v1/models<path:x>", "v1/<str:a>/<path:b>", "v1/m/<path:x>/more"]:
+        assert lean_asgi._prefix_of(other) is None
 
 
 def test_a_finished_request_is_counted_under_its_route_label() -> None:
@@ -37,3 +53,19 @@ def test_a_finished_request_is_counted_under_its_route_label() -> None:
     assert ("/api/usage", "", 200) in metrics._request_children
     assert ("other", "", 404) in metrics._request_children
     assert not any(key[0] == "/api/usage/../x" for key in metrics._request_children)
+
+
+@given(
+    st.integers(2, 5), st.sampled_from(["api/chat", "api/nope", "v1/models", "v1/chat/completions", "v1/x/y"])
+)
+def test_paths_under_the_apis_with_extra_leading_slashes_are_the_lean_handlers(
+    slashes: int, rest: str
+) -> None:
+    path = "/" * slashes + rest
+    assert lean_asgi.is_proxy_path(path)  # a JSON 404 in the protocol's shape, never Django's HTML
+    assert lean_asgi._route_label(path) == "other"  # not normalised: no route answers it
+
+
+def test_other_double_slash_paths_stay_djangos() -> None:
+    for path in ["//admin/", "//", "//dashboard/", "//apix", "//v1x", "//health"]:
+        assert not lean_asgi.is_proxy_path(path), path
