@@ -1,19 +1,26 @@
 """The usage board: active requests per (endpoint, model), selection, and the wait queue.
 
 One lock guards the counters and the queues, so selecting an endpoint and reserving its
-slot is one atomic step, and releasing a slot hands it to the first waiter in the same
-step (first come, first served per model). Nothing here awaits while holding the lock.
+slot is one atomic step, and releasing a slot hands it to the next waiter in the same
+step. Nothing here awaits while holding the lock.
+
+Which waiter is next is the queue discipline of routing/engine/fair_queue.py: highest
+priority first (aged by ROUTER_PRIORITY_AGING), then turns between clients, then arrival
+order. The board stamps a client each time it gets a slot (`_served`), the turns' measure.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from django.conf import settings
+
+from routing.engine.fair_queue import NORMAL, Entry, FairQueue
 from routing.fleet.candidates import Candidate
 from routing.fleet.registry import EndpointInfo
 from routing.observability.locks import TimedLock
@@ -54,7 +61,10 @@ class Lease:
 class _Waiter:
     candidates: list[Candidate]
     future: asyncio.Future[Lease]
-    since: float = field(default_factory=time.monotonic)
+    client: str
+
+
+MAX_STAMPS = 10_000  # clients remembered for turns; past it the memory starts afresh
 
 
 class QueueFull(Exception):
@@ -70,8 +80,11 @@ class Board:
         self._lock = TimedLock("usage")
         self._active: dict[Slot, int] = {}
         self._per_endpoint: dict[int, int] = {}
-        self._queues: dict[str, deque[_Waiter]] = {}
+        self._queues: dict[str, FairQueue[_Waiter]] = {}
         self._queued = 0
+        # client name -> tick of its latest slot (turns between clients, fair_queue.py)
+        self._served: dict[str, int] = {}
+        self._ticks = itertools.count()
         self._listeners: list[Callable[[], None]] = []
         # Current limits by endpoint id, from the registry; candidates carry the limit of
         # the moment they were looked up, and a queued request must see admin changes.
@@ -102,7 +115,10 @@ class Board:
                 best, best_key = cand, key
         return best
 
-    def _reserve(self, model: str, cand: Candidate) -> Lease:
+    def _reserve(self, model: str, cand: Candidate, client: str) -> Lease:
+        if len(self._served) >= MAX_STAMPS and client not in self._served:
+            self._served.clear()
+        self._served[client] = next(self._ticks)
         slot = (cand.endpoint.id, model)
         self._active[slot] = self._active.get(slot, 0) + 1
         self._per_endpoint[cand.endpoint.id] = self._per_endpoint.get(cand.endpoint.id, 0) + 1
@@ -121,40 +137,55 @@ class Board:
             )
         return Lease(None, best, model)
 
-    def try_acquire(self, model: str, candidates: list[Candidate]) -> Lease | None:
-        """Select and reserve in one step, unless earlier requests for the model wait."""
+    def try_acquire(self, model: str, candidates: list[Candidate], *, client: str = "") -> Lease | None:
+        """Select and reserve in one step, unless earlier requests for the model wait.
+        client: who asks (the principal's name), for the turns between clients."""
         with self._lock:
             if self._queues.get(model):
                 return None
             cand = self._pick(model, candidates)
-            lease = self._reserve(model, cand) if cand is not None else None
+            lease = self._reserve(model, cand, client) if cand is not None else None
         if lease is not None:
             self._notify()
         return lease
 
     async def acquire(
-        self, model: str, candidates: list[Candidate], *, timeout: float, queue_max: int
+        self,
+        model: str,
+        candidates: list[Candidate],
+        *,
+        timeout: float,
+        queue_max: int,
+        client: str = "",
+        priority: int = NORMAL,
     ) -> Lease:
-        lease = self.try_acquire(model, candidates)
+        """A slot for `model` on one of `candidates`, waiting in the model's queue if none is free.
+        client: the principal's name; priority: 0 high, 1 normal, 2 low (fair_queue.py).
+        Raises QueueFull (ROUTER_QUEUE_MAX waiting) or QueueTimeout (`timeout` seconds)."""
+        lease = self.try_acquire(model, candidates, client=client)
         if lease is not None:
             return lease
         future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(candidates, future)
+        waiter = _Waiter(candidates, future, client)
+        entry: Entry[_Waiter] | None = None
         with self._lock:
             # Re-check under the lock: a slot may have freed since try_acquire.
             queue = self._queues.get(model)
             if not queue:
                 cand = self._pick(model, candidates)
                 if cand is not None:
-                    lease = self._reserve(model, cand)
+                    lease = self._reserve(model, cand, client)
             if lease is None:
                 if self._queued >= queue_max:
                     raise QueueFull()
-                self._queues.setdefault(model, deque()).append(waiter)
+                if queue is None:
+                    queue = self._queues[model] = FairQueue(settings.ROUTER_PRIORITY_AGING)
+                entry = queue.push(waiter, client, priority, time.monotonic())
                 self._queued += 1
         self._notify()
         if lease is not None:
             return lease
+        assert entry is not None
         got: Lease | None = None
         try:
             async with asyncio.timeout(timeout):
@@ -163,19 +194,18 @@ class Board:
         except TimeoutError:
             raise QueueTimeout() from None
         finally:
-            self._leave_queue(model, waiter, kept=got is not None)
+            self._leave_queue(model, entry, kept=got is not None)
 
-    def _leave_queue(self, model: str, waiter: _Waiter, *, kept: bool) -> None:
+    def _leave_queue(self, model: str, entry: Entry[_Waiter], *, kept: bool) -> None:
         """A waiter stops waiting (served, timed out or cancelled)."""
         orphan: Lease | None = None
         with self._lock:
             queue = self._queues.get(model)
-            if queue is not None and waiter in queue:
-                queue.remove(waiter)
+            if queue is not None and queue.remove(entry):
                 self._queued -= 1
                 if not queue:
                     del self._queues[model]
-            fut = waiter.future
+            fut = entry.item.future
             if not fut.done():
                 fut.cancel()  # so no slot is handed to it from now on
             elif not kept and not fut.cancelled():
@@ -206,20 +236,23 @@ class Board:
         self._notify()
 
     def _serve_waiters(self, model: str) -> None:
-        """Hand free slots to waiters in arrival order (lock held)."""
+        """Hand free slots to waiters in the queue's order (lock held)."""
         queue = self._queues.get(model)
+        now = time.monotonic()
         while queue:
-            waiter = queue[0]
+            entry = queue.peek(now, self._served)
+            assert entry is not None
+            waiter = entry.item
             if waiter.future.done():  # timed out or cancelled, leaving
-                queue.popleft()
+                queue.remove(entry)
                 self._queued -= 1
                 continue
             cand = self._pick(model, waiter.candidates)
             if cand is None:
                 return
-            queue.popleft()
+            queue.remove(entry)
             self._queued -= 1
-            waiter.future.set_result(self._reserve(model, cand))
+            waiter.future.set_result(self._reserve(model, cand, waiter.client))
         if queue is not None and not queue:
             del self._queues[model]
 
@@ -253,10 +286,11 @@ class Board:
             self._active.clear()
             self._per_endpoint.clear()
             for queue in self._queues.values():
-                for waiter in queue:
-                    waiter.future.cancel()
+                for entry in queue:
+                    entry.item.future.cancel()
             self._queues.clear()
             self._queued = 0
+            self._served.clear()
             self._limits.clear()
 
 
