@@ -17,8 +17,9 @@ from typing import Any  # noqa: E402
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-from routing.server import daphne_hooks, front, lifecycle  # noqa: E402
+from routing.server import daphne_hooks, front  # noqa: E402
 from routing.server.lean_asgi import ProxyHandler, is_proxy_path  # noqa: E402
+from routing.server.lifecycle import lifecycle  # noqa: E402
 from stats.routing import websocket_urlpatterns  # noqa: E402
 
 proxy_app = ProxyHandler("nomyo_site.proxy_urls")
@@ -65,7 +66,7 @@ def _tolerate_refused_websocket_handshakes() -> None:
     opened: there is nothing to close, so onClose returns."""
     if "daphne.server" not in sys.modules:
         return
-    from daphne.ws_protocol import WebSocketProtocol
+    from daphne.ws_protocol import WebSocketProtocol  # only under daphne
 
     on_close = WebSocketProtocol.onClose
     if getattr(on_close, "_router_tolerant", False):

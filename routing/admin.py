@@ -20,6 +20,8 @@ from routing.fleet import caches, control, probes, services
 from routing.fleet.breaker import State, breakers
 from routing.fleet.registry import EndpointInfo
 from routing.models import ClientKey, Endpoint, RouterSettings
+from routing.server.lifecycle import lifecycle
+from routing.upstream import client
 
 
 class EndpointForm(forms.ModelForm[Endpoint]):
@@ -49,8 +51,6 @@ class EndpointForm(forms.ModelForm[Endpoint]):
 
 
 async def _check(ep: EndpointInfo) -> tuple[str | None, probes.ModelList | None, str | None]:
-    from routing.upstream import client
-
     try:
         version = await probes.fetch_version(ep)
         models = await probes.fetch_advertised(ep)
@@ -58,9 +58,7 @@ async def _check(ep: EndpointInfo) -> tuple[str | None, probes.ModelList | None,
     except probes.ProbeError as exc:
         return None, None, str(exc)
     finally:
-        from routing.server import lifecycle
-
-        if asyncio.get_running_loop() is not lifecycle._started_loop:
+        if asyncio.get_running_loop() is not lifecycle.loop:
             await client.close_client()  # a throwaway loop (no server running): close its client
 
 

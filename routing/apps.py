@@ -7,4 +7,8 @@ class RoutingConfig(AppConfig):
     verbose_name = "Routing"
 
     def ready(self) -> None:
+        # Django's registration point: the apps and models are loaded only from here on.
         from routing import checks  # noqa: F401  (registers the system checks)
+        from routing.server import wiring
+
+        wiring.install()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.core.checks import Error, Warning, register
+
+from routing.server.cors import clean
 
 
 @register()
@@ -25,8 +29,6 @@ def router_settings(app_configs: Any, **kwargs: Any) -> list[Error | Warning]:
     if settings.ROUTER_MAX_BODY < 1024:
         problems.append(Error("ROUTER_MAX_BODY must be at least 1024 bytes.", id="routing.E003"))
     if settings.ROUTER_CONFIG:
-        from pathlib import Path
-
         if not Path(settings.ROUTER_CONFIG).is_file():
             problems.append(
                 Warning(
@@ -45,10 +47,6 @@ def router_settings(app_configs: Any, **kwargs: Any) -> list[Error | Warning]:
 @register()
 def router_origins(app_configs: Any, **kwargs: Any) -> list[Error | Warning]:
     """ROUTER_ORIGINS entries that can never match: an `Origin` header is `scheme://host[:port]`."""
-    import re
-
-    from routing.server.cors import clean
-
     shape = re.compile(r"\*|null|[a-z][a-z0-9+.*-]*://[^/?#\s]*")
     return [
         Warning(

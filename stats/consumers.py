@@ -18,6 +18,8 @@ from urllib.parse import urlparse
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
+from routing.fleet.registry import registry
+from routing.server.lifecycle import lifecycle
 from stats.merge import STALE_AFTER, merge
 from stats.publisher import GROUP, publisher
 
@@ -40,9 +42,6 @@ class UsageConsumer(AsyncJsonWebsocketConsumer):
         self.wake = asyncio.Event()
         await self.channel_layer.group_add(GROUP, self.channel_name)
         await self.accept()
-        from routing.fleet.registry import registry
-        from routing.server import lifecycle
-
         lifecycle.ensure_started()
         await registry.all()  # the snapshot reads the registry's cached copy: make sure it is loaded
         own = await publisher.publish_now()  # the current state, also to other pages

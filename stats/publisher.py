@@ -17,8 +17,7 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 
-from routing.engine.board import board
-from routing.fleet import health
+from routing.status import snapshot
 from stats.recorder import recorder
 
 log = logging.getLogger("stats.publisher")
@@ -92,8 +91,6 @@ class Publisher:
             return len(self._subscribers)
 
     async def publish_now(self) -> dict[str, Any]:
-        from routing.status import snapshot
-
         self._dirty = False  # before building: a change from now on makes another snapshot
         snap = snapshot.build()
         db, pending = recorder.parts()
@@ -148,7 +145,4 @@ class Publisher:
             await asyncio.sleep(MIN_INTERVAL)  # coalesce: changes meanwhile make one snapshot
 
 
-publisher = Publisher()
-board.add_listener(publisher.notify)
-recorder.add_listener(publisher.notify)
-health.listeners.append(publisher.notify)
+publisher = Publisher()  # its `notify` is connected to the change signals in StatsConfig.ready

@@ -15,14 +15,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections, connection, transaction
 
+from routing.core.events import Signal
 from routing.engine.accounting import Counts
 from routing.observability.locks import TimedLock
+from stats.models import TokenTimeSeries, TokenTotal
 
 log = logging.getLogger("stats.recorder")
 
@@ -48,14 +49,12 @@ class Recorder:
         # the database, so the page sums the newest database read and each one's pending.
         self._db_totals: dict[Pair, list[int]] = {}
         self.db_read_at = 0.0
-        self._listeners: list[Callable[[], None]] = []
+        # Sent (outside the lock) after every change of the numbers (a request, a database read).
+        self.changed: Signal[[]] = Signal("recorder.changed")
         self.flushes = 0
         self.failed_flushes = 0
         self.reread_every = 5.0  # seconds between database re-reads while idle
         self._flush_lock: asyncio.Lock | None = None
-
-    def add_listener(self, listener: Callable[[], None]) -> None:
-        self._listeners.append(listener)
 
     def record(self, endpoint: str, model: str, counts: Counts) -> None:
         """One request whose reply reported its token counts."""
@@ -64,16 +63,14 @@ class Recorder:
 
         metrics.tokens.inc(counts.prompt, endpoint=endpoint, model=model, direction="input")
         metrics.tokens.inc(counts.completion, endpoint=endpoint, model=model, direction="output")
-        for listener in self._listeners:
-            listener()
+        self.changed.send()
 
     def incomplete(self, endpoint: str, model: str) -> None:
         """One request whose reply ended without counts (the server reported no usage, or the
         reply was cut): counted as a request, in the totals and its minute, and in
         `incomplete`; no tokens invented."""
         self._count(endpoint, model, 0, 0, incomplete=1)
-        for listener in self._listeners:
-            listener()
+        self.changed.send()
 
     def _count(self, endpoint: str, model: str, inp: int, out: int, *, incomplete: int) -> None:
         minute = minute_of(datetime.now(tz=UTC))  # outside the lock
@@ -197,8 +194,6 @@ class Recorder:
 
     def load_totals(self) -> None:
         """Start from what the database holds, so live numbers continue across restarts."""
-        from stats.models import TokenTotal
-
         rows = TokenTotal.objects.all().values_list(
             "endpoint", "model", "input_tokens", "output_tokens", "requests", "incomplete"
         )
@@ -207,8 +202,7 @@ class Recorder:
             self._db_totals = fresh
             self._inflight = {}  # committed before this read, so included in it
             self.db_read_at = time.time()
-        for listener in self._listeners:
-            listener()
+        self.changed.send()
 
     def clear(self) -> None:
         with self._lock:
@@ -220,8 +214,6 @@ class Recorder:
 
 
 def write(totals: dict[Pair, list[int]], series: dict[Minute, list[int]]) -> None:
-    from stats.models import TokenTimeSeries, TokenTotal
-
     tt = connection.ops.quote_name(TokenTotal._meta.db_table)
     ts = connection.ops.quote_name(TokenTimeSeries._meta.db_table)
     with transaction.atomic(), connection.cursor() as cursor:

@@ -83,7 +83,8 @@ def _fold_postgresql(cutoff: datetime) -> tuple[int, int]:
         f" SUM(requests) AS r, COUNT(*) AS n"
         f" FROM moved GROUP BY endpoint, model, client, day"
         f"), upserted AS ("
-        f" INSERT INTO {daily} (endpoint, model, client, day, input_tokens, output_tokens, total_tokens, requests)"
+        f" INSERT INTO {daily}"
+        f" (endpoint, model, client, day, input_tokens, output_tokens, total_tokens, requests)"
         f" SELECT endpoint, model, client, day, i, o, t, r FROM grouped"
         f" ON CONFLICT (model, day, endpoint, client) DO UPDATE SET"
         f" input_tokens = {daily}.input_tokens + excluded.input_tokens,"
@@ -106,8 +107,9 @@ def _fold_sqlite(cutoff: datetime) -> tuple[int, int]:
         # A write statement first: the transaction takes the write lock before it reads.
         # (The WHERE clause also keeps SQLite's upsert-after-SELECT syntax unambiguous.)
         cursor.execute(
-            f"INSERT INTO {daily} (endpoint, model, client, day, input_tokens, output_tokens, total_tokens,"
-            f" requests) SELECT endpoint, model, client, date({stamp}), SUM(input_tokens), SUM(output_tokens),"
+            f"INSERT INTO {daily}"
+            f" (endpoint, model, client, day, input_tokens, output_tokens, total_tokens, requests)"
+            f" SELECT endpoint, model, client, date({stamp}), SUM(input_tokens), SUM(output_tokens),"
             f" SUM(total_tokens), SUM(requests)"
             f" FROM {ts} WHERE {stamp} < %s GROUP BY endpoint, model, client, date({stamp})"
             f" ON CONFLICT (model, day, endpoint, client) DO UPDATE SET"
@@ -130,7 +132,8 @@ def _count(cutoff: datetime) -> RollupResult:
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT COUNT(*), COALESCE(SUM(n), 0) FROM"
-            f" (SELECT COUNT(*) AS n FROM {ts} WHERE {stamp} < %s GROUP BY endpoint, model, client, {day}) AS g",
+            f" (SELECT COUNT(*) AS n FROM {ts} WHERE {stamp} < %s"
+            f" GROUP BY endpoint, model, client, {day}) AS g",
             [bound],
         )
         groups, rows = cursor.fetchone()

@@ -15,11 +15,12 @@ import asyncio
 import itertools
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from django.conf import settings
 
+from routing.core.events import Signal
 from routing.engine.fair_queue import NORMAL, Entry, FairQueue
 from routing.fleet.candidates import Candidate
 from routing.fleet.registry import EndpointInfo
@@ -85,20 +86,12 @@ class Board:
         # client name -> tick of its latest slot (turns between clients, fair_queue.py)
         self._served: dict[str, int] = {}
         self._ticks = itertools.count()
-        self._listeners: list[Callable[[], None]] = []
+        # Sent (outside the lock) after every change of slots or queues.
+        self.changed: Signal[[]] = Signal("board.changed")
         # Current limits by endpoint id, from the registry; candidates carry the limit of
         # the moment they were looked up, and a queued request must see admin changes.
         # 0: disabled or deleted, no new slot there.
         self._limits: dict[int, int] = {}
-
-    # -- observers -------------------------------------------------------------------
-    def add_listener(self, listener: Callable[[], None]) -> None:
-        """Called (outside the lock) after every change; must be cheap and never raise."""
-        self._listeners.append(listener)
-
-    def _notify(self) -> None:
-        for listener in self._listeners:
-            listener()
 
     # -- selection -------------------------------------------------------------------
     def _pick(self, model: str, candidates: list[Candidate]) -> Candidate | None:
@@ -146,7 +139,7 @@ class Board:
             cand = self._pick(model, candidates)
             lease = self._reserve(model, cand, client) if cand is not None else None
         if lease is not None:
-            self._notify()
+            self.changed.send()
         return lease
 
     async def acquire(
@@ -182,7 +175,7 @@ class Board:
                     queue = self._queues[model] = FairQueue(settings.ROUTER_PRIORITY_AGING)
                 entry = queue.push(waiter, client, priority, time.monotonic())
                 self._queued += 1
-        self._notify()
+        self.changed.send()
         if lease is not None:
             return lease
         assert entry is not None
@@ -215,7 +208,7 @@ class Board:
         if orphan is not None:
             orphan.release()
         else:
-            self._notify()
+            self.changed.send()
 
     def release(self, lease: Lease) -> None:
         model = lease.model
@@ -233,7 +226,7 @@ class Board:
             else:
                 self._per_endpoint.pop(ep_id, None)
             self._serve_waiters(model)
-        self._notify()
+        self.changed.send()
 
     def _serve_waiters(self, model: str) -> None:
         """Hand free slots to waiters in the queue's order (lock held)."""
@@ -256,13 +249,17 @@ class Board:
         if queue is not None and not queue:
             del self._queues[model]
 
+    def apply_endpoints(self, endpoints: Iterable[EndpointInfo]) -> None:
+        """The registry reloaded: each endpoint's current limit (0 when disabled)."""
+        self.set_limits({ep.id: ep.limit if ep.enabled else 0 for ep in endpoints})
+
     def set_limits(self, limits: dict[int, int]) -> None:
         """The registry's current view (id -> limit, 0 when disabled); re-runs the queues."""
         with self._lock:
             self._limits = dict(limits)
             for model in list(self._queues):
                 self._serve_waiters(model)
-        self._notify()
+        self.changed.send()
 
     # -- reads -----------------------------------------------------------------------
     def active(self) -> dict[Slot, int]:

@@ -49,7 +49,7 @@ class ClusterSlots:
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def _client(self):  # type: ignore[no-untyped-def]
-        import redis.asyncio as aioredis
+        import redis.asyncio as aioredis  # only with REDIS_URL set
 
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)

@@ -27,6 +27,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from django.conf import settings
+
+from routing.core.events import Signal
 from routing.observability.locks import TimedLock
 
 log = logging.getLogger("routing.breaker")
@@ -64,8 +67,8 @@ class Breakers:
         self._threshold = threshold
         self._lock = TimedLock("breaker")
         self._entries: dict[int, _Entry] = {}
-        # Called (outside the lock) when an endpoint enters or leaves rotation; cheap, never raising.
-        self.listeners: list[Callable[[], None]] = []
+        # Sent (outside the lock) when an endpoint enters or leaves rotation.
+        self.changed: Signal[[]] = Signal("breakers.changed")
 
     # -- evidence ------------------------------------------------------------------------
     def failed(self, endpoint_id: int, reason: str, *, strong: bool, name: str = "") -> bool:
@@ -88,7 +91,7 @@ class Breakers:
         if changed:
             if before is State.CLOSED:
                 log.warning("endpoint %s out of rotation (breaker open): %s", name or endpoint_id, reason)
-            self._notify()
+            self.changed.send()
         return changed and before is State.CLOSED
 
     def succeeded(self, endpoint_id: int) -> None:
@@ -104,7 +107,7 @@ class Breakers:
             del self._entries[endpoint_id]
         if closed:
             log.info("endpoint %s back in rotation (breaker closed)", endpoint_id)
-            self._notify()
+            self.changed.send()
 
     def probe_succeeded(self, endpoint_id: int) -> State:
         """A probe answered: open -> half_open, half_open -> closed. Returns the new state."""
@@ -118,7 +121,7 @@ class Breakers:
             else:
                 del self._entries[endpoint_id]
                 new = State.CLOSED
-        self._notify()
+        self.changed.send()
         return new
 
     def reset(self, endpoint_id: int) -> None:
@@ -126,7 +129,7 @@ class Breakers:
         with self._lock:
             removed = self._entries.pop(endpoint_id, None)
         if removed is not None and removed.state is not State.CLOSED:
-            self._notify()
+            self.changed.send()
 
     # -- reads -------------------------------------------------------------------------
     def view(self, endpoint_id: int) -> View:
@@ -159,14 +162,8 @@ class Breakers:
             else:
                 self._entries.pop(endpoint_id, None)
 
-    def _notify(self) -> None:
-        for listener in self.listeners:
-            listener()
-
 
 def _threshold() -> int:
-    from django.conf import settings
-
     return max(1, int(settings.ROUTER_BREAKER_FAILURES))
 
 

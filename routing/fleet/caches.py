@@ -14,13 +14,14 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Generic, TypeVar
+
+from django.conf import settings
 
 from routing.fleet.breaker import breakers
+from routing.fleet.probes import ModelList
+from routing.fleet.refusals import refusals
 from routing.observability.locks import TimedLock
-
-if TYPE_CHECKING:
-    from routing.fleet.probes import ModelList
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -124,8 +125,6 @@ class TTLCache(Generic[K, V]):
 
 def _setting(name: str) -> Callable[[], float]:
     def read() -> float:
-        from django.conf import settings
-
         return float(getattr(settings, name))
 
     return read
@@ -139,23 +138,16 @@ loaded: TTLCache[int, ModelList] = TTLCache("loaded", _setting("ROUTER_LOADED_TT
 versions: TTLCache[int, str] = TTLCache("versions", _setting("ROUTER_MODELS_TTL"))
 
 
-# Also called with the endpoint id (None: all) when an endpoint changes: what other modules
-# learnt about it (e.g. proxy.refusals). Cheap, never raising.
-on_invalidate: list[Callable[[int | None], None]] = []
-
-
 def invalidate_endpoint(endpoint_id: int | None = None) -> None:
     """Forget everything cached about one endpoint (or all): called when it changes."""
     for cache in (advertised, loaded, versions):
         cache.invalidate(endpoint_id)
     breakers.forget(endpoint_id)
-    for forget in on_invalidate:
-        forget(endpoint_id)
+    refusals.forget(endpoint_id)
 
 
 def clear_all() -> None:
     for cache in (advertised, loaded, versions):
         cache.clear()
     breakers.forget()
-    for forget in on_invalidate:
-        forget(None)
+    refusals.forget(None)

@@ -16,6 +16,8 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from routing.auth import client_keys
+from routing.fleet import caches
+from routing.fleet.registry import registry
 
 log = logging.getLogger("routing.control")
 
@@ -59,9 +61,6 @@ def _send(message: dict[str, Any]) -> None:
 
 
 def apply(message: dict[str, Any]) -> None:
-    from routing.fleet import caches
-    from routing.fleet.registry import registry
-
     if message.get("origin") == ORIGIN:
         return
     registry.invalidate()

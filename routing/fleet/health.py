@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
 from django.conf import settings
 
+from routing.core.events import Signal
 from routing.fleet import caches
 from routing.fleet.breaker import State, breakers
 from routing.fleet.probes import EMPTY, ModelList, ProbeError, fetch_advertised, fetch_loaded, fetch_version
@@ -18,16 +18,8 @@ log = logging.getLogger("routing.fleet")
 
 # -- the breaker's probes ----------------------------------------------------------------
 _reprobes: dict[int, asyncio.Task[None]] = {}
-# Called (cheap, never raising) when an endpoint's state or models change: the page.
-listeners: list[Callable[[], None]] = []
-
-
-def _notify() -> None:
-    for listener in listeners:
-        listener()
-
-
-breakers.listeners.append(_notify)
+# Sent when the background upkeep finds an endpoint's models, loaded models or version changed.
+models_changed: Signal[[]] = Signal("fleet.models_changed")
 
 
 def mark_failing(ep: EndpointInfo, reason: str) -> None:
@@ -119,7 +111,7 @@ async def _upkeep(ep: EndpointInfo, interval: float) -> None:
         return
     after = (caches.advertised.peek(ep.id), caches.loaded.peek(ep.id), caches.versions.peek(ep.id))
     if after != before:
-        _notify()
+        models_changed.send()
 
 
 async def watch() -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from routing.fleet import caches
 from routing.observability.locks import TimedLock
 
 
 class AddedFieldRefusals:
     """Endpoints known to refuse the fields the router adds (one lock; no I/O under it).
-    Forgotten when the endpoint changes (caches.invalidate_endpoint)."""
+    Forgotten when the endpoint changes (caches.invalidate_endpoint calls `forget`)."""
 
     def __init__(self) -> None:
         self._lock = TimedLock("refusals")
@@ -30,6 +29,3 @@ class AddedFieldRefusals:
 
 
 refusals = AddedFieldRefusals()
-
-
-caches.on_invalidate.append(refusals.forget)

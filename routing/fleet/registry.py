@@ -1,7 +1,9 @@
 """The endpoint registry as the hot path sees it: an in-memory copy of the Endpoint table.
 
 Proxied requests never query the database. A change in the admin (or any service call)
-bumps the generation; the next request reloads the copy once. Other router processes
+bumps the generation; the next request reloads the copy once. After each reload the registry
+sends `reloaded(endpoints, changed_ids)` (outside its lock); the wiring connects the board's
+limits and the caches to it, so the fleet never imports the engine. Other router processes
 learn of the change through the control group (routing/fleet/control.py) or, as a safety net,
 by a reload at most ROUTER_REGISTRY_RELOAD seconds old.
 """
@@ -12,14 +14,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import close_old_connections
 
+from routing.core.events import Signal
+from routing.models import Endpoint
 from routing.observability.locks import TimedLock
-
-if TYPE_CHECKING:
-    from routing.models import Endpoint
 
 log = logging.getLogger("routing.registry")
 
@@ -67,6 +69,14 @@ class Registry:
         self._loaded_generation = 0
         self._loaded_at = 0.0
         self._reload: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # (the endpoints now, the ids of those that changed or went): sent after each reload.
+        self.reloaded: Signal[[tuple[EndpointInfo, ...], tuple[int, ...]]] = Signal("registry.reloaded")
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The server's event loop (the lifecycle binds it at start-up), where
+        `refresh_soon_threadsafe` reloads."""
+        self._loop = loop
 
     def invalidate(self) -> None:
         """Thread-safe: called from admin threads and management commands."""
@@ -78,8 +88,6 @@ class Registry:
             return self._endpoints
 
     def _is_fresh(self) -> bool:
-        from django.conf import settings
-
         return self._loaded_generation == self._generation and (
             time.monotonic() - self._loaded_at < settings.ROUTER_REGISTRY_RELOAD
         )
@@ -103,6 +111,13 @@ class Registry:
         _background.add(task)
         task.add_done_callback(_background.discard)
 
+    def refresh_soon_threadsafe(self) -> None:
+        """From any thread (admin, management commands): `refresh_soon` in the server's loop,
+        so queued requests see new limits at once. Nothing happens before a loop is bound."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.refresh_soon)
+
     async def enabled(self) -> tuple[EndpointInfo, ...]:
         return tuple(ep for ep in await self.all() if ep.enabled)
 
@@ -123,18 +138,10 @@ class Registry:
             self._endpoints = endpoints
             self._loaded_generation = generation
             self._loaded_at = time.monotonic()
-        from routing.engine.board import board
-
-        board.set_limits({ep.id: ep.limit if ep.enabled else 0 for ep in endpoints})
         # A change made by another process (or an id reused after a delete) must not
         # leave this process with cached state that belongs to the old endpoint.
         after = {ep.id: ep for ep in endpoints}
-        changed = [i for i, ep in before.items() if after.get(i) != ep]
-        if changed:
-            from routing.fleet import caches
-
-            for endpoint_id in changed:
-                caches.invalidate_endpoint(endpoint_id)
+        self.reloaded.send(endpoints, tuple(i for i, ep in before.items() if after.get(i) != ep))
 
     def clear(self) -> None:
         with self._lock:
@@ -144,10 +151,6 @@ class Registry:
 
 
 def load_endpoints() -> tuple[EndpointInfo, ...]:
-    from django.db import close_old_connections
-
-    from routing.models import Endpoint
-
     close_old_connections()
     try:
         return tuple(EndpointInfo.of(ep) for ep in Endpoint.objects.all())

@@ -12,25 +12,21 @@ from typing import Any
 import yaml
 from django.db import transaction
 
+from routing.auth.keys import router_key
+from routing.fleet import caches, control
+from routing.fleet.registry import registry
 from routing.models import Endpoint, RouterSettings, normalise_url
 
 
 def endpoints_changed(endpoint_ids: list[int] | None = None) -> None:
     """Invalidate in-process state now, and tell the other router processes."""
-    from routing.fleet import caches, control
-    from routing.fleet.registry import registry
-    from routing.server import lifecycle
-
     registry.invalidate()
     if endpoint_ids is None:
         caches.invalidate_endpoint(None)
     else:
         for endpoint_id in endpoint_ids:
             caches.invalidate_endpoint(endpoint_id)
-    loop = lifecycle._started_loop
-    if loop is not None and not loop.is_closed():
-        # Reload in the server's loop now, so queued requests see new limits at once.
-        loop.call_soon_threadsafe(registry.refresh_soon)
+    registry.refresh_soon_threadsafe()  # in the server's loop now: queued requests see new limits at once
     control.broadcast_sync(endpoint_ids)
 
 
@@ -41,12 +37,10 @@ def endpoints_set_enabled(*, endpoint_ids: list[int], enabled: bool) -> int:
 
 
 def router_api_key_set(*, key: str) -> None:
-    from routing.server import lifecycle
-
     settings_row = RouterSettings.load()
     settings_row.api_key = key
     settings_row.save()
-    lifecycle.set_db_api_key(key)
+    router_key.set_stored(key)
     endpoints_changed(None)
 
 
@@ -119,17 +113,15 @@ def import_config(data: Any) -> ImportResult:
                 result.updated += 1
             else:
                 result.unchanged += 1
-        router_key = _expand(data.get("nomyo-router-api-key")) if data.get("nomyo-router-api-key") else ""
-        if router_key:
+        new_key = _expand(data.get("nomyo-router-api-key")) if data.get("nomyo-router-api-key") else ""
+        if new_key:
             row = RouterSettings.load()
-            if row.api_key != router_key:
-                row.api_key = router_key
+            if row.api_key != new_key:
+                row.api_key = new_key
                 row.save()
             result.api_key_set = True
-    from routing.server import lifecycle
-
-    if router_key:
-        lifecycle.set_db_api_key(router_key)
+    if new_key:
+        router_key.set_stored(new_key)
     transaction.on_commit(lambda: endpoints_changed(None))
     return result
 

@@ -49,10 +49,19 @@ Memory bounded by settings, not by clients (the three hooks below):
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import sys
 from typing import Any
+
+from django.conf import settings
+
+from routing.core.errors import ApiError, error_response
+from routing.observability.metrics import requests
+from routing.server import cors
+from routing.server.lean_asgi import _route_label, is_proxy_path
+from routing.server.lifecycle import lifecycle
 
 LISTEN_BACKLOG = 2048
 # After a refused body, its rest is read and dropped for at most this long and this much
@@ -64,10 +73,12 @@ log = logging.getLogger("routing.access")
 
 
 def install() -> None:
+    # The daphne and Twisted imports below are inside functions: they run only under daphne
+    # (importing Twisted's reactor elsewhere would install one).
     if "daphne.server" not in sys.modules:
         return
-    from daphne.http_protocol import HTTPFactory, WebRequest
-    from twisted.web.http import HTTPChannel
+    from daphne.http_protocol import HTTPFactory, WebRequest  # daphne only
+    from twisted.web.http import HTTPChannel  # daphne only
 
     if getattr(HTTPFactory, "_router_hooks", False):
         return
@@ -142,9 +153,7 @@ def _write_without_polling(transport: Any) -> None:
 
 
 def _skip_proxy_access_lines() -> None:
-    from daphne.server import Server
-
-    from routing.server.lean_asgi import is_proxy_path
+    from daphne.server import Server  # daphne only
 
     original = Server.log_action
 
@@ -158,7 +167,7 @@ def _skip_proxy_access_lines() -> None:
 
 def _raise_listen_backlog() -> None:
     """daphne builds its listening sockets from endpoint strings: add a backlog to tcp ones."""
-    import daphne.server
+    import daphne.server  # daphne only
 
     original = daphne.server.serverFromString
 
@@ -173,10 +182,7 @@ def _raise_listen_backlog() -> None:
 def _without_form_parsing(web_request: type) -> type | None:
     """daphne's request class with Twisted's POST form parsing off and the body limit on
     (None: Twisted too old; the lean handler's own limit then still applies)."""
-    import inspect
-
-    from django.conf import settings
-    from twisted.web.http import Request
+    from twisted.web.http import Request  # only under daphne (Twisted's reactor is daphne's)
 
     if "parsePOSTFormSubmission" not in inspect.signature(Request.__init__).parameters:
         return None
@@ -223,11 +229,7 @@ def _without_form_parsing(web_request: type) -> type | None:
 
 def _refuse_body(request: Any, limit: int) -> None:
     """Answer 413 in the route's error shape straight on the transport, then linger."""
-    from twisted.internet import reactor
-
-    from routing.core.errors import ApiError, error_response
-    from routing.observability.metrics import requests
-    from routing.server.lean_asgi import _route_label
+    from twisted.internet import reactor  # daphne only
 
     request._router_refused = True
     channel = request.channel
@@ -257,8 +259,6 @@ def _refuse_body(request: Any, limit: int) -> None:
 
 def _cors_headers(request: Any) -> list[tuple[bytes, bytes]]:
     """The CORS headers routing.server.front would add to this reply (none without an allowed Origin)."""
-    from routing.server import cors
-
     origins = request.requestHeaders.getRawHeaders(b"origin")
     if not origins:
         return []
@@ -271,8 +271,8 @@ def _cors_headers(request: Any) -> list[tuple[bytes, bytes]]:
 
 def _send_waits_while_paused() -> None:
     """daphne's `send` awaits, after writing, while Twisted's transport buffer is over its mark."""
-    from daphne.server import Server
-    from twisted.web.http import HTTPChannel
+    from daphne.server import Server  # daphne only
+    from twisted.web.http import HTTPChannel  # daphne only
 
     HTTPChannel._router_writable = None  # type: ignore[attr-defined]  # a future while paused
     pause, resume, stop, lost = (
@@ -337,10 +337,8 @@ def _send_waits_while_paused() -> None:
 
 def _kill_applications_after_drain() -> None:
     """daphne cancels every application in a "before shutdown" trigger; make it drain first."""
-    from daphne.server import Server
-    from twisted.internet import defer
-
-    from routing.server import lifecycle
+    from daphne.server import Server  # daphne only
+    from twisted.internet import defer  # daphne only
 
     async def kill_after_drain(server: Any) -> None:
         await lifecycle.drain()

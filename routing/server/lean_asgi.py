@@ -18,7 +18,6 @@ it or cut it; while the router drains, new requests (but /health and /metrics) g
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import time
@@ -31,10 +30,12 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, QueryDict, 
 from django.urls import URLPattern, get_resolver
 from django.utils.functional import cached_property
 
+from routing.auth.keys import router_key
 from routing.core.errors import ApiError, error_response
 from routing.engine.proxy import ProxyStreamingResponse
 from routing.observability import metrics
-from routing.server import lifecycle
+from routing.server.lifecycle import lifecycle
+from routing.status.serving import serving
 
 log = logging.getLogger("routing.access")
 
@@ -102,7 +103,7 @@ class ProxyHandler:
         lifecycle.ensure_started()
         path: str = scope["path"]
         request_id, declared_length = _request_headers(scope)
-        if lifecycle.draining and path not in DRAIN_OPEN_PATHS:
+        if serving.draining and path not in DRAIN_OPEN_PATHS:
             await self._send(send, error_response(path, _draining_error()), request_id)
             return
         started = time.perf_counter()
@@ -292,15 +293,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 def _check_api_key(scope: Scope) -> None:
-    expected = lifecycle.router_api_key()
-    if not expected:
-        return
-    auth = _header(scope, b"authorization")
-    if not auth:
-        raise ApiError(401, "missing Authorization: Bearer <router api key>")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
-        raise ApiError(403, "invalid router api key")
+    router_key.authenticate(_header(scope, b"authorization"))
 
 
 _ROUTE_LABELS = {

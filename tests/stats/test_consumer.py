@@ -23,7 +23,7 @@ from routing.engine.board import Lease, board
 from routing.fleet import caches
 from routing.fleet.candidates import Candidate
 from routing.fleet.registry import EndpointInfo, registry
-from routing.server import lifecycle
+from routing.server.lifecycle import lifecycle
 from routing.upstream import client
 from stats import publisher as publisher_module
 from stats.publisher import Subscriber, publisher

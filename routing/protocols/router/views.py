@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 
+from routing.auth.keys import router_key
 from routing.fleet.breaker import breakers
 from routing.fleet.registry import registry
 from routing.observability import metrics
 from routing.protocols.common.decorators import methods
 from routing.protocols.ollama.fleet_views import probe_version
-from routing.server import lifecycle
 from routing.status import snapshot
+from routing.status.serving import serving
 
 
 def _shows_detail(request: HttpRequest) -> bool:
@@ -22,16 +22,12 @@ def _shows_detail(request: HttpRequest) -> bool:
     one, only to a caller that sends it (`Authorization: Bearer <key>`). /health itself
     stays open (load balancers probe it without credentials), so a missing or wrong key
     gets the status alone, never a 401."""
-    expected = lifecycle.router_api_key()
-    if not expected:
-        return True
     scope = getattr(request, "scope", None)
     if scope is not None:  # the lean path's request: headers only in the ASGI scope
         auth = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"), "")
     else:
         auth = request.META.get("HTTP_AUTHORIZATION", "")
-    scheme, _, token = auth.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
+    return router_key.identify(auth) is not None
 
 
 @methods("GET", "HEAD")
@@ -41,7 +37,7 @@ async def health(request: HttpRequest) -> HttpResponseBase:
     "version"} | {"status": "error", "error"}}, unless a router api key is set and the
     caller did not send it (see `_shows_detail`). While the router drains: 503
     {"status": "draining"}."""
-    if lifecycle.draining:  # shutting down: a load balancer should stop sending here
+    if serving.draining:  # shutting down: a load balancer should stop sending here
         return JsonResponse({"status": "draining"}, status=503, headers={"Retry-After": "5"})
     endpoints = await registry.enabled()
     results = await asyncio.gather(*(probe_version(ep) for ep in endpoints))

@@ -19,7 +19,7 @@ from routing.upstream.failures import Evidence, Failure
 def make(threshold: int = 3) -> tuple[Breakers, list[int]]:
     b = Breakers(lambda: threshold)
     changes: list[int] = []
-    b.listeners.append(lambda: changes.append(1))
+    b.changed.connect(lambda: changes.append(1))
     return b, changes
 
 
