@@ -61,8 +61,7 @@ class Recorder:
         self._count(endpoint, model, counts.prompt, counts.completion, incomplete=0)
         from routing.observability import metrics
 
-        metrics.tokens.inc(counts.prompt, endpoint=endpoint, model=model, direction="input")
-        metrics.tokens.inc(counts.completion, endpoint=endpoint, model=model, direction="output")
+        metrics.count_tokens(endpoint, model, counts.prompt, counts.completion)
         self.changed.send()
 
     def incomplete(self, endpoint: str, model: str) -> None:

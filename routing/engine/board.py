@@ -1,8 +1,11 @@
-"""The usage board: active requests per (endpoint, model), selection, and the wait queue.
+"""The usage board: active requests per (endpoint, model), the wait queue, and the calls into
+the selection strategy (routing/engine/selection.py).
 
-One lock guards the counters and the queues, so selecting an endpoint and reserving its
-slot is one atomic step, and releasing a slot hands it to the next waiter in the same
-step. Nothing here awaits while holding the lock.
+One lock guards the counters and the queues, so selecting an endpoint (the strategy's
+`pick`, called under the lock) and reserving its slot is one atomic step, and releasing a
+slot hands it to the next waiter in the same step. Nothing here awaits while holding the
+lock. The board also keeps the moving average of time to first byte per (endpoint, model),
+folded in when a lease that measured it is released.
 
 Which waiter is next is the queue discipline of routing/engine/fair_queue.py: highest
 priority first (aged by ROUTER_PRIORITY_AGING), then turns between clients, then arrival
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,11 +24,12 @@ from django.conf import settings
 
 from routing.core.events import Signal
 from routing.engine.fair_queue import NORMAL, Entry, FairQueue
+from routing.engine.selection import Ask, Load, LoadedThenLeastBusy, SelectionStrategy, Slot
 from routing.fleet.candidates import Candidate
 from routing.fleet.registry import EndpointInfo
 from routing.observability.locks import TimedLock
 
-Slot = tuple[int, str]  # (endpoint id, model key)
+FIRST_BYTE_WEIGHT = 0.2  # weight of the newest time to first byte in the moving average
 
 
 @dataclass(slots=True)
@@ -38,6 +41,9 @@ class Lease:
     model: str
     released: bool = False
     _also: list[Callable[[], None]] | None = None
+    # Seconds to the upstream's first byte, set by the forwarding engine once measured;
+    # folded into the board's moving average when the lease is released.
+    first_byte: float | None = None
 
     @property
     def endpoint(self) -> EndpointInfo:
@@ -60,6 +66,7 @@ class Lease:
 
 @dataclass(slots=True)
 class _Waiter:
+    ask: Ask
     candidates: list[Candidate]
     future: asyncio.Future[Lease]
     client: str
@@ -77,8 +84,9 @@ class QueueTimeout(Exception):
 
 
 class Board:
-    def __init__(self) -> None:
+    def __init__(self, strategy: SelectionStrategy | None = None) -> None:
         self._lock = TimedLock("usage")
+        self._strategy: SelectionStrategy = strategy or LoadedThenLeastBusy()
         self._active: dict[Slot, int] = {}
         self._per_endpoint: dict[int, int] = {}
         self._queues: dict[str, FairQueue[_Waiter]] = {}
@@ -92,21 +100,19 @@ class Board:
         # the moment they were looked up, and a queued request must see admin changes.
         # 0: disabled or deleted, no new slot there.
         self._limits: dict[int, int] = {}
+        self._first_byte: dict[Slot, float] = {}
+        # The strategy's view of the dicts above, built once; they are only ever changed in place.
+        self._load = Load(self._active, self._per_endpoint, self._limits, self._first_byte)
 
     # -- selection -------------------------------------------------------------------
-    def _pick(self, model: str, candidates: list[Candidate]) -> Candidate | None:
-        """Loaded first, then least busy for the model, then least busy overall; random ties."""
-        best: Candidate | None = None
-        best_key: tuple[int, int, int, float] | None = None
-        for cand in candidates:
-            ep = cand.endpoint
-            active = self._active.get((ep.id, model), 0)
-            if active >= self._limits.get(ep.id, ep.limit):
-                continue
-            key = (0 if cand.loaded else 1, active, self._per_endpoint.get(ep.id, 0), random.random())
-            if best_key is None or key < best_key:
-                best, best_key = cand, key
-        return best
+    @property
+    def strategy(self) -> SelectionStrategy:
+        return self._strategy
+
+    def use(self, strategy: SelectionStrategy) -> None:
+        """Select with `strategy` from the next pick on (queued requests included)."""
+        with self._lock:
+            self._strategy = strategy
 
     def _reserve(self, model: str, cand: Candidate, client: str) -> Lease:
         if len(self._served) >= MAX_STAMPS and client not in self._served:
@@ -117,26 +123,29 @@ class Board:
         self._per_endpoint[cand.endpoint.id] = self._per_endpoint.get(cand.endpoint.id, 0) + 1
         return Lease(self, cand, model)
 
-    def unmetered(self, model: str, candidates: list[Candidate]) -> Lease:
-        """A choice without a slot, for metadata calls (show): loaded first, then least busy."""
+    def unmetered(self, model: str, candidates: list[Candidate], *, affinity: str | None = None) -> Lease:
+        """A choice without a slot, for metadata calls (show), by the same strategy.
+        ValueError when `candidates` is empty."""
         with self._lock:
-            best = min(
-                candidates,
-                key=lambda c: (
-                    0 if c.loaded else 1,
-                    self._per_endpoint.get(c.endpoint.id, 0),
-                    random.random(),
-                ),
-            )
+            best = self._strategy.pick(Ask(model, affinity), candidates, self._load, metered=False)
+        if best is None:
+            raise ValueError(f"no candidate for {model!r}")
         return Lease(None, best, model)
 
-    def try_acquire(self, model: str, candidates: list[Candidate], *, client: str = "") -> Lease | None:
+    def try_acquire(
+        self, model: str, candidates: list[Candidate], *, affinity: str | None = None, client: str = ""
+    ) -> Lease | None:
         """Select and reserve in one step, unless earlier requests for the model wait.
-        client: who asks (the principal's name), for the turns between clients."""
+        affinity: the request's conversation key, for strategies that use one; client: who
+        asks (the principal's name), for the turns between clients."""
+        return self._try_acquire(Ask(model, affinity), candidates, client)
+
+    def _try_acquire(self, ask: Ask, candidates: list[Candidate], client: str) -> Lease | None:
+        model = ask.model
         with self._lock:
             if self._queues.get(model):
                 return None
-            cand = self._pick(model, candidates)
+            cand = self._strategy.pick(ask, candidates, self._load, metered=True)
             lease = self._reserve(model, cand, client) if cand is not None else None
         if lease is not None:
             self.changed.send()
@@ -149,23 +158,26 @@ class Board:
         *,
         timeout: float,
         queue_max: int,
+        affinity: str | None = None,
         client: str = "",
         priority: int = NORMAL,
     ) -> Lease:
-        """A slot for `model` on one of `candidates`, waiting in the model's queue if none is free.
-        client: the principal's name; priority: 0 high, 1 normal, 2 low (fair_queue.py).
-        Raises QueueFull (ROUTER_QUEUE_MAX waiting) or QueueTimeout (`timeout` seconds)."""
-        lease = self.try_acquire(model, candidates, client=client)
+        """A slot on one of `candidates` for `model`, now or after waiting in the model's queue
+        for at most `timeout` seconds. client: the principal's name; priority: 0 high, 1 normal,
+        2 low (the queue's order: fair_queue.py). QueueFull when `queue_max` requests already
+        wait, QueueTimeout when the wait runs out."""
+        ask = Ask(model, affinity)
+        lease = self._try_acquire(ask, candidates, client)
         if lease is not None:
             return lease
         future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(candidates, future, client)
+        waiter = _Waiter(ask, candidates, future, client)
         entry: Entry[_Waiter] | None = None
         with self._lock:
             # Re-check under the lock: a slot may have freed since try_acquire.
             queue = self._queues.get(model)
             if not queue:
-                cand = self._pick(model, candidates)
+                cand = self._strategy.pick(ask, candidates, self._load, metered=True)
                 if cand is not None:
                     lease = self._reserve(model, cand, client)
             if lease is None:
@@ -213,8 +225,14 @@ class Board:
     def release(self, lease: Lease) -> None:
         model = lease.model
         ep_id = lease.candidate.endpoint.id
+        slot = (ep_id, model)
+        seconds = lease.first_byte
         with self._lock:
-            slot = (ep_id, model)
+            if seconds is not None:
+                average = self._first_byte.get(slot)
+                self._first_byte[slot] = (
+                    seconds if average is None else average + FIRST_BYTE_WEIGHT * (seconds - average)
+                )
             left = self._active.get(slot, 0) - 1
             if left > 0:
                 self._active[slot] = left
@@ -240,7 +258,7 @@ class Board:
                 queue.remove(entry)
                 self._queued -= 1
                 continue
-            cand = self._pick(model, waiter.candidates)
+            cand = self._strategy.pick(waiter.ask, waiter.candidates, self._load, metered=True)
             if cand is None:
                 return
             queue.remove(entry)
@@ -256,7 +274,8 @@ class Board:
     def set_limits(self, limits: dict[int, int]) -> None:
         """The registry's current view (id -> limit, 0 when disabled); re-runs the queues."""
         with self._lock:
-            self._limits = dict(limits)
+            self._limits.clear()  # in place: self._load reads this dict
+            self._limits.update(limits)
             for model in list(self._queues):
                 self._serve_waiters(model)
         self.changed.send()
@@ -265,6 +284,11 @@ class Board:
     def active(self) -> dict[Slot, int]:
         with self._lock:
             return dict(self._active)
+
+    def first_byte(self) -> dict[Slot, float]:
+        """The moving average of time to first byte, seconds, per (endpoint id, model key)."""
+        with self._lock:
+            return dict(self._first_byte)
 
     def active_for(self, endpoint_id: int) -> int:
         with self._lock:
@@ -289,6 +313,7 @@ class Board:
             self._queued = 0
             self._served.clear()
             self._limits.clear()
+            self._first_byte.clear()
 
 
 board = Board()

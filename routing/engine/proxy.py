@@ -148,7 +148,8 @@ async def _attempt(
                 refusals.add(ep.id)
                 attempt.body, attempt.fallback_body = attempt.fallback_body(), None
                 continue  # the same request again, on the same server and slot
-            metrics.first_byte(path, time.perf_counter() - started)
+            lease.first_byte = time.perf_counter() - started  # the board averages it per endpoint and model
+            metrics.first_byte(path, lease.first_byte)
             return await _reply(path, lease, attempt, response)
         except BaseException:
             response.close()  # never handed to a reply: drop the connection

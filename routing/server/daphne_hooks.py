@@ -246,7 +246,7 @@ def _refuse_body(request: Any, limit: int) -> None:
     head += [k + b": " + v for k, v in _cors_headers(request)]  # a browser app reads the 413 too
     head += [b"Content-Length: %d" % len(response.content), b"Connection: close"]
     transport.write(b"\r\n".join(head) + b"\r\n\r\n" + response.content)
-    requests.inc(route=_route_label(path), endpoint="", status="413")
+    requests.labels(route=_route_label(path), endpoint="", status="413").inc()
     method = getattr(channel, "_command", b"-").decode("latin-1")
     log.info("%s %s 413 body over ROUTER_MAX_BODY, refused request_id=%s", method, path, request_id)
 

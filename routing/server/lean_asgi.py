@@ -97,7 +97,9 @@ def proxy_views(urlconf: str) -> dict[str, View]:
 class ProxyHandler:
     def __init__(self, urlconf: str) -> None:
         """urlconf: the dotted path of the route table (nomyo_site.proxy_urls)."""
+        global _routes
         self.views = proxy_views(urlconf)  # imports the views now, not on the first request
+        _routes = _routes | self.views.keys()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         lifecycle.ensure_started()
@@ -168,9 +170,8 @@ class ProxyHandler:
     ) -> None:
         """The request's metrics and its one access-log line."""
         endpoint = response.get("X-Router-Endpoint", "") if response is not None else ""
-        metrics.requests.inc(route=_route_label(path), endpoint=endpoint, status=str(status))
         elapsed = time.perf_counter() - started
-        metrics.duration.observe(elapsed, route=_route_label(path))
+        metrics.request_done(path if path in self.views else "other", endpoint, status, elapsed)
         log.info(
             "%s %s %s %.1fms endpoint=%s request_id=%s",
             scope.get("method"),
@@ -296,29 +297,12 @@ def _check_api_key(scope: Scope) -> None:
     router_key.authenticate(_header(scope, b"authorization"))
 
 
-_ROUTE_LABELS = {
-    "/api/chat",
-    "/api/generate",
-    "/api/embed",
-    "/api/embeddings",
-    "/api/show",
-    "/api/tags",
-    "/api/ps",
-    "/api/version",
-    "/api/pull",
-    "/api/push",
-    "/api/create",
-    "/api/copy",
-    "/api/delete",
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/v1/models",
-    "/health",
-    "/metrics",
-}
+# Route label values: the paths of every route table a handler was built from (nomyo_site/asgi.py
+# builds one), so a new route gets its own label with no list to keep. Any other path is
+# "other": unknown paths create no new time series. Grown only at start-up, replaced whole.
+_routes: frozenset[str] = frozenset()
 
 
 def _route_label(path: str) -> str:
-    """Bounded label values: unknown paths do not create new time series."""
-    return path if path in _ROUTE_LABELS else "other"
+    """The `route` label of a request for `path`: the path when it is in the route table, else "other"."""
+    return path if path in _routes else "other"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
 from typing import Any
 
 from routing.engine.board import board
@@ -72,41 +71,3 @@ def build() -> dict[str, Any]:
         ],
         "queued": board.queued(),
     }
-
-
-def prometheus_gauges() -> Iterable[str]:
-    from routing.observability.metrics import _labels
-
-    snap = build()
-    yield "# HELP router_in_flight Requests holding a slot, by endpoint and model."
-    yield "# TYPE router_in_flight gauge"
-    for row in snap["active"]:
-        labels = _labels((("endpoint", row["endpoint"]), ("model", row["model"])))
-        yield f"router_in_flight{labels} {row['count']}"
-    yield "# HELP router_queued Requests waiting for a slot, by model."
-    yield "# TYPE router_queued gauge"
-    for model, n in snap["queued"].items():
-        yield f"router_queued{_labels((('model', model),))} {n}"
-    yield "# HELP router_endpoint_up 1 when the endpoint is enabled and its breaker is not open."
-    yield "# TYPE router_endpoint_up gauge"
-    for ep in snap["endpoints"]:
-        up = 1 if ep["enabled"] and ep["breaker"] != State.OPEN.value else 0
-        yield f"router_endpoint_up{_labels((('endpoint', ep['name']),))} {up}"
-    yield "# HELP router_endpoint_breaker_state 1 for the circuit breaker's current state, per endpoint."
-    yield "# TYPE router_endpoint_breaker_state gauge"
-    for ep in snap["endpoints"]:
-        for state in State:
-            value = 1 if ep["breaker"] == state.value else 0
-            labels = _labels((("endpoint", ep["name"]), ("state", state.value)))
-            yield f"router_endpoint_breaker_state{labels} {value}"
-    yield "# HELP router_endpoint_breaker_since_seconds Unix time the endpoint left closed (0: closed)."
-    yield "# TYPE router_endpoint_breaker_since_seconds gauge"
-    for ep in snap["endpoints"]:
-        since = ep["failing_since"] or 0
-        yield f"router_endpoint_breaker_since_seconds{_labels((('endpoint', ep['name']),))} {since}"
-    yield "# HELP router_endpoint_breaker_reason The latest evidence against an endpoint out of closed."
-    yield "# TYPE router_endpoint_breaker_reason gauge"
-    for ep in snap["endpoints"]:
-        if ep["failing_since"] is not None:
-            labels = _labels((("endpoint", ep["name"]), ("reason", str(ep["failing_reason"])[:200])))
-            yield f"router_endpoint_breaker_reason{labels} 1"

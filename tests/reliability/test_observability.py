@@ -33,6 +33,7 @@ def test_it_exposes_every_documented_series_in_the_prometheus_text_format(fakes,
         assert client.post("/api/chat", json=chat_body(stream=True)).status_code == 200
         assert client.post("/v1/chat/completions", json=chat_body(stream=True)).status_code == 200
         assert client.post("/api/chat", json=chat_body(stream=False, model="nope")).status_code == 404
+        assert client.get("/api/no-such-route").status_code == 404  # counted as route="other"
     # one request holds good's only slot, a second one waits for it
     good.config.delay = 0.1
     long = RawRequest.post_json(server, "/api/chat", chat_body(stream=True))
@@ -73,6 +74,9 @@ def test_it_exposes_every_documented_series_in_the_prometheus_text_format(fakes,
     assert metrics.value(requests, route="/api/chat", endpoint="good", status="200") == 3
     assert metrics.value(requests, route="/v1/chat/completions", endpoint="good", status="200") == 2
     assert metrics.value(requests, route="/api/chat", endpoint="", status="404") == 1
+    # every path of the route table is its own label (the statistics routes too); others are "other"
+    assert metrics.value(requests, route="/api/usage", endpoint="", status="200") > 0  # wait_idle polls it
+    assert metrics.value(requests, route="other", endpoint="", status="404") == 1
     # time to first byte and duration, by route
     assert metrics.value("router_upstream_first_byte_seconds_count", route="/api/chat") == 3
     assert metrics.value("router_upstream_first_byte_seconds_count", route="/v1/chat/completions") == 2

@@ -13,7 +13,7 @@ from routing.fleet.registry import registry
 from routing.observability import metrics
 from routing.protocols.common.decorators import methods
 from routing.protocols.ollama.fleet_views import probe_version
-from routing.status import snapshot
+from routing.status.gauges import fleet_gauges
 from routing.status.serving import serving
 
 
@@ -61,5 +61,5 @@ async def health(request: HttpRequest) -> HttpResponseBase:
 
 @methods("GET")
 async def metrics_view(request: HttpRequest) -> HttpResponseBase:
-    gauges = snapshot.prometheus_gauges()
-    return HttpResponse(metrics.render(gauges), content_type="text/plain; version=0.0.4")
+    """Prometheus text format 0.0.4: this process's metrics and the fleet's gauges."""
+    return HttpResponse(metrics.render(fleet_gauges), content_type=metrics.CONTENT_TYPE)
