@@ -5,7 +5,7 @@ HOST ?= 127.0.0.1
 PORT ?= 12434
 PG_URL ?= postgres://postgres@127.0.0.1:5432/nomyo_router_test
 
-.PHONY: run test install install-dev lint types migrations-check test-sqlite test-postgres bench serve-uvicorn clean
+.PHONY: run test install install-dev lint types imports migrations-check test-sqlite test-postgres bench serve-uvicorn clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,7 +31,7 @@ serve-uvicorn: install
 	$(PY) manage.py migrate --noinput
 	$(VENV)/bin/uvicorn nomyo_site.asgi:application --host $(HOST) --port $(PORT) --no-access-log
 
-test: install-dev lint types migrations-check test-sqlite test-postgres
+test: install-dev lint types imports migrations-check test-sqlite test-postgres
 
 lint: install-dev
 	$(VENV)/bin/ruff check .
@@ -39,6 +39,10 @@ lint: install-dev
 
 types: install-dev
 	$(VENV)/bin/mypy .
+
+# The import graph's contracts ([tool.importlinter] in pyproject.toml; docs/architecture.md).
+imports: install-dev
+	$(VENV)/bin/lint-imports --no-cache
 
 migrations-check: install-dev
 	$(PY) manage.py makemigrations --check --dry-run

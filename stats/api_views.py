@@ -30,8 +30,7 @@ from routing.fleet.breaker import State, breakers
 from routing.fleet.registry import EndpointInfo, registry
 from routing.protocols.common.decorators import methods
 from routing.protocols.common.parsing import parse_object
-from routing.status import snapshot
-from stats import queries, rollup
+from stats import queries, rollup, snapshot
 from stats.publisher import publisher
 
 log = logging.getLogger("stats.api")

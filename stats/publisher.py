@@ -17,7 +17,7 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 
-from routing.status import snapshot
+from stats import snapshot
 from stats.recorder import recorder
 
 log = logging.getLogger("stats.publisher")

@@ -21,6 +21,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections, connection, transaction
 
+from routing.auth.principal import Principal
 from routing.core.events import Signal
 from routing.engine.accounting import Counts
 from routing.observability.locks import TimedLock
@@ -58,19 +59,18 @@ class Recorder:
         self.reread_every = 5.0  # seconds between database re-reads while idle
         self._flush_lock: asyncio.Lock | None = None
 
-    def record(self, endpoint: str, model: str, counts: Counts) -> None:
+    # An accounting sink (routing/engine/accounting.py), installed by StatsConfig.ready. Rows are
+    # kept per client, the principal's name; the token metrics are routing's own sink.
+    def record(self, principal: Principal, endpoint: str, model: str, counts: Counts) -> None:
         """One request whose reply reported its token counts."""
-        self._count(endpoint, model, "anonymous", counts.prompt, counts.completion, incomplete=0)
-        from routing.observability import metrics
-
-        metrics.count_tokens(endpoint, model, counts.prompt, counts.completion)
+        self._count(endpoint, model, principal.name, counts.prompt, counts.completion, incomplete=0)
         self.changed.send()
 
-    def incomplete(self, endpoint: str, model: str) -> None:
+    def incomplete(self, principal: Principal, endpoint: str, model: str) -> None:
         """One request whose reply ended without counts (the server reported no usage, or the
         reply was cut): counted as a request, in the totals and its minute, and in
         `incomplete`; no tokens invented."""
-        self._count(endpoint, model, "anonymous", 0, 0, incomplete=1)
+        self._count(endpoint, model, principal.name, 0, 0, incomplete=1)
         self.changed.send()
 
     def _count(self, endpoint: str, model: str, client: str, inp: int, out: int, *, incomplete: int) -> None:

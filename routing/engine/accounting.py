@@ -1,8 +1,27 @@
-"""Token accounting of finished requests: the counts a reply reported."""
+"""Token accounting of finished requests: the counts a reply reported, and the sinks they go to.
+
+The forwarding path (routing/engine/proxy.py) reports every finished, counted request exactly
+once to `sinks`: `record` when the reply reported its counts, `incomplete` when it did not (none
+reported, cut off, first-byte timeout). Sinks are installed at start-up (`AppConfig.ready`):
+routing installs `metrics_sink` (Prometheus token counters), stats installs its recorder; a quota
+sink would be one more `install()`. routing never imports a sink's module.
+
+Invariants: the sink tuple is replaced whole by install/uninstall and read without a lock on the
+hot path; a sink that raises is logged and the next one still runs, so accounting never breaks a
+reply and one sink never starves another.
+"""
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass
+from typing import Protocol
+
+from routing.auth.principal import Principal
+from routing.observability import metrics
+
+log = logging.getLogger("routing.accounting")
 
 
 @dataclass(frozen=True, slots=True)
@@ -13,3 +32,67 @@ class Counts:
     @property
     def total(self) -> int:
         return self.prompt + self.completion
+
+
+class AccountingSink(Protocol):
+    def record(self, principal: Principal, endpoint: str, model: str, counts: Counts) -> None:
+        """A finished request whose reply reported counts (endpoint: its url; model: the model
+        key). Synchronous and cheap: called from a `finally` on the event loop."""
+
+    def incomplete(self, principal: Principal, endpoint: str, model: str) -> None:
+        """A finished request without counts: one request, no tokens invented."""
+
+
+class Sinks:
+    """The installed sinks, in install order."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sinks: tuple[AccountingSink, ...] = ()
+
+    def install(self, sink: AccountingSink) -> None:
+        """Add a sink (start-up only); installing the same one again changes nothing."""
+        with self._lock:
+            if sink not in self._sinks:
+                self._sinks = (*self._sinks, sink)
+
+    def uninstall(self, sink: AccountingSink) -> None:
+        with self._lock:
+            self._sinks = tuple(s for s in self._sinks if s is not sink)
+
+    @property
+    def installed(self) -> tuple[AccountingSink, ...]:
+        return self._sinks
+
+    def record(self, principal: Principal, endpoint: str, model: str, counts: Counts) -> None:
+        for sink in self._sinks:
+            try:
+                sink.record(principal, endpoint, model, counts)
+            except Exception:
+                log.exception("accounting sink %r failed to record; the next one still runs", sink)
+
+    def incomplete(self, principal: Principal, endpoint: str, model: str) -> None:
+        for sink in self._sinks:
+            try:
+                sink.incomplete(principal, endpoint, model)
+            except Exception:
+                log.exception("accounting sink %r failed to record; the next one still runs", sink)
+
+
+sinks = Sinks()
+
+
+class MetricsSink:
+    """Token counts into the Prometheus counters (router_tokens_total by endpoint, model, direction)."""
+
+    def record(self, principal: Principal, endpoint: str, model: str, counts: Counts) -> None:
+        metrics.count_tokens(endpoint, model, counts.prompt, counts.completion)
+
+    def incomplete(self, principal: Principal, endpoint: str, model: str) -> None:
+        pass  # no tokens to count
+
+    def __repr__(self) -> str:
+        return "MetricsSink()"
+
+
+metrics_sink = MetricsSink()

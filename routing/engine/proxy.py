@@ -29,8 +29,10 @@ import aiohttp
 from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 
+from routing.auth.principal import Principal
 from routing.core.errors import ApiError, error_response, is_openai_path
 from routing.core.names import model_key
+from routing.engine.accounting import sinks
 from routing.engine.attempt import Attempt, Planner, Relay
 from routing.engine.board import Lease, QueueFull, QueueTimeout, board
 from routing.engine.cluster import cluster
@@ -42,7 +44,6 @@ from routing.fleet.refusals import refusals
 from routing.observability import metrics
 from routing.upstream import client, failures
 from routing.upstream.failures import UPSTREAM_ERRORS
-from stats.recorder import recorder
 
 log = logging.getLogger("routing.proxy")
 
@@ -54,9 +55,11 @@ async def forward(
     *,
     model: str,
     plan: Planner,
+    principal: Principal,
     metered: bool = True,
 ) -> HttpResponse | StreamingHttpResponse:
-    """Route one request. `metered=False` is for metadata calls (show) that take no slot.
+    """Route one request for `principal` (who it is accounted to). `metered=False` is for
+    metadata calls (show) that take no slot.
 
     Raises ApiError: 404 (no endpoint has the model), 503 (none reachable or all busy),
     400 (the planner could not build the upstream request), 504 (first-byte timeout),
@@ -75,7 +78,7 @@ async def forward(
         lease = await _acquire(key, model, candidates) if metered else board.unmetered(key, candidates)
         handed_over = False
         try:
-            outcome = await _attempt(request_path, lease, plan, metered)
+            outcome = await _attempt(request_path, lease, plan, metered, principal)
             if not isinstance(outcome, str):
                 handed_over = isinstance(outcome, ProxyStreamingResponse)  # its stream owns the slot
                 return outcome
@@ -103,7 +106,7 @@ def _plan(plan: Planner, cand: Candidate) -> Attempt:
 
 
 async def _attempt(
-    path: str, lease: Lease, plan: Planner, metered: bool
+    path: str, lease: Lease, plan: Planner, metered: bool, principal: Principal
 ) -> HttpResponse | StreamingHttpResponse | str:
     """One server's try: the reply, or why it failed in a way that allows failover (str).
     The caller owns the lease; this owns the upstream response until a reply takes it."""
@@ -122,7 +125,7 @@ async def _attempt(
             judged = failures.verdict(failure)
             if not judged.failover:  # a first-byte timeout: the work may be running there
                 if attempt.counted:
-                    recorder.incomplete(ep.url, lease.model)
+                    sinks.incomplete(principal, ep.url, lease.model)
                 raise ApiError(
                     504,
                     f"'{ep.name}' sent no reply within {settings.ROUTER_FIRST_BYTE_TIMEOUT:g} s; "
@@ -150,7 +153,7 @@ async def _attempt(
                 continue  # the same request again, on the same server and slot
             lease.first_byte = time.perf_counter() - started  # the board averages it per endpoint and model
             metrics.first_byte(path, lease.first_byte)
-            return await _reply(path, lease, attempt, response)
+            return await _reply(path, lease, attempt, response, principal)
         except BaseException:
             response.close()  # never handed to a reply: drop the connection
             raise
@@ -294,7 +297,7 @@ def _error_reply(path: str, ep_name: str, status: int, body: bytes, reason: str 
 
 
 async def _reply(
-    path: str, lease: Lease, attempt: Attempt, response: aiohttp.ClientResponse
+    path: str, lease: Lease, attempt: Attempt, response: aiohttp.ClientResponse, principal: Principal
 ) -> HttpResponse | StreamingHttpResponse:
     ep = lease.endpoint
     status = response.status
@@ -309,7 +312,7 @@ async def _reply(
             relay = attempt.relay()
         except Exception as exc:
             raise ApiError(502, f"cannot relay the reply of {ep.name}: {exc}"[:500]) from None
-        stream = ProxyStream(lease, response, relay, path, counted=attempt.counted)
+        stream = ProxyStream(lease, response, relay, path, counted=attempt.counted, principal=principal)
         streaming = ProxyStreamingResponse(stream, content_type=stream.relay.content_type)
         streaming["X-Router-Endpoint"] = ep.name
         return streaming
@@ -320,7 +323,7 @@ async def _reply(
         lease.release()
         health.server_failed(ep, failures.midstream_reason(exc), strong=False)
         if attempt.counted:
-            recorder.incomplete(ep.url, lease.model)
+            sinks.incomplete(principal, ep.url, lease.model)
         raise ApiError(502, f"upstream closed before its reply was complete ({ep.name})") from None
     finally:
         response.release()
@@ -332,13 +335,13 @@ async def _reply(
         except Exception as exc:
             log.warning("malformed reply from %s on %s: %s", ep.name, path, type(exc).__name__)
             if attempt.counted:
-                recorder.incomplete(ep.url, lease.model)
+                sinks.incomplete(principal, ep.url, lease.model)
             raise ApiError(502, f"malformed reply from upstream {ep.name}") from None
         if attempt.counted:
             if counts is not None:
-                recorder.record(ep.url, lease.model, counts)
+                sinks.record(principal, ep.url, lease.model, counts)
             else:
-                recorder.incomplete(ep.url, lease.model)
+                sinks.incomplete(principal, ep.url, lease.model)
     else:
         out = body
     reply = HttpResponse(
@@ -352,10 +355,18 @@ class ProxyStream:
     """Relays one upstream stream; `close()` is idempotent, synchronous and does the accounting."""
 
     def __init__(
-        self, lease: Lease, response: aiohttp.ClientResponse, relay: Relay, path: str, *, counted: bool
+        self,
+        lease: Lease,
+        response: aiohttp.ClientResponse,
+        relay: Relay,
+        path: str,
+        *,
+        counted: bool,
+        principal: Principal,
     ) -> None:
         self.lease = lease
         self.counted = counted
+        self.principal = principal
         self.response = response
         self.relay = relay
         self.path = path
@@ -400,9 +411,9 @@ class ProxyStream:
             if not self.counted:
                 pass
             elif counts is not None:
-                recorder.record(ep.url, model, counts)
+                sinks.record(self.principal, ep.url, model, counts)
             else:
-                recorder.incomplete(ep.url, model)
+                sinks.incomplete(self.principal, ep.url, model)
 
 
 class ProxyStreamingResponse(StreamingHttpResponse):

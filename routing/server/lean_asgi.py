@@ -31,6 +31,7 @@ from django.urls import URLPattern, get_resolver
 from django.utils.functional import cached_property
 
 from routing.auth.keys import router_key
+from routing.auth.principal import ANONYMOUS, Principal
 from routing.core.errors import ApiError, error_response
 from routing.engine.proxy import ProxyStreamingResponse
 from routing.observability import metrics
@@ -69,8 +70,9 @@ class ProxyRequest(HttpRequest):
     this request fills in only what they read and parses the query string only when asked.
     """
 
-    def __init__(self, scope: Scope, body: bytes) -> None:
+    def __init__(self, scope: Scope, body: bytes, principal: Principal) -> None:
         self.scope = scope
+        self.principal = principal  # who the request acts for (routing/auth/principal.py)
         self.method = scope["method"]
         self.path = self.path_info = scope["path"]
         self._body = body
@@ -225,13 +227,12 @@ class ProxyHandler:
 
     async def _respond(self, scope: Scope, path: str, body: bytes) -> HttpResponseBase:
         try:
-            if path not in OPEN_PATHS:
-                _check_api_key(scope)
+            principal = _principal(scope, path)
             view = self.views.get(path)
             if view is None:
                 raise ApiError(404, f"no route {path}")
             # The body was read (and bounded) above; Django's own size cap is for forms.
-            return await view(ProxyRequest(scope, body))
+            return await view(ProxyRequest(scope, body, principal))
         except ApiError as err:
             return error_response(path, err)
         except (BadRequest, SuspiciousOperation) as exc:
@@ -293,8 +294,13 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _check_api_key(scope: Scope) -> None:
-    router_key.authenticate(_header(scope, b"authorization"))
+def _principal(scope: Scope, path: str) -> Principal:
+    """Who the request acts for. Raises ApiError 401/403 (routing/auth/keys.py) on every path
+    but the open ones (/health), where a caller without the key is ANONYMOUS."""
+    authorization = _header(scope, b"authorization")
+    if path in OPEN_PATHS:
+        return router_key.identify(authorization) or ANONYMOUS
+    return router_key.authenticate(authorization)
 
 
 # Route label values: the paths of every route table a handler was built from (nomyo_site/asgi.py

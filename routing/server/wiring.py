@@ -8,6 +8,7 @@ idempotent).
 
 from __future__ import annotations
 
+from routing.engine.accounting import metrics_sink, sinks
 from routing.engine.board import board
 from routing.fleet import caches
 from routing.fleet.registry import EndpointInfo, registry
@@ -25,5 +26,6 @@ def _caches_follow(endpoints: tuple[EndpointInfo, ...], changed: tuple[int, ...]
 
 
 def install() -> None:
+    sinks.install(metrics_sink)
     registry.reloaded.connect(_limits_follow)
     registry.reloaded.connect(_caches_follow)

@@ -1,7 +1,8 @@
-"""The usage snapshot: what every endpoint is doing right now, in one JSON-ready dict.
+"""The fleet snapshot: what every endpoint is doing right now, in one JSON-ready dict.
 
 Built from the in-process structures only (no database, no network), so it is cheap
-enough to build on every change. It never contains api keys.
+enough to build on every change. It never contains api keys. Token totals are not routing's:
+stats/snapshot.py adds them for the page and the NOMYO usage API.
 """
 
 from __future__ import annotations
@@ -15,13 +16,11 @@ from routing.fleet import caches
 from routing.fleet.breaker import CLOSED, State, breakers
 from routing.fleet.registry import registry
 from routing.observability.metrics import INSTANCE
-from stats.recorder import recorder
 
 
 def build() -> dict[str, Any]:
     endpoints = registry.cached()
     active = board.active()
-    totals = recorder.totals()
     breaker_views = breakers.snapshot()
     loaded = caches.loaded.snapshot()
     advertised = caches.advertised.snapshot()
@@ -64,10 +63,6 @@ def build() -> dict[str, Any]:
                 "count": n,
             }
             for (eid, model), n in sorted(active.items())
-        ],
-        "tokens": [
-            {"endpoint": ep, "model": model, "input": t[0], "output": t[1], "total": t[2]}
-            for (ep, model), t in sorted(totals.items())
         ],
         "queued": board.queued(),
     }

@@ -19,6 +19,7 @@ from asgiref.sync import sync_to_async
 from django.db import OperationalError
 from django.db.models import Sum
 
+from routing.auth.principal import ANONYMOUS
 from routing.engine.accounting import Counts
 from routing.fleet import registry as registry_module
 from routing.fleet.registry import EndpointInfo, Registry
@@ -57,16 +58,16 @@ def test_it_puts_the_counts_back_and_writes_them_exactly_once_after_a_failed_flu
         calls += 1
         if calls == 1:
             # requests go on while the write hangs and fails; live totals stay exact meanwhile
-            rec.record(URL, MODEL_KEY, Counts(1, 2))
+            rec.record(ANONYMOUS, URL, MODEL_KEY, Counts(1, 2))
             assert rec.totals() == {(URL, MODEL_KEY): (31, 44, 75), (OTHER, MODEL_KEY): (4, 0, 4)}
             raise OperationalError("the database system is shutting down")
         real_write(totals, series)
 
     monkeypatch.setattr(recorder_module, "write", write_once_unavailable)
     for _ in range(3):
-        rec.record(URL, MODEL_KEY, Counts(10, 14))
-    rec.incomplete(URL, MODEL_KEY)
-    rec.record(OTHER, MODEL_KEY, Counts(4, 0))
+        rec.record(ANONYMOUS, URL, MODEL_KEY, Counts(10, 14))
+    rec.incomplete(ANONYMOUS, URL, MODEL_KEY)
+    rec.record(ANONYMOUS, OTHER, MODEL_KEY, Counts(4, 0))
     with pytest.raises(OperationalError):
         rec.flush_sync()
     assert rec.failed_flushes == 1 and rec.flushes == 0
@@ -96,11 +97,11 @@ def test_it_neither_loses_nor_double_counts_when_rereading_the_totals_fails(monk
         real_load()
 
     monkeypatch.setattr(rec, "load_totals", load_once_unavailable)
-    rec.record(URL, MODEL_KEY, Counts(3, 5))
+    rec.record(ANONYMOUS, URL, MODEL_KEY, Counts(3, 5))
     rec.flush_sync()  # written; the read-back fails
     assert stored() == {(URL, MODEL_KEY): (3, 5, 8, 1, 0)}
     assert rec.totals() == {(URL, MODEL_KEY): (3, 5, 8)}
-    rec.record(URL, MODEL_KEY, Counts(1, 1))
+    rec.record(ANONYMOUS, URL, MODEL_KEY, Counts(1, 1))
     assert rec.totals() == {(URL, MODEL_KEY): (4, 6, 10)}
     rec.flush_sync()
     assert stored() == {(URL, MODEL_KEY): (4, 6, 10, 2, 0)}
@@ -121,7 +122,7 @@ def test_it_retries_a_failed_flush_in_the_background_until_the_database_is_back(
 
     monkeypatch.setattr(recorder_module, "write", write)
     for _ in range(5):
-        rec.record(URL, MODEL_KEY, Counts(2, 3))
+        rec.record(ANONYMOUS, URL, MODEL_KEY, Counts(2, 3))
 
     async def scenario() -> None:
         flusher = asyncio.create_task(rec.run(0.05))

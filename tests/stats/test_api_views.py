@@ -18,6 +18,7 @@ from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.test import AsyncRequestFactory
 
+from routing.auth.principal import ANONYMOUS
 from routing.core.errors import ApiError, error_response
 from routing.engine.accounting import Counts as StreamCounts
 from routing.engine.board import board
@@ -168,7 +169,7 @@ async def test_stats_shape_and_sums() -> None:
 
 @pytest.mark.asyncio
 async def test_stats_default_range_is_the_last_30_days_and_includes_unflushed_totals() -> None:
-    recorder.record(EP1, "fresh", StreamCounts(prompt=3, completion=4))
+    recorder.record(ANONYMOUS, EP1, "fresh", StreamCounts(prompt=3, completion=4))
     data = body(await call(api_views.stats, post("/api/stats", {"model": "fresh"})))
     assert data["total_tokens"] == 7 and data["requests"] == 1
     assert data["time_series"] == []  # not flushed yet
@@ -221,7 +222,7 @@ async def test_stats_bad_json_and_method() -> None:
 @pytest.mark.asyncio
 async def test_token_counts_shape_with_pending() -> None:
     await add_rows()
-    recorder.record(EP2, "qwen", StreamCounts(prompt=10, completion=20))
+    recorder.record(ANONYMOUS, EP2, "qwen", StreamCounts(prompt=10, completion=20))
     data = body(await call(api_views.token_counts, rf.get("/api/token_counts")))
     assert data["total_tokens"] == 100 + 10 + 2 + 30
     assert data["breakdown"] == [
@@ -280,7 +281,7 @@ async def test_usage_shape() -> None:
     lease1 = board.try_acquire("llama3:latest", [Candidate(infos[a.id], "llama3:latest", True)])
     lease2 = board.try_acquire("llama3:latest", [Candidate(infos[a.id], "llama3:latest", True)])
     assert lease1 is not None and lease2 is not None
-    recorder.record(EP1, "llama3:latest", StreamCounts(prompt=5, completion=6))
+    recorder.record(ANONYMOUS, EP1, "llama3:latest", StreamCounts(prompt=5, completion=6))
     try:
         data = body(await call(api_views.usage, rf.get("/api/usage")))
     finally:
@@ -444,7 +445,7 @@ async def test_aggregate_route() -> None:
 @pytest.mark.asyncio
 async def test_usage_stream_sends_snapshots_and_unsubscribes() -> None:
     await add_endpoints()
-    recorder.record(EP1, "llama3", StreamCounts(prompt=1, completion=1))
+    recorder.record(ANONYMOUS, EP1, "llama3", StreamCounts(prompt=1, completion=1))
     subscribers = publisher.subscriber_count()
     response = await call(api_views.usage_stream, rf.get("/api/usage-stream"))
     assert isinstance(response, StreamingHttpResponse)

@@ -18,6 +18,7 @@ import pytest_asyncio
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 
+from routing.auth.principal import ANONYMOUS
 from routing.engine.accounting import Counts
 from routing.engine.board import Lease, board
 from routing.fleet import caches
@@ -276,10 +277,10 @@ async def test_a_change_in_usage_sends_a_new_snapshot(
     snap, _ = await wait_for(comm, lambda s: active_of(s, "gpu-1") == 0)
     assert snap["active"] == []
 
-    recorder.record(live.url, MODEL, Counts(prompt=12, completion=30))
+    recorder.record(ANONYMOUS, live.url, MODEL, Counts(prompt=12, completion=30))
     snap, _ = await wait_for(comm, lambda s: tokens_of(s, live.url, MODEL) != (0, 0, 0))
     assert tokens_of(snap, live.url, MODEL) == (12, 30, 42)
-    recorder.record(live.url, MODEL, Counts(prompt=3, completion=4))
+    recorder.record(ANONYMOUS, live.url, MODEL, Counts(prompt=3, completion=4))
     snap, _ = await wait_for(comm, lambda s: tokens_of(s, live.url, MODEL)[2] != 42)
     assert tokens_of(snap, live.url, MODEL) == (15, 34, 49)
     await comm.disconnect()
@@ -331,7 +332,7 @@ async def test_a_stuck_subscriber_stays_bounded_and_does_not_hold_up_the_pages(
             if i % 2 == 0:
                 held.append(acquire(live))
             else:
-                recorder.record(live.url, MODEL, Counts(prompt=1, completion=1))
+                recorder.record(ANONYMOUS, live.url, MODEL, Counts(prompt=1, completion=1))
             if i % 10 == 0:
                 await asyncio.sleep(0.02)
         publishes = publisher.published - published_before

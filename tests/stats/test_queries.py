@@ -5,6 +5,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
+from routing.auth.principal import ANONYMOUS
 from routing.engine.accounting import Counts as StreamCounts
 from stats import queries
 from stats.models import TokenDaily, TokenTimeSeries, TokenTotal
@@ -188,8 +189,8 @@ def test_pair_totals_add_unflushed_counts() -> None:
     TokenTotal.objects.create(
         endpoint=EP1, model="m", input_tokens=10, output_tokens=5, total_tokens=15, requests=2
     )
-    recorder.record(EP1, "m", StreamCounts(prompt=1, completion=2))
-    recorder.record(EP2, "m", StreamCounts(prompt=100, completion=0))
+    recorder.record(ANONYMOUS, EP1, "m", StreamCounts(prompt=1, completion=2))
+    recorder.record(ANONYMOUS, EP2, "m", StreamCounts(prompt=100, completion=0))
     totals = queries.pair_totals()
     assert totals[(EP1, "m")].as_dict() == {
         "input_tokens": 11,
@@ -205,7 +206,7 @@ def test_pair_totals_add_unflushed_counts() -> None:
 
 @pytest.mark.django_db
 def test_pair_totals_do_not_count_a_flush_twice() -> None:
-    recorder.record(EP1, "m", StreamCounts(prompt=4, completion=6))
+    recorder.record(ANONYMOUS, EP1, "m", StreamCounts(prompt=4, completion=6))
     before = queries.pair_totals()[(EP1, "m")].total_tokens
     recorder.flush_sync()
     after = queries.pair_totals()[(EP1, "m")].total_tokens

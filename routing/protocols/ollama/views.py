@@ -13,6 +13,7 @@ from typing import Any
 
 from django.http import HttpRequest, HttpResponseBase
 
+from routing.auth.principal import principal_of
 from routing.engine import attempt, proxy
 from routing.engine.attempt import Attempt
 from routing.fleet import candidates
@@ -77,7 +78,12 @@ async def _generation(request: HttpRequest, path: str, spec: schema.Obj) -> Http
     if loading.is_load_request(path, data):
         return await loading.load_or_unload(path, model, request.body, data, stream)
     await _refuse_untranslatable(path, model, data)
-    return await proxy.forward(request.path, model=model, plan=_routed(path, request.body, data, stream))
+    return await proxy.forward(
+        request.path,
+        model=model,
+        plan=_routed(path, request.body, data, stream),
+        principal=principal_of(request),
+    )
 
 
 @methods("POST")
@@ -95,7 +101,10 @@ async def embed(request: HttpRequest) -> HttpResponseBase:
     data, model = _checked(request, schema.OLLAMA_EMBED)
     await _refuse_untranslatable("/api/embed", model, data)
     return await proxy.forward(
-        request.path, model=model, plan=_routed("/api/embed", request.body, data, False)
+        request.path,
+        model=model,
+        plan=_routed("/api/embed", request.body, data, False),
+        principal=principal_of(request),
     )
 
 
@@ -106,7 +115,7 @@ async def embeddings(request: HttpRequest) -> HttpResponseBase:
     data, model = _checked(request, schema.OLLAMA_EMBEDDINGS)
     await _refuse_untranslatable("/api/embeddings", model, data)
     plan = _routed("/api/embeddings", request.body, data, False, counted=False)
-    return await proxy.forward(request.path, model=model, plan=plan)
+    return await proxy.forward(request.path, model=model, plan=plan, principal=principal_of(request))
 
 
 @methods("POST")
@@ -126,4 +135,6 @@ async def show(request: HttpRequest) -> HttpResponseBase:
             )
         return translate.show_for_openai_backend(cand)
 
-    return await proxy.forward(request.path, model=model, plan=plan, metered=False)
+    return await proxy.forward(
+        request.path, model=model, plan=plan, principal=principal_of(request), metered=False
+    )

@@ -11,6 +11,7 @@ from typing import Any
 
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
 
+from routing.auth.principal import principal_of
 from routing.core.names import model_key
 from routing.engine import attempt, proxy
 from routing.engine.attempt import Attempt
@@ -71,7 +72,12 @@ async def _route(request: HttpRequest, suffix: str, spec: schema.Obj) -> HttpRes
     model = require_model(data)
     schema.check(spec, data)
     stream = optional_bool(data, "stream", False) if suffix != "/embeddings" else False
-    return await proxy.forward(request.path, model=model, plan=_plan(suffix, request.body, data, stream))
+    return await proxy.forward(
+        request.path,
+        model=model,
+        plan=_plan(suffix, request.body, data, stream),
+        principal=principal_of(request),
+    )
 
 
 @methods("POST")

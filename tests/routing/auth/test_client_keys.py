@@ -40,16 +40,38 @@ def test_create_prints_the_key_alone_on_the_last_line_and_stores_only_its_hash()
     users = get_user_model()
     users.objects.create(username="ana")
     key = create(
-        "team-a", "--owner", "ana", "--models", "llama3*, qwen2:7b", "--rpm", "10", "--tpm", "1000",
-        "--concurrency", "2", "--daily-tokens", "5000", "--monthly-tokens", "90000", "--priority", "high",
-        "--expires", "2030-01-02",
+        "team-a",
+        "--owner",
+        "ana",
+        "--models",
+        "llama3*, qwen2:7b",
+        "--rpm",
+        "10",
+        "--tpm",
+        "1000",
+        "--concurrency",
+        "2",
+        "--daily-tokens",
+        "5000",
+        "--monthly-tokens",
+        "90000",
+        "--priority",
+        "high",
+        "--expires",
+        "2030-01-02",
     )
     assert KEY_RE.match(key)
     row = ClientKey.objects.get(name="team-a")
     assert row.key_hash == hash_key(key) and row.prefix == key[:11]
     assert key not in str(ClientKey.objects.filter(name="team-a").values().get())  # never stored
     assert row.owner is not None and row.owner.username == "ana"
-    assert (row.rpm, row.tpm, row.concurrency, row.daily_tokens, row.monthly_tokens) == (10, 1000, 2, 5000, 90000)
+    assert (row.rpm, row.tpm, row.concurrency, row.daily_tokens, row.monthly_tokens) == (
+        10,
+        1000,
+        2,
+        5000,
+        90000,
+    )
     assert row.priority == "high" and row.allowed_models == "llama3*, qwen2:7b"
     assert row.expires is not None and row.expires.isoformat() == "2030-01-02T00:00:00+00:00"
     record = client_keys.record_of(row)

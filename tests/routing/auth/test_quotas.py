@@ -76,7 +76,11 @@ async def test_requests_per_minute(quotas: Quotas):
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     "limit,field",
-    [("tpm", "tokens per minute"), ("daily_tokens", "tokens per day"), ("monthly_tokens", "tokens per month")],
+    [
+        ("tpm", "tokens per minute"),
+        ("daily_tokens", "tokens per day"),
+        ("monthly_tokens", "tokens per month"),
+    ],
 )
 async def test_token_limits_are_checked_before_and_charged_after(quotas: Quotas, limit: str, field: str):
     p = key(**{limit: 100})
@@ -132,7 +136,7 @@ async def test_concurrent_admissions_never_exceed_the_limit(quotas: Quotas):
 @pytest.mark.asyncio
 async def test_counts_restart_with_the_minute(quotas: Quotas, monkeypatch):
     p = key(rpm=1)
-    now = [timegm((2026, 3, 1, 12, 0, 59))]
+    now = [float(timegm((2026, 3, 1, 12, 0, 59)))]
     monkeypatch.setattr(quotas_module.time, "time", lambda: now[0])
     (await quotas.admit(p)).release()
     with pytest.raises(ApiError) as refused:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from bench.fake_backend import ThreadedFake
+from routing.auth.principal import ANONYMOUS
 from routing.core.errors import ApiError
 from routing.engine import attempt, proxy
 from routing.engine.board import board
@@ -102,7 +103,7 @@ async def settled() -> None:
 
 
 async def forward(plan: attempt.Planner) -> Any:
-    return await proxy.forward("/api/chat", model=MODEL, plan=plan)
+    return await proxy.forward("/api/chat", model=MODEL, plan=plan, principal=ANONYMOUS)
 
 
 @pytest.mark.asyncio

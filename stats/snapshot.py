@@ -1,0 +1,25 @@
+"""The usage snapshot: routing's fleet snapshot (routing/status/snapshot.py) plus this process's
+live token totals from the recorder, as the page, the merge and /api/usage read it.
+
+"tokens": [{"endpoint": url, "model", "input", "output", "total"}] sorted by (url, model);
+the keys keep the order they had when routing built the whole snapshot.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from routing.status import snapshot as fleet_snapshot
+from stats.recorder import recorder
+
+
+def build() -> dict[str, Any]:
+    snap = fleet_snapshot.build()
+    totals = recorder.totals()
+    queued = snap.pop("queued")
+    snap["tokens"] = [
+        {"endpoint": ep, "model": model, "input": t[0], "output": t[1], "total": t[2]}
+        for (ep, model), t in sorted(totals.items())
+    ]
+    snap["queued"] = queued
+    return snap
