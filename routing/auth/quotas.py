@@ -48,6 +48,19 @@ PREFIX = "nomyo:quota"
 CONCURRENCY_RETRY_AFTER = 1  # seconds
 
 
+class QuotaExceeded(ApiError):
+    """A 429 for one of a key's limits; `limit` names it (rpm, tpm, concurrency, daily_tokens,
+    monthly_tokens); `ratelimit`: its x-ratelimit-* headers, which the lean handler adds to
+    OpenAI replies only."""
+
+    def __init__(
+        self, limit: str, message: str, *, code: str, retry_after: int, headers: dict[str, str]
+    ) -> None:
+        super().__init__(429, message, code=code, retry_after=retry_after)
+        self.limit = limit
+        self.ratelimit = headers
+
+
 class StaleKeys(Exception):
     """Redis says the client keys changed since this process loaded them: reload, authenticate again."""
 
@@ -138,7 +151,7 @@ def ratelimit_headers(principal: Principal, used: Usage, w: Windows) -> dict[str
     return headers
 
 
-def refusal(principal: Principal, used: Usage, w: Windows) -> ApiError | None:
+def refusal(principal: Principal, used: Usage, w: Windows) -> QuotaExceeded | None:
     """The 429 for `used` (before this request) against the key's limits, or None. Checked in the
     order: concurrency, requests per minute, tokens per minute, per day, per month."""
     limit = principal.limit
@@ -146,8 +159,12 @@ def refusal(principal: Principal, used: Usage, w: Windows) -> ApiError | None:
     headers = ratelimit_headers(principal, used, w)
     if (n := limit("concurrency")) is not None and used.concurrent >= n:
         message = f"the key '{name}' has {n} requests in flight, its limit; retry when one ends"
-        return ApiError(
-            429, message, code="rate_limit_exceeded", retry_after=CONCURRENCY_RETRY_AFTER, headers=headers
+        return QuotaExceeded(
+            "concurrency",
+            message,
+            code="rate_limit_exceeded",
+            retry_after=CONCURRENCY_RETRY_AFTER,
+            headers=headers,
         )
     checks = (
         ("rpm", used.requests_minute, w.minute_left, "requests per minute", "rate_limit_exceeded"),
@@ -158,7 +175,9 @@ def refusal(principal: Principal, used: Usage, w: Windows) -> ApiError | None:
     for quota, value, left, what, code in checks:
         if (n := limit(quota)) is not None and value >= n:
             message = f"the key '{name}' reached its limit of {n} {what}; retry in {int(left + 0.999)} s"
-            return ApiError(429, message, code=code, retry_after=max(1, int(left + 0.999)), headers=headers)
+            return QuotaExceeded(
+                quota, message, code=code, retry_after=max(1, int(left + 0.999)), headers=headers
+            )
     return None
 
 
@@ -319,7 +338,15 @@ class RedisCounters:
         used = Usage(*values)
         if status == 1:
             refused = refusal(principal, used, w)
-            raise refused if refused is not None else ApiError(429, "over a limit", retry_after=1)
+            if refused is None:  # the counts moved between the script and now: say which was hit
+                refused = QuotaExceeded(
+                    "concurrency",
+                    "over a limit; retry",
+                    code="rate_limit_exceeded",
+                    retry_after=1,
+                    headers={},
+                )
+            raise refused
         after = Usage(used.requests_minute + 1, used.tokens_minute, used.tokens_day, used.tokens_month)
         return Admission(
             ratelimit_headers(principal, after, w), lambda: self._spawn(self._zrem(keys[4], member))

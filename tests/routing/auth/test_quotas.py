@@ -12,7 +12,7 @@ import pytest
 
 from routing.auth import quotas as quotas_module
 from routing.auth.principal import ANONYMOUS, OPERATOR, Principal
-from routing.auth.quotas import Quotas, StaleKeys, Usage, Windows
+from routing.auth.quotas import QuotaExceeded, Quotas, StaleKeys, Usage, Windows
 from routing.core.errors import ApiError
 from routing.engine.accounting import Counts
 from tests.integration.test_cluster import _redis_answers
@@ -67,7 +67,7 @@ async def test_requests_per_minute(quotas: Quotas):
     assert err.status == 429 and err.code == "rate_limit_exceeded"
     assert err.retry_after is not None and 1 <= err.retry_after <= 60
     assert "3 requests per minute" in err.message
-    assert err.headers["x-ratelimit-remaining-requests"] == "0"
+    assert isinstance(err, QuotaExceeded) and err.ratelimit["x-ratelimit-remaining-requests"] == "0"
     for a in admitted:
         a.release()
     assert (await quotas.usage(p)).requests_minute == 3  # refused requests are not counted

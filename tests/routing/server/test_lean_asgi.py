@@ -18,7 +18,7 @@ TABLE = {"/" + str(p.pattern) for p in get_resolver(URLCONF).url_patterns}
 
 def test_every_path_of_the_route_table_is_its_own_label() -> None:
     assert {"/api/chat", "/v1/models", "/health", "/metrics", "/api/usage", "/api/stats.csv"} <= TABLE
-    assert len(TABLE) == 26  # 19 client API routes + 7 statistics routes
+    assert len(TABLE) == 27  # 20 client API routes (19 + /api/me) + 7 statistics routes
     assert set(HANDLER.views) == TABLE
     for path in TABLE:
         assert lean_asgi._route_label(path) == path
