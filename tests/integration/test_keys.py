@@ -8,6 +8,7 @@ import asyncio
 import io
 import re
 import time
+import uuid
 from typing import Any
 
 import httpx
@@ -17,6 +18,7 @@ from django.core.management import call_command
 from routing.models import ClientKey
 from stats.models import TokenTotal
 from tests.conftest import wait_until
+from tests.integration.test_cluster import _redis_answers
 
 OPERATOR = "op-secret"
 OP = {"Authorization": f"Bearer {OPERATOR}"}
@@ -219,3 +221,32 @@ def test_fair_queueing_one_request_of_another_key_is_served_at_the_next_free_slo
     asyncio.run(run())
     assert len(finished) == 51
     assert finished.index("B") <= 1, finished[:5]  # only the request in service when B came is ahead
+
+
+@pytest.mark.skipif(not _redis_answers(), reason="no Redis at 127.0.0.1:6379 (CI starts one)")
+def test_two_router_processes_share_limits_and_see_a_revocation_on_the_next_request(served, router, settings):
+    db = str(8 + uuid.uuid4().int % 7)  # a Redis database of its own, away from other tests
+    settings.REDIS_URL = f"redis://127.0.0.1:6379/{db}"  # the commands here bump the key generation there
+    shared = make_key("shared", "--rpm", "3")
+    leaving = make_key("leaving")
+    # The safety-net reload is far away: only the Redis generation can make the change seen.
+    env = {"REDIS_URL": settings.REDIS_URL, "ROUTER_API_KEY": OPERATOR, "ROUTER_REGISTRY_RELOAD": "120"}
+    a, b = router(**env), router(**env)
+    with httpx.Client(timeout=30) as http:
+        statuses = [
+            http.post(url + "/api/chat", json=CHAT, headers=bearer(shared)).status_code
+            for url in (a.url, b.url, a.url, b.url)
+        ]
+        assert statuses == [200, 200, 200, 429]  # 3 per minute across both processes
+        for url in (a.url, b.url):
+            assert http.post(url + "/api/chat", json=CHAT, headers=bearer(leaving)).status_code == 200
+        call_command("client_key_revoke", "leaving", stdout=io.StringIO())
+        for url in (a.url, b.url):  # at once, no waiting
+            refused = http.post(url + "/v1/chat/completions", json=OPENAI_CHAT, headers=bearer(leaving))
+            assert refused.status_code == 403 and "disabled" in refused.json()["error"]["message"]
+        # a changed limit too: the next request anywhere sees it
+        ClientKey.objects.filter(name="shared").update(rpm=10)
+        from routing.fleet import control
+
+        control.keys_changed()
+        assert http.post(b.url + "/api/chat", json=CHAT, headers=bearer(shared)).status_code == 200
