@@ -32,7 +32,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
@@ -78,6 +78,19 @@ class Windows:
 
     @classmethod
     def at(cls, now: float) -> Windows:
+        """The windows of `now`; within one second the same object (the seconds left are counted
+        from the second's start, so they are at most 1 s long: Retry-After is whole seconds)."""
+        global _windows
+        second = int(now)
+        cached = _windows
+        if cached is not None and cached[0] == second:
+            return cached[1]
+        w = cls.compute(float(second))
+        _windows = (second, w)
+        return w
+
+    @classmethod
+    def compute(cls, now: float) -> Windows:
         tm = time.gmtime(now)
         days_in_month = calendar.monthrange(tm.tm_year, tm.tm_mon)[1]
         month_start = calendar.timegm((tm.tm_year, tm.tm_mon, 1, 0, 0, 0))
@@ -89,6 +102,9 @@ class Windows:
             day_left=86400 - now % 86400,
             month_left=month_start + days_in_month * 86400 - now,
         )
+
+
+_windows: tuple[int, Windows] | None = None  # the windows of the latest second asked (hot-path cache)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,13 +127,27 @@ class Usage:
         }
 
 
-@dataclass(slots=True)
 class Admission:
     """An admitted request. `headers`: OpenAI-style x-ratelimit-* for the reply (empty without
-    rpm/tpm). `release()` gives back the concurrency place; idempotent, synchronous."""
+    rpm/tpm; built when first read). `release()` gives back the concurrency place; idempotent,
+    synchronous."""
 
-    headers: dict[str, str] = field(default_factory=dict)
-    _release: Callable[[], None] | None = None
+    __slots__ = ("_after", "_headers", "_release")
+
+    def __init__(
+        self,
+        after: tuple[Principal, Usage, Windows] | None = None,
+        release: Callable[[], None] | None = None,
+    ) -> None:
+        self._after = after  # the usage with this request counted, for the headers
+        self._headers: dict[str, str] | None = None
+        self._release = release
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self._headers is None:
+            self._headers = ratelimit_headers(*self._after) if self._after is not None else {}
+        return self._headers
 
     def release(self) -> None:
         release, self._release = self._release, None
@@ -156,7 +186,6 @@ def refusal(principal: Principal, used: Usage, w: Windows) -> QuotaExceeded | No
     order: concurrency, requests per minute, tokens per minute, per day, per month."""
     limit = principal.limit
     name = principal.name
-    headers = ratelimit_headers(principal, used, w)
     if (n := limit("concurrency")) is not None and used.concurrent >= n:
         message = f"the key '{name}' has {n} requests in flight, its limit; retry when one ends"
         return QuotaExceeded(
@@ -164,7 +193,7 @@ def refusal(principal: Principal, used: Usage, w: Windows) -> QuotaExceeded | No
             message,
             code="rate_limit_exceeded",
             retry_after=CONCURRENCY_RETRY_AFTER,
-            headers=headers,
+            headers=ratelimit_headers(principal, used, w),
         )
     checks = (
         ("rpm", used.requests_minute, w.minute_left, "requests per minute", "rate_limit_exceeded"),
@@ -176,7 +205,11 @@ def refusal(principal: Principal, used: Usage, w: Windows) -> QuotaExceeded | No
         if (n := limit(quota)) is not None and value >= n:
             message = f"the key '{name}' reached its limit of {n} {what}; retry in {int(left + 0.999)} s"
             return QuotaExceeded(
-                quota, message, code=code, retry_after=max(1, int(left + 0.999)), headers=headers
+                quota,
+                message,
+                code=code,
+                retry_after=max(1, int(left + 0.999)),
+                headers=ratelimit_headers(principal, used, w),
             )
     return None
 
@@ -218,7 +251,7 @@ class LocalCounters:
         if refused is not None:
             raise refused
         after = Usage(used.requests_minute + 1, used.tokens_minute, used.tokens_day, used.tokens_month)
-        return Admission(ratelimit_headers(principal, after, w), lambda: self._leave(key_id))
+        return Admission((principal, after, w), lambda: self._leave(key_id))
 
     def _leave(self, key_id: int) -> None:
         with self._lock:
@@ -348,9 +381,7 @@ class RedisCounters:
                 )
             raise refused
         after = Usage(used.requests_minute + 1, used.tokens_minute, used.tokens_day, used.tokens_month)
-        return Admission(
-            ratelimit_headers(principal, after, w), lambda: self._spawn(self._zrem(keys[4], member))
-        )
+        return Admission((principal, after, w), lambda: self._spawn(self._zrem(keys[4], member)))
 
     def _spawn(self, work: Any) -> None:
         try:
