@@ -17,6 +17,7 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 
+from routing.engine.board import board
 from stats import snapshot
 from stats.recorder import recorder
 
@@ -98,6 +99,13 @@ class Publisher:
             "db_read_at": recorder.db_read_at,
             "db": [[e, m, *row] for (e, m), row in db.items()],
             "pending": [[e, m, *row] for (e, m), row in pending.items()],
+        }
+        client_db, client_pending = recorder.client_parts()
+        snap["client_parts"] = {  # tokens and slots by client; merged like token_parts (stats/merge.py)
+            "db_read_at": recorder.db_read_at,
+            "db": [[c, *row] for c, row in sorted(client_db.items())],
+            "pending": [[c, *row] for c, row in sorted(client_pending.items())],
+            "active": board.active_by_client(),
         }
         with self._lock:
             subscribers = list(self._subscribers)

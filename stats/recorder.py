@@ -119,6 +119,19 @@ class Recorder:
                         self._add(pending, (endpoint, model), *row)
         return db, pending
 
+    def client_parts(self) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+        """As `parts`, per client: (database totals at the last read, this process's numbers not in
+        that read), each client -> [input, output, requests, incomplete]."""
+        db: dict[str, list[int]] = {}
+        pending: dict[str, list[int]] = {}
+        with self._lock:
+            for (_endpoint, _model, who), row in self._db_totals.items():
+                self._add(db, who, *row)
+            for table in (self._inflight, self._totals_buf):
+                for (_endpoint, _model, who), row in table.items():
+                    self._add(pending, who, *row)
+        return db, pending
+
     def client_totals(self) -> dict[str, tuple[int, int, int, int]]:
         """Live totals per client: (input, output, total tokens, requests), the last database read
         plus this process's pending numbers."""

@@ -39,6 +39,7 @@ class Lease:
     board: Board | None  # None: an unmetered lease that holds no slot
     candidate: Candidate
     model: str
+    client: str = ""  # who holds it (the principal's name)
     released: bool = False
     _also: list[Callable[[], None]] | None = None
     # Seconds to the upstream's first byte, set by the forwarding engine once measured;
@@ -94,6 +95,7 @@ class Board:
         # client name -> tick of its latest slot (turns between clients, fair_queue.py)
         self._served: dict[str, int] = {}
         self._ticks = itertools.count()
+        self._by_client: dict[str, int] = {}  # client name -> slots held
         # Sent (outside the lock) after every change of slots or queues.
         self.changed: Signal[[]] = Signal("board.changed")
         # Current limits by endpoint id, from the registry; candidates carry the limit of
@@ -118,10 +120,11 @@ class Board:
         if len(self._served) >= MAX_STAMPS and client not in self._served:
             self._served.clear()
         self._served[client] = next(self._ticks)
+        self._by_client[client] = self._by_client.get(client, 0) + 1
         slot = (cand.endpoint.id, model)
         self._active[slot] = self._active.get(slot, 0) + 1
         self._per_endpoint[cand.endpoint.id] = self._per_endpoint.get(cand.endpoint.id, 0) + 1
-        return Lease(self, cand, model)
+        return Lease(self, cand, model, client)
 
     def unmetered(self, model: str, candidates: list[Candidate], *, affinity: str | None = None) -> Lease:
         """A choice without a slot, for metadata calls (show), by the same strategy.
@@ -243,6 +246,11 @@ class Board:
                 self._per_endpoint[ep_id] = left
             else:
                 self._per_endpoint.pop(ep_id, None)
+            left = self._by_client.get(lease.client, 0) - 1
+            if left > 0:
+                self._by_client[lease.client] = left
+            else:
+                self._by_client.pop(lease.client, None)
             self._serve_waiters(model)
         self.changed.send()
 
@@ -294,6 +302,11 @@ class Board:
         with self._lock:
             return self._per_endpoint.get(endpoint_id, 0)
 
+    def active_by_client(self) -> dict[str, int]:
+        """Slots held per client (the principal's name; "" for callers that named none)."""
+        with self._lock:
+            return dict(self._by_client)
+
     def queued(self) -> dict[str, int]:
         with self._lock:
             return {model: len(q) for model, q in self._queues.items()}
@@ -306,6 +319,7 @@ class Board:
         with self._lock:
             self._active.clear()
             self._per_endpoint.clear()
+            self._by_client.clear()
             for queue in self._queues.values():
                 for entry in queue:
                     entry.item.future.cancel()
