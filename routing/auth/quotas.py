@@ -16,10 +16,13 @@ Order of one request:
 Without REDIS_URL the counters live in this process (`LocalCounters`, one lock, held for a few
 dict operations). With it they are shared by every router process (`RedisCounters`): one Lua
 script checks every limit, the key generation (routing/auth/client_keys.py) and counts the
-request in one atomic step; concurrency places are members of a sorted set scored by lease
-expiry (like the cluster slots, routing/engine/cluster.py), so a process that dies loses its
-places after LEASE seconds; charges are INCRBY with an expiry past the window's end. If Redis
-is unreachable, the request is admitted on this process's own counters rather than refused.
+request in one atomic step; concurrency places (taken only for a key with a concurrency limit)
+are members of a sorted set scored by lease expiry (like the cluster slots,
+routing/engine/cluster.py), so a process that dies loses its places after LEASE seconds; token
+charges are gathered for CHARGE_EVERY seconds and written as INCRBY with an expiry past the
+window's end, one pipeline for all keys (so a token limit may be passed by what is charged in
+that moment, as it may by the request that crosses it). If Redis is unreachable, the request is
+admitted on this process's own counters rather than refused.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from routing.observability.locks import TimedLock
 log = logging.getLogger("routing.quotas")
 
 LEASE = 900.0  # seconds a concurrency place lives in Redis (a dead process's places expire)
+CHARGE_EVERY = 0.1  # seconds token charges are gathered before one pipelined write to Redis
 PREFIX = "nomyo:quota"
 CONCURRENCY_RETRY_AFTER = 1  # seconds
 
@@ -302,8 +306,10 @@ if tonumber(ARGV[6]) > 0 and used[5] >= tonumber(ARGV[6]) then
 end
 redis.call('INCR', KEYS[2])
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[10]))
-redis.call('ZADD', KEYS[6], now + tonumber(ARGV[9]), ARGV[8])
-redis.call('EXPIRE', KEYS[6], math.ceil(tonumber(ARGV[9])) + 60)
+if tonumber(ARGV[6]) > 0 then
+  redis.call('ZADD', KEYS[6], now + tonumber(ARGV[9]), ARGV[8])
+  redis.call('EXPIRE', KEYS[6], math.ceil(tonumber(ARGV[9])) + 60)
+end
 return {0, used[1], used[2], used[3], used[4], used[5]}
 """
 
@@ -315,6 +321,8 @@ class RedisCounters:
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
         self._background: set[asyncio.Task[None]] = set()
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._charges: dict[int, int] = {}  # key id -> tokens not written yet
+        self._charging: asyncio.Task[None] | None = None
 
     def _client(self) -> Any:
         import redis.asyncio as aioredis  # only with REDIS_URL
@@ -381,6 +389,8 @@ class RedisCounters:
                 )
             raise refused
         after = Usage(used.requests_minute + 1, used.tokens_minute, used.tokens_day, used.tokens_month)
+        if not limit("concurrency"):
+            return Admission((principal, after, w))  # no place taken: nothing to give back
         return Admission((principal, after, w), lambda: self._spawn(self._zrem(keys[4], member)))
 
     def _spawn(self, work: Any) -> None:
@@ -399,21 +409,32 @@ class RedisCounters:
             log.warning("could not free a concurrency place in Redis; it expires in %ss", LEASE)
 
     def charge(self, key_id: int, tokens: int, now: float) -> None:
-        self._spawn(self._charge(key_id, tokens, now))
+        """Add `tokens` to the key's windows in Redis: gathered for CHARGE_EVERY seconds, then
+        written for every key in one pipeline (one round trip per batch, not per request)."""
+        self._charges[key_id] = self._charges.get(key_id, 0) + tokens
+        if self._charging is None or self._charging.done():
+            try:
+                self._charging = asyncio.get_running_loop().create_task(self._charge_soon())
+            except RuntimeError:
+                self._charges.clear()  # no loop (a test's thread): nothing can be sent
+                return
+            self._background.add(self._charging)
+            self._charging.add_done_callback(self._background.discard)
 
-    async def _charge(self, key_id: int, tokens: int, now: float) -> None:
-        w = Windows.at(now)
-        keys = self.keys(key_id, w)
+    async def _charge_soon(self) -> None:
+        await asyncio.sleep(CHARGE_EVERY)
+        charges, self._charges = self._charges, {}
+        w = Windows.at(time.time())
+        ttls = (120, int(w.day_left) + 3600, int(w.month_left) + 3600)
         try:
             pipe = self._client().pipeline(transaction=False)
-            for key, ttl in zip(
-                keys[1:4], (120, int(w.day_left) + 3600, int(w.month_left) + 3600), strict=True
-            ):
-                pipe.incrby(key, tokens)
-                pipe.expire(key, ttl)
+            for key_id, tokens in charges.items():
+                for key, ttl in zip(self.keys(key_id, w)[1:4], ttls, strict=True):
+                    pipe.incrby(key, tokens)
+                    pipe.expire(key, ttl)
             await pipe.execute()
         except Exception:
-            log.warning("could not charge %s tokens to key %s in Redis", tokens, key_id, exc_info=True)
+            log.warning("could not charge tokens of %d keys in Redis", len(charges), exc_info=True)
 
     async def usage(self, key_id: int, now: float) -> Usage:
         w = Windows.at(now)
