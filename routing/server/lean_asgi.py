@@ -187,14 +187,14 @@ class ProxyHandler:
         if principal is not None:
             metrics.client_request_done(principal.name, status)
         log.info(
-            "%s %s %s %.1fms endpoint=%s request_id=%s client=%s",
+            "%s %s %s %.1fms endpoint=%s client=%s request_id=%s",
             scope.get("method"),
             path,
             status,
             elapsed * 1000,
             endpoint or "-",
-            request_id,
             principal.name if principal is not None else "-",
+            request_id,
         )
 
     async def _cut_short(
