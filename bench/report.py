@@ -702,6 +702,12 @@ Changes made from these measurements:
   0.46 -> 0.43-0.44 ms; `/v1` streaming went from 0.49-0.50 to 0.53-0.54 of direct.
 - Tried and dropped: running daphne's Twisted reactor on uvloop: 3 to 8% less CPU, not worth
   a launcher of our own in front of daphne's.
+- Packages by role (issue 13: the flat `routing/` split into server, protocols, status, engine,
+  fleet, upstream, auth, observability and core; accounting through sinks, signals instead of
+  listener lists, a principal on every request). `python -m bench.ab` against the commit before
+  (15c13fa), router CPU per request B/A: daphne c=32 0.95 (stream `/api/chat`), 0.89 (whole),
+  1.04 (stream `/v1`); daphne c=1 0.91, 0.99, 0.97; uvicorn c=32 1.05, 0.97, 0.95. An A/A run
+  (15c13fa against itself, daphne c=32) gave 1.05, 0.99, 1.12: every figure is within noise.
 """
 
 

@@ -743,7 +743,7 @@ def _wait_slots_released(base: str, timeout: float) -> bool:
         held = [
             line
             for line in text.splitlines()
-            if line.startswith("router_in_flight{") and not line.endswith(" 0")
+            if line.startswith("router_in_flight{") and float(line.rsplit(" ", 1)[1]) != 0
         ]
         if not held:
             return True

@@ -18,7 +18,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 from asgiref.sync import sync_to_async
 from django.db import DatabaseError, close_old_connections
@@ -30,8 +30,10 @@ from routing.fleet.breaker import State, breakers
 from routing.fleet.registry import EndpointInfo, registry
 from routing.protocols.common.decorators import methods
 from routing.protocols.common.parsing import parse_object
+from routing.status.types import BreakerState
 from stats import queries, rollup, snapshot
 from stats.publisher import publisher
+from stats.types import ConfigEndpoint, NomyoUsage, UsageEvent, UsagePart, UsageSnapshot
 
 log = logging.getLogger("stats.api")
 
@@ -91,10 +93,10 @@ def _params(request: HttpRequest) -> dict[str, Any]:
 
 
 # -- /api/usage ----------------------------------------------------------------------
-def _nomyo_usage(snap: dict[str, Any]) -> dict[str, dict[str, dict[str, int]]]:
+def _nomyo_usage(snap: UsageSnapshot) -> NomyoUsage:
     """NOMYO Router's two maps, from a usage snapshot: active requests and total tokens,
     {endpoint url: {model: n}}. Every configured endpoint appears, idle ones as {}."""
-    urls: dict[Any, str] = {ep["id"]: ep["url"] for ep in snap.get("endpoints", [])}
+    urls: dict[int, str] = {ep["id"]: ep["url"] for ep in snap.get("endpoints", [])}
     usage: dict[str, dict[str, int]] = {url: {} for url in urls.values()}
     for row in snap.get("active", []):
         if row["count"] <= 0:
@@ -103,9 +105,9 @@ def _nomyo_usage(snap: dict[str, Any]) -> dict[str, dict[str, dict[str, int]]]:
         models = usage.setdefault(url, {})
         models[row["model"]] = models.get(row["model"], 0) + row["count"]
     tokens: dict[str, dict[str, int]] = {}
-    for row in snap.get("tokens", []):
-        models = tokens.setdefault(row["endpoint"], {})
-        models[row["model"]] = models.get(row["model"], 0) + row["total"]
+    for token_row in snap.get("tokens", []):
+        models = tokens.setdefault(token_row["endpoint"], {})
+        models[token_row["model"]] = models.get(token_row["model"], 0) + token_row["total"]
     return {"usage_counts": usage, "token_usage_counts": tokens}
 
 
@@ -355,10 +357,10 @@ async def _version_of(ep: EndpointInfo) -> str | None:
     return version
 
 
-def _endpoint_state(ep: EndpointInfo, version: str | None) -> dict[str, Any]:
+def _endpoint_state(ep: EndpointInfo, version: str | None) -> ConfigEndpoint:
     view = breakers.view(ep.id)
     healthy = ep.enabled and view.state is not State.OPEN and version is not None
-    state: dict[str, Any] = {
+    state: ConfigEndpoint = {
         # NOMYO Router's keys first; never the api key.
         "url": ep.url,
         "status": "disabled" if not ep.enabled else ("ok" if healthy else "error"),
@@ -370,7 +372,7 @@ def _endpoint_state(ep: EndpointInfo, version: str | None) -> dict[str, Any]:
         "limit": ep.limit,
         "healthy": healthy,
         "failing_since": view.since,
-        "breaker": view.state.value,
+        "breaker": cast(BreakerState, view.state.value),
     }
     if view.since is not None:
         state["detail"] = view.reason
@@ -391,9 +393,9 @@ async def config(request: HttpRequest) -> HttpResponseBase:
 
 
 # -- /api/usage-stream ---------------------------------------------------------------
-def _sse_event(snap: dict[str, Any]) -> bytes:
+def _sse_event(snap: UsageSnapshot | UsagePart) -> bytes:
     """One snapshot as an SSE message, with NOMYO Router's usage_counts/token_usage_counts added."""
-    payload = {**snap, **_nomyo_usage(snap)}
+    payload: UsageEvent = {**snap, **_nomyo_usage(snap)}
     return b"data: " + json.dumps(payload, separators=(",", ":"), default=str).encode() + b"\n\n"
 
 

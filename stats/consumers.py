@@ -22,6 +22,7 @@ from routing.fleet.registry import registry
 from routing.server.lifecycle import lifecycle
 from stats.merge import STALE_AFTER, merge
 from stats.publisher import GROUP, publisher
+from stats.types import MergedSnapshot, UsagePart
 
 log = logging.getLogger("stats.consumers")
 
@@ -37,8 +38,8 @@ class UsageConsumer(AsyncJsonWebsocketConsumer):
         if not _origin_ok(self.scope):
             await self.close(code=4403)
             return
-        self.parts: dict[str, dict[str, Any]] = {}
-        self.latest: dict[str, Any] | None = None
+        self.parts: dict[str, UsagePart] = {}  # instance -> its newest part
+        self.latest: MergedSnapshot | None = None
         self.wake = asyncio.Event()
         await self.channel_layer.group_add(GROUP, self.channel_name)
         await self.accept()
@@ -65,7 +66,7 @@ class UsageConsumer(AsyncJsonWebsocketConsumer):
     async def usage_part(self, event: dict[str, Any]) -> None:
         if not hasattr(self, "parts"):
             return  # not accepted (yet)
-        snap = event["snapshot"]
+        snap: UsagePart = event["snapshot"]
         held = self.parts.get(snap["instance"])
         if held is not None and held.get("taken_at", 0) >= snap.get("taken_at", 0):
             return  # already shown (our own publish on connect) or older than what we have

@@ -12,12 +12,17 @@ read + every process's pending numbers. A process that has not published for STA
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Mapping
+
+from routing.status.types import ActiveRow, BreakerState, EndpointState
+from stats.types import ClientRow, MergedSnapshot, TokenRow, UsagePart
 
 STALE_AFTER = 6.0
 
 
-def merge(parts: dict[str, dict[str, Any]], *, now: float | None = None) -> dict[str, Any]:
+def merge(parts: Mapping[str, UsagePart], *, now: float | None = None) -> MergedSnapshot:
+    """The live parts (instance -> part; taken within STALE_AFTER seconds of `now`) in one.
+    Parts come from other processes, so a missing key reads as empty rather than failing."""
     now = time.time() if now is None else now
     live = [p for p in parts.values() if now - p.get("taken_at", 0) <= STALE_AFTER]
     if not live:
@@ -32,15 +37,15 @@ def merge(parts: dict[str, dict[str, Any]], *, now: float | None = None) -> dict
             "clients": [],
         }
     newest = max(live, key=lambda p: p.get("taken_at", 0))
-    active: dict[tuple[Any, str], dict[str, Any]] = {}
-    per_endpoint: dict[Any, int] = {}
+    active: dict[tuple[int, str], ActiveRow] = {}
+    per_endpoint: dict[int, int] = {}
     for part in live:
         for row in part.get("active", []):
             key = (row["endpoint_id"], row["model"])
             if key in active:
                 active[key]["count"] += row["count"]
             else:
-                active[key] = dict(row)
+                active[key] = row.copy()  # the sums must not change the part
             per_endpoint[row["endpoint_id"]] = per_endpoint.get(row["endpoint_id"], 0) + row["count"]
     queued: dict[str, int] = {}
     for part in live:
@@ -59,7 +64,7 @@ def merge(parts: dict[str, dict[str, Any]], *, now: float | None = None) -> dict
     }
 
 
-def _taken_at(part: dict[str, Any]) -> float:
+def _taken_at(part: UsagePart) -> float:
     return float(part.get("taken_at", 0))
 
 
@@ -71,22 +76,23 @@ def _union(lists: list[list[str]]) -> list[str]:
     return list(seen)
 
 
-def _endpoints(live: list[dict[str, Any]], per_endpoint: dict[Any, int]) -> list[dict[str, Any]]:
+def _endpoints(live: list[UsagePart], per_endpoint: dict[int, int]) -> list[EndpointState]:
     newest_first = sorted(live, key=_taken_at, reverse=True)
     # A process that has not loaded its endpoint list yet (just started) publishes none.
     base = next((p for p in newest_first if p.get("endpoints")), newest_first[0])
-    views: dict[Any, list[dict[str, Any]]] = {}
+    views: dict[int, list[EndpointState]] = {}
     for part in newest_first:
         for ep in part.get("endpoints", []):
             views.setdefault(ep["id"], []).append(ep)
-    merged = []
+    merged: list[EndpointState] = []
     for ep in base.get("endpoints", []):
         seen = views.get(ep["id"], [ep])
-        row = dict(ep, active=per_endpoint.get(ep["id"], 0))
+        row = ep.copy()  # then each field combined over the processes
+        row["active"] = per_endpoint.get(ep["id"], 0)
         failing = [v for v in seen if v.get("failing_since") is not None]
         if failing:
             row["healthy"] = False
-            row["failing_since"] = min(v["failing_since"] for v in failing)
+            row["failing_since"] = min(s for v in failing if (s := v["failing_since"]) is not None)
             row["failing_reason"] = failing[0].get("failing_reason")  # the newest word on it
         else:
             row["healthy"] = any(v.get("healthy") for v in seen)
@@ -94,7 +100,8 @@ def _endpoints(live: list[dict[str, Any]], per_endpoint: dict[Any, int]) -> list
             row["failing_reason"] = None
         # The breaker as the most cautious process sees it: open, else half_open, else closed.
         states = {v.get("breaker", "closed") for v in seen}
-        row["breaker"] = next((s for s in ("open", "half_open") if s in states), "closed")
+        cautious: tuple[BreakerState, ...] = ("open", "half_open")
+        row["breaker"] = next((s for s in cautious if s in states), "closed")
         row["version"] = next((v["version"] for v in seen if v.get("version")), None)
         row["models"] = _union([v.get("models", []) for v in seen])
         row["loaded"] = _union([v.get("loaded", []) for v in seen])
@@ -102,7 +109,7 @@ def _endpoints(live: list[dict[str, Any]], per_endpoint: dict[Any, int]) -> list
     return merged
 
 
-def _tokens(live: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _tokens(live: list[UsagePart]) -> list[TokenRow]:
     with_parts = [p for p in live if "token_parts" in p]
     if not with_parts:
         return live[0].get("tokens", []) if live else []
@@ -121,7 +128,7 @@ def _tokens(live: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def _clients(live: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _clients(live: list[UsagePart]) -> list[ClientRow]:
     """Tokens and slots by client: the newest database read plus every process's pending numbers
     (as `_tokens`), slots summed. [{"client", "active", "input", "output", "total"}] by name."""
     with_parts = [p for p in live if "client_parts" in p]

@@ -13,13 +13,13 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any
 
 from channels.layers import get_channel_layer
 
 from routing.engine.board import board
 from stats import snapshot
 from stats.recorder import recorder
+from stats.types import UsagePart
 
 log = logging.getLogger("stats.publisher")
 
@@ -34,17 +34,17 @@ class Subscriber:
     """A bounded mailbox of snapshots for one reader."""
 
     def __init__(self, size: int = SUBSCRIBER_BUFFER) -> None:
-        self._items: deque[dict[str, Any]] = deque(maxlen=size)  # full: oldest dropped
+        self._items: deque[UsagePart] = deque(maxlen=size)  # full: oldest dropped
         self._ready = asyncio.Event()
         self.dropped = 0
 
-    def offer(self, snapshot: dict[str, Any]) -> None:
+    def offer(self, part: UsagePart) -> None:
         if len(self._items) == self._items.maxlen:
             self.dropped += 1
-        self._items.append(snapshot)
+        self._items.append(part)
         self._ready.set()
 
-    async def get(self) -> dict[str, Any]:
+    async def get(self) -> UsagePart:
         while not self._items:
             self._ready.clear()
             await self._ready.wait()
@@ -91,21 +91,27 @@ class Publisher:
         with self._lock:
             return len(self._subscribers)
 
-    async def publish_now(self) -> dict[str, Any]:
+    async def publish_now(self) -> UsagePart:
+        """Build this process's part now, offer it to the SSE subscribers and send it to the
+        group (shapes: stats/types.py)."""
         self._dirty = False  # before building: a change from now on makes another snapshot
-        snap = snapshot.build()
+        usage = snapshot.build()
         db, pending = recorder.parts()
-        snap["token_parts"] = {
-            "db_read_at": recorder.db_read_at,
-            "db": [[e, m, *row] for (e, m), row in db.items()],
-            "pending": [[e, m, *row] for (e, m), row in pending.items()],
-        }
         client_db, client_pending = recorder.client_parts()
-        snap["client_parts"] = {  # tokens and slots by client; merged like token_parts (stats/merge.py)
-            "db_read_at": recorder.db_read_at,
-            "db": [[c, *row] for c, row in sorted(client_db.items())],
-            "pending": [[c, *row] for c, row in sorted(client_pending.items())],
-            "active": board.active_by_client(),
+        snap: UsagePart = {
+            **usage,
+            "token_parts": {
+                "db_read_at": recorder.db_read_at,
+                "db": [(e, m, r[0], r[1], r[2], r[3]) for (e, m), r in db.items()],
+                "pending": [(e, m, r[0], r[1], r[2], r[3]) for (e, m), r in pending.items()],
+            },
+            # tokens and slots by client, merged like token_parts (stats/merge.py)
+            "client_parts": {
+                "db_read_at": recorder.db_read_at,
+                "db": [(c, r[0], r[1], r[2], r[3]) for c, r in sorted(client_db.items())],
+                "pending": [(c, r[0], r[1], r[2], r[3]) for c, r in sorted(client_pending.items())],
+                "active": board.active_by_client(),
+            },
         }
         with self._lock:
             subscribers = list(self._subscribers)

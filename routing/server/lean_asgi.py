@@ -138,7 +138,8 @@ class ProxyHandler:
                 body = await self._read_body(receive, declared_length)
             except Disconnected:
                 return
-            except ApiError as err:
+            except ApiError as err:  # a body over ROUTER_MAX_BODY: counted like any reply
+                status = err.status
                 await self._send(send, error_response(path, err), request_id)
                 return
             listener = asyncio.ensure_future(receive())
@@ -165,6 +166,7 @@ class ProxyHandler:
                     listener.cancel()
                     if isinstance(response, ProxyStreamingResponse):
                         await response.finish()
+                if listener is not None or status:  # not: a client gone before its body was read
                     self._account(scope, path, response, status, started, request_id, caller)
             finally:
                 caller.admission.release()  # the key's concurrency place, on every path

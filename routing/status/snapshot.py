@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import cast
 
 from routing.engine.board import board
 from routing.fleet import caches
 from routing.fleet.breaker import CLOSED, State, breakers
 from routing.fleet.registry import registry
 from routing.observability.metrics import INSTANCE
+from routing.status.types import BreakerState, EndpointState, FleetSnapshot
 
 
-def build() -> dict[str, Any]:
+def build() -> FleetSnapshot:
+    """This process's view (shapes: routing/status/types.py)."""
     endpoints = registry.cached()
     active = board.active()
     breaker_views = breakers.snapshot()
@@ -26,7 +28,7 @@ def build() -> dict[str, Any]:
     advertised = caches.advertised.snapshot()
     versions = caches.versions.snapshot()
     by_id = {ep.id: ep for ep in endpoints}
-    states = []
+    states: list[EndpointState] = []
     for ep in endpoints:
         view = breaker_views.get(ep.id, CLOSED)
         states.append(
@@ -40,7 +42,7 @@ def build() -> dict[str, Any]:
                 "healthy": view.state is State.CLOSED and ep.id in advertised,
                 # The circuit breaker: closed, open (out of rotation) or half_open (on trial);
                 # failing_since is when it left closed and does not restart while it stays out.
-                "breaker": view.state.value,
+                "breaker": cast(BreakerState, view.state.value),
                 "failing_since": view.since,
                 "failing_reason": view.reason if view.since is not None else None,
                 "version": versions.get(ep.id),

@@ -1,21 +1,22 @@
-"""Small readers of the router's live state, over HTTP."""
+"""Small readers of the router's live state, over HTTP (/metrics, parsed strictly)."""
 
 from __future__ import annotations
 
-import re
-
 import httpx
 
-_IN_FLIGHT = re.compile(r"^router_in_flight\{[^}]*\} (\d+)$", re.M)
-_QUEUED = re.compile(r"^router_queued\{[^}]*\} (\d+)$", re.M)
+from tests.reliability.support import parse_metrics
+
+
+def _total(url: str, family: str) -> int:
+    text = httpx.get(url + "/metrics", timeout=5).text
+    return int(sum(s.value for s in parse_metrics(text).find(family)))
 
 
 def in_flight(url: str) -> int:
     """Slots held right now, summed over endpoints and models."""
-    text = httpx.get(url + "/metrics", timeout=5).text
-    return sum(int(n) for n in _IN_FLIGHT.findall(text))
+    return _total(url, "router_in_flight")
 
 
 def queued(url: str) -> int:
-    text = httpx.get(url + "/metrics", timeout=5).text
-    return sum(int(n) for n in _QUEUED.findall(text))
+    """Requests waiting for a slot, summed over models."""
+    return _total(url, "router_queued")

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.conftest import RouterProcess, wait_until
-from tests.reliability.support import chat_body, wait_idle
+from tests.reliability.support import chat_body, metrics_of, wait_idle
 
 MODEL = "llama3:latest"
 TOKENS = 20_000
@@ -200,6 +200,9 @@ def test_a_huge_content_length_gets_413_before_the_body_is_sent(server_name, exp
         assert headers.get("connection") == "close"
     assert _generations(fake) == 0
     wait_idle(server)
+    counted = metrics_of(server)  # each refusal is counted under its own route (daphne: in Twisted)
+    for path in ("/api/chat", "/v1/chat/completions"):
+        assert counted.value("router_requests_total", route=path, endpoint="", status="413") == 1
 
 
 @pytest.mark.parametrize("server_name", SERVERS)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_asyncio
@@ -29,6 +29,7 @@ from routing.upstream import client
 from stats import publisher as publisher_module
 from stats.publisher import Subscriber, publisher
 from stats.recorder import recorder
+from stats.types import UsagePart
 from tests.stats.live import (
     UsageSocket,
     active_of,
@@ -360,8 +361,8 @@ async def test_a_stuck_subscriber_stays_bounded_and_does_not_hold_up_the_pages(
 def test_a_subscriber_buffer_drops_the_oldest_snapshots() -> None:
     sub = Subscriber(size=8)
     for i in range(1000):
-        sub.offer({"n": i})
-    assert [s["n"] for s in sub._items] == list(range(992, 1000))
+        sub.offer(cast(UsagePart, {"taken_at": float(i)}))
+    assert [s["taken_at"] for s in sub._items] == list(range(992, 1000))
     assert sub.dropped == 992
 
 

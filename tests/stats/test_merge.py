@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
+from routing.status.types import EndpointState
 from stats.merge import STALE_AFTER, merge
+from stats.types import UsagePart
 
 NOW = 1_000_000.0
 URL = "http://gpu-1:11434"
 
 
-def ep(**fields: Any) -> dict[str, Any]:
+def ep(**fields: Any) -> EndpointState:
     row: dict[str, Any] = {
         "id": 1,
         "name": "gpu-1",
@@ -27,21 +29,21 @@ def ep(**fields: Any) -> dict[str, Any]:
         "active": 0,
     }
     row.update(fields)
-    return row
+    return cast(EndpointState, row)
 
 
 def part(
     instance: str,
     *,
     age: float = 0.0,
-    endpoints: list[dict[str, Any]] | None = None,
+    endpoints: list[EndpointState] | None = None,
     active: tuple[tuple[int, str, int], ...] = (),
     queued: dict[str, int] | None = None,
     db: list[list[Any]] | None = None,
     db_read_at: float = 0.0,
     pending: list[list[Any]] | None = None,
-) -> dict[str, Any]:
-    return {
+) -> UsagePart:
+    part: dict[str, Any] = {
         "type": "usage.snapshot",
         "instance": instance,
         "taken_at": NOW - age,
@@ -51,6 +53,7 @@ def part(
         "tokens": [],
         "token_parts": {"db_read_at": db_read_at, "db": db or [], "pending": pending or []},
     }
+    return cast(UsagePart, part)  # as a part arrives from another process (lists, not tuples)
 
 
 def test_active_and_queued_are_summed_over_processes() -> None:
@@ -144,7 +147,7 @@ def test_clients_are_the_newest_database_read_plus_every_pending_part_and_slots_
     def with_clients(
         name: str, read_at: float, db: list[list[Any]], pending: list[list[Any]], active: dict
     ) -> Any:
-        snap = part(name)
+        snap: dict[str, Any] = dict(part(name))
         snap["client_parts"] = {"db_read_at": read_at, "db": db, "pending": pending, "active": active}
         return snap
 

@@ -1,0 +1,248 @@
+"""routing/engine/proxy.forward in-process, against fake backends on loopback ports: what each
+kind of upstream answer does to the request, the other candidates, the breaker and the slot.
+
+- a server that did not take the work (refused, 503) -> failover to the next candidate;
+- a 4xx -> passed through as it is, no failover, the breaker untouched;
+- another 5xx -> back to this client alone (weak evidence, no failover);
+- no first byte in time -> 504, never resent elsewhere, counted as incomplete;
+- a server refusing the router's own `stream_options` -> the same request again without it,
+  on the same server and slot, and never sent with it again;
+and on every one of these paths the slot comes back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from bench.fake_backend import ThreadedFake
+from routing.auth.principal import ANONYMOUS, Principal
+from routing.core.errors import ApiError
+from routing.engine import accounting, proxy
+from routing.engine.accounting import Counts, Sinks
+from routing.engine.attempt import Attempt
+from routing.engine.board import board
+from routing.fleet import candidates
+from routing.fleet.breaker import State, breakers
+from routing.fleet.candidates import Candidate
+from routing.fleet.refusals import refusals
+from routing.fleet.registry import EndpointInfo
+from routing.protocols.common.relays import OllamaStream, OpenAIStream, ollama_body, openai_body
+from routing.upstream import client
+from tests.conftest import free_port
+
+MODEL = "llama3:latest"
+
+
+class Book:
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, str]] = []
+
+    def record(self, principal: Principal, endpoint: str, model: str, counts: Counts) -> None:
+        self.entries.append(("record", endpoint))
+
+    def incomplete(self, principal: Principal, endpoint: str, model: str) -> None:
+        self.entries.append(("incomplete", endpoint))
+
+
+@pytest.fixture
+def book(monkeypatch: pytest.MonkeyPatch, settings) -> Iterator[Book]:
+    settings.REDIS_URL = ""
+    kept = Book()
+    only = Sinks()
+    only.install(kept)
+    monkeypatch.setattr(accounting.sinks, "_sinks", only.installed)
+    board.clear()
+    breakers.forget()
+    refusals.forget()
+    yield kept
+    board.clear()
+    breakers.forget()
+    refusals.forget()
+
+
+def endpoint(url: str, ep_id: int, kind: str = "ollama") -> EndpointInfo:
+    return EndpointInfo(id=ep_id, name=f"ep{ep_id}", url=url, kind=kind, api_key="", enabled=True, limit=1)
+
+
+def use(monkeypatch: pytest.MonkeyPatch, *eps: EndpointInfo) -> None:
+    """The candidates, tried in this order: only the first has the model loaded (the
+    selection prefers it), so the others are the failover targets."""
+
+    async def lookup(model: str) -> candidates.Lookup:
+        found = [Candidate(ep, MODEL, i == 0) for i, ep in enumerate(eps)]
+        return candidates.Lookup(found, reachable=len(eps))
+
+    monkeypatch.setattr(candidates, "candidates_for", lookup)
+
+
+def ollama_plan(cand: Candidate) -> Attempt:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    return Attempt(
+        url=cand.endpoint.url + "/api/chat",
+        body=json.dumps(body).encode(),
+        relay=OllamaStream,
+        read_body=ollama_body,
+        stream=False,
+    )
+
+
+def openai_plan(cand: Candidate) -> Attempt:
+    body: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    plain = json.dumps(body).encode()
+    body["stream_options"] = {"include_usage": True}
+    return Attempt(
+        url=cand.endpoint.url + "/v1/chat/completions",
+        body=json.dumps(body).encode(),
+        relay=lambda: OpenAIStream(strip_usage=False),
+        read_body=openai_body,
+        stream=True,
+        headers={"Content-Type": "application/json"},
+        fallback_body=lambda: plain,
+    )
+
+
+async def forward(plan: Callable[[Candidate], Attempt]) -> Any:
+    return await proxy.forward("/api/chat", model=MODEL, plan=plan, principal=ANONYMOUS)
+
+
+async def drained(response: Any) -> bytes:
+    if isinstance(response, proxy.ProxyStreamingResponse):
+        out = b"".join([chunk async for chunk in response.chunks])
+        await response.finish()
+        return out
+    return bytes(response.content)
+
+
+async def settled() -> None:
+    assert board.active() == {}
+    assert board.queued_total() == 0
+    await client.close_client()
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db
+@pytest.mark.parametrize("first", ["refused", "503"])
+async def test_a_server_that_did_not_take_the_work_fails_over(
+    first: str, book: Book, fakes: Callable[..., ThreadedFake], monkeypatch
+):
+    good = fakes(models=[MODEL], tokens=2)
+    if first == "refused":
+        bad_url = f"http://127.0.0.1:{free_port()}"
+        bad = None
+    else:
+        bad = fakes(models=[MODEL], fault="503")
+        bad_url = bad.url
+    use(monkeypatch, endpoint(bad_url, 9_201), endpoint(good.url, 9_202))
+    response = await forward(ollama_plan)
+    assert response.status_code == 200 and response["X-Router-Endpoint"] == "ep9202"
+    assert json.loads(await drained(response))["done"] is True
+    assert good.stats.total_requests() == 1
+    if bad is not None:
+        assert bad.stats.total_requests() == 1
+        assert breakers.view(9_201).state is State.CLOSED  # one 503: weak evidence
+    else:
+        assert breakers.is_open(9_201)  # refused: strong evidence, out of rotation at once
+    assert book.entries == [("record", good.url)]  # counted once, on the server that answered
+    await settled()
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db
+async def test_a_4xx_is_passed_through_without_failover(
+    book: Book, fakes: Callable[..., ThreadedFake], monkeypatch
+):
+    locked = fakes(models=[MODEL], api_key="secret")  # our attempt sends no key: 401
+    other = fakes(models=[MODEL])
+    use(monkeypatch, endpoint(locked.url, 9_211), endpoint(other.url, 9_212))
+    response = await forward(ollama_plan)
+    assert response.status_code == 401 and response["X-Router-Endpoint"] == "ep9211"
+    assert "error" in json.loads(await drained(response))
+    assert other.stats.total_requests() == 0
+    assert breakers.view(9_211).state is State.CLOSED
+    assert book.entries == []  # an error reply carries no counts and is not a counted reply
+    await settled()
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db
+async def test_a_500_goes_back_to_this_client_alone(
+    book: Book, fakes: Callable[..., ThreadedFake], monkeypatch
+):
+    broken = fakes(models=[MODEL], fault="500")
+    other = fakes(models=[MODEL])
+    use(monkeypatch, endpoint(broken.url, 9_221), endpoint(other.url, 9_222))
+    response = await forward(ollama_plan)
+    assert response.status_code == 500 and response["X-Router-Endpoint"] == "ep9221"
+    assert other.stats.total_requests() == 0  # it may have run there: not resent
+    assert breakers.view(9_221).state is State.CLOSED  # weak: opens only when it repeats
+    await settled()
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db
+async def test_no_first_byte_in_time_is_a_504_never_resent(
+    book: Book, fakes: Callable[..., ThreadedFake], monkeypatch, settings
+):
+    settings.ROUTER_FIRST_BYTE_TIMEOUT = 0.3
+    slow = fakes(models=[MODEL], first_byte_delay=3)
+    other = fakes(models=[MODEL])
+    use(monkeypatch, endpoint(slow.url, 9_231), endpoint(other.url, 9_232))
+    with pytest.raises(ApiError) as caught:
+        await forward(ollama_plan)
+    assert caught.value.status == 504 and "not resent" in caught.value.message
+    assert other.stats.total_requests() == 0
+    assert breakers.view(9_231).state is State.CLOSED  # about this request, not the server
+    assert book.entries == [("incomplete", slow.url)]
+    await settled()
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db
+async def test_a_refused_stream_options_is_retried_without_it_on_the_same_slot(
+    book: Book, fakes: Callable[..., ThreadedFake], monkeypatch
+):
+    strict = fakes(kind="openai", models=[MODEL], reject_fields=["stream_options"], tokens=2)
+    other = fakes(kind="openai", models=[MODEL])
+    use(monkeypatch, endpoint(strict.url, 9_241, "openai"), endpoint(other.url, 9_242, "openai"))
+    seen: list[int] = []
+    real_acquire = board.acquire
+
+    async def counting_acquire(*args: Any, **kwargs: Any) -> Any:
+        seen.append(1)
+        return await real_acquire(*args, **kwargs)
+
+    monkeypatch.setattr(board, "acquire", counting_acquire)
+    response = await forward(openai_plan)
+    assert response.status_code == 200 and response["X-Router-Endpoint"] == "ep9241"
+    assert b"[DONE]" in await drained(response)
+    assert len(seen) == 1  # one slot for both sends
+    assert strict.stats.total_requests() == 2 and other.stats.total_requests() == 0
+    assert 9_241 in refusals
+    bodies = strict.stats.bodies_for("/v1/chat/completions")
+    assert "stream_options" in bodies[0] and "stream_options" not in bodies[1]
+    response = await forward(openai_plan)  # known now: sent without it at once
+    await drained(response)
+    assert strict.stats.total_requests() == 3
+    assert "stream_options" not in strict.stats.bodies_for("/v1/chat/completions")[-1]
+    assert breakers.view(9_241).state is State.CLOSED
+    await settled()
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db
+async def test_every_candidate_failing_is_a_502_with_the_last_reason(book: Book, monkeypatch):
+    use(
+        monkeypatch,
+        endpoint(f"http://127.0.0.1:{free_port()}", 9_251),
+        endpoint(f"http://127.0.0.1:{free_port()}", 9_252),
+    )
+    with pytest.raises(ApiError) as caught:
+        await forward(ollama_plan)
+    assert caught.value.status == 502 and "connection refused" in caught.value.message
+    assert breakers.is_open(9_251) and breakers.is_open(9_252)
+    assert book.entries == []
+    await settled()
