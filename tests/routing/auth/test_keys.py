@@ -1,0 +1,86 @@
+"""Who is calling (routing/auth/keys.py): any header a client may send gives a principal or a
+401/403, never anything else."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from routing.auth import keys
+from routing.auth.client_keys import KeyRecord, hash_key, key_store, new_key
+from routing.auth.principal import ANONYMOUS, OPERATOR, Principal
+from routing.core.errors import ApiError
+
+GOOD = new_key()
+OFF = new_key()
+OLD = new_key()
+TEAM = Principal("team", "key", key_id=1)
+
+
+@pytest.fixture
+def keys_loaded(settings) -> Iterator[None]:
+    settings.ROUTER_API_KEY = "operator-secret"
+    settings.ROUTER_REGISTRY_RELOAD = 10**9
+    key_store._by_hash = {
+        hash_key(GOOD): KeyRecord(TEAM, True, None),
+        hash_key(OFF): KeyRecord(Principal("off", "key", key_id=2), False, None),
+        hash_key(OLD): KeyRecord(Principal("old", "key", key_id=3), True, time.time() - 1),
+    }
+    key_store._loaded_generation = key_store._generation
+    key_store._loaded_at = time.monotonic()
+    yield
+    key_store.clear()
+
+
+def run(authorization: str | None, api_key: str | None) -> Principal:
+    return asyncio.run(keys.authenticate(authorization, api_key))
+
+
+def test_each_outcome(keys_loaded):
+    assert run(f"Bearer {GOOD}", None) is TEAM
+    assert run(None, GOOD) is TEAM
+    assert run(f"bearer   {GOOD}  ", None) is TEAM
+    assert run("Bearer operator-secret", None) is OPERATOR
+    assert run(None, "operator-secret") is OPERATOR
+    for auth, api_key, status, words in [
+        (None, None, 401, "missing key"),
+        ("Basic abc", None, 401, "missing key"),
+        ("Bearer nr-wrong", None, 401, "unknown key"),
+        (f"Bearer {OFF}", None, 403, "disabled"),
+        (None, OLD, 403, "expired"),
+    ]:
+        with pytest.raises(ApiError) as refused:
+            run(auth, api_key)
+        assert refused.value.status == status and words in refused.value.message
+
+
+def test_an_open_router_ignores_any_token(settings):
+    settings.ROUTER_API_KEY = ""
+    settings.ROUTER_REGISTRY_RELOAD = 10**9
+    key_store._by_hash = {}
+    key_store._loaded_generation = key_store._generation
+    key_store._loaded_at = time.monotonic()
+    try:
+        assert run("Bearer sk-anything", None) is ANONYMOUS
+        assert run(None, None) is ANONYMOUS
+    finally:
+        key_store.clear()
+
+
+headers = st.one_of(st.none(), st.text(max_size=80), st.sampled_from([f"Bearer {GOOD}", "Bearer ", "Bearer"]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(headers, headers)  # the fixture's state is the same for every example
+def test_any_header_gives_a_principal_or_a_401_or_403(keys_loaded, authorization, api_key):
+    try:
+        principal = run(authorization, api_key)
+    except ApiError as refused:
+        assert refused.status in (401, 403)
+        return
+    assert principal in (TEAM, OPERATOR)
