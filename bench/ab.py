@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--c1", action="store_true", help="concurrency-1 scenarios instead of c=32")
     p.add_argument("--key", action="store_true", help="A: the router key, B: a client key with limits")
     p.add_argument("--redis", default="", help="REDIS_URL for both routers (with --key: counters in Redis)")
+    p.add_argument(
+        "--no-concurrency", action="store_true", help="with --key: the client key has no concurrency limit"
+    )
     args = p.parse_args(argv)
     ensure_wrk()
     raise_fd_limit()
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             auth = {"A": "", "B": ""}
             if args.key:
                 env["ROUTER_API_KEY"] = auth["A"] = "bench-operator-key"
-                auth["B"] = bench_client_key(db)
+                auth["B"] = bench_client_key(db, concurrency=not args.no_concurrency)
             routers = {}
             for name, tree in (("A", tree_a), ("B", args.b)):
                 routers[name] = procs.start_router(
@@ -141,24 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def bench_client_key(database_url: str) -> str:
-    """A client key whose every limit is set, far above what a benchmark reaches."""
+def bench_client_key(database_url: str, *, concurrency: bool = True) -> str:
+    """A client key whose every limit is set (but concurrency when not `concurrency`), far above
+    what a benchmark reaches."""
     big = str(10**12)
-    made = procs.manage(
-        "client_key_create",
-        "bench",
-        "--rpm",
-        big,
-        "--tpm",
-        big,
-        "--concurrency",
-        "100000",
-        "--daily-tokens",
-        big,
-        "--monthly-tokens",
-        big,
-        database_url=database_url,
-    )
+    limits = ["--rpm", str(10**9), "--tpm", big, "--daily-tokens", big, "--monthly-tokens", big]
+    if concurrency:
+        limits += ["--concurrency", "100000"]
+    made = procs.manage("client_key_create", "bench", *limits, database_url=database_url)
     return made.stdout.strip().splitlines()[-1]
 
 

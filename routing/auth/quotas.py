@@ -322,6 +322,8 @@ class RedisCounters:
         self._background: set[asyncio.Task[None]] = set()
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._charges: dict[int, int] = {}  # key id -> tokens not written yet
+        self._freed: list[tuple[str, str]] = []  # concurrency places given back, not sent yet
+        self._freeing: asyncio.Task[None] | None = None
         self._charging: asyncio.Task[None] | None = None
 
     def _client(self) -> Any:
@@ -391,22 +393,32 @@ class RedisCounters:
         after = Usage(used.requests_minute + 1, used.tokens_minute, used.tokens_day, used.tokens_month)
         if not limit("concurrency"):
             return Admission((principal, after, w))  # no place taken: nothing to give back
-        return Admission((principal, after, w), lambda: self._spawn(self._zrem(keys[4], member)))
+        return Admission((principal, after, w), lambda: self._free(keys[4], member))
 
-    def _spawn(self, work: Any) -> None:
-        try:
-            task = asyncio.get_running_loop().create_task(work)
-        except RuntimeError:
-            work.close()  # no loop: the lease or the window expires by itself
-            return
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _free(self, key: str, member: str) -> None:
+        """Give a concurrency place back: the places freed in one turn of the event loop go to
+        Redis together, in one pipeline (one round trip), right after that turn."""
+        self._freed.append((key, member))
+        if self._freeing is None or self._freeing.done():
+            try:
+                self._freeing = asyncio.get_running_loop().create_task(self._free_now())
+            except RuntimeError:
+                self._freed.clear()  # no loop: the leases expire by themselves
+                return
+            self._background.add(self._freeing)
+            self._freeing.add_done_callback(self._background.discard)
 
-    async def _zrem(self, key: str, member: str) -> None:
+    async def _free_now(self) -> None:
+        freed, self._freed = self._freed, []
         try:
-            await self._client().zrem(key, member)
+            pipe = self._client().pipeline(transaction=False)
+            for key, member in freed:
+                pipe.zrem(key, member)
+            await pipe.execute()
         except Exception:
-            log.warning("could not free a concurrency place in Redis; it expires in %ss", LEASE)
+            log.warning(
+                "could not free %d concurrency places in Redis; they expire in %ss", len(freed), LEASE
+            )
 
     def charge(self, key_id: int, tokens: int, now: float) -> None:
         """Add `tokens` to the key's windows in Redis: gathered for CHARGE_EVERY seconds, then
