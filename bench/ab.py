@@ -3,6 +3,13 @@
     .venv/bin/python -m bench.ab                      # the working tree (B) against HEAD (A)
     .venv/bin/python -m bench.ab --a /path/to/other/checkout --server uvicorn
     .venv/bin/python -m bench.ab --c1                 # the concurrency-1 scenarios
+    .venv/bin/python -m bench.ab --key [--redis URL]  # A: the operator key, B: a client key (this tree)
+
+With --key both routers are this tree (unless --a is given) with one router key and one client key
+whose every limit is set (high enough never to refuse): A's requests carry the router key (no
+key lookup, no limits), B's the client key (lookup, admission, the quota sink, metrics by
+client). The B/A CPU column is then the cost of client keys and quotas per request; with --redis
+the counters live in Redis (one Lua call per request, a pipelined charge after it).
 
 On a shared machine a before/after pair of whole benchmark runs minutes apart measures the
 neighbours as much as the change. Here both routers run at once against the same fake
@@ -43,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=4.0)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--c1", action="store_true", help="concurrency-1 scenarios instead of c=32")
+    p.add_argument("--key", action="store_true", help="A: the router key, B: a client key with limits")
+    p.add_argument("--redis", default="", help="REDIS_URL for both routers (with --key: counters in Redis)")
+    p.add_argument(
+        "--no-concurrency", action="store_true", help="with --key: the client key has no concurrency limit"
+    )
     args = p.parse_args(argv)
     ensure_wrk()
     raise_fd_limit()
@@ -52,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="nomyo-ab-") as tmp:
         work = Path(tmp)
         tree_a = args.a
+        if tree_a is None and args.key:
+            tree_a = args.b
         if tree_a is None:
             tree_a = work / "a"
             tree_a.mkdir()
@@ -63,19 +77,34 @@ def main(argv: list[str] | None = None) -> int:
             db = f"sqlite:///{log_dir}/ab.sqlite3"
             procs.manage("migrate", "--noinput", "-v", "0", database_url=db)
             procs.dbtool("endpoints", json.dumps(fast_fake_endpoints(fakes)), database_url=db)
+            env = {"REDIS_URL": args.redis} if args.redis else {}
+            auth = {"A": "", "B": ""}
+            if args.key:
+                env["ROUTER_API_KEY"] = auth["A"] = "bench-operator-key"
+                auth["B"] = bench_client_key(db, concurrency=not args.no_concurrency)
             routers = {}
             for name, tree in (("A", tree_a), ("B", args.b)):
                 routers[name] = procs.start_router(
-                    args.server, database_url=db, log_dir=log_dir, name=f"router-{name}", cwd=tree
+                    args.server,
+                    database_url=db,
+                    log_dir=log_dir,
+                    name=f"router-{name}",
+                    cwd=tree,
+                    extra_env=env,
                 )
                 started.append(routers[name])
             print(
                 f"A = {tree_a}\nB = {args.b}\n"
                 f"server {args.server}, {args.rounds} rounds x {args.duration:g} s"
+                + (
+                    f"\nA: router key, B: client key with limits{', Redis' if args.redis else ''}"
+                    if args.key
+                    else ""
+                )
             )
             for sc in scenarios:
-                for router in routers.values():
-                    loadgen.run_wrk(router.url + sc.path, sc.body, connections=c, duration=1)
+                for name, router in routers.items():
+                    loadgen.run_wrk(router.url + sc.path, sc.body, connections=c, duration=1, auth=auth[name])
             runs: dict[tuple[str, str], list[tuple[float, float, float, int]]] = {}
             for rnd in range(args.rounds):
                 for sc in scenarios:
@@ -83,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
                     for name, proc in order if rnd % 2 == 0 else reversed(order):
                         cpu0 = proc.cpu_seconds()
                         res = loadgen.run_wrk(
-                            proc.url + sc.path, sc.body, connections=c, duration=args.duration
+                            proc.url + sc.path,
+                            sc.body,
+                            connections=c,
+                            duration=args.duration,
+                            auth=auth.get(name, ""),
                         )
                         cpu = (proc.cpu_seconds() - cpu0) * 1000 / max(1, res.requests)
                         runs.setdefault((sc.key, name), []).append((res.rps, res.p50_ms, cpu, res.failures))
@@ -109,6 +142,17 @@ def main(argv: list[str] | None = None) -> int:
             for proc in reversed(started):
                 proc.stop()
     return 0
+
+
+def bench_client_key(database_url: str, *, concurrency: bool = True) -> str:
+    """A client key whose every limit is set (but concurrency when not `concurrency`), far above
+    what a benchmark reaches."""
+    big = str(10**12)
+    limits = ["--rpm", str(10**9), "--tpm", big, "--daily-tokens", big, "--monthly-tokens", big]
+    if concurrency:
+        limits += ["--concurrency", "100000"]
+    made = procs.manage("client_key_create", "bench", *limits, database_url=database_url)
+    return made.stdout.strip().splitlines()[-1]
 
 
 if __name__ == "__main__":

@@ -82,8 +82,10 @@ def run_wrk(
     duration: float,
     threads: int = 1,
     timeout: float = 10.0,
+    auth: str = "",
 ) -> WrkResult:
-    """One wrk run; POSTs `body` to `url` over `connections` keep-alive connections."""
+    """One wrk run; POSTs `body` to `url` over `connections` keep-alive connections (with
+    `Authorization: Bearer <auth>` when given)."""
     cmd = [
         wrk_path(),
         f"-t{max(1, min(threads, connections))}",
@@ -94,7 +96,7 @@ def run_wrk(
         str(LUA),
         url,
     ]
-    env = {**os.environ, "BENCH_BODY": body}
+    env = {**os.environ, "BENCH_BODY": body, "BENCH_AUTH": auth}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=duration + 60, check=False)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)), None)
     if proc.returncode != 0 or line is None:

@@ -158,11 +158,18 @@ def router_command(server: str, port: int) -> list[str]:
 
 
 def start_router(
-    server: str, *, database_url: str, log_dir: Path, name: str | None = None, cwd: Path = REPO
+    server: str,
+    *,
+    database_url: str,
+    log_dir: Path,
+    name: str | None = None,
+    cwd: Path = REPO,
+    extra_env: dict[str, str] | None = None,
 ) -> Proc:
-    """The router as `make run` starts it; `cwd` may be another checkout (for A/B comparisons)."""
+    """The router as `make run` starts it; `cwd` may be another checkout (for A/B comparisons);
+    `extra_env`: more environment (ROUTER_API_KEY, REDIS_URL, ...)."""
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     env.pop("DJANGO_SETTINGS_MODULE", None)
     proc = _spawn(name or f"router-{server}", router_command(server, port), env, log_dir, port, "", cwd)
     proc.url = f"http://127.0.0.1:{port}"

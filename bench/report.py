@@ -6,6 +6,7 @@ import re
 import statistics
 from typing import Any
 
+from bench import fairness
 from bench.loadgen import percentile
 
 PROTOCOL_PATH = {"ollama": "/api/chat", "openai": "/v1/chat/completions"}
@@ -860,6 +861,7 @@ def markdown(results: dict[str, Any]) -> str:
         *slow_table(results),
         "",
         *memory_section(results),
+        *fairness.section(results),
         "## `/api/stats` over 1,000,000 time-series rows (PostgreSQL)",
         "",
         *stats_section(results),

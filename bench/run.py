@@ -38,7 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import loadgen, procs, report
+from bench import fairness, loadgen, procs, report
 from bench.procs import Proc
 
 REPO = procs.REPO
@@ -108,7 +108,7 @@ class Options:
     notes: list[str] = field(default_factory=list)
 
 
-PHASES = ("throughput", "ttfb", "slow", "memory", "stats")
+PHASES = ("throughput", "ttfb", "slow", "memory", "stats", "fairness")
 BIG_MODEL = "big:latest"
 
 
@@ -724,6 +724,9 @@ class Bench:
             self.stop_all()
             if "stats" in o.only:
                 self.phase_stats()
+            if "fairness" in o.only:
+                log("fairness: one key floods a model's queue, another sends one request at a time")
+                self.results["fairness"] = fairness.run(self.log_dir, server=o.servers[0])
         finally:
             self.stop_all()
         meta["loadavg_end"] = os.getloadavg()
@@ -768,7 +771,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.summary_text(results))
     log(f"results: {json_path.relative_to(REPO)}")
-    if opts.write_doc:
+    if opts.write_doc and opts.only == {"fairness"}:  # that section alone, spliced into the doc
+        opts.doc.write_text(report.splice_section(opts.doc.read_text(), fairness.section(results)))
+    elif opts.write_doc:
         opts.doc.write_text(text)
         log(f"wrote {opts.doc.relative_to(REPO) if opts.doc.is_relative_to(REPO) else opts.doc}")
     return 0

@@ -153,6 +153,8 @@ ROUTER_ORIGINS = env.list("ROUTER_ORIGINS", default=[])
 ROUTER_CONFIG = env("ROUTER_CONFIG", default="")
 ROUTER_QUEUE_TIMEOUT = env.float("ROUTER_QUEUE_TIMEOUT", default=60.0)
 ROUTER_QUEUE_MAX = env.int("ROUTER_QUEUE_MAX", default=1000)
+# A queued request that waited this many seconds moves up one priority level (client keys: high, normal, low).
+ROUTER_PRIORITY_AGING = env.float("ROUTER_PRIORITY_AGING", default=30.0)
 ROUTER_MAX_BODY = env.int("ROUTER_MAX_BODY", default=64 * 1024 * 1024)
 # Seconds a client may take to send a whole request body (from its headers); then 408 (slowloris).
 ROUTER_BODY_TIMEOUT = env.float("ROUTER_BODY_TIMEOUT", default=60.0)

@@ -1,4 +1,4 @@
-"""The fleet in the admin: state at a glance, bulk enable/disable, and a "check now" probe."""
+"""The fleet in the admin: state at a glance, bulk enable/disable, and a "check now" probe; client keys."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from routing.auth import client_keys
+from routing.auth.quotas import quotas
 from routing.engine.board import board
-from routing.fleet import caches, probes, services
+from routing.fleet import caches, control, probes, services
 from routing.fleet.breaker import State, breakers
 from routing.fleet.registry import EndpointInfo
-from routing.models import Endpoint, RouterSettings
+from routing.models import ClientKey, Endpoint, RouterSettings
 from routing.server.lifecycle import lifecycle
 from routing.upstream import client
 
@@ -177,3 +179,92 @@ class RouterSettingsAdmin(admin.ModelAdmin[RouterSettings]):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return not RouterSettings.objects.exists()
+
+
+class ClientKeyForm(forms.ModelForm[ClientKey]):
+    class Meta:
+        model = ClientKey
+        fields = [
+            "name",
+            "owner",
+            "enabled",
+            "expires",
+            "allowed_models",
+            "priority",
+            "rpm",
+            "tpm",
+            "concurrency",
+            "daily_tokens",
+            "monthly_tokens",
+        ]
+
+
+@admin.register(ClientKey)
+class ClientKeyAdmin(admin.ModelAdmin[ClientKey]):
+    """Client keys: the key is made on "add" and shown once, in the message after saving."""
+
+    form = ClientKeyForm
+    list_display = [
+        "name",
+        "prefix",
+        "owner",
+        "enabled",
+        "expires",
+        "priority",
+        "limits",
+        "used_today",
+        "used_this_month",
+        "last_used",
+    ]
+    list_filter = ["enabled", "priority"]
+    search_fields = ["name", "prefix", "owner__username"]
+    readonly_fields = ["prefix", "created", "last_used"]
+    actions = ["revoke"]
+
+    @admin.display(description="limits")
+    def limits(self, obj: ClientKey) -> str:
+        parts = [
+            f"{label} {value}"
+            for label, value in (
+                ("rpm", obj.rpm),
+                ("tpm", obj.tpm),
+                ("concurrent", obj.concurrency),
+                ("per day", obj.daily_tokens),
+                ("per month", obj.monthly_tokens),
+            )
+            if value is not None
+        ]
+        return ", ".join(parts) or "none"
+
+    @admin.display(description="tokens today")
+    def used_today(self, obj: ClientKey) -> int:
+        return quotas.usage_sync(client_keys.record_of(obj).principal).tokens_day
+
+    @admin.display(description="tokens this month")
+    def used_this_month(self, obj: ClientKey) -> int:
+        return quotas.usage_sync(client_keys.record_of(obj).principal).tokens_month
+
+    def save_model(self, request: HttpRequest, obj: ClientKey, form: Any, change: bool) -> None:
+        key = None
+        if not change:
+            key = client_keys.new_key()
+            obj.prefix, obj.key_hash = client_keys.prefix_of(key), client_keys.hash_key(key)
+        super().save_model(request, obj, form, change)
+        transaction.on_commit(control.keys_changed)
+        if key is not None:
+            message = f"The key of {obj.name!r}, shown only now (only its hash is stored): {key}"
+            self.message_user(request, message, messages.WARNING)
+
+    def delete_model(self, request: HttpRequest, obj: ClientKey) -> None:
+        super().delete_model(request, obj)
+        transaction.on_commit(control.keys_changed)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ClientKey]) -> None:
+        super().delete_queryset(request, queryset)
+        transaction.on_commit(control.keys_changed)
+
+    @admin.action(description="Revoke (disable) selected keys")
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ClientKey]) -> None:
+        count = queryset.update(enabled=False)
+        transaction.on_commit(control.keys_changed)
+        self.message_user(request, f"{count} revoked.")

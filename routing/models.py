@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
@@ -80,3 +81,57 @@ class RouterSettings(models.Model):
     def load(cls) -> RouterSettings:
         obj, _ = cls.objects.get_or_create(pk=1)
         return obj
+
+
+RESERVED_CLIENTS = ("anonymous", "operator")  # usage rows' client names that are not keys
+
+
+class ClientKey(models.Model):
+    """A client's key: who it is, what it may use, its limits and its queue priority.
+
+    The key itself is never stored: only its SHA-256 (`key_hash`; the key has 256 random
+    bits, so a fast hash is enough, as for other high-entropy API tokens) and its first
+    characters (`prefix`, shown in lists). See routing/auth/client_keys.py for the format.
+    A limit left empty is no limit."""
+
+    class Priority(models.TextChoices):
+        HIGH = "high", "High"
+        NORMAL = "normal", "Normal"
+        LOW = "low", "Low"
+
+    name = models.CharField(max_length=100, unique=True, help_text="Shown in usage statistics.")
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="client_keys"
+    )
+    prefix = models.CharField(max_length=16, editable=False, help_text="The key's first characters.")
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    enabled = models.BooleanField(default=True)
+    expires = models.DateTimeField(null=True, blank=True, help_text="Refused from this moment on (UTC).")
+    allowed_models = models.TextField(
+        blank=True,
+        help_text="Comma- or line-separated model names or patterns (llama3*, *:7b); empty: every model.",
+    )
+    priority = models.CharField(max_length=6, choices=Priority.choices, default=Priority.NORMAL)
+    rpm = models.PositiveIntegerField(null=True, blank=True, verbose_name="requests per minute")
+    tpm = models.PositiveBigIntegerField(null=True, blank=True, verbose_name="tokens per minute")
+    concurrency = models.PositiveIntegerField(null=True, blank=True, verbose_name="concurrent requests")
+    daily_tokens = models.PositiveBigIntegerField(null=True, blank=True, verbose_name="tokens per day")
+    monthly_tokens = models.PositiveBigIntegerField(null=True, blank=True, verbose_name="tokens per month")
+    created = models.DateTimeField(auto_now_add=True)
+    last_used = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=~models.Q(name__in=RESERVED_CLIENTS), name="clientkey_name_not_reserved"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    def clean(self) -> None:
+        self.name = self.name.strip()
+        if self.name in RESERVED_CLIENTS:
+            raise ValidationError({"name": f"{self.name!r} is reserved for usage statistics."})

@@ -41,7 +41,16 @@ log = logging.getLogger("stats.api")
 P = ParamSpec("P")
 T = TypeVar("T")
 
-CSV_HEADER = ("timestamp", "endpoint", "model", "input_tokens", "output_tokens", "total_tokens", "requests")
+CSV_HEADER = (
+    "timestamp",
+    "endpoint",
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "requests",
+    "client",
+)
 
 
 async def _in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -151,6 +160,20 @@ def _model_param(params: dict[str, Any]) -> str:
     return model
 
 
+def _client_param(params: dict[str, Any]) -> str | None:
+    """The optional `client` filter: a client key's name, or anonymous / operator."""
+    client = params.get("client")
+    if client is None or client == "":
+        return None
+    if (
+        not isinstance(client, str)
+        or len(client) > 100
+        or any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in client)
+    ):
+        raise ApiError(400, "'client' must be a client key's name, 'anonymous' or 'operator'")
+    return client
+
+
 def _range_params(params: dict[str, Any]) -> tuple[datetime, datetime]:
     try:
         return queries.resolve_range(params.get("from"), params.get("to"))
@@ -163,7 +186,8 @@ async def stats(request: HttpRequest) -> HttpResponseBase:
     """Token statistics of one model.
 
     Body (or query string): {"model": str, "from"?: ISO 8601 | unix s, "to"?: ..., "bucket"?:
-    "minute" | "hour" | "day"}. The model in any spelling the model lists show (`m` and
+    "minute" | "hour" | "day", "client"?: a client key's name, "anonymous" or "operator" (only
+    that client's tokens)}. The model in any spelling the model lists show (`m` and
     `m:latest` are one model). Times lie between 1970-01-01 and 9999-01-01 (else a 400).
     Range defaults to the last 30 days; bucket to one sized to the range. Answer, as NOMYO
     Router's: model, all-time input/output/total tokens, time_series
@@ -173,18 +197,21 @@ async def stats(request: HttpRequest) -> HttpResponseBase:
     """
     params = _params(request)
     model = _model_param(params)
+    client = _client_param(params)
     start, end = _range_params(params)
     try:
         bucket = queries.choose_bucket(params.get("bucket"), start, end)
     except queries.QueryError as exc:
         raise ApiError(400, str(exc)) from None
-    result = await _in_thread(queries.model_stats, model, start, end, bucket)
+    result = await _in_thread(queries.model_stats, model, start, end, bucket, client)
     if result.totals is None and not result.points:
         raise ApiError(404, "No token data found for this model")
     totals = result.totals or result.range_totals
+    extra = {"client": client} if client is not None else {}
     return JsonResponse(
         {
             "model": model,
+            **extra,
             **totals.as_dict(),
             "time_series": [
                 {"endpoint": p.endpoint, "timestamp": _unix(p.timestamp), **p.counts.as_dict()}
@@ -208,10 +235,10 @@ def _csv_bytes(rows: list[queries.CsvRow]) -> bytes:
 
 
 def _first_csv_part(
-    start: datetime, end: datetime, model: str | None
+    start: datetime, end: datetime, model: str | None, client: str | None
 ) -> tuple[list[queries.CsvRow], list[queries.CsvRow], datetime | None]:
-    daily = queries.csv_daily_rows(start, end, model)
-    rows, after = queries.csv_page(start, end, model, None)
+    daily = queries.csv_daily_rows(start, end, model, client)
+    rows, after = queries.csv_page(start, end, model, None, client=client)
     return daily, rows, after
 
 
@@ -219,6 +246,7 @@ async def _csv_stream(
     start: datetime,
     end: datetime,
     model: str | None,
+    client: str | None,
     daily: list[queries.CsvRow],
     rows: list[queries.CsvRow],
     after: datetime | None,
@@ -231,31 +259,35 @@ async def _csv_stream(
             due = 0
             while due < len(pending) and pending[due][0] <= last:
                 due += 1
-            page = list(heapq.merge(pending[:due], rows, key=lambda r: (r[0], r[1], r[2])))
+            page = list(heapq.merge(pending[:due], rows, key=lambda r: (r[0], r[1], r[2], r[7])))
             pending = pending[due:]
             yield _csv_bytes(page)
         if after is None:
             break
-        rows, after = await _in_thread(queries.csv_page, start, end, model, after)
+        rows, after = await _in_thread(queries.csv_page, start, end, model, after, None, client)
     if pending:
         yield _csv_bytes(pending)
 
 
 @methods("GET")
 async def stats_csv(request: HttpRequest) -> HttpResponseBase:
-    """GET ?from=&to=&model= : every minute row (and rolled-up day) in the range as CSV, streamed.
-    Parameters as for /api/stats; the rows keep the model name they were stored under."""
-    unknown = set(request.GET) - {"from", "to", "model"}
+    """GET ?from=&to=&model=&client= : every minute row (and rolled-up day) in the range as CSV,
+    streamed, one row per (minute, endpoint, model, client). Parameters as for /api/stats; the rows
+    keep the model name they were stored under."""
+    unknown = set(request.GET) - {"from", "to", "model", "client"}
     if unknown:
-        raise ApiError(400, f"unknown parameter(s): {', '.join(sorted(unknown))}; use from, to, model")
+        raise ApiError(
+            400, f"unknown parameter(s): {', '.join(sorted(unknown))}; use from, to, model, client"
+        )
     start, end = _range_params({k: request.GET.get(k) for k in ("from", "to")})
     model = request.GET.get("model") or None
     if model is not None:
         model = _model_param({"model": model})
+    client = _client_param({"client": request.GET.get("client")})
     # The first page is read before answering, so a database error is a clean 500, not a cut stream.
-    daily, rows, after = await _in_thread(_first_csv_part, start, end, model)
+    daily, rows, after = await _in_thread(_first_csv_part, start, end, model, client)
     response = StreamingHttpResponse(
-        _csv_stream(start, end, model, daily, rows, after), content_type="text/csv; charset=utf-8"
+        _csv_stream(start, end, model, client, daily, rows, after), content_type="text/csv; charset=utf-8"
     )
     name = f"token-stats-{start:%Y%m%dT%H%M%SZ}-{end:%Y%m%dT%H%M%SZ}.csv"
     response["Content-Disposition"] = f'attachment; filename="{name}"'

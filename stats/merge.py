@@ -5,8 +5,8 @@ token numbers as "database totals at my last read" plus "mine not in that read")
 page shows: active and queued summed over live processes; the endpoint list from the
 newest part that has one, each endpoint's state combined over all live parts (failing
 when any process finds it failing, healthy when one has seen it answer, models and
-loaded models as seen by any); tokens = the newest database read + every process's
-pending numbers. A process that has not published for STALE_AFTER seconds drops out.
+loaded models as seen by any); tokens (in all, and by client) = the newest database
+read + every process's pending numbers. A process that has not published for STALE_AFTER seconds drops out.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 
 from routing.status.types import ActiveRow, BreakerState, EndpointState
-from stats.types import MergedSnapshot, TokenRow, UsagePart
+from stats.types import ClientRow, MergedSnapshot, TokenRow, UsagePart
 
 STALE_AFTER = 6.0
 
@@ -34,6 +34,7 @@ def merge(parts: Mapping[str, UsagePart], *, now: float | None = None) -> Merged
             "active": [],
             "tokens": [],
             "queued": {},
+            "clients": [],
         }
     newest = max(live, key=lambda p: p.get("taken_at", 0))
     active: dict[tuple[int, str], ActiveRow] = {}
@@ -59,6 +60,7 @@ def merge(parts: Mapping[str, UsagePart], *, now: float | None = None) -> Merged
         "active": sorted(active.values(), key=lambda r: (str(r["endpoint"]), r["model"])),
         "tokens": _tokens(live),
         "queued": queued,
+        "clients": _clients(live),
     }
 
 
@@ -123,4 +125,27 @@ def _tokens(live: list[UsagePart]) -> list[TokenRow]:
     return [
         {"endpoint": e, "model": m, "input": v[0], "output": v[1], "total": v[0] + v[1]}
         for (e, m), v in sorted(sums.items())
+    ]
+
+
+def _clients(live: list[UsagePart]) -> list[ClientRow]:
+    """Tokens and slots by client: the newest database read plus every process's pending numbers
+    (as `_tokens`), slots summed. [{"client", "active", "input", "output", "total"}] by name."""
+    with_parts = [p for p in live if "client_parts" in p]
+    if not with_parts:
+        return []
+    base = max(with_parts, key=lambda p: p["client_parts"].get("db_read_at", 0))["client_parts"]
+    sums: dict[str, list[int]] = {}
+    for client, inp, out, *_ in base.get("db", []):
+        sums[client] = [inp, out, 0]
+    for part in with_parts:
+        for client, inp, out, *_ in part["client_parts"].get("pending", []):
+            row = sums.setdefault(client, [0, 0, 0])
+            row[0] += inp
+            row[1] += out
+        for client, n in part["client_parts"].get("active", {}).items():
+            sums.setdefault(client, [0, 0, 0])[2] += n
+    return [
+        {"client": c or "-", "active": v[2], "input": v[0], "output": v[1], "total": v[0] + v[1]}
+        for c, v in sorted(sums.items())
     ]

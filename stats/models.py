@@ -1,5 +1,7 @@
 """Token accounting. Endpoints are stored by url (not a foreign key) so history stays when
-an endpoint is renamed or deleted."""
+an endpoint is renamed or deleted; clients by name (a client key's name, or "anonymous" /
+"operator", routing/auth/principal.py) for the same reason. Rows counted before clients
+existed carry "anonymous" (migration 0002)."""
 
 from __future__ import annotations
 
@@ -7,10 +9,13 @@ from django.db import models
 
 
 class TokenCounts(models.Model):
-    """The counts every token table keeps, per endpoint url and model."""
+    """The counts every token table keeps, per endpoint url, model and client."""
 
     endpoint = models.CharField(max_length=500)
     model = models.CharField(max_length=500)
+    client = models.CharField(
+        max_length=100, default="anonymous", help_text="Client key name, or anonymous/operator."
+    )
     input_tokens = models.BigIntegerField(default=0)
     output_tokens = models.BigIntegerField(default=0)
     total_tokens = models.BigIntegerField(default=0)
@@ -21,14 +26,16 @@ class TokenCounts(models.Model):
 
 
 class TokenTotal(TokenCounts):
-    """Running totals per (endpoint, model), incremented atomically by every flush."""
+    """Running totals per (endpoint, model, client), incremented atomically by every flush."""
 
     incomplete = models.BigIntegerField(default=0, help_text="Requests that ended without counts.")
 
     class Meta:
         constraints = [
             # The upsert target of every flush.
-            models.UniqueConstraint(fields=["endpoint", "model"], name="tokentotal_endpoint_model"),
+            models.UniqueConstraint(
+                fields=["endpoint", "model", "client"], name="tokentotal_endpoint_model_client"
+            ),
         ]
 
     def __str__(self) -> str:
@@ -36,7 +43,7 @@ class TokenTotal(TokenCounts):
 
 
 class TokenTimeSeries(TokenCounts):
-    """Tokens per (endpoint, model, UTC minute)."""
+    """Tokens per (endpoint, model, client, UTC minute)."""
 
     timestamp = models.DateTimeField(help_text="Start of the UTC minute.")
 
@@ -45,7 +52,8 @@ class TokenTimeSeries(TokenCounts):
             # Upsert target of the flush, and /api/stats for one model over a time range
             # (WHERE model = %s AND timestamp BETWEEN ...), which reads this index in order.
             models.UniqueConstraint(
-                fields=["model", "timestamp", "endpoint"], name="tokenseries_model_ts_endpoint"
+                fields=["model", "timestamp", "endpoint", "client"],
+                name="tokenseries_model_ts_endpoint_client",
             ),
         ]
         indexes = [
@@ -58,7 +66,8 @@ class TokenTimeSeries(TokenCounts):
 
 
 class TokenDaily(TokenCounts):
-    """Time-series rows older than the retention window, folded into one row per UTC day."""
+    """Time-series rows older than the retention window, folded into one row per (endpoint, model,
+    client, UTC day)."""
 
     day = models.DateField()
 
@@ -66,7 +75,7 @@ class TokenDaily(TokenCounts):
         constraints = [
             # Upsert target of the roll-up, and daily history for one model (WHERE model = %s AND day ...).
             models.UniqueConstraint(
-                fields=["model", "day", "endpoint"], name="tokendaily_model_day_endpoint"
+                fields=["model", "day", "endpoint", "client"], name="tokendaily_model_day_endpoint_client"
             ),
         ]
         indexes = [

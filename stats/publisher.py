@@ -16,6 +16,7 @@ from collections import deque
 
 from channels.layers import get_channel_layer
 
+from routing.engine.board import board
 from stats import snapshot
 from stats.recorder import recorder
 from stats.types import UsagePart
@@ -96,12 +97,20 @@ class Publisher:
         self._dirty = False  # before building: a change from now on makes another snapshot
         usage = snapshot.build()
         db, pending = recorder.parts()
+        client_db, client_pending = recorder.client_parts()
         snap: UsagePart = {
             **usage,
             "token_parts": {
                 "db_read_at": recorder.db_read_at,
                 "db": [(e, m, r[0], r[1], r[2], r[3]) for (e, m), r in db.items()],
                 "pending": [(e, m, r[0], r[1], r[2], r[3]) for (e, m), r in pending.items()],
+            },
+            # tokens and slots by client, merged like token_parts (stats/merge.py)
+            "client_parts": {
+                "db_read_at": recorder.db_read_at,
+                "db": [(c, r[0], r[1], r[2], r[3]) for c, r in sorted(client_db.items())],
+                "pending": [(c, r[0], r[1], r[2], r[3]) for c, r in sorted(client_pending.items())],
+                "active": board.active_by_client(),
             },
         }
         with self._lock:

@@ -3,7 +3,10 @@
 Plain synchronous functions over the ORM; the async views call them in a worker thread.
 Parameter problems raise `QueryError` (a ValueError) with a message meant for the client.
 
-Time series come from two tables: `TokenTimeSeries` (one row per endpoint, model and UTC
+Rows are kept per client (a client key's name, or anonymous / operator); every read sums
+over clients unless a `client` is given, which keeps to that client's rows.
+
+Time series come from two tables: `TokenTimeSeries` (one row per endpoint, model, client and UTC
 minute) and `TokenDaily` (minute rows older than the retention window, folded into one
 row per UTC day by stats/rollup.py). A daily row counts as a point at the start of its
 day (00:00 UTC): it is inside a range when that instant is, and it lands in the bucket
@@ -261,8 +264,9 @@ class ModelStats:
 
 
 # -- totals --------------------------------------------------------------------------
-def pair_totals() -> dict[Pair, Counts]:
-    """All-time totals per (endpoint, model): the database plus this process's unflushed numbers.
+def pair_totals(client: str | None = None) -> dict[Pair, Counts]:
+    """All-time totals per (endpoint, model) (of every client, or of `client`): the database plus
+    this process's unflushed numbers.
 
     The database is read fresh (other router processes flush into it), then this
     process's pending numbers are added. A flush that commits in between would be
@@ -272,25 +276,24 @@ def pair_totals() -> dict[Pair, Counts]:
     pending: dict[Pair, list[int]] = {}
     for _attempt in range(3):
         flushes = recorder.flushes
+        qs = TokenTotal.objects.all() if client is None else TokenTotal.objects.filter(client=client)
         rows = list(
-            TokenTotal.objects.values_list(
-                "endpoint", "model", "input_tokens", "output_tokens", "total_tokens", "requests"
-            )
+            qs.values_list("endpoint", "model", "input_tokens", "output_tokens", "total_tokens", "requests")
         )
-        _db, pending = recorder.parts()
+        _db, pending = recorder.parts(client)
         if recorder.flushes == flushes:
             break
     merged: dict[Pair, Counts] = {}
     for endpoint, model, inp, out, total, req in rows:
-        merged[(endpoint, model)] = Counts(inp, out, total, req)
+        merged.setdefault((endpoint, model), Counts()).add(inp, out, total, req)
     for pair, (inp, out, req, _incomplete) in pending.items():
         merged.setdefault(pair, Counts()).add(inp, out, inp + out, req)
     return dict(sorted(merged.items()))
 
 
-def recorder_pair_totals() -> dict[Pair, Counts]:
+def recorder_pair_totals(client: str | None = None) -> dict[Pair, Counts]:
     """The same from memory only (the last database read plus pending): for when the database is down."""
-    db, pending = recorder.parts()
+    db, pending = recorder.parts(client)
     merged: dict[Pair, Counts] = {}
     for table in (db, pending):
         for pair, (inp, out, req, _incomplete) in table.items():
@@ -298,10 +301,11 @@ def recorder_pair_totals() -> dict[Pair, Counts]:
     return dict(sorted(merged.items()))
 
 
-def model_totals(model: str) -> Counts | None:
-    """All-time totals of one model, in any of its spellings; None when never counted."""
+def model_totals(model: str, client: str | None = None) -> Counts | None:
+    """All-time totals of one model, in any of its spellings (of `client` alone if given); None
+    when never counted."""
     names = set(spellings(model))
-    found = [c for (_endpoint, m), c in pair_totals().items() if m in names]
+    found = [c for (_endpoint, m), c in pair_totals(client).items() if m in names]
     if not found:
         return None
     total = Counts()
@@ -311,7 +315,9 @@ def model_totals(model: str) -> Counts | None:
 
 
 # -- time series ---------------------------------------------------------------------
-def model_series(model: str, start: datetime, end: datetime, bucket: Bucket) -> list[Point]:
+def model_series(
+    model: str, start: datetime, end: datetime, bucket: Bucket, client: str | None = None
+) -> list[Point]:
     """Tokens of one model (any spelling, see `spellings`) per (bucket, endpoint) over
     [start, end), oldest first.
 
@@ -321,9 +327,11 @@ def model_series(model: str, start: datetime, end: datetime, bucket: Bucket) -> 
     """
     names = spellings(model)
     merged: dict[tuple[datetime, str], Counts] = {}
+    minutes = TokenTimeSeries.objects.filter(model__in=names, timestamp__gte=start, timestamp__lt=end)
+    if client is not None:
+        minutes = minutes.filter(client=client)
     rows = (
-        TokenTimeSeries.objects.filter(model__in=names, timestamp__gte=start, timestamp__lt=end)
-        .annotate(bucket=BucketStart("timestamp", bucket))
+        minutes.annotate(bucket=BucketStart("timestamp", bucket))
         .values_list("bucket", "endpoint")
         .annotate(
             inp=Sum("input_tokens"), out=Sum("output_tokens"), tot=Sum("total_tokens"), req=Sum("requests")
@@ -334,7 +342,10 @@ def model_series(model: str, start: datetime, end: datetime, bucket: Bucket) -> 
         merged.setdefault((moment, endpoint), Counts()).add(inp or 0, out or 0, tot or 0, req or 0)
     first, last = daily_days(start, end)
     if first < last:
-        daily = TokenDaily.objects.filter(model__in=names, day__gte=first, day__lt=last).values_list(
+        days = TokenDaily.objects.filter(model__in=names, day__gte=first, day__lt=last)
+        if client is not None:
+            days = days.filter(client=client)
+        daily = days.values_list(
             "day", "endpoint", "input_tokens", "output_tokens", "total_tokens", "requests"
         )
         for day, endpoint, inp, out, tot, req in daily:
@@ -342,20 +353,46 @@ def model_series(model: str, start: datetime, end: datetime, bucket: Bucket) -> 
     return [Point(moment, endpoint, counts) for (moment, endpoint), counts in sorted(merged.items())]
 
 
-def model_stats(model: str, start: datetime, end: datetime, bucket: Bucket) -> ModelStats:
-    return ModelStats(model, start, end, bucket, model_totals(model), model_series(model, start, end, bucket))
+def model_stats(
+    model: str, start: datetime, end: datetime, bucket: Bucket, client: str | None = None
+) -> ModelStats:
+    """Totals and series of one model (of `client` alone if given)."""
+    return ModelStats(
+        model,
+        start,
+        end,
+        bucket,
+        model_totals(model, client),
+        model_series(model, start, end, bucket, client),
+    )
 
 
 # -- CSV export ----------------------------------------------------------------------
-CsvRow = tuple[datetime, str, str, int, int, int, int]  # timestamp, endpoint, model, in, out, total, requests
+# timestamp, endpoint, model, in, out, total, requests, client
+CsvRow = tuple[datetime, str, str, int, int, int, int, str]
 
-_ROW_FIELDS = ("timestamp", "endpoint", "model", "input_tokens", "output_tokens", "total_tokens", "requests")
+_ROW_FIELDS = (
+    "timestamp",
+    "endpoint",
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "requests",
+    "client",
+)
 
 
 def csv_page(
-    start: datetime, end: datetime, model: str | None, after: datetime | None, limit: int | None = None
+    start: datetime,
+    end: datetime,
+    model: str | None,
+    after: datetime | None,
+    limit: int | None = None,
+    client: str | None = None,
 ) -> tuple[list[CsvRow], datetime | None]:
-    """Minute rows in [start, end) with timestamp > `after`, ordered by (timestamp, endpoint, model).
+    """Minute rows in [start, end) with timestamp > `after` (of `client` alone if given), ordered
+    by (timestamp, endpoint, model, client).
 
     Returns the rows and the `after` of the next page (None when this was the last).
     A page always ends at a whole minute, so paging by timestamp loses nothing.
@@ -365,7 +402,9 @@ def csv_page(
     qs = qs.filter(timestamp__gt=after) if after is not None else qs.filter(timestamp__gte=start)
     if model is not None:
         qs = qs.filter(model__in=spellings(model))
-    ordered = qs.order_by("timestamp", "endpoint", "model").values_list(*_ROW_FIELDS)
+    if client is not None:
+        qs = qs.filter(client=client)
+    ordered = qs.order_by("timestamp", "endpoint", "model", "client").values_list(*_ROW_FIELDS)
     rows = cast(list[CsvRow], list(ordered[:limit]))
     if len(rows) < limit:
         return rows, None
@@ -377,17 +416,23 @@ def csv_page(
     return kept, kept[-1][0]
 
 
-def csv_daily_rows(start: datetime, end: datetime, model: str | None) -> list[CsvRow]:
-    """Rolled-up days in the range, as rows at their day's midnight, in CSV order."""
+def csv_daily_rows(
+    start: datetime, end: datetime, model: str | None, client: str | None = None
+) -> list[CsvRow]:
+    """Rolled-up days in the range (of `client` alone if given), as rows at their day's midnight,
+    in CSV order."""
     first, last = daily_days(start, end)
     if first >= last:
         return []
     qs = TokenDaily.objects.filter(day__gte=first, day__lt=last)
     if model is not None:
         qs = qs.filter(model__in=spellings(model))
+    if client is not None:
+        qs = qs.filter(client=client)
+    ordered = qs.order_by("day", "endpoint", "model", "client")
     return [
-        (day_start(day), endpoint, m, inp, out, tot, req)
-        for day, endpoint, m, inp, out, tot, req in qs.order_by("day", "endpoint", "model").values_list(
-            "day", "endpoint", "model", "input_tokens", "output_tokens", "total_tokens", "requests"
+        (day_start(day), endpoint, m, inp, out, tot, req, who)
+        for day, endpoint, m, inp, out, tot, req, who in ordered.values_list(
+            "day", "endpoint", "model", "input_tokens", "output_tokens", "total_tokens", "requests", "client"
         )
     ]

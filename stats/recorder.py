@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections, connection, transaction
@@ -29,7 +30,8 @@ from stats.models import TokenTimeSeries, TokenTotal
 log = logging.getLogger("stats.recorder")
 
 Pair = tuple[str, str]  # (endpoint url, model)
-Minute = tuple[str, str, datetime]
+Row = tuple[str, str, str]  # (endpoint url, model, client): what the database keeps apart
+Minute = tuple[str, str, str, datetime]
 
 
 def minute_of(now: datetime) -> datetime:
@@ -39,16 +41,16 @@ def minute_of(now: datetime) -> datetime:
 class Recorder:
     def __init__(self) -> None:
         self._lock = TimedLock("recorder")
-        # pending writes: pair -> [input, output, requests, incomplete]
-        self._totals_buf: dict[Pair, list[int]] = {}
-        # pending writes: (endpoint, model, minute) -> [input, output, requests]
+        # pending writes: (endpoint, model, client) -> [input, output, requests, incomplete]
+        self._totals_buf: dict[Row, list[int]] = {}
+        # pending writes: (endpoint, model, client, minute) -> [input, output, requests]
         self._series_buf: dict[Minute, list[int]] = {}
         # swapped out by a flush that has not committed yet
-        self._inflight: dict[Pair, list[int]] = {}
+        self._inflight: dict[Row, list[int]] = {}
         # what the database held at the last read (start, and after every flush); with
         # the pending numbers above it gives exact live totals. Several processes share
         # the database, so the page sums the newest database read and each one's pending.
-        self._db_totals: dict[Pair, list[int]] = {}
+        self._db_totals: dict[Row, list[int]] = {}
         self.db_read_at = 0.0
         # Sent (outside the lock) after every change of the numbers (a request, a database read).
         self.changed: Signal[[]] = Signal("recorder.changed")
@@ -57,34 +59,34 @@ class Recorder:
         self.reread_every = 5.0  # seconds between database re-reads while idle
         self._flush_lock: asyncio.Lock | None = None
 
-    # An accounting sink (routing/engine/accounting.py), installed by StatsConfig.ready. The
-    # principal is not stored yet (no column for it); the token metrics are routing's own sink.
+    # An accounting sink (routing/engine/accounting.py), installed by StatsConfig.ready. Rows are
+    # kept per client, the principal's name; the token metrics are routing's own sink.
     def record(self, principal: Principal, endpoint: str, model: str, counts: Counts) -> None:
         """One request whose reply reported its token counts."""
-        self._count(endpoint, model, counts.prompt, counts.completion, incomplete=0)
+        self._count(endpoint, model, principal.name, counts.prompt, counts.completion, incomplete=0)
         self.changed.send()
 
     def incomplete(self, principal: Principal, endpoint: str, model: str) -> None:
         """One request whose reply ended without counts (the server reported no usage, or the
         reply was cut): counted as a request, in the totals and its minute, and in
         `incomplete`; no tokens invented."""
-        self._count(endpoint, model, 0, 0, incomplete=1)
+        self._count(endpoint, model, principal.name, 0, 0, incomplete=1)
         self.changed.send()
 
-    def _count(self, endpoint: str, model: str, inp: int, out: int, *, incomplete: int) -> None:
+    def _count(self, endpoint: str, model: str, client: str, inp: int, out: int, *, incomplete: int) -> None:
         minute = minute_of(datetime.now(tz=UTC))  # outside the lock
         with self._lock:
-            self._add(self._totals_buf, (endpoint, model), inp, out, 1, incomplete)
-            row = self._series_buf.get((endpoint, model, minute))
+            self._add(self._totals_buf, (endpoint, model, client), inp, out, 1, incomplete)
+            row = self._series_buf.get((endpoint, model, client, minute))
             if row is None:
-                self._series_buf[(endpoint, model, minute)] = [inp, out, 1]
+                self._series_buf[(endpoint, model, client, minute)] = [inp, out, 1]
             else:
                 row[0] += inp
                 row[1] += out
                 row[2] += 1
 
     @staticmethod
-    def _add(table: dict[Pair, list[int]], key: Pair, inp: int, out: int, req: int, inc: int) -> None:
+    def _add(table: dict[Any, list[int]], key: Any, inp: int, out: int, req: int, inc: int) -> None:
         row = table.get(key)
         if row is None:
             table[key] = [inp, out, req, inc]
@@ -102,28 +104,57 @@ class Recorder:
             self._add(merged, pair, *row)
         return {k: (v[0], v[1], v[0] + v[1]) for k, v in merged.items()}
 
-    def parts(self) -> tuple[dict[Pair, list[int]], dict[Pair, list[int]]]:
-        """(database totals at the last read, this process's numbers not in that read)."""
+    def parts(self, client: str | None = None) -> tuple[dict[Pair, list[int]], dict[Pair, list[int]]]:
+        """(database totals at the last read, this process's numbers not in that read), per
+        (endpoint, model): summed over clients, or of `client` alone."""
+        db: dict[Pair, list[int]] = {}
+        pending: dict[Pair, list[int]] = {}
         with self._lock:
-            db = {k: list(v) for k, v in self._db_totals.items()}
-            pending: dict[Pair, list[int]] = {k: list(v) for k, v in self._inflight.items()}
-            for pair, row in self._totals_buf.items():
-                self._add(pending, pair, *row)
+            for (endpoint, model, who), row in self._db_totals.items():
+                if client is None or who == client:
+                    self._add(db, (endpoint, model), *row)
+            for table in (self._inflight, self._totals_buf):
+                for (endpoint, model, who), row in table.items():
+                    if client is None or who == client:
+                        self._add(pending, (endpoint, model), *row)
         return db, pending
+
+    def client_parts(self) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+        """As `parts`, per client: (database totals at the last read, this process's numbers not in
+        that read), each client -> [input, output, requests, incomplete]."""
+        db: dict[str, list[int]] = {}
+        pending: dict[str, list[int]] = {}
+        with self._lock:
+            for (_endpoint, _model, who), row in self._db_totals.items():
+                self._add(db, who, *row)
+            for table in (self._inflight, self._totals_buf):
+                for (_endpoint, _model, who), row in table.items():
+                    self._add(pending, who, *row)
+        return db, pending
+
+    def client_totals(self) -> dict[str, tuple[int, int, int, int]]:
+        """Live totals per client: (input, output, total tokens, requests), the last database read
+        plus this process's pending numbers."""
+        merged: dict[str, list[int]] = {}
+        with self._lock:
+            for table in (self._db_totals, self._inflight, self._totals_buf):
+                for (_endpoint, _model, who), row in table.items():
+                    self._add(merged, who, *row)
+        return {k: (v[0], v[1], v[0] + v[1], v[2]) for k, v in sorted(merged.items())}
 
     def pending(self) -> int:
         with self._lock:
             return len(self._totals_buf) + len(self._series_buf)
 
     # -- flushing --------------------------------------------------------------------
-    def _swap(self) -> tuple[dict[Pair, list[int]], dict[Minute, list[int]]]:
+    def _swap(self) -> tuple[dict[Row, list[int]], dict[Minute, list[int]]]:
         with self._lock:
             totals, self._totals_buf = self._totals_buf, {}
             series, self._series_buf = self._series_buf, {}
             self._inflight = totals
         return totals, series
 
-    def _put_back(self, totals: dict[Pair, list[int]], series: dict[Minute, list[int]]) -> None:
+    def _put_back(self, totals: dict[Row, list[int]], series: dict[Minute, list[int]]) -> None:
         with self._lock:
             self._inflight = {}
             for pair, row in totals.items():
@@ -194,9 +225,9 @@ class Recorder:
     def load_totals(self) -> None:
         """Start from what the database holds, so live numbers continue across restarts."""
         rows = TokenTotal.objects.all().values_list(
-            "endpoint", "model", "input_tokens", "output_tokens", "requests", "incomplete"
+            "endpoint", "model", "client", "input_tokens", "output_tokens", "requests", "incomplete"
         )
-        fresh = {(r[0], r[1]): [r[2], r[3], r[4], r[5]] for r in rows}
+        fresh = {(r[0], r[1], r[2]): [r[3], r[4], r[5], r[6]] for r in rows}
         with self._lock:
             self._db_totals = fresh
             self._inflight = {}  # committed before this read, so included in it
@@ -212,33 +243,36 @@ class Recorder:
         self._flush_lock = None
 
 
-def write(totals: dict[Pair, list[int]], series: dict[Minute, list[int]]) -> None:
+def write(totals: dict[Row, list[int]], series: dict[Minute, list[int]]) -> None:
     tt = connection.ops.quote_name(TokenTotal._meta.db_table)
     ts = connection.ops.quote_name(TokenTimeSeries._meta.db_table)
     with transaction.atomic(), connection.cursor() as cursor:
         if totals:
             cursor.executemany(
-                f"INSERT INTO {tt} (endpoint, model, input_tokens, output_tokens, total_tokens,"
-                " requests, incomplete) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (endpoint, model) DO UPDATE SET"
+                f"INSERT INTO {tt} (endpoint, model, client, input_tokens, output_tokens, total_tokens,"
+                " requests, incomplete) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (endpoint, model, client) DO UPDATE SET"
                 f" input_tokens = {tt}.input_tokens + excluded.input_tokens,"
                 f" output_tokens = {tt}.output_tokens + excluded.output_tokens,"
                 f" total_tokens = {tt}.total_tokens + excluded.total_tokens,"
                 f" requests = {tt}.requests + excluded.requests,"
                 f" incomplete = {tt}.incomplete + excluded.incomplete",
-                [(e, m, r[0], r[1], r[0] + r[1], r[2], r[3]) for (e, m), r in sorted(totals.items())],
+                [(e, m, c, r[0], r[1], r[0] + r[1], r[2], r[3]) for (e, m, c), r in sorted(totals.items())],
             )
         if series:
             adapt = connection.ops.adapt_datetimefield_value
             cursor.executemany(
-                f"INSERT INTO {ts} (endpoint, model, input_tokens, output_tokens, total_tokens,"
-                " requests, timestamp) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (model, timestamp, endpoint) DO UPDATE SET"
+                f"INSERT INTO {ts} (endpoint, model, client, input_tokens, output_tokens, total_tokens,"
+                " requests, timestamp) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (model, timestamp, endpoint, client) DO UPDATE SET"
                 f" input_tokens = {ts}.input_tokens + excluded.input_tokens,"
                 f" output_tokens = {ts}.output_tokens + excluded.output_tokens,"
                 f" total_tokens = {ts}.total_tokens + excluded.total_tokens,"
                 f" requests = {ts}.requests + excluded.requests",
-                [(e, m, r[0], r[1], r[0] + r[1], r[2], adapt(t)) for (e, m, t), r in sorted(series.items())],
+                [
+                    (e, m, c, r[0], r[1], r[0] + r[1], r[2], adapt(t))
+                    for (e, m, c, t), r in sorted(series.items())
+                ],
             )
 
 

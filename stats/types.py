@@ -37,6 +37,30 @@ class TokenParts(TypedDict):
     pending: list[TokenPartRow]
 
 
+# (client, input, output, requests, incomplete): an array on the wire, as TokenPartRow.
+ClientPartRow = tuple[str, int, int, int, int]
+
+
+class ClientParts(TypedDict):
+    """One process's numbers by client (the principal's name: a client key's name, "anonymous" or
+    "operator"): token totals as TokenParts, and the slots each client holds now."""
+
+    db_read_at: float
+    db: list[ClientPartRow]
+    pending: list[ClientPartRow]
+    active: dict[str, int]
+
+
+class ClientRow(TypedDict):
+    """One client on the page: slots held now over every process, tokens all time."""
+
+    client: str
+    active: int
+    input: int
+    output: int
+    total: int
+
+
 class UsageSnapshot(FleetSnapshot):
     """stats.snapshot.build(): the fleet snapshot with this process's live token totals."""
 
@@ -47,6 +71,7 @@ class UsagePart(UsageSnapshot):
     """What one process publishes (publisher.publish_now)."""
 
     token_parts: TokenParts
+    client_parts: ClientParts
 
 
 class MergedSnapshot(TypedDict):
@@ -59,6 +84,7 @@ class MergedSnapshot(TypedDict):
     active: list[ActiveRow]
     tokens: list[TokenRow]
     queued: dict[str, int]
+    clients: list[ClientRow]  # by name
 
 
 class NomyoUsage(TypedDict):
@@ -72,6 +98,7 @@ class UsageEvent(UsageSnapshot, NomyoUsage):
     """One /api/usage-stream event: a snapshot with NOMYO Router's two maps added."""
 
     token_parts: NotRequired[TokenParts]  # present on published parts, absent on the first event
+    client_parts: NotRequired[ClientParts]  # the same
 
 
 class ConfigEndpoint(TypedDict):

@@ -1,4 +1,15 @@
-"""The router key: the bearer token a client must present when one is configured.
+"""Who is calling: the router key, client keys, and the admission of a request.
+
+`admit_request` is what the lean handler calls for every proxied request (routing/server/
+lean_asgi.py). The caller's token is `Authorization: Bearer <token>` (what OpenAI clients send as
+`api_key`, and Ollama clients as a header) or `x-api-key: <token>`. Then, in order:
+- the router key (below): OPERATOR, no limits;
+- a client key (routing/auth/client_keys.py): its principal, or 403 when it is disabled or
+  expired; then its limits (routing/auth/quotas.py): 429 when over one;
+- no key configured at all (no router key, no client key): ANONYMOUS, as before keys existed;
+- else 401: no token, or one that is neither the router key nor a client key.
+
+The router key:
 
 Source, in order: settings.ROUTER_API_KEY (environment), else the key stored in the database
 (RouterSettings.api_key, set in the admin or by ROUTER_CONFIG's `nomyo-router-api-key`). The
@@ -10,11 +21,15 @@ plain attribute read (no lock: a str reference is swapped whole). Tokens are com
 from __future__ import annotations
 
 import hmac
+import time
 
 from django.conf import settings
 
+from routing.auth.client_keys import key_store
 from routing.auth.principal import ANONYMOUS, OPERATOR, Principal
+from routing.auth.quotas import NOTHING_TAKEN, Admission, QuotaExceeded, StaleKeys, quotas
 from routing.core.errors import ApiError
+from routing.observability import metrics
 
 
 class RouterKey:
@@ -29,24 +44,9 @@ class RouterKey:
         """The key stored in the database changed (or was loaded at start-up)."""
         self._stored = key
 
-    def authenticate(self, authorization: str | None) -> Principal:
-        """The principal for an `Authorization` header value (None: absent).
-
-        No key configured: ANONYMOUS. Else `Bearer <key>` gives OPERATOR; a missing credential
-        (no header, a blank one, `Bearer` with no token) raises ApiError(401) (RFC 6750 3.1: a
-        request without a token gets no error code), a wrong scheme or key ApiError(403)."""
-        expected = self.current()
-        if not expected:
-            return ANONYMOUS
-        if not authorization or not authorization.strip().partition(" ")[2].strip():
-            raise ApiError(401, "missing Authorization: Bearer <router api key>")
-        if not _matches(authorization, expected):
-            raise ApiError(403, "invalid router api key")
-        return OPERATOR
-
     def identify(self, authorization: str | None) -> Principal | None:
-        """Like `authenticate`, for open routes (/health): never raises; None when a key is
-        configured and the caller did not present it."""
+        """For open routes (/health): never raises; OPERATOR for the router key, ANONYMOUS when
+        none is configured, None when one is and the caller did not present it."""
         expected = self.current()
         if not expected:
             return ANONYMOUS
@@ -61,3 +61,63 @@ def _matches(authorization: str, expected: str) -> bool:
 
 
 router_key = RouterKey()
+
+
+def presented(authorization: str | None, api_key: str | None) -> str:
+    """The token a caller presented: `Authorization: Bearer <token>`, else `x-api-key` ("" none)."""
+    if authorization:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return api_key.strip() if api_key else ""
+
+
+async def authenticate(authorization: str | None, api_key: str | None) -> Principal:
+    """The principal of a caller (see the module docstring). Raises ApiError 401, 403, or 503 when
+    the client keys could not be loaded yet (the database is away at start-up)."""
+    token = presented(authorization, api_key)
+    expected = router_key.current()
+    if expected and token and hmac.compare_digest(token.encode(), expected.encode()):
+        return OPERATOR
+    try:
+        await key_store.ensure_fresh()  # a comparison of two ints when nothing changed
+    except Exception:
+        raise ApiError(503, "the client keys could not be loaded; try again", retry_after=5) from None
+    if token:
+        record = key_store.get(token)
+        if record is not None:
+            refusal = record.refusal(time.time())
+            if refusal is not None:
+                raise ApiError(403, refusal, code="key_disabled")
+            return record.principal
+    if not expected and not key_store.defined():
+        return ANONYMOUS  # an open router: a token (OpenAI clients always send one) is ignored
+    if not token:
+        raise ApiError(401, "missing key: send Authorization: Bearer <key> or x-api-key: <key>")
+    raise ApiError(401, "unknown key", code="invalid_api_key")
+
+
+async def admit_request(authorization: str | None, api_key: str | None) -> tuple[Principal, Admission]:
+    """`authenticate`, then the principal's limits. Returns the principal and its admission (to
+    release when the request ends, on every path). Raises ApiError 401/403/429/503.
+
+    With REDIS_URL a key change made in another process is seen here before anything is counted:
+    the quota check carries the generation of the key copy (StaleKeys), and the copy is reloaded
+    and the caller authenticated again."""
+    principal = await authenticate(authorization, api_key)
+    if principal.kind != "key":
+        return principal, NOTHING_TAKEN
+    try:
+        try:
+            admission = await quotas.admit(principal, key_store.redis_generation)
+        except StaleKeys:
+            key_store.invalidate()
+            principal = await authenticate(authorization, api_key)
+            if principal.kind != "key":
+                return principal, NOTHING_TAKEN
+            admission = await quotas.admit(principal, None)  # once: a newer change waits for the next
+    except QuotaExceeded as refused:
+        metrics.rate_limited.labels(principal.name, refused.limit).inc()
+        raise
+    key_store.touch(principal)
+    return principal, admission

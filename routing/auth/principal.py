@@ -1,13 +1,14 @@
 """Who a request acts for: the principal that forwarding and accounting receive.
 
-Today there are two: ANONYMOUS (no router key configured) and OPERATOR (the caller presented
-the router key). Client keys ("key") and their quotas come with a later issue; `limits`
-already travels with the principal, but nothing enforces it yet.
+ANONYMOUS (no key configured anywhere), OPERATOR (the caller presented the router key: no
+limits, high priority) and client keys (kind "key", routing/auth/client_keys.py), whose
+`limits` routing/auth/quotas.py enforces and whose `models` `may_use` checks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Literal
 
 from django.http import HttpRequest
@@ -19,11 +20,28 @@ Kind = Literal["anonymous", "operator", "key"]
 class Principal:
     name: str  # what accounting and logs name
     kind: Kind
-    limits: tuple[tuple[str, int], ...] = ()  # quota name -> allowance; (): none. Carried, not enforced.
+    limits: tuple[tuple[str, int], ...] = ()  # quota name -> allowance; (): none (routing/auth/quotas.py)
+    priority: int = 1  # queue priority: 0 high, 1 normal, 2 low (routing/engine/fair_queue.py)
+    models: tuple[str, ...] = ()  # allowed model names or fnmatch patterns; (): every model
+    key_id: int = 0  # the ClientKey row (kind "key"), else 0
+
+    def limit(self, name: str) -> int | None:
+        """The allowance named `name` (rpm, tpm, concurrency, daily_tokens, monthly_tokens), None: none."""
+        for quota, allowance in self.limits:
+            if quota == name:
+                return allowance
+        return None
+
+    def may_use(self, model: str) -> bool:
+        """Whether this principal may use `model` (matched as given and without a ":latest" tag)."""
+        if not self.models:
+            return True
+        base = model[: -len(":latest")] if model.endswith(":latest") else model
+        return any(fnmatchcase(model, p) or fnmatchcase(base, p) for p in self.models)
 
 
 ANONYMOUS = Principal("anonymous", "anonymous")
-OPERATOR = Principal("operator", "operator")
+OPERATOR = Principal("operator", "operator", priority=0)
 
 
 def principal_of(request: HttpRequest) -> Principal:

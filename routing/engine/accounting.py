@@ -83,10 +83,12 @@ sinks = Sinks()
 
 
 class MetricsSink:
-    """Token counts into the Prometheus counters (router_tokens_total by endpoint, model, direction)."""
+    """Token counts into the Prometheus counters (router_tokens_total by endpoint, model, direction;
+    router_client_tokens_total by client, direction)."""
 
     def record(self, principal: Principal, endpoint: str, model: str, counts: Counts) -> None:
         metrics.count_tokens(endpoint, model, counts.prompt, counts.completion)
+        metrics.count_client_tokens(principal.name, counts.prompt, counts.completion)
 
     def incomplete(self, principal: Principal, endpoint: str, model: str) -> None:
         pass  # no tokens to count

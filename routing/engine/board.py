@@ -3,19 +3,27 @@ the selection strategy (routing/engine/selection.py).
 
 One lock guards the counters and the queues, so selecting an endpoint (the strategy's
 `pick`, called under the lock) and reserving its slot is one atomic step, and releasing a
-slot hands it to the first waiter in the same step (first come, first served per model).
-Nothing here awaits while holding the lock. The board also keeps the moving average of time
-to first byte per (endpoint, model), folded in when a lease that measured it is released.
+slot hands it to the next waiter in the same step. Nothing here awaits while holding the
+lock. The board also keeps the moving average of time to first byte per (endpoint, model),
+folded in when a lease that measured it is released.
+
+Which waiter is next is the queue discipline of routing/engine/fair_queue.py: highest
+priority first (aged by ROUTER_PRIORITY_AGING), then turns between clients, then arrival
+order. The board stamps a client each time it gets a slot (`_served`), the turns' measure.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+import itertools
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from django.conf import settings
+
 from routing.core.events import Signal
+from routing.engine.fair_queue import NORMAL, Entry, FairQueue
 from routing.engine.selection import Ask, Load, LoadedThenLeastBusy, SelectionStrategy, Slot
 from routing.fleet.candidates import Candidate
 from routing.fleet.registry import EndpointInfo
@@ -31,6 +39,7 @@ class Lease:
     board: Board | None  # None: an unmetered lease that holds no slot
     candidate: Candidate
     model: str
+    client: str = ""  # who holds it (the principal's name)
     released: bool = False
     _also: list[Callable[[], None]] | None = None
     # Seconds to the upstream's first byte, set by the forwarding engine once measured;
@@ -61,6 +70,10 @@ class _Waiter:
     ask: Ask
     candidates: list[Candidate]
     future: asyncio.Future[Lease]
+    client: str
+
+
+MAX_STAMPS = 10_000  # clients remembered for turns; past it the memory starts afresh
 
 
 class QueueFull(Exception):
@@ -77,8 +90,12 @@ class Board:
         self._strategy: SelectionStrategy = strategy or LoadedThenLeastBusy()
         self._active: dict[Slot, int] = {}
         self._per_endpoint: dict[int, int] = {}
-        self._queues: dict[str, deque[_Waiter]] = {}
+        self._queues: dict[str, FairQueue[_Waiter]] = {}
         self._queued = 0
+        # client name -> tick of its latest slot (turns between clients, fair_queue.py)
+        self._served: dict[str, int] = {}
+        self._ticks = itertools.count()
+        self._by_client: dict[str, int] = {}  # client name -> slots held
         # Sent (outside the lock) after every change of slots or queues.
         self.changed: Signal[[]] = Signal("board.changed")
         # Current limits by endpoint id, from the registry; candidates carry the limit of
@@ -99,11 +116,15 @@ class Board:
         with self._lock:
             self._strategy = strategy
 
-    def _reserve(self, model: str, cand: Candidate) -> Lease:
+    def _reserve(self, model: str, cand: Candidate, client: str) -> Lease:
+        if len(self._served) >= MAX_STAMPS and client not in self._served:
+            self._served.clear()
+        self._served[client] = next(self._ticks)
+        self._by_client[client] = self._by_client.get(client, 0) + 1
         slot = (cand.endpoint.id, model)
         self._active[slot] = self._active.get(slot, 0) + 1
         self._per_endpoint[cand.endpoint.id] = self._per_endpoint.get(cand.endpoint.id, 0) + 1
-        return Lease(self, cand, model)
+        return Lease(self, cand, model, client)
 
     def unmetered(self, model: str, candidates: list[Candidate], *, affinity: str | None = None) -> Lease:
         """A choice without a slot, for metadata calls (show), by the same strategy.
@@ -115,19 +136,20 @@ class Board:
         return Lease(None, best, model)
 
     def try_acquire(
-        self, model: str, candidates: list[Candidate], *, affinity: str | None = None
+        self, model: str, candidates: list[Candidate], *, affinity: str | None = None, client: str = ""
     ) -> Lease | None:
         """Select and reserve in one step, unless earlier requests for the model wait.
-        affinity: the request's conversation key, for strategies that use one."""
-        return self._try_acquire(Ask(model, affinity), candidates)
+        affinity: the request's conversation key, for strategies that use one; client: who
+        asks (the principal's name), for the turns between clients."""
+        return self._try_acquire(Ask(model, affinity), candidates, client)
 
-    def _try_acquire(self, ask: Ask, candidates: list[Candidate]) -> Lease | None:
+    def _try_acquire(self, ask: Ask, candidates: list[Candidate], client: str) -> Lease | None:
         model = ask.model
         with self._lock:
             if self._queues.get(model):
                 return None
             cand = self._strategy.pick(ask, candidates, self._load, metered=True)
-            lease = self._reserve(model, cand) if cand is not None else None
+            lease = self._reserve(model, cand, client) if cand is not None else None
         if lease is not None:
             self.changed.send()
         return lease
@@ -140,31 +162,38 @@ class Board:
         timeout: float,
         queue_max: int,
         affinity: str | None = None,
+        client: str = "",
+        priority: int = NORMAL,
     ) -> Lease:
         """A slot on one of `candidates` for `model`, now or after waiting in the model's queue
-        (first come, first served) for at most `timeout` seconds. QueueFull when `queue_max`
-        requests already wait, QueueTimeout when the wait runs out."""
+        for at most `timeout` seconds. client: the principal's name; priority: 0 high, 1 normal,
+        2 low (the queue's order: fair_queue.py). QueueFull when `queue_max` requests already
+        wait, QueueTimeout when the wait runs out."""
         ask = Ask(model, affinity)
-        lease = self._try_acquire(ask, candidates)
+        lease = self._try_acquire(ask, candidates, client)
         if lease is not None:
             return lease
         future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(ask, candidates, future)
+        waiter = _Waiter(ask, candidates, future, client)
+        entry: Entry[_Waiter] | None = None
         with self._lock:
             # Re-check under the lock: a slot may have freed since try_acquire.
             queue = self._queues.get(model)
             if not queue:
                 cand = self._strategy.pick(ask, candidates, self._load, metered=True)
                 if cand is not None:
-                    lease = self._reserve(model, cand)
+                    lease = self._reserve(model, cand, client)
             if lease is None:
                 if self._queued >= queue_max:
                     raise QueueFull()
-                self._queues.setdefault(model, deque()).append(waiter)
+                if queue is None:
+                    queue = self._queues[model] = FairQueue(settings.ROUTER_PRIORITY_AGING)
+                entry = queue.push(waiter, client, priority, time.monotonic())
                 self._queued += 1
         self.changed.send()
         if lease is not None:
             return lease
+        assert entry is not None
         got: Lease | None = None
         try:
             async with asyncio.timeout(timeout):
@@ -173,19 +202,18 @@ class Board:
         except TimeoutError:
             raise QueueTimeout() from None
         finally:
-            self._leave_queue(model, waiter, kept=got is not None)
+            self._leave_queue(model, entry, kept=got is not None)
 
-    def _leave_queue(self, model: str, waiter: _Waiter, *, kept: bool) -> None:
+    def _leave_queue(self, model: str, entry: Entry[_Waiter], *, kept: bool) -> None:
         """A waiter stops waiting (served, timed out or cancelled)."""
         orphan: Lease | None = None
         with self._lock:
             queue = self._queues.get(model)
-            if queue is not None and waiter in queue:
-                queue.remove(waiter)
+            if queue is not None and queue.remove(entry):
                 self._queued -= 1
                 if not queue:
                     del self._queues[model]
-            fut = waiter.future
+            fut = entry.item.future
             if not fut.done():
                 fut.cancel()  # so no slot is handed to it from now on
             elif not kept and not fut.cancelled():
@@ -218,24 +246,32 @@ class Board:
                 self._per_endpoint[ep_id] = left
             else:
                 self._per_endpoint.pop(ep_id, None)
+            left = self._by_client.get(lease.client, 0) - 1
+            if left > 0:
+                self._by_client[lease.client] = left
+            else:
+                self._by_client.pop(lease.client, None)
             self._serve_waiters(model)
         self.changed.send()
 
     def _serve_waiters(self, model: str) -> None:
-        """Hand free slots to waiters in arrival order (lock held)."""
+        """Hand free slots to waiters in the queue's order (lock held)."""
         queue = self._queues.get(model)
+        now = time.monotonic()
         while queue:
-            waiter = queue[0]
+            entry = queue.peek(now, self._served)
+            assert entry is not None
+            waiter = entry.item
             if waiter.future.done():  # timed out or cancelled, leaving
-                queue.popleft()
+                queue.remove(entry)
                 self._queued -= 1
                 continue
             cand = self._strategy.pick(waiter.ask, waiter.candidates, self._load, metered=True)
             if cand is None:
                 return
-            queue.popleft()
+            queue.remove(entry)
             self._queued -= 1
-            waiter.future.set_result(self._reserve(model, cand))
+            waiter.future.set_result(self._reserve(model, cand, waiter.client))
         if queue is not None and not queue:
             del self._queues[model]
 
@@ -266,6 +302,11 @@ class Board:
         with self._lock:
             return self._per_endpoint.get(endpoint_id, 0)
 
+    def active_by_client(self) -> dict[str, int]:
+        """Slots held per client (the principal's name; "" for callers that named none)."""
+        with self._lock:
+            return dict(self._by_client)
+
     def queued(self) -> dict[str, int]:
         with self._lock:
             return {model: len(q) for model, q in self._queues.items()}
@@ -278,11 +319,13 @@ class Board:
         with self._lock:
             self._active.clear()
             self._per_endpoint.clear()
+            self._by_client.clear()
             for queue in self._queues.values():
-                for waiter in queue:
-                    waiter.future.cancel()
+                for entry in queue:
+                    entry.item.future.cancel()
             self._queues.clear()
             self._queued = 0
+            self._served.clear()
             self._limits.clear()
             self._first_byte.clear()
 

@@ -62,9 +62,16 @@ async def forward(
     """Route one request for `principal` (who it is accounted to). `metered=False` is for
     metadata calls (show) that take no slot.
 
-    Raises ApiError: 404 (no endpoint has the model), 503 (none reachable or all busy),
-    400 (the planner could not build the upstream request), 504 (first-byte timeout),
-    502 (every tried server failed before replying)."""
+    The principal's name and priority place a queued request in the model's queue
+    (routing/engine/fair_queue.py).
+
+    Raises ApiError: 403 (the principal's key may not use the model), 404 (no endpoint has the
+    model), 503 (none reachable or all busy), 400 (the planner could not build the upstream
+    request), 504 (first-byte timeout), 502 (every tried server failed before replying)."""
+    if not principal.may_use(model):
+        raise ApiError(
+            403, f"the key '{principal.name}' may not use the model '{model}'", code="model_not_allowed"
+        )
     lookup = await fleet_candidates.candidates_for(model)
     if not lookup.candidates:
         if lookup.failing_with_model:
@@ -77,7 +84,9 @@ async def forward(
     failure = "no endpoint answered"
     tried = ""
     for _ in range(settings.ROUTER_MAX_RETRIES + 1):
-        lease = await _acquire(key, model, candidates) if metered else board.unmetered(key, candidates)
+        lease = (
+            await _acquire(key, model, candidates, principal) if metered else board.unmetered(key, candidates)
+        )
         handed_over = False
         try:
             outcome = await _attempt(request_path, lease, plan, metered, principal)
@@ -182,15 +191,20 @@ def _refuses_added_field(body: bytes) -> bool:
     return b"stream_options" in body.lower()
 
 
-async def _acquire(key: str, model: str, candidates: list[Candidate]) -> Lease:
+async def _acquire(key: str, model: str, candidates: list[Candidate], principal: Principal) -> Lease:
     waited = time.perf_counter()
     deadline = waited + settings.ROUTER_QUEUE_TIMEOUT
     try:
         lease = await board.acquire(
-            key, candidates, timeout=settings.ROUTER_QUEUE_TIMEOUT, queue_max=settings.ROUTER_QUEUE_MAX
+            key,
+            candidates,
+            timeout=settings.ROUTER_QUEUE_TIMEOUT,
+            queue_max=settings.ROUTER_QUEUE_MAX,
+            client=principal.name,
+            priority=principal.priority,
         )
         if cluster.enabled():
-            lease = await _claim_in_cluster(lease, key, candidates, deadline)
+            lease = await _claim_in_cluster(lease, key, candidates, deadline, principal)
         metrics.queue_wait(time.perf_counter() - waited)
         return lease
     except QueueFull:
@@ -201,7 +215,9 @@ async def _acquire(key: str, model: str, candidates: list[Candidate]) -> Lease:
         ) from None
 
 
-async def _claim_in_cluster(lease: Lease, key: str, candidates: list[Candidate], deadline: float) -> Lease:
+async def _claim_in_cluster(
+    lease: Lease, key: str, candidates: list[Candidate], deadline: float, principal: Principal
+) -> Lease:
     """Also hold the slot across router processes; try other candidates, then wait.
     Owns `lease` (and each later one) until it returns it: any exception releases it."""
     backoff = 0.01
@@ -227,7 +243,14 @@ async def _claim_in_cluster(lease: Lease, key: str, candidates: list[Candidate],
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 raise QueueTimeout()
-            lease = await board.acquire(key, others, timeout=remaining, queue_max=settings.ROUTER_QUEUE_MAX)
+            lease = await board.acquire(
+                key,
+                others,
+                timeout=remaining,
+                queue_max=settings.ROUTER_QUEUE_MAX,
+                client=principal.name,
+                priority=principal.priority,
+            )
     except BaseException:
         lease.release()  # idempotent: a lease already given back stays given back
         raise

@@ -1,4 +1,4 @@
-"""Cross-process control messages over the channel layer: "endpoints changed".
+"""Cross-process control messages over the channel layer: "endpoints changed", "keys changed".
 
 Every router process listens on the `router.control` group; a change made through any
 process (admin, command) reaches all of them, so the next request anywhere sees it.
@@ -13,7 +13,9 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.conf import settings
 
+from routing.auth import client_keys
 from routing.fleet import caches
 from routing.fleet.registry import registry
 
@@ -25,10 +27,26 @@ _pending: set[asyncio.Future[None]] = set()  # keeps fire-and-forget sends alive
 
 
 def broadcast_sync(endpoint_ids: list[int] | None) -> None:
+    _send({"type": "endpoints.changed", "ids": endpoint_ids, "origin": ORIGIN})
+
+
+def keys_changed() -> None:
+    """A ClientKey was created, changed or deleted (admin, commands; blocking or in a loop): this
+    process reloads its key copy before the next request; with REDIS_URL the Redis generation is
+    bumped (every process checks it before admitting a keyed request) and the others are told."""
+    client_keys.key_store.invalidate()
+    if settings.REDIS_URL:
+        try:
+            client_keys.redis_client().incr(client_keys.REDIS_GENERATION)
+        except Exception:
+            log.warning("could not bump the key generation in Redis", exc_info=True)
+    _send({"type": "keys.changed", "origin": ORIGIN})
+
+
+def _send(message: dict[str, Any]) -> None:
     layer = get_channel_layer()
     if layer is None:
         return
-    message = {"type": "endpoints.changed", "ids": endpoint_ids, "origin": ORIGIN}
     try:
         try:
             asyncio.get_running_loop()
@@ -39,7 +57,7 @@ def broadcast_sync(endpoint_ids: list[int] | None) -> None:
             _pending.add(task)
             task.add_done_callback(_pending.discard)
     except Exception:
-        log.warning("could not broadcast an endpoint change; other processes reload within 5 s")
+        log.warning("could not broadcast a change; other processes reload within 5 s")
 
 
 def apply(message: dict[str, Any]) -> None:
@@ -74,6 +92,8 @@ async def listen() -> None:
                 continue
             if message.get("type") == "endpoints.changed":
                 apply(message)
+            elif message.get("type") == "keys.changed":
+                client_keys.key_store.invalidate()
     finally:
         try:
             await layer.group_discard(GROUP, channel)

@@ -76,6 +76,27 @@ _queue_wait = Histogram(
     "router_queue_wait_seconds", "Time spent waiting for a free slot.", buckets=BUCKETS, registry=_OWN
 )
 
+# By client (issue 14): the principal's name (a client key's name, "anonymous" or "operator"),
+# bounded by the keys defined. Counted only for requests that passed authentication.
+client_requests = Counter(
+    "router_client_requests",
+    "Authenticated requests by client and status.",
+    ["client", "status"],
+    registry=_OWN,
+)
+client_tokens = Counter(
+    "router_client_tokens",
+    "Tokens reported by backends, by client and direction.",
+    ["client", "direction"],
+    registry=_OWN,
+)
+rate_limited = Counter(
+    "router_client_rate_limited",
+    "Requests refused with 429 by a client key's limit: rpm, tpm, concurrency, daily_tokens, monthly_tokens.",
+    ["client", "limit"],
+    registry=_OWN,
+)
+
 # Label children, each made once by prometheus_client's locked `labels()` and then read from a
 # plain dict. Written on the event loop thread; from another thread a racing first use makes
 # the same child twice (labels() returns the one it keeps), so no count is lost.
@@ -98,6 +119,31 @@ def request_done(route: str, endpoint: str, status: int, seconds: float) -> None
     if hist is None:
         hist = _duration_children[route] = duration.labels(route)
     hist.observe(seconds)
+
+
+_client_request_children: dict[tuple[str, int], Counter] = {}
+_client_token_children: dict[str, tuple[Counter, Counter]] = {}
+
+
+def client_request_done(client: str, status: int) -> None:
+    """One finished request of an authenticated client (the principal's name)."""
+    key = (client, status)
+    counter = _client_request_children.get(key)
+    if counter is None:
+        counter = _client_request_children[key] = client_requests.labels(client, str(status))
+    counter.inc()
+
+
+def count_client_tokens(client: str, prompt: int, completion: int) -> None:
+    """Tokens one finished request of `client` reported (prompt: input, completion: output)."""
+    pair = _client_token_children.get(client)
+    if pair is None:
+        pair = _client_token_children[client] = (
+            client_tokens.labels(client, "input"),
+            client_tokens.labels(client, "output"),
+        )
+    pair[0].inc(prompt)
+    pair[1].inc(completion)
 
 
 def first_byte(route: str, seconds: float) -> None:

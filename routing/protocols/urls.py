@@ -23,6 +23,7 @@ urlpatterns = [
     path("api/create", fleet_views.create),
     path("api/copy", fleet_views.copy),
     path("api/delete", fleet_views.delete),
+    path("api/me", router_views.me),
     path("health", router_views.health),
     path("metrics", router_views.metrics_view),
     path("v1/chat/completions", openai_views.chat_completions),

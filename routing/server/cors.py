@@ -46,7 +46,9 @@ DEFAULT_ORIGINS: tuple[str, ...] = (
 
 ALLOW_METHODS = b"GET, HEAD, POST, DELETE, OPTIONS"
 # Headers a browser client may send when the preflight does not name them (it always does).
-DEFAULT_ALLOW_HEADERS = b"Authorization, Content-Type, Accept, User-Agent, X-Requested-With, X-Request-Id"
+DEFAULT_ALLOW_HEADERS = (
+    b"Authorization, X-Api-Key, Content-Type, Accept, User-Agent, X-Requested-With, X-Request-Id"
+)
 # The router's own headers, and the rate-limit headers OpenAI-compatible servers send and
 # OpenAI's clients read, made readable to scripts on the allowed origin.
 EXPOSE_HEADERS = (

@@ -32,9 +32,11 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, QueryDict, 
 from django.urls import URLPattern, get_resolver
 from django.utils.functional import cached_property
 
+from routing.auth import keys
 from routing.auth.keys import router_key
 from routing.auth.principal import ANONYMOUS, Principal
-from routing.core.errors import ApiError, error_response
+from routing.auth.quotas import NOTHING_TAKEN, Admission, QuotaExceeded
+from routing.core.errors import ApiError, error_response, is_openai_path
 from routing.engine.proxy import ProxyStreamingResponse
 from routing.observability import metrics
 from routing.server.lifecycle import lifecycle
@@ -45,6 +47,8 @@ log = logging.getLogger("routing.access")
 PROXY_PREFIXES = ("/api/", "/v1/")
 PROXY_PATHS = frozenset({"/health", "/metrics", "/api", "/v1"})
 OPEN_PATHS = frozenset({"/health"})  # load balancers probe it without credentials
+# Authenticated but outside a key's limits: a key over its limit can still read its usage.
+UNMETERED_PATHS = frozenset({"/api/me"})
 # Still served while the router drains (/health then says "draining"); the rest gets 503.
 DRAIN_OPEN_PATHS = frozenset({"/health", "/metrics"})
 DRAIN_RETRY_AFTER = 5  # seconds, in the Retry-After of a 503 sent while draining
@@ -169,6 +173,7 @@ class ProxyHandler:
         listener: asyncio.Future[Any] | None = None
         disconnected = False
         status = 0
+        caller = _Caller()
 
         def on_message(fut: asyncio.Future[Any]) -> None:
             nonlocal disconnected
@@ -189,7 +194,7 @@ class ProxyHandler:
                 return
             listener = asyncio.ensure_future(receive())
             listener.add_done_callback(on_message)
-            response = await self._respond(scope, path, body)
+            response = await self._respond(scope, path, body, caller)
             status = response.status_code
             await self._send(send, response, request_id)
         except asyncio.CancelledError:
@@ -205,13 +210,16 @@ class ProxyHandler:
                 raise
         finally:
             in_flight.discard(task)
-            if listener is not None:
-                listener.remove_done_callback(on_message)
-                listener.cancel()
-                if isinstance(response, ProxyStreamingResponse):
-                    await response.finish()
-            if listener is not None or status:  # not: a client gone before its body was read
-                self._account(scope, path, response, status, started, request_id)
+            try:
+                if listener is not None:
+                    listener.remove_done_callback(on_message)
+                    listener.cancel()
+                    if isinstance(response, ProxyStreamingResponse):
+                        await response.finish()
+                if listener is not None or status:  # not: a client gone before its body was read
+                    self._account(scope, path, response, status, started, request_id, caller)
+            finally:
+                caller.admission.release()  # the key's concurrency place, on every path
 
     def _account(
         self,
@@ -221,18 +229,23 @@ class ProxyHandler:
         status: int,
         started: float,
         request_id: str,
+        caller: _Caller | None = None,
     ) -> None:
         """The request's metrics and its one access-log line."""
         endpoint = response.get("X-Router-Endpoint", "") if response is not None else ""
         elapsed = time.perf_counter() - started
         metrics.request_done(_route_label(path), endpoint, status, elapsed)
+        principal = caller.principal if caller is not None else None
+        if principal is not None:
+            metrics.client_request_done(principal.name, status)
         log.info(
-            "%s %s %s %.1fms endpoint=%s request_id=%s",
+            "%s %s %s %.1fms endpoint=%s client=%s request_id=%s",
             scope.get("method"),
             path,
             status,
             elapsed * 1000,
             endpoint or "-",
+            principal.name if principal is not None else "-",
             request_id,
         )
 
@@ -296,18 +309,32 @@ class ProxyHandler:
                 return parts[0] if len(parts) == 1 else b"".join(parts)
             message = await receive()
 
-    async def _respond(self, scope: Scope, path: str, body: bytes) -> HttpResponseBase:
+    async def _respond(self, scope: Scope, path: str, body: bytes, caller: _Caller) -> HttpResponseBase:
         try:
-            principal = _principal(scope, path)
+            principal = await _principal(scope, path, caller)
             view = self.views.get(path)
+            response: HttpResponseBase | None = None
             if view is not None:
                 # The body was read (and bounded) above; Django's own size cap is for forms.
-                return await view(ProxyRequest(scope, body, principal))
-            for route in self.prefixes:
-                if path.startswith(route.prefix) and len(path) > len(route.prefix):
-                    argument = {route.argument: path[len(route.prefix) :]}
-                    return await route.view(ProxyRequest(scope, body, principal), **argument)
-            raise ApiError(404, f"no route {path}")
+                response = await view(ProxyRequest(scope, body, principal))
+            else:
+                for route in self.prefixes:
+                    if path.startswith(route.prefix) and len(path) > len(route.prefix):
+                        argument = {route.argument: path[len(route.prefix) :]}
+                        response = await route.view(ProxyRequest(scope, body, principal), **argument)
+                        break
+            if response is None:
+                raise ApiError(404, f"no route {path}")
+            if caller.admission.headers and is_openai_path(path):
+                for name, value in caller.admission.headers.items():
+                    response[name] = value
+            return response
+        except QuotaExceeded as err:
+            refused = error_response(path, err)
+            if is_openai_path(path):  # OpenAI's rate limit headers, on its protocol only
+                for name, value in err.ratelimit.items():
+                    refused[name] = value
+            return refused
         except ApiError as err:
             return error_response(path, err)
         except (BadRequest, SuspiciousOperation) as exc:
@@ -369,13 +396,30 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _principal(scope: Scope, path: str) -> Principal:
-    """Who the request acts for. Raises ApiError 401/403 (routing/auth/keys.py) on every path
-    but the open ones (/health), where a caller without the key is ANONYMOUS."""
+class _Caller:
+    """Who one request acts for, once known, and what its admission took (released by the handler
+    when the request ends)."""
+
+    __slots__ = ("admission", "principal")
+
+    def __init__(self) -> None:
+        self.principal: Principal | None = None
+        self.admission: Admission = NOTHING_TAKEN
+
+
+async def _principal(scope: Scope, path: str, caller: _Caller) -> Principal:
+    """Who the request acts for, admitted under its limits (routing/auth/keys.py). Raises ApiError
+    401/403/429 on every path but the open ones (/health), where a caller without the router key
+    is ANONYMOUS."""
     authorization = _header(scope, b"authorization")
     if path in OPEN_PATHS:
         return router_key.identify(authorization) or ANONYMOUS
-    return router_key.authenticate(authorization)
+    api_key = _header(scope, b"x-api-key")
+    if path in UNMETERED_PATHS:
+        caller.principal = await keys.authenticate(authorization, api_key)
+    else:
+        caller.principal, caller.admission = await keys.admit_request(authorization, api_key)
+    return caller.principal
 
 
 # Route label values: the paths of every route table a handler was built from (nomyo_site/asgi.py

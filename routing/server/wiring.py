@@ -8,10 +8,21 @@ idempotent).
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
+from asgiref.sync import sync_to_async
+
+from routing.auth.client_keys import key_store
+from routing.auth.quotas import quota_sink
 from routing.engine.accounting import metrics_sink, sinks
 from routing.engine.board import board
 from routing.fleet import caches
 from routing.fleet.registry import EndpointInfo, registry
+from routing.server.lifecycle import lifecycle
+
+log = logging.getLogger("routing.auth")
+LAST_USED_EVERY = 30.0  # seconds between writes of the client keys' `last_used`
 
 
 def _limits_follow(endpoints: tuple[EndpointInfo, ...], changed: tuple[int, ...]) -> None:
@@ -25,7 +36,25 @@ def _caches_follow(endpoints: tuple[EndpointInfo, ...], changed: tuple[int, ...]
         caches.invalidate_endpoint(endpoint_id)
 
 
+async def write_last_used() -> None:
+    """Write when client keys were last used, every LAST_USED_EVERY seconds and at shutdown
+    (a column the admin shows; never written per request)."""
+    while True:
+        await asyncio.sleep(LAST_USED_EVERY)
+        await flush_last_used()
+
+
+async def flush_last_used() -> None:
+    try:
+        await sync_to_async(key_store.flush_last_used, thread_sensitive=False)()
+    except Exception:
+        log.warning("could not write the client keys' last use", exc_info=True)
+
+
 def install() -> None:
     sinks.install(metrics_sink)
+    sinks.install(quota_sink)  # client keys' token limits, charged with the real usage
+    lifecycle.background(write_last_used)
+    lifecycle.on_shutdown(flush_last_used)
     registry.reloaded.connect(_limits_follow)
     registry.reloaded.connect(_caches_follow)

@@ -222,6 +222,7 @@
     renderUsage(endpoints, active);
     renderQueue(queued);
     renderTokens(tokens, endpoints);
+    renderClients(snap.clients || []);
     renderModels(endpoints);
     if (lastDistribution) drawDistribution(lastDistribution);
 
@@ -414,6 +415,22 @@
     foot.replaceChildren(el("tr", null,
       el("th", { text: "All models" }), el("th", { class: "num", text: num(tin) }),
       el("th", { class: "num", text: num(tout) }), el("th", { class: "num", text: num(grand) }), el("th")));
+  }
+
+  function renderClients(clients) {
+    const body = $("clients").tBodies[0];
+    const rows = clients.filter((c) => c.total || c.active).sort((a, b) => b.total - a.total || b.active - a.active);
+    if (!rows.length) {
+      body.replaceChildren(el("tr", { class: "empty" }, el("td", { colspan: 5, text: "No client counted yet." })));
+      return;
+    }
+    body.replaceChildren(...rows.map((c) =>
+      el("tr", { "data-client": c.client },
+        el("td", { text: c.client }),
+        el("td", { class: "num client-active", text: num(c.active) }),
+        el("td", { class: "num", text: num(c.input) }),
+        el("td", { class: "num", text: num(c.output) }),
+        el("td", { class: "num client-total", text: num(c.total) }))));
   }
 
   function renderModels(endpoints) {

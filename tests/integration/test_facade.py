@@ -221,7 +221,7 @@ def test_every_reply_to_an_allowed_origin_carries_cors_headers(cors_router) -> N
         check(http.head("/api/version", headers=auth), 200)
         # Errors: no key, wrong key, unknown route, wrong method, bad body, body too large.
         check(http.get("/api/tags", headers={"Origin": origin}), 401)
-        check(http.get("/api/tags", headers={"Origin": origin, "Authorization": "Bearer nope"}), 403)
+        check(http.get("/api/tags", headers={"Origin": origin, "Authorization": "Bearer nope"}), 401)
         check(http.get("/api/nope", headers=auth), 404)
         check(http.get("/api/chat", headers=auth), 405)
         check(http.post("/api/chat", content=b"{", headers=auth), 400)

@@ -86,3 +86,33 @@ def test_it_checks_an_endpoint_now(staff_client: Client, fakes):
     assert "dead: connection refused" in text
     listing = staff_client.get("/admin/routing/endpoint/").content.decode()
     assert "healthy" in listing and "failing (breaker open): connection refused, since " in listing
+
+
+# -- client keys (issue 14) --------------------------------------------------------------------
+@pytest.mark.django_db(transaction=True)
+def test_adding_a_client_key_shows_it_once_and_stores_only_its_hash(staff_client: Client, settings):
+    import re
+
+    from routing.auth.client_keys import hash_key
+    from routing.models import ClientKey
+
+    settings.REDIS_URL = ""
+    data = {"name": "team-a", "enabled": "on", "priority": "high", "rpm": "60", "allowed_models": "llama3*"}
+    added = staff_client.post("/admin/routing/clientkey/add/", data, follow=True)
+    assert added.status_code == 200
+    shown = re.findall(rb"nr-[A-Za-z0-9_-]{43}", added.content)
+    assert len(shown) == 1
+    key = shown[0].decode()
+    row = ClientKey.objects.get(name="team-a")
+    assert row.key_hash == hash_key(key) and row.prefix == key[:11] and row.rpm == 60
+    listing = staff_client.get("/admin/routing/clientkey/")
+    assert listing.status_code == 200 and key[:11].encode() in listing.content
+    assert key.encode() not in listing.content  # never again
+    for text in (b"rpm 60", b"tokens today", b"tokens this month", b"last used"):
+        assert text in listing.content.lower(), text
+    change = staff_client.get(f"/admin/routing/clientkey/{row.pk}/change/")
+    assert change.status_code == 200 and key.encode() not in change.content
+    revoked = staff_client.post(
+        "/admin/routing/clientkey/", {"action": "revoke", "_selected_action": [row.pk]}, follow=True
+    )
+    assert revoked.status_code == 200 and not ClientKey.objects.get(pk=row.pk).enabled

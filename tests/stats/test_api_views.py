@@ -338,15 +338,25 @@ async def test_csv_export() -> None:
     assert "attachment" in response["Content-Disposition"]
     rows = list(csv.reader(io.StringIO((await content(response)).decode())))
     assert rows == [
-        ["timestamp", "endpoint", "model", "input_tokens", "output_tokens", "total_tokens", "requests"],
-        ["2025-03-10T00:00:00Z", EP1, "qwen", "0", "0", "2", "1"],
-        ["2025-03-10T00:00:00Z", EP2, "llama3", "7", "0", "7", "0"],  # a rolled-up day, at its midnight
-        ["2025-03-10T00:01:00Z", EP1, "llama3", "10", "20", "30", "2"],
-        ["2025-03-10T00:02:00Z", EP2, "llama3", "5", "5", "10", "2"],
-        ["2025-03-10T01:01:00Z", EP1, "llama3", "30", "40", "70", "2"],
+        [
+            "timestamp",
+            "endpoint",
+            "model",
+            "input_tokens",
+            "output_tokens",
+            "total_tokens",
+            "requests",
+            "client",
+        ],
+        ["2025-03-10T00:00:00Z", EP1, "qwen", "0", "0", "2", "1", "anonymous"],
+        # a rolled-up day, at its midnight
+        ["2025-03-10T00:00:00Z", EP2, "llama3", "7", "0", "7", "0", "anonymous"],
+        ["2025-03-10T00:01:00Z", EP1, "llama3", "10", "20", "30", "2", "anonymous"],
+        ["2025-03-10T00:02:00Z", EP2, "llama3", "5", "5", "10", "2", "anonymous"],
+        ["2025-03-10T01:01:00Z", EP1, "llama3", "30", "40", "70", "2", "anonymous"],
     ]
     only = await content(await call(api_views.stats_csv, rf.get("/api/stats.csv?from=2025-03-10&model=qwen")))
-    assert only.decode().splitlines()[1:] == [f"2025-03-10T00:00:00Z,{EP1},qwen,0,0,2,1"]
+    assert only.decode().splitlines()[1:] == [f"2025-03-10T00:00:00Z,{EP1},qwen,0,0,2,1,anonymous"]
 
 
 @pytest.mark.asyncio
@@ -501,3 +511,60 @@ def test_routes_through_a_running_router(router: Callable[..., Any], fakes: Call
                     event = json.loads(line[len("data: ") :])
                     assert "usage_counts" in event and "token_usage_counts" in event
                     break
+
+
+# -- the client filter (issue 14) --------------------------------------------------------
+@sync_to_async
+def add_client_rows() -> None:
+    for client, tokens in (("team-a", 100), ("team-b", 7), ("operator", 1)):
+        TokenTotal.objects.create(
+            endpoint=EP1, model="llama3", client=client, input_tokens=tokens, total_tokens=tokens, requests=1
+        )
+        TokenTimeSeries.objects.create(
+            endpoint=EP1,
+            model="llama3",
+            client=client,
+            timestamp=T0,
+            input_tokens=tokens,
+            total_tokens=tokens,
+            requests=1,
+        )
+    TokenDaily.objects.create(
+        endpoint=EP1, model="llama3", client="team-a", day=date(2025, 3, 9), input_tokens=5, total_tokens=5
+    )
+
+
+@pytest.mark.asyncio
+async def test_stats_and_csv_sum_clients_and_filter_by_client() -> None:
+    await add_client_rows()
+    params = {"model": "llama3", "from": "2025-03-09", "to": "2025-03-11"}
+    every = body(await call(api_views.stats, post("/api/stats", params)))
+    assert every["total_tokens"] == 108 and "client" not in every  # the NOMYO shape, summed over clients
+    assert every["range_totals"]["total_tokens"] == 113
+    one = body(await call(api_views.stats, post("/api/stats", {**params, "client": "team-a"})))
+    assert one["client"] == "team-a" and one["total_tokens"] == 100
+    assert one["range_totals"]["total_tokens"] == 105  # its minute and its rolled-up day
+    nobody = await call(api_views.stats, post("/api/stats", {**params, "client": "nobody"}))
+    assert nobody.status_code == 404
+    csv_b = await content(
+        await call(api_views.stats_csv, rf.get("/api/stats.csv?from=2025-03-09&to=2025-03-11&client=team-b"))
+    )
+    assert csv_b.decode().splitlines()[1:] == [f"2025-03-10T00:00:00Z,{EP1},llama3,7,0,7,1,team-b"]
+    csv_all = await content(
+        await call(api_views.stats_csv, rf.get("/api/stats.csv?from=2025-03-09&to=2025-03-11"))
+    )
+    assert [line.rsplit(",", 1)[1] for line in csv_all.decode().splitlines()[1:]] == [
+        "team-a",
+        "operator",
+        "team-a",
+        "team-b",
+    ]
+    totals = body(await call(api_views.token_counts, rf.get("/api/token_counts")))
+    assert totals["total_tokens"] == 108 and len(totals["breakdown"]) == 1  # one (endpoint, model) row
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("client", ["\x00", "x" * 101, 5, ["a"]])
+async def test_a_bad_client_filter_is_a_400(client: Any) -> None:
+    got = await call(api_views.stats, post("/api/stats", {"model": "llama3", "client": client}))
+    assert got.status_code == 400 and "client" in body(got)["error"]

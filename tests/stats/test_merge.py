@@ -141,3 +141,32 @@ def test_the_breaker_shown_is_the_most_cautious_processs_view() -> None:
     assert row["breaker"] == "half_open"
     (row,) = merge({"c": part("c")}, now=NOW)["endpoints"]
     assert row["breaker"] == "closed"  # a part from before the breaker existed: closed
+
+
+def test_clients_are_the_newest_database_read_plus_every_pending_part_and_slots_summed() -> None:
+    def with_clients(
+        name: str, read_at: float, db: list[list[Any]], pending: list[list[Any]], active: dict
+    ) -> Any:
+        snap: dict[str, Any] = dict(part(name))
+        snap["client_parts"] = {"db_read_at": read_at, "db": db, "pending": pending, "active": active}
+        return snap
+
+    merged = merge(
+        {
+            "a": with_clients("a", NOW - 1, [["team", 100, 50, 3, 0]], [["team", 1, 2, 1, 0]], {"team": 2}),
+            "b": with_clients(
+                "b",
+                NOW - 5,
+                [["team", 90, 40, 2, 0]],
+                [["operator", 5, 5, 1, 0]],
+                {"team": 1, "anonymous": 1},
+            ),
+        },
+        now=NOW,
+    )
+    assert merged["clients"] == [
+        {"client": "anonymous", "active": 1, "input": 0, "output": 0, "total": 0},
+        {"client": "operator", "active": 0, "input": 5, "output": 5, "total": 10},
+        {"client": "team", "active": 3, "input": 101, "output": 52, "total": 153},
+    ]
+    assert merge({"old": part("old", age=60)}, now=NOW)["clients"] == []

@@ -1,4 +1,5 @@
-"""The router's own routes: /health (for load balancers) and /metrics (Prometheus text format)."""
+"""The router's own routes: /health (for load balancers), /metrics (Prometheus text format) and
+/api/me (the caller's key, limits and usage)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 
 from routing.auth.keys import router_key
+from routing.auth.principal import principal_of
+from routing.auth.quotas import quotas
 from routing.fleet.breaker import breakers
 from routing.fleet.registry import registry
 from routing.observability import metrics
@@ -63,3 +66,29 @@ async def health(request: HttpRequest) -> HttpResponseBase:
 async def metrics_view(request: HttpRequest) -> HttpResponseBase:
     """Prometheus text format 0.0.4: this process's metrics and the fleet's gauges."""
     return HttpResponse(metrics.render(fleet_gauges), content_type=metrics.CONTENT_TYPE)
+
+
+LEVEL_NAMES = ("high", "normal", "low")
+
+
+@methods("GET")
+async def me(request: HttpRequest) -> HttpResponseBase:
+    """The caller as the router sees it: {"name", "kind" ("key" | "operator" | "anonymous"),
+    "priority" ("high" | "normal" | "low"), "models" (allowed names or patterns; [] every model),
+    "limits" {rpm, tpm, concurrency, daily_tokens, monthly_tokens: int | null (none)},
+    "usage" {requests_this_minute, tokens_this_minute, tokens_today, tokens_this_month,
+    concurrent_requests}}. Windows are UTC minute, day and month. This route is authenticated
+    (401/403 as every route, routing/auth/keys.py) but outside the key's limits, and not counted."""
+    principal = principal_of(request)
+    usage = await quotas.usage(principal)
+    names = ("rpm", "tpm", "concurrency", "daily_tokens", "monthly_tokens")
+    return JsonResponse(
+        {
+            "name": principal.name,
+            "kind": principal.kind,
+            "priority": LEVEL_NAMES[principal.priority],
+            "models": list(principal.models),
+            "limits": {name: principal.limit(name) for name in names},
+            "usage": usage.as_dict(),
+        }
+    )

@@ -1,52 +1,86 @@
-"""The router key (routing/auth/keys.py): a missing credential is a 401, a wrong one a 403."""
+"""Who is calling (routing/auth/keys.py): any header a client may send gives a principal or a
+401/403, never anything else."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Iterator
+
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from routing.auth.keys import RouterKey
-from routing.auth.principal import ANONYMOUS, OPERATOR
+from routing.auth import keys
+from routing.auth.client_keys import KeyRecord, hash_key, key_store, new_key
+from routing.auth.principal import ANONYMOUS, OPERATOR, Principal
 from routing.core.errors import ApiError
 
-KEY = "sk-router-secret"
-BLANK = st.text(alphabet=" \t", max_size=4)
+GOOD = new_key()
+OFF = new_key()
+OLD = new_key()
+TEAM = Principal("team", "key", key_id=1)
 
 
-def keyed() -> RouterKey:
-    key = RouterKey()
-    key.set_stored(KEY)
-    return key
+@pytest.fixture
+def keys_loaded(settings) -> Iterator[None]:
+    settings.ROUTER_API_KEY = "operator-secret"
+    settings.ROUTER_REGISTRY_RELOAD = 10**9
+    key_store._by_hash = {
+        hash_key(GOOD): KeyRecord(TEAM, True, None),
+        hash_key(OFF): KeyRecord(Principal("off", "key", key_id=2), False, None),
+        hash_key(OLD): KeyRecord(Principal("old", "key", key_id=3), True, time.time() - 1),
+    }
+    key_store._loaded_generation = key_store._generation
+    key_store._loaded_at = time.monotonic()
+    yield
+    key_store.clear()
 
 
-def status_of(key: RouterKey, authorization: str | None) -> int:
-    with pytest.raises(ApiError) as caught:
-        key.authenticate(authorization)
-    return caught.value.status
+def run(authorization: str | None, api_key: str | None) -> Principal:
+    return asyncio.run(keys.authenticate(authorization, api_key))
 
 
-@given(
-    st.one_of(
-        st.none(),
-        BLANK,
-        st.builds(lambda a, s, b: a + s + b, BLANK, st.sampled_from(["Bearer", "bearer", "Basic"]), BLANK),
-    )
-)
-def test_no_credential_is_a_401(authorization: str | None) -> None:
-    assert status_of(keyed(), authorization) == 401  # absent, blank, or a scheme with no token
+def test_each_outcome(keys_loaded):
+    assert run(f"Bearer {GOOD}", None) is TEAM
+    assert run(None, GOOD) is TEAM
+    assert run(f"bearer   {GOOD}  ", None) is TEAM
+    assert run("Bearer operator-secret", None) is OPERATOR
+    assert run(None, "operator-secret") is OPERATOR
+    for auth, api_key, status, words in [
+        (None, None, 401, "missing key"),
+        ("Basic abc", None, 401, "missing key"),
+        ("Bearer nr-wrong", None, 401, "unknown key"),
+        (f"Bearer {OFF}", None, 403, "disabled"),
+        (None, OLD, 403, "expired"),
+    ]:
+        with pytest.raises(ApiError) as refused:
+            run(auth, api_key)
+        assert refused.value.status == status and words in refused.value.message
 
 
-@given(st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=30))
-def test_a_wrong_credential_is_a_403(token: str) -> None:
-    if token != KEY:
-        assert status_of(keyed(), f"Bearer {token}") == 403
-    assert status_of(keyed(), f"Basic {KEY}") == 403  # the key under another scheme
-
-
-def test_the_key_is_the_operator_and_no_key_lets_everyone_in(settings) -> None:
+def test_an_open_router_ignores_any_token(settings):
     settings.ROUTER_API_KEY = ""
-    assert keyed().authenticate(f"Bearer {KEY}") is OPERATOR
-    assert keyed().authenticate(f"bearer  {KEY} ") is OPERATOR
-    assert RouterKey().authenticate(None) is ANONYMOUS
-    assert RouterKey().authenticate("Bearer ") is ANONYMOUS
+    settings.ROUTER_REGISTRY_RELOAD = 10**9
+    key_store._by_hash = {}
+    key_store._loaded_generation = key_store._generation
+    key_store._loaded_at = time.monotonic()
+    try:
+        assert run("Bearer sk-anything", None) is ANONYMOUS
+        assert run(None, None) is ANONYMOUS
+    finally:
+        key_store.clear()
+
+
+headers = st.one_of(st.none(), st.text(max_size=80), st.sampled_from([f"Bearer {GOOD}", "Bearer ", "Bearer"]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(headers, headers)  # the fixture's state is the same for every example
+def test_any_header_gives_a_principal_or_a_401_or_403(keys_loaded, authorization, api_key):
+    try:
+        principal = run(authorization, api_key)
+    except ApiError as refused:
+        assert refused.status in (401, 403)
+        return
+    assert principal in (TEAM, OPERATOR)

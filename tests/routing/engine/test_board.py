@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from routing.engine.board import Board, QueueFull, QueueTimeout
+from routing.engine.board import Board, Lease, QueueFull, QueueTimeout
 from routing.fleet.candidates import Candidate
 from routing.fleet.registry import EndpointInfo
 
@@ -207,3 +207,52 @@ def test_it_gives_no_new_slot_on_a_disabled_endpoint():
     lease = board.try_acquire("m:latest", [cand(1, 4), cand(2, 1)])
     assert lease is not None and lease.endpoint.id == 2
     assert board.try_acquire("m:latest", [cand(1, 4)]) is None
+
+
+# -- the queue's order with clients and priorities (routing/engine/fair_queue.py) -------------
+@pytest.mark.asyncio
+async def test_a_freed_slot_goes_to_another_client_before_a_floods_next_request():
+    board = Board()
+    held = board.try_acquire("m:latest", [cand(1)], client="flood")
+    assert held is not None
+    waiting = [
+        asyncio.ensure_future(board.acquire("m:latest", [cand(1)], timeout=5, queue_max=100, client="flood"))
+        for _ in range(20)
+    ]
+    await asyncio.sleep(0)
+    single = asyncio.ensure_future(
+        board.acquire("m:latest", [cand(1)], timeout=5, queue_max=100, client="one")
+    )
+    await asyncio.sleep(0)
+    held.release()
+    lease = await asyncio.wait_for(single, 1)
+    assert lease.client == "one" and not any(w.done() for w in waiting)
+    assert board.active_by_client() == {"one": 1}
+    lease.release()
+    for w in waiting:
+        (await asyncio.wait_for(w, 1)).release()
+    assert board.active_by_client() == {} and board.queued_total() == 0
+
+
+@pytest.mark.asyncio
+async def test_a_higher_priority_waiter_goes_first_and_a_cancelled_one_frees_nothing(settings):
+    settings.ROUTER_PRIORITY_AGING = 0  # no aging here
+    board = Board()
+    held = board.try_acquire("m:latest", [cand(1)], client="x")
+    assert held is not None
+
+    def ask(client: str, priority: int) -> asyncio.Future[Lease]:
+        return asyncio.ensure_future(
+            board.acquire("m:latest", [cand(1)], timeout=5, queue_max=100, client=client, priority=priority)
+        )
+
+    low, gone, high = ask("low", 2), ask("gone", 0), ask("high", 0)
+    await asyncio.sleep(0)
+    gone.cancel()
+    await asyncio.sleep(0)
+    held.release()
+    first = await asyncio.wait_for(high, 1)
+    assert first.client == "high" and not low.done()
+    first.release()
+    (await asyncio.wait_for(low, 1)).release()
+    assert board.queued_total() == 0 and board.active() == {}

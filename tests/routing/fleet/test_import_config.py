@@ -91,5 +91,5 @@ def test_it_imports_the_config_at_start_when_the_database_has_no_endpoint(config
 
     # The imported router key protects the API from then on.
     wait_until(lambda: httpx.get(server.url + "/api/tags").status_code == 401)
-    assert httpx.get(server.url + "/api/tags", headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert httpx.get(server.url + "/api/tags", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert Endpoint.objects.count() == 4

@@ -1,0 +1,252 @@
+"""Client keys through a real router over real sockets (issue 14): every status in each
+protocol's shape, each limit, /api/me, usage rows by client, revocation, and fair queueing
+between keys."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import time
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from django.core.management import call_command
+
+from routing.models import ClientKey
+from stats.models import TokenTotal
+from tests.conftest import wait_until
+from tests.integration.test_cluster import _redis_answers
+
+OPERATOR = "op-secret"
+OP = {"Authorization": f"Bearer {OPERATOR}"}
+CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hello there"}], "stream": False}
+OPENAI_CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hello there"}]}
+
+
+def make_key(name: str, *options: str) -> str:
+    out = io.StringIO()
+    call_command("client_key_create", name, *options, stdout=out)
+    return out.getvalue().rstrip("\n").splitlines()[-1]
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    text = httpx.get(url + "/metrics", headers=OP, timeout=5).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.fixture
+def served(fakes, endpoint, router) -> Any:
+    fake = fakes(kind="ollama", models=["llama3:latest", "qwen2:7b"], tokens=4)
+    endpoint(fake.url, max_concurrent_connections=4)
+    return fake
+
+
+def test_each_status_in_each_protocols_shape(served, router):
+    key = make_key("team", "--models", "llama3*")
+    disabled = make_key("gone")
+    ClientKey.objects.filter(name="gone").update(enabled=False)
+    expired = make_key("old", "--expires", "2020-01-01")
+    server = router(ROUTER_API_KEY=OPERATOR)
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        cases = [
+            ({}, 401, "missing key"),
+            (bearer("nr-not-a-key"), 401, "unknown key"),
+            ({"Authorization": "Basic xyz"}, 401, "missing key"),
+            (bearer(disabled), 403, "disabled"),
+            (bearer(expired), 403, "expired"),
+        ]
+        for headers, status, words in cases:
+            ollama = http.post("/api/chat", json=CHAT, headers=headers)
+            assert ollama.status_code == status and words in ollama.json()["error"], ollama.text
+            openai = http.post("/v1/chat/completions", json=OPENAI_CHAT, headers=headers)
+            assert openai.status_code == status, openai.text
+            error = openai.json()["error"]
+            assert words in error["message"]
+            assert error["type"] == ("authentication_error" if status == 401 else "permission_error")
+        # a model the key may not use: 403, in both shapes; an allowed one passes, by either header
+        other = {**CHAT, "model": "qwen2:7b"}
+        refused = http.post("/api/chat", json=other, headers=bearer(key))
+        assert refused.status_code == 403 and "may not use the model" in refused.json()["error"]
+        refused_v1 = http.post(
+            "/v1/chat/completions", json={**OPENAI_CHAT, "model": "qwen2:7b"}, headers=bearer(key)
+        )
+        assert refused_v1.status_code == 403 and refused_v1.json()["error"]["code"] == "model_not_allowed"
+        assert http.post("/api/chat", json=CHAT, headers=bearer(key)).status_code == 200
+        assert http.post("/api/chat", json=CHAT, headers={"x-api-key": key}).status_code == 200
+        # the operator key: no limits, every model
+        assert http.post("/api/chat", json=other, headers=OP).status_code == 200
+        # /health stays open
+        assert http.get("/health").status_code == 200
+
+
+def test_requests_per_minute_429_with_retry_after_and_ratelimit_headers(served, router):
+    key = make_key("rpm2", "--rpm", "2")
+    server = router(ROUTER_API_KEY=OPERATOR)
+    with httpx.Client(base_url=server.url, timeout=30, headers=bearer(key)) as http:
+        first = http.post("/v1/chat/completions", json=OPENAI_CHAT)
+        assert first.status_code == 200
+        assert first.headers["x-ratelimit-limit-requests"] == "2"
+        assert first.headers["x-ratelimit-remaining-requests"] == "1"
+        assert re.fullmatch(r"\d+s|\d+m\d+s", first.headers["x-ratelimit-reset-requests"])
+        assert http.post("/api/chat", json=CHAT).status_code == 200
+        assert "x-ratelimit-limit-requests" not in http.post("/api/chat", json=CHAT).headers  # a 429 on /api
+        over = http.post("/v1/chat/completions", json=OPENAI_CHAT)
+        assert over.status_code == 429
+        assert 1 <= int(over.headers["retry-after"]) <= 60
+        assert over.json()["error"]["type"] == "rate_limit_error"
+        assert over.json()["error"]["code"] == "rate_limit_exceeded"
+        assert over.headers["x-ratelimit-remaining-requests"] == "0"
+        ollama = http.post("/api/chat", json=CHAT)
+        assert ollama.status_code == 429 and "2 requests per minute" in ollama.json()["error"]
+    assert metric(server.url, "router_client_rate_limited_total", client="rpm2", limit="rpm") == 3
+
+
+def test_concurrency_limit_and_its_release(fakes, endpoint, router):
+    fake = fakes(kind="ollama", models=["llama3:latest"], tokens=30, delay=0.05)
+    endpoint(fake.url, max_concurrent_connections=4)
+    key = make_key("one-at-a-time", "--concurrency", "1")
+    server = router(ROUTER_API_KEY=OPERATOR)
+    with httpx.Client(base_url=server.url, timeout=30, headers=bearer(key)) as http:
+        with http.stream("POST", "/api/chat", json={**CHAT, "stream": True}) as held:
+            assert held.status_code == 200
+            second = http.post("/api/chat", json=CHAT)
+            assert second.status_code == 429 and second.headers["retry-after"] == "1"
+            assert "in flight" in second.json()["error"]
+            me = http.get("/api/me")  # outside the limits: a key at its limit can read its usage
+            assert me.status_code == 200 and me.json()["usage"]["concurrent_requests"] == 1
+            held.read()
+        # released at the end of the stream (and of a refused or failed request)
+        assert http.post("/api/chat", json=CHAT).status_code == 200
+        # a client that goes away mid-stream gives its place back too
+        with http.stream("POST", "/api/chat", json={**CHAT, "stream": True}) as cut:
+            next(cut.iter_bytes())
+        wait_until(lambda: http.post("/api/chat", json=CHAT).status_code == 200, timeout=10)
+
+
+def test_token_limits_are_charged_with_real_usage(served, router):
+    key = make_key("small", "--daily-tokens", "4", "--tpm", "1000", "--monthly-tokens", "1000")
+    server = router()
+    with httpx.Client(base_url=server.url, timeout=30, headers=bearer(key)) as http:
+        assert http.post("/api/chat", json=CHAT).status_code == 200  # 4 completion + prompt tokens
+        wait_until(lambda: http.get("/api/me").json()["usage"]["tokens_today"] > 0)
+        used = http.get("/api/me").json()
+        assert used["name"] == "small" and used["kind"] == "key" and used["priority"] == "normal"
+        assert used["limits"] == {
+            "rpm": None,
+            "tpm": 1000,
+            "concurrency": None,
+            "daily_tokens": 4,
+            "monthly_tokens": 1000,
+        }
+        tokens = used["usage"]["tokens_today"]
+        assert tokens == used["usage"]["tokens_this_month"] == used["usage"]["tokens_this_minute"] >= 5
+        assert used["usage"]["concurrent_requests"] == 0 and used["usage"]["requests_this_minute"] == 1
+        over = http.post("/v1/chat/completions", json=OPENAI_CHAT)
+        assert over.status_code == 429 and over.json()["error"]["code"] == "insufficient_quota"
+        assert "4 tokens per day" in over.json()["error"]["message"]
+        assert int(over.headers["retry-after"]) >= 1
+        assert over.headers["x-ratelimit-remaining-tokens"] == str(1000 - tokens)
+
+
+def test_usage_is_recorded_by_client(served, router):
+    key = make_key("team-a")
+    server = router(ROUTER_API_KEY=OPERATOR)
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for headers in (bearer(key), bearer(key), OP):
+            assert http.post("/api/chat", json=CHAT, headers=headers).status_code == 200
+
+    def rows() -> dict[str, int]:
+        return {r.client: r.requests for r in TokenTotal.objects.all()}
+
+    wait_until(lambda: rows() == {"team-a": 2, "operator": 1}, timeout=15)
+    assert metric(server.url, "router_client_requests_total", client="team-a", status="200") == 2
+    assert metric(server.url, "router_client_tokens_total", client="team-a", direction="output") == 8
+    wait_until(lambda: ClientKey.objects.get(name="team-a").last_used is not None, timeout=40)
+
+
+def test_without_any_key_the_router_stays_open(served, router):
+    server = router()
+    reply = httpx.post(server.url + "/api/chat", json=CHAT, headers=bearer("sk-anything"), timeout=30)
+    assert reply.status_code == 200
+    me = httpx.get(server.url + "/api/me", timeout=5).json()
+    assert me["name"] == "anonymous" and me["limits"]["rpm"] is None
+
+
+def test_a_revoked_key_is_refused_without_a_restart(served, router):
+    key = make_key("leaving")
+    server = router()
+    with httpx.Client(base_url=server.url, timeout=30, headers=bearer(key)) as http:
+        assert http.post("/api/chat", json=CHAT).status_code == 200
+        call_command("client_key_revoke", "leaving", stdout=io.StringIO())
+        # no Redis here: the router's copy is at most ROUTER_REGISTRY_RELOAD (0.2 s in tests) old
+        wait_until(lambda: http.post("/api/chat", json=CHAT).status_code == 403, timeout=5)
+
+
+def test_fair_queueing_one_request_of_another_key_is_served_at_the_next_free_slot(fakes, endpoint, router):
+    """The headline: key A floods 50 requests on a one-slot model, key B sends one. B is served as
+    soon as the slot frees, before A's 49 other queued requests."""
+    fake = fakes(kind="ollama", models=["llama3:latest"], tokens=5, first_byte_delay=0.15)
+    endpoint(fake.url, max_concurrent_connections=1)
+    flood, single = make_key("flood"), make_key("single")
+    server = router(ROUTER_API_KEY=OPERATOR, ROUTER_QUEUE_TIMEOUT="120")
+    finished: list[str] = []
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+
+            async def one(key: str, who: str) -> None:
+                reply = await http.post("/api/chat", json=CHAT, headers=bearer(key))
+                assert reply.status_code == 200
+                finished.append(who)
+
+            floods = [asyncio.create_task(one(flood, f"A{i}")) for i in range(50)]
+            deadline = time.monotonic() + 30
+            while await asyncio.to_thread(metric, server.url, "router_queued") < 49:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            await one(single, "B")
+            await asyncio.gather(*floods)
+
+    asyncio.run(run())
+    assert len(finished) == 51
+    assert finished.index("B") <= 1, finished[:5]  # only the request in service when B came is ahead
+
+
+@pytest.mark.skipif(not _redis_answers(), reason="no Redis at 127.0.0.1:6379 (CI starts one)")
+def test_two_router_processes_share_limits_and_see_a_revocation_on_the_next_request(served, router, settings):
+    db = str(8 + uuid.uuid4().int % 7)  # a Redis database of its own, away from other tests
+    settings.REDIS_URL = f"redis://127.0.0.1:6379/{db}"  # the commands here bump the key generation there
+    shared = make_key("shared", "--rpm", "3")
+    leaving = make_key("leaving")
+    # The safety-net reload is far away: only the Redis generation can make the change seen.
+    env = {"REDIS_URL": settings.REDIS_URL, "ROUTER_API_KEY": OPERATOR, "ROUTER_REGISTRY_RELOAD": "120"}
+    a, b = router(**env), router(**env)
+    with httpx.Client(timeout=30) as http:
+        statuses = [
+            http.post(url + "/api/chat", json=CHAT, headers=bearer(shared)).status_code
+            for url in (a.url, b.url, a.url, b.url)
+        ]
+        assert statuses == [200, 200, 200, 429]  # 3 per minute across both processes
+        for url in (a.url, b.url):
+            assert http.post(url + "/api/chat", json=CHAT, headers=bearer(leaving)).status_code == 200
+        call_command("client_key_revoke", "leaving", stdout=io.StringIO())
+        for url in (a.url, b.url):  # at once, no waiting
+            refused = http.post(url + "/v1/chat/completions", json=OPENAI_CHAT, headers=bearer(leaving))
+            assert refused.status_code == 403 and "disabled" in refused.json()["error"]["message"]
+        # a changed limit too: the next request anywhere sees it
+        ClientKey.objects.filter(name="shared").update(rpm=10)
+        from routing.fleet import control
+
+        control.keys_changed()
+        assert http.post(b.url + "/api/chat", json=CHAT, headers=bearer(shared)).status_code == 200

@@ -1,0 +1,136 @@
+"""Client keys: format, hash-only storage, the commands, the key store and its reload
+(routing/auth/client_keys.py, routing/management/commands/client_key_*.py)."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections import Counter
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.contrib.auth import get_user_model
+from django.core.management import CommandError, call_command
+
+from routing.auth import client_keys
+from routing.auth.client_keys import KeyStore, hash_key, new_key
+from routing.models import ClientKey
+
+KEY_RE = re.compile(r"^nr-[A-Za-z0-9_-]{43}$")
+
+
+def create(*args: str) -> str:
+    out = io.StringIO()
+    call_command("client_key_create", *args, stdout=out)
+    return out.getvalue().rstrip("\n").splitlines()[-1]
+
+
+def test_keys_are_high_entropy_and_prefixed():
+    keys = [new_key() for _ in range(200)]
+    assert all(KEY_RE.match(k) for k in keys) and len(set(keys)) == 200
+    body = "".join(k[3:] for k in keys)
+    counts = Counter(body)
+    entropy = -sum(c / len(body) * math.log2(c / len(body)) for c in counts.values())
+    assert entropy > 5.9  # close to log2(64) = 6 bits per character
+
+
+@pytest.mark.django_db
+def test_create_prints_the_key_alone_on_the_last_line_and_stores_only_its_hash():
+    users = get_user_model()
+    users.objects.create(username="ana")
+    key = create(
+        "team-a",
+        "--owner",
+        "ana",
+        "--models",
+        "llama3*, qwen2:7b",
+        "--rpm",
+        "10",
+        "--tpm",
+        "1000",
+        "--concurrency",
+        "2",
+        "--daily-tokens",
+        "5000",
+        "--monthly-tokens",
+        "90000",
+        "--priority",
+        "high",
+        "--expires",
+        "2030-01-02",
+    )
+    assert KEY_RE.match(key)
+    row = ClientKey.objects.get(name="team-a")
+    assert row.key_hash == hash_key(key) and row.prefix == key[:11]
+    assert key not in str(ClientKey.objects.filter(name="team-a").values().get())  # never stored
+    assert row.owner is not None and row.owner.username == "ana"
+    assert (row.rpm, row.tpm, row.concurrency, row.daily_tokens, row.monthly_tokens) == (
+        10,
+        1000,
+        2,
+        5000,
+        90000,
+    )
+    assert row.priority == "high" and row.allowed_models == "llama3*, qwen2:7b"
+    assert row.expires is not None and row.expires.isoformat() == "2030-01-02T00:00:00+00:00"
+    record = client_keys.record_of(row)
+    assert record.principal.limit("rpm") == 10 and record.principal.priority == 0
+    assert record.principal.may_use("llama3:8b") and record.principal.may_use("qwen2:7b")
+    assert not record.principal.may_use("qwen2:72b") and not record.principal.may_use("mistral")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["anonymous"], "reserved"),
+        (["x", "--owner", "nobody"], "no user"),
+        (["x", "--expires", "soon"], "ISO"),
+    ],
+)
+def test_create_refuses_bad_input(args, message):
+    with pytest.raises(CommandError, match=message):
+        create(*args)
+    assert not ClientKey.objects.exists()
+
+
+@pytest.mark.django_db
+def test_create_refuses_a_duplicate_name_and_revoke_an_unknown_one():
+    create("dup")
+    with pytest.raises(CommandError):
+        create("dup")
+    with pytest.raises(CommandError, match="no client key"):
+        call_command("client_key_revoke", "nope", stdout=io.StringIO())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_store_sees_create_and_revoke_on_the_next_lookup(settings):
+    settings.REDIS_URL = ""
+    store = client_keys.key_store
+    store.clear()
+    key = create("svc")
+
+    async def lookup() -> client_keys.KeyRecord | None:
+        await store.ensure_fresh()
+        return store.get(key)
+
+    found = async_to_sync(lookup)()
+    assert found is not None and found.refusal(0) is None and store.defined()
+    call_command("client_key_revoke", "svc", stdout=io.StringIO())
+    revoked = async_to_sync(lookup)()
+    assert revoked is not None and revoked.refusal(0) == "the key 'svc' is disabled"
+    assert async_to_sync(_get)(store, "nr-unknown") is None
+
+
+async def _get(store: KeyStore, key: str) -> client_keys.KeyRecord | None:
+    await store.ensure_fresh()
+    return store.get(key)
+
+
+@pytest.mark.django_db
+def test_an_expired_key_is_refused():
+    key = create("old", "--expires", "2020-01-01")
+    record = client_keys.record_of(ClientKey.objects.get(name="old"))
+    assert record.refusal(2e9) == "the key 'old' has expired"
+    assert hash_key(key) == ClientKey.objects.get(name="old").key_hash

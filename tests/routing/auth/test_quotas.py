@@ -1,0 +1,177 @@
+"""Limits of client keys (routing/auth/quotas.py), in process and in Redis: each limit refuses with
+429 and a Retry-After, counts restart with their window, concurrency places come back."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from calendar import timegm
+
+import pytest
+
+from routing.auth import quotas as quotas_module
+from routing.auth.principal import ANONYMOUS, OPERATOR, Principal
+from routing.auth.quotas import QuotaExceeded, Quotas, StaleKeys, Usage, Windows
+from routing.core.errors import ApiError
+from routing.engine.accounting import Counts
+from tests.integration.test_cluster import _redis_answers
+
+REDIS = "redis://127.0.0.1:6379/15"
+
+
+def key(**limits: int) -> Principal:
+    return Principal("k", "key", limits=tuple(limits.items()), key_id=random.randrange(1, 2**40))
+
+
+@pytest.fixture(params=["local", "redis"])
+def quotas(request, settings) -> Quotas:
+    if request.param == "redis":
+        if not _redis_answers():
+            pytest.skip("no Redis at 127.0.0.1:6379")
+        settings.REDIS_URL = REDIS
+    else:
+        settings.REDIS_URL = ""
+    return Quotas()
+
+
+async def settle(q: Quotas) -> None:
+    await q.redis.drained()
+
+
+def test_windows_are_utc_minute_day_and_month():
+    now = timegm((2026, 2, 28, 23, 59, 30))
+    w = Windows.at(now)
+    assert w.minute_left == 30 and w.day_left == 30 and w.month_left == 30
+    assert Windows.at(now + 30).month == w.month + 1 and Windows.at(now + 30).day == w.day + 1
+
+
+@pytest.mark.asyncio
+async def test_operator_and_anonymous_are_never_limited_nor_counted(quotas: Quotas):
+    for principal in (ANONYMOUS, OPERATOR):
+        for _ in range(50):
+            (await quotas.admit(principal)).release()
+        quotas.charge(principal, 10**9)
+        assert await quotas.usage(principal) == Usage()
+
+
+@pytest.mark.asyncio
+async def test_requests_per_minute(quotas: Quotas):
+    p = key(rpm=3)
+    admitted = [await quotas.admit(p) for _ in range(3)]
+    assert admitted[-1].headers["x-ratelimit-remaining-requests"] == "0"
+    assert admitted[0].headers["x-ratelimit-limit-requests"] == "3"
+    with pytest.raises(ApiError) as refused:
+        await quotas.admit(p)
+    err = refused.value
+    assert err.status == 429 and err.code == "rate_limit_exceeded"
+    assert err.retry_after is not None and 1 <= err.retry_after <= 60
+    assert "3 requests per minute" in err.message
+    assert isinstance(err, QuotaExceeded) and err.ratelimit["x-ratelimit-remaining-requests"] == "0"
+    for a in admitted:
+        a.release()
+    assert (await quotas.usage(p)).requests_minute == 3  # refused requests are not counted
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "limit,field",
+    [
+        ("tpm", "tokens per minute"),
+        ("daily_tokens", "tokens per day"),
+        ("monthly_tokens", "tokens per month"),
+    ],
+)
+async def test_token_limits_are_checked_before_and_charged_after(quotas: Quotas, limit: str, field: str):
+    p = key(**{limit: 100})
+    (await quotas.admit(p)).release()  # something left: admitted
+    quotas_module.QuotaSink(quotas).record(p, "http://e", "m", Counts(60, 39))
+    await settle(quotas)
+    (await quotas.admit(p)).release()  # 99 of 100 used: still something left
+    quotas_module.QuotaSink(quotas).record(p, "http://e", "m", Counts(1, 0))
+    await settle(quotas)
+    with pytest.raises(ApiError) as refused:
+        await quotas.admit(p)
+    assert refused.value.status == 429 and field in refused.value.message
+    assert refused.value.retry_after is not None and refused.value.retry_after >= 1
+    used = await quotas.usage(p)
+    assert used.tokens_minute == used.tokens_day == used.tokens_month == 100
+
+
+@pytest.mark.asyncio
+async def test_concurrency_places_come_back_on_release(quotas: Quotas):
+    p = key(concurrency=2)
+    first, second = await quotas.admit(p), await quotas.admit(p)
+    with pytest.raises(ApiError) as refused:
+        await quotas.admit(p)
+    assert refused.value.status == 429 and refused.value.retry_after == 1
+    assert (await quotas.usage(p)).concurrent == 2
+    first.release()
+    first.release()  # idempotent: gives back one place only
+    await settle(quotas)
+    third = await quotas.admit(p)
+    with pytest.raises(ApiError):
+        await quotas.admit(p)
+    second.release()
+    third.release()
+    await settle(quotas)
+    assert (await quotas.usage(p)).concurrent == 0
+
+
+@pytest.mark.asyncio
+async def test_concurrent_admissions_never_exceed_the_limit(quotas: Quotas):
+    p = key(concurrency=3, rpm=1000)
+
+    async def one() -> bool:
+        try:
+            await quotas.admit(p)
+        except ApiError:
+            return False
+        return True
+
+    results = await asyncio.gather(*(one() for _ in range(30)))
+    assert sum(results) == 3
+
+
+@pytest.mark.asyncio
+async def test_counts_restart_with_the_minute(quotas: Quotas, monkeypatch):
+    p = key(rpm=1)
+    now = [float(timegm((2026, 3, 1, 12, 0, 59)))]
+    monkeypatch.setattr(quotas_module.time, "time", lambda: now[0])
+    (await quotas.admit(p)).release()
+    with pytest.raises(ApiError) as refused:
+        await quotas.admit(p)
+    assert refused.value.retry_after == 1
+    now[0] += 1.5
+    (await quotas.admit(p)).release()
+
+
+@pytest.mark.asyncio
+async def test_redis_refuses_a_stale_key_generation(settings):
+    if not _redis_answers():
+        pytest.skip("no Redis at 127.0.0.1:6379")
+    settings.REDIS_URL = REDIS
+    import redis
+
+    from routing.auth.client_keys import REDIS_GENERATION
+
+    current = int(redis.Redis.from_url(REDIS).get(REDIS_GENERATION) or 0)
+    q = Quotas()
+    p = key(rpm=5)
+    with pytest.raises(StaleKeys):
+        await q.admit(p, generation=current - 1)
+    assert (await q.usage(p)).requests_minute == 0  # nothing counted
+    (await q.admit(p, generation=current)).release()
+    assert (await q.usage(p)).requests_minute == 1
+
+
+@pytest.mark.asyncio
+async def test_redis_unreachable_falls_back_to_this_process(settings):
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there
+    q = Quotas()
+    p = key(rpm=1)
+    started = time.monotonic()
+    (await q.admit(p)).release()
+    with pytest.raises(ApiError):
+        await q.admit(p)
+    assert time.monotonic() - started < 10
