@@ -62,6 +62,7 @@ def test_each_outcome(keys_loaded):
 def test_an_open_router_ignores_any_token(settings):
     settings.ROUTER_API_KEY = ""
     settings.ROUTER_REGISTRY_RELOAD = 10**9
+    stored, keys.router_key._stored = keys.router_key._stored, ""  # no router key from an earlier test either
     key_store._by_hash = {}
     key_store._loaded_generation = key_store._generation
     key_store._loaded_at = time.monotonic()
@@ -70,6 +71,7 @@ def test_an_open_router_ignores_any_token(settings):
         assert run(None, None) is ANONYMOUS
     finally:
         key_store.clear()
+        keys.router_key._stored = stored
 
 
 headers = st.one_of(st.none(), st.text(max_size=80), st.sampled_from([f"Bearer {GOOD}", "Bearer ", "Bearer"]))
