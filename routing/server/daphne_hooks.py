@@ -55,6 +55,7 @@ import inspect
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 from django.conf import settings
@@ -194,7 +195,6 @@ def _without_form_parsing(web_request: type) -> type | None:
     class RawBodyRequest(web_request):  # type: ignore[misc,valid-type]
         _router_received = 0
         _router_refused = False
-        _router_timer: Any = None  # the body deadline (ROUTER_BODY_TIMEOUT), while a body is read
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs.setdefault("parsePOSTFormSubmission", False)
@@ -210,7 +210,7 @@ def _without_form_parsing(web_request: type) -> type | None:
                 return
             super().gotLength(length)
             if length or (length is None and self.requestHeaders.hasHeader(b"transfer-encoding")):
-                self._router_timer = _body_deadline(self)  # a body to read: bound its time
+                _body_deadlines.watch(self)  # a body to read: bound its time
 
         def handleContentChunk(self, data: bytes) -> None:
             self._router_received += len(data)
@@ -224,13 +224,11 @@ def _without_form_parsing(web_request: type) -> type | None:
             super().handleContentChunk(data)
 
         def connectionLost(self, reason: Any) -> None:
-            if self._router_timer is not None and self._router_timer.active():
-                self._router_timer.cancel()
+            _body_deadlines.unwatch(self)
             super().connectionLost(reason)
 
         def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-            if self._router_timer is not None and self._router_timer.active():
-                self._router_timer.cancel()  # the whole body arrived in time
+            _body_deadlines.unwatch(self)  # the whole body arrived in time
             if self._router_refused:
                 self.channel.transport.loseConnection()  # all of it dropped: close cleanly
                 return
@@ -254,23 +252,60 @@ def _refuse_body(request: Any, limit: int) -> None:
     reactor.callLater(LINGER_SECONDS, close)  # type: ignore[attr-defined,arg-type]
 
 
-def _body_deadline(request: Any) -> Any:
-    """A timer (Twisted's IDelayedCall) that answers 408 and closes the connection when the
-    body is not whole ROUTER_BODY_TIMEOUT seconds after the headers; cancelled when it is."""
-    from twisted.internet import reactor  # daphne only
+class _BodyDeadlines:
+    """The requests whose body is being read, each with its deadline (ROUTER_BODY_TIMEOUT after
+    its headers); one Twisted timer sweeps them every SWEEP s, so a request costs a dict insert
+    and a pop instead of a timer armed and cancelled (which reschedules the asyncio reactor's
+    timer each time). A late body is answered 408 within SWEEP s of its deadline. Reactor
+    thread only: no lock."""
 
-    timeout = settings.ROUTER_BODY_TIMEOUT
+    SWEEP = 1.0
 
-    def expire() -> None:
-        transport = request.channel.transport if request.channel is not None else None
-        if request._router_refused or transport is None or not transport.connected:
+    def __init__(self) -> None:
+        self._due: dict[Any, float] = {}
+        self._sweeper: Any = None  # the LoopingCall, while some request is watched
+
+    def watch(self, request: Any) -> None:
+        from twisted.internet import task  # daphne only
+
+        self._due[request] = time.monotonic() + settings.ROUTER_BODY_TIMEOUT
+        if self._sweeper is None:
+            self._sweeper = task.LoopingCall(self._sweep)
+            self._sweeper.start(min(self.SWEEP, settings.ROUTER_BODY_TIMEOUT), now=False)
+
+    def unwatch(self, request: Any) -> None:
+        self._due.pop(request, None)
+
+    def _sweep(self) -> None:
+        if not self._due:
+            self._sweeper.stop()
+            self._sweeper = None
             return
-        _answer_early(
-            request, 408, b"Request Timeout", f"the request body did not arrive within {timeout:g} s"
-        )
-        transport.loseConnection()  # after the 408 is written; the rest of the body is not read
+        now = time.monotonic()
+        late = [request for request, due in self._due.items() if due <= now]
+        for request in late:
+            del self._due[request]
+            try:
+                _expire_body(request)
+            except Exception:  # one failed answer must not stop the sweep for the others
+                log.exception("answering a late request body with 408 failed")
 
-    return reactor.callLater(timeout, expire)  # type: ignore[attr-defined]
+
+_body_deadlines = _BodyDeadlines()
+
+
+def _expire_body(request: Any) -> None:
+    """Answer 408 and close the connection: the body was not whole in time."""
+    transport = request.channel.transport if request.channel is not None else None
+    if request._router_refused or transport is None or not transport.connected:
+        return
+    _answer_early(
+        request,
+        408,
+        b"Request Timeout",
+        f"the request body did not arrive within {settings.ROUTER_BODY_TIMEOUT:g} s",
+    )
+    transport.loseConnection()  # after the 408 is written; the rest of the body is not read
 
 
 def _answer_early(request: Any, status: int, reason: bytes, message: str) -> Any:

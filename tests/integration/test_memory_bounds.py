@@ -284,7 +284,10 @@ def test_a_body_trickled_past_the_body_timeout_gets_408_and_its_connection_close
         error = json.loads(body)["error"]
         message = error["message"] if path.startswith("/v1/") else error
         assert "did not arrive within 1 s" in message
-        assert sock.recv(65536) == b""  # closed by the router
+        try:  # closed by the router: a FIN, or a reset when the trickle's last bytes crossed the close
+            assert sock.recv(65536) == b""
+        except ConnectionResetError:
+            pass
         sock.close()
         writer.join(5)
     assert _generations(fake) == 0
