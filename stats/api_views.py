@@ -41,17 +41,6 @@ log = logging.getLogger("stats.api")
 P = ParamSpec("P")
 T = TypeVar("T")
 
-CSV_HEADER = (
-    "timestamp",
-    "endpoint",
-    "model",
-    "input_tokens",
-    "output_tokens",
-    "total_tokens",
-    "requests",
-    "client",
-)
-
 
 async def _in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """Run ORM code off the event loop (not thread-sensitive), with clean connections."""
@@ -251,7 +240,7 @@ async def _csv_stream(
     rows: list[queries.CsvRow],
     after: datetime | None,
 ) -> AsyncIterator[bytes]:
-    yield (",".join(CSV_HEADER) + "\r\n").encode()
+    yield (",".join(queries.CSV_FIELDS) + "\r\n").encode()
     pending = daily  # rolled-up days, merged in timestamp order
     while True:
         if rows:

@@ -371,7 +371,7 @@ def model_stats(
 # timestamp, endpoint, model, in, out, total, requests, client
 CsvRow = tuple[datetime, str, str, int, int, int, int, str]
 
-_ROW_FIELDS = (
+CSV_FIELDS = (  # the time-series columns of a CSV row, in order (also its header)
     "timestamp",
     "endpoint",
     "model",
@@ -404,7 +404,7 @@ def csv_page(
         qs = qs.filter(model__in=spellings(model))
     if client is not None:
         qs = qs.filter(client=client)
-    ordered = qs.order_by("timestamp", "endpoint", "model", "client").values_list(*_ROW_FIELDS)
+    ordered = qs.order_by("timestamp", "endpoint", "model", "client").values_list(*CSV_FIELDS)
     rows = cast(list[CsvRow], list(ordered[:limit]))
     if len(rows) < limit:
         return rows, None
