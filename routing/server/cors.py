@@ -115,6 +115,12 @@ def same_origin(origin: bytes, host: bytes | None) -> bool:
     return bool(sep) and authority.lower() == host.lower()
 
 
+def allowed(origin: bytes, host: bytes | None) -> bool:
+    """Whether a reply to `origin` may carry CORS headers: the policy allows it, or it names the
+    host the request was sent to (`Host` header value, None when absent)."""
+    return policy().allows(origin) or same_origin(origin, host)
+
+
 def reply_headers(origin: bytes) -> list[tuple[bytes, bytes]]:
     """Headers added to every reply (any status, streamed or whole) to an allowed origin."""
     return [

@@ -340,7 +340,7 @@ def _cors_headers(request: Any) -> list[tuple[bytes, bytes]]:
         return []
     hosts = request.requestHeaders.getRawHeaders(b"host")
     origin = origins[-1]
-    if cors.policy().allows(origin) or cors.same_origin(origin, hosts[-1] if hosts else None):
+    if cors.allowed(origin, hosts[-1] if hosts else None):
         return cors.reply_headers(origin)
     return []
 

@@ -128,8 +128,7 @@ async def serve(
     if method == "HEAD":
         send = _without_body(send, stop_streams)  # the router's own replies below too
     if origin is not None:
-        allowed = server_cors.policy().allows(origin)
-        if not (allowed or server_cors.same_origin(origin, header(scope, b"host"))):
+        if not server_cors.allowed(origin, header(scope, b"host")):
             shown = origin.decode("latin-1")[:200]
             log.info("%s %s 403 origin %r not allowed (ROUTER_ORIGINS)", method, scope["path"], shown)
             message = f"origin {shown!r} is not allowed; add it to ROUTER_ORIGINS"
