@@ -153,6 +153,9 @@ ROUTER_ORIGINS = env.list("ROUTER_ORIGINS", default=[])
 ROUTER_CONFIG = env("ROUTER_CONFIG", default="")
 ROUTER_QUEUE_TIMEOUT = env.float("ROUTER_QUEUE_TIMEOUT", default=60.0)
 ROUTER_QUEUE_MAX = env.int("ROUTER_QUEUE_MAX", default=1000)
+# With a fallback chain: seconds a request waits for a slot on one model before trying the next
+# (the last model of the chain waits what is left of ROUTER_QUEUE_TIMEOUT).
+ROUTER_FALLBACK_WAIT = env.float("ROUTER_FALLBACK_WAIT", default=5.0)
 # A queued request that waited this many seconds moves up one priority level (client keys: high, normal, low).
 ROUTER_PRIORITY_AGING = env.float("ROUTER_PRIORITY_AGING", default=30.0)
 ROUTER_MAX_BODY = env.int("ROUTER_MAX_BODY", default=64 * 1024 * 1024)

@@ -5,6 +5,8 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
 
+from routing.core.names import is_model_name, model_key, name_list
+
 
 def normalise_url(url: str) -> str:
     """One spelling per server: no surrounding blanks, no trailing slash."""
@@ -135,3 +137,114 @@ class ClientKey(models.Model):
         self.name = self.name.strip()
         if self.name in RESERVED_CLIENTS:
             raise ValidationError({"name": f"{self.name!r} is reserved for usage statistics."})
+
+
+def _clean_name(value: str, field: str) -> str:
+    name = value.strip()
+    if not is_model_name(name):
+        raise ValidationError(
+            {field: "Give a model name: not blank, at most 500 characters, no control characters."}
+        )
+    return name
+
+
+def _clean_names(value: str, field: str, *, what: str) -> list[str]:
+    names = name_list(value)
+    if not names:
+        raise ValidationError({field: f"Give at least one {what}."})
+    bad = [name for name in names if not is_model_name(name)]
+    if bad:
+        raise ValidationError({field: f"Not a model name: {bad[0][:100]!r}."})
+    return names
+
+
+class ModelAlias(models.Model):
+    """A name clients use for one or more real models (the same model is `gpt-oss:120b` on one
+    server and `gpt-oss-120b` on another). A request for the alias may go to any server that
+    has any target, under that server's own name for it. Targets are real model names, never
+    other aliases (one level, no chains of aliases). Names compare as routing/core/names.py
+    `model_key` does (`m` is `m:latest`)."""
+
+    name = models.CharField(max_length=500, unique=True, help_text="The name clients ask for.")
+    targets = models.TextField(
+        help_text="The real model names it stands for, one per line (or comma-separated). "
+        "Listings show the details of the first one a server has."
+    )
+    enabled = models.BooleanField(default=True)
+    notes = models.TextField(blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name_plural = "model aliases"
+
+    def __str__(self) -> str:
+        return f"{self.name} → {', '.join(self.target_names)}"
+
+    @property
+    def target_names(self) -> list[str]:
+        return name_list(self.targets)
+
+    def clean(self) -> None:
+        self.name = _clean_name(self.name, "name")
+        key = model_key(self.name)
+        targets = _clean_names(self.targets, "targets", what="target model")
+        if any(model_key(t) == key for t in targets):
+            raise ValidationError({"targets": "An alias cannot stand for itself."})
+        others = ModelAlias.objects.exclude(pk=self.pk)
+        other_keys = {model_key(a.name): a.name for a in others}
+        if key in other_keys:
+            raise ValidationError({"name": f"The alias {other_keys[key]!r} has this name already."})
+        aliased = [t for t in targets if model_key(t) in other_keys]
+        if aliased:
+            raise ValidationError({"targets": f"{aliased[0]!r} is an alias; targets are real model names."})
+        for other in others:
+            if key in {model_key(t) for t in other.target_names}:
+                raise ValidationError({"name": f"{self.name!r} is a target of the alias {other.name!r}."})
+        self.targets = "\n".join(targets)
+
+
+class FallbackChain(models.Model):
+    """What to use when no server for a model (or alias) can take a request: the other models or
+    aliases in `fallbacks`, tried in order. One level: a fallback's own chain is not followed,
+    so chains cannot loop (A → B and B → A are two separate one-step chains)."""
+
+    model = models.CharField(
+        max_length=500, unique=True, help_text="The model or alias name clients ask for."
+    )
+    fallbacks = models.TextField(
+        help_text="Models or aliases to try next, in order, one per line (or comma-separated)."
+    )
+    enabled = models.BooleanField(default=True)
+    notes = models.TextField(blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["model"]
+
+    def __str__(self) -> str:
+        return f"{self.model} → {' → '.join(self.fallback_names)}"
+
+    @property
+    def fallback_names(self) -> list[str]:
+        return name_list(self.fallbacks)
+
+    def clean(self) -> None:
+        self.model = _clean_name(self.model, "model")
+        key = model_key(self.model)
+        fallbacks = _clean_names(self.fallbacks, "fallbacks", what="fallback model")
+        others = FallbackChain.objects.exclude(pk=self.pk)
+        for other in others:
+            if model_key(other.model) == key:
+                raise ValidationError({"model": f"{other.model!r} has a fallback chain already."})
+        # What each name stands for: an alias's targets, else itself.
+        targets = {
+            model_key(a.name): {model_key(t) for t in a.target_names} for a in ModelAlias.objects.all()
+        }
+        itself = targets.get(key, set()) | {key}
+        for name in fallbacks:
+            if targets.get(model_key(name), {model_key(name)}) <= itself:
+                raise ValidationError({"fallbacks": f"{name!r} is {self.model!r} itself."})
+        self.fallbacks = "\n".join(fallbacks)

@@ -531,10 +531,12 @@ class QuotaSink:
     def __init__(self, quotas: Quotas) -> None:
         self._quotas = quotas
 
-    def record(self, principal: Principal, endpoint: str, model: str, counts: Any) -> None:
+    def record(
+        self, principal: Principal, endpoint: str, model: str, counts: Any, *, requested: str = ""
+    ) -> None:
         self._quotas.charge(principal, int(counts.prompt) + int(counts.completion))
 
-    def incomplete(self, principal: Principal, endpoint: str, model: str) -> None:
+    def incomplete(self, principal: Principal, endpoint: str, model: str, *, requested: str = "") -> None:
         """A request without counts charges no tokens (it was counted by `admit`)."""
 
 

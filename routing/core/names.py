@@ -35,3 +35,16 @@ def spellings(name: str) -> list[str]:
 def display_name(name: str) -> str:
     """How a model is listed to clients: as the backend spells it."""
     return name.strip()
+
+
+def name_list(text: str) -> list[str]:
+    """Model names written one per line or comma-separated (an alias's targets, a fallback
+    chain), in order, blanks dropped, each kept once by `model_key` (its first spelling)."""
+    seen: set[str] = set()
+    names: list[str] = []
+    for piece in text.replace(",", "\n").splitlines():
+        name = piece.strip()
+        if name and model_key(name) not in seen:
+            seen.add(model_key(name))
+            names.append(name)
+    return names

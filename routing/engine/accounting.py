@@ -35,11 +35,15 @@ class Counts:
 
 
 class AccountingSink(Protocol):
-    def record(self, principal: Principal, endpoint: str, model: str, counts: Counts) -> None:
-        """A finished request whose reply reported counts (endpoint: its url; model: the model
-        key). Synchronous and cheap: called from a `finally` on the event loop."""
+    def record(
+        self, principal: Principal, endpoint: str, model: str, counts: Counts, *, requested: str = ""
+    ) -> None:
+        """A finished request whose reply reported counts (endpoint: its url; model: the key of
+        the real model that served it; requested: the key the client asked for when it was
+        another, an alias or the origin of a fallback, else ""). Synchronous and cheap: called
+        from a `finally` on the event loop."""
 
-    def incomplete(self, principal: Principal, endpoint: str, model: str) -> None:
+    def incomplete(self, principal: Principal, endpoint: str, model: str, *, requested: str = "") -> None:
         """A finished request without counts: one request, no tokens invented."""
 
 
@@ -64,17 +68,19 @@ class Sinks:
     def installed(self) -> tuple[AccountingSink, ...]:
         return self._sinks
 
-    def record(self, principal: Principal, endpoint: str, model: str, counts: Counts) -> None:
+    def record(
+        self, principal: Principal, endpoint: str, model: str, counts: Counts, *, requested: str = ""
+    ) -> None:
         for sink in self._sinks:
             try:
-                sink.record(principal, endpoint, model, counts)
+                sink.record(principal, endpoint, model, counts, requested=requested)
             except Exception:
                 log.exception("accounting sink %r failed to record; the next one still runs", sink)
 
-    def incomplete(self, principal: Principal, endpoint: str, model: str) -> None:
+    def incomplete(self, principal: Principal, endpoint: str, model: str, *, requested: str = "") -> None:
         for sink in self._sinks:
             try:
-                sink.incomplete(principal, endpoint, model)
+                sink.incomplete(principal, endpoint, model, requested=requested)
             except Exception:
                 log.exception("accounting sink %r failed to record; the next one still runs", sink)
 
@@ -86,11 +92,13 @@ class MetricsSink:
     """Token counts into the Prometheus counters (router_tokens_total by endpoint, model, direction;
     router_client_tokens_total by client, direction)."""
 
-    def record(self, principal: Principal, endpoint: str, model: str, counts: Counts) -> None:
+    def record(
+        self, principal: Principal, endpoint: str, model: str, counts: Counts, *, requested: str = ""
+    ) -> None:
         metrics.count_tokens(endpoint, model, counts.prompt, counts.completion)
         metrics.count_client_tokens(principal.name, counts.prompt, counts.completion)
 
-    def incomplete(self, principal: Principal, endpoint: str, model: str) -> None:
+    def incomplete(self, principal: Principal, endpoint: str, model: str, *, requested: str = "") -> None:
         pass  # no tokens to count
 
     def __repr__(self) -> str:

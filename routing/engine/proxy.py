@@ -23,6 +23,7 @@ import asyncio
 import functools
 import json
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
 
@@ -42,6 +43,7 @@ from routing.fleet import candidates as fleet_candidates
 from routing.fleet.breaker import breakers
 from routing.fleet.candidates import Candidate
 from routing.fleet.refusals import refusals
+from routing.fleet.registry import registry
 from routing.observability import metrics
 from routing.upstream import client, failures
 from routing.upstream.failures import UPSTREAM_ERRORS
@@ -49,6 +51,12 @@ from routing.upstream.failures import UPSTREAM_ERRORS
 log = logging.getLogger("routing.proxy")
 
 MAX_ERROR_BODY = 64 * 1024
+
+
+class Unplaced(ApiError):
+    """No server for the model could take the request: none has it (404), all failing or
+    unreachable, all busy past the wait or the queue full (503), or every one tried failed
+    before replying (502). Nothing was answered, so the next model of a fallback chain may."""
 
 
 async def forward(
@@ -62,6 +70,12 @@ async def forward(
     """Route one request for `principal` (who it is accounted to). `metered=False` is for
     metadata calls (show) that take no slot.
 
+    `model` may be an alias (routing/fleet/routes.py): its candidates are the servers of all its
+    targets, each under its own name. When no server for it can take the request (`Unplaced`),
+    the next model of its fallback chain is tried, one level deep, within ROUTER_QUEUE_TIMEOUT
+    in all: each model but the last waits at most ROUTER_FALLBACK_WAIT for a slot. Every
+    reply from a server names the model that answered (`X-Router-Model`, its server's spelling).
+
     The principal's name and priority place a queued request in the model's queue
     (routing/engine/fair_queue.py).
 
@@ -73,23 +87,71 @@ async def forward(
             403, f"the key '{principal.name}' may not use the model '{model}'", code="model_not_allowed"
         )
     lookup = await fleet_candidates.candidates_for(model)
+    chain = registry.cached_routes().chain(model)  # as fresh as the lookup's endpoints
+    if len(chain) == 1:
+        return await _forward_model(request_path, model, lookup, plan, principal, metered, asked=model)
+    deadline = time.perf_counter() + settings.ROUTER_QUEUE_TIMEOUT
+    tried: set[str] = set()  # model keys whose servers could not take it
+    error: Unplaced | None = None
+    for step, name in enumerate(chain):
+        if step:
+            if not principal.may_use(name):
+                continue
+            lookup = await fleet_candidates.candidates_for(name)
+        keys = {c.key for c in lookup.candidates}
+        if keys and keys <= tried:
+            continue  # e.g. an alias of a model that was just tried
+        remaining = max(0.0, deadline - time.perf_counter())
+        wait = remaining if step == len(chain) - 1 else min(settings.ROUTER_FALLBACK_WAIT, remaining)
+        try:
+            return await _forward_model(
+                request_path, name, lookup, plan, principal, metered, asked=model, wait=wait
+            )
+        except Unplaced as exc:
+            if error is None or (error.status == 404 and exc.status != 404):
+                error = exc  # the first reason, unless it was "not found" and a later one says more
+            tried |= keys
+            if step < len(chain) - 1:
+                metrics.fallbacks.inc()
+                log.info("no server could take '%s' (%s): trying the next model", name, exc.message)
+    assert error is not None  # the chain's first model is always tried
+    raise error
+
+
+async def _forward_model(
+    request_path: str,
+    model: str,
+    lookup: fleet_candidates.Lookup,
+    plan: Planner,
+    principal: Principal,
+    metered: bool,
+    *,
+    asked: str,
+    wait: float | None = None,
+) -> HttpResponse | StreamingHttpResponse:
+    """Serve the request with one model of the chain (`model`, a model or an alias name),
+    waiting at most `wait` seconds (default ROUTER_QUEUE_TIMEOUT) for a slot. `asked`: what
+    the client asked for, recorded beside the model that served. Raises `Unplaced` when no
+    server of the model could take it, other ApiErrors as `forward` does."""
     if not lookup.candidates:
         if lookup.failing_with_model:
-            raise ApiError(503, f"every endpoint serving '{model}' is failing; try again", retry_after=5)
+            raise Unplaced(503, f"every endpoint serving '{model}' is failing; try again", retry_after=5)
         if lookup.reachable == 0:
-            raise ApiError(503, "no endpoint is reachable", retry_after=5)
-        raise ApiError(404, f"model '{model}' not found", code="model_not_found")
-    key = model_key(model)
+            raise Unplaced(503, "no endpoint is reachable", retry_after=5)
+        raise Unplaced(404, f"model '{model}' not found", code="model_not_found")
+    asked_key = model_key(asked)
+    wait = settings.ROUTER_QUEUE_TIMEOUT if wait is None else wait
     candidates = list(lookup.candidates)
     failure = "no endpoint answered"
     tried = ""
     for _ in range(settings.ROUTER_MAX_RETRIES + 1):
-        lease = (
-            await _acquire(key, model, candidates, principal) if metered else board.unmetered(key, candidates)
-        )
+        if metered:
+            lease = await _acquire_any(model, candidates, principal, wait)
+        else:
+            lease = board.unmetered(candidates[0].key, candidates)
         handed_over = False
         try:
-            outcome = await _attempt(request_path, lease, plan, metered, principal)
+            outcome = await _attempt(request_path, lease, plan, metered, principal, asked_key)
             if not isinstance(outcome, str):
                 handed_over = isinstance(outcome, ProxyStreamingResponse)  # its stream owns the slot
                 return outcome
@@ -102,7 +164,7 @@ async def forward(
         if not candidates:
             break
         metrics.failovers.inc()
-    raise ApiError(
+    raise Unplaced(
         502,
         f"upstream failed for model '{model}': {failure}",
         retry_after=5,
@@ -128,11 +190,13 @@ def _plan(plan: Planner, cand: Candidate) -> Attempt:
 
 
 async def _attempt(
-    path: str, lease: Lease, plan: Planner, metered: bool, principal: Principal
+    path: str, lease: Lease, plan: Planner, metered: bool, principal: Principal, asked: str
 ) -> HttpResponse | StreamingHttpResponse | str:
     """One server's try: the reply, or why it failed in a way that allows failover (str).
-    The caller owns the lease; this owns the upstream response until a reply takes it."""
+    The caller owns the lease; this owns the upstream response until a reply takes it.
+    asked: the model key the client asked for (an alias, or the origin of a fallback)."""
     ep = lease.endpoint
+    requested = asked if asked != lease.model else ""  # recorded only when it differs
     attempt = _plan(plan, lease.candidate)
     if not metered:
         attempt.counted = False
@@ -149,7 +213,7 @@ async def _attempt(
                 if judged.evidence is not failures.Evidence.NONE:  # weak: counts when it repeats
                     health.server_failed(ep, failure.value, strong=False)
                 if attempt.counted:
-                    sinks.incomplete(principal, ep.url, lease.model)
+                    sinks.incomplete(principal, ep.url, lease.model, requested=requested)
                 raise ApiError(
                     504,
                     f"'{ep.name}' sent no reply within {settings.ROUTER_FIRST_BYTE_TIMEOUT:g} s; "
@@ -167,19 +231,19 @@ async def _attempt(
                     health.server_failed(ep, f"HTTP {status}", strong=False)
                 if judged.failover:
                     return f"HTTP {status}: {_error_message(body, response.reason)}"
-                return _error_reply(path, ep.name, status, body, response.reason)
+                return _error_reply(path, lease, status, body, response.reason)
             if status in (400, 422) and attempt.fallback_body is not None:
                 body = await _read_error(response)
                 if not _refuses_added_field(body):
                     breakers.succeeded(ep.id)
-                    return _error_reply(path, ep.name, status, body, response.reason)
+                    return _error_reply(path, lease, status, body, response.reason)
                 log.info("endpoint %s refuses stream_options: sent without it from now on", ep.name)
                 refusals.add(ep.id)
                 attempt.body, attempt.fallback_body = attempt.fallback_body(), None
                 continue  # the same request again, on the same server and slot
             lease.first_byte = time.perf_counter() - started  # the board averages it per endpoint and model
             metrics.first_byte(path, lease.first_byte)
-            return await _reply(path, lease, attempt, response, principal)
+            return await _reply(path, lease, attempt, response, principal, requested)
         except BaseException:
             response.close()  # never handed to a reply: drop the connection
             raise
@@ -191,14 +255,59 @@ def _refuses_added_field(body: bytes) -> bool:
     return b"stream_options" in body.lower()
 
 
-async def _acquire(key: str, model: str, candidates: list[Candidate], principal: Principal) -> Lease:
+async def _acquire_any(model: str, candidates: list[Candidate], principal: Principal, wait: float) -> Lease:
+    """A slot for `model` on one of `candidates`, waiting at most `wait` seconds.
+
+    Slots and queues are per (server, real model) (routing/engine/board.py), so an alias's
+    candidates are grouped by the real model each serves: one group (a plain model) is one
+    `_acquire`; several (an alias whose targets have different names) are first tried without
+    waiting, in an order that puts a group with the model loaded first (else at random), then
+    waited for in every group's queue at once. The first slot wins; the other waits are
+    cancelled and any slot they were handed in the same instant is given back, so only one
+    lease ever leaves here, whatever happens meanwhile (cancellation included)."""
+    groups: dict[str, list[Candidate]] = {}
+    for cand in candidates:
+        groups.setdefault(cand.key, []).append(cand)
+    if len(groups) == 1:
+        key, group = next(iter(groups.items()))
+        return await _acquire(key, model, group, principal, wait)
+    order = sorted(groups.items(), key=lambda kv: (not any(c.loaded for c in kv[1]), random.random()))
+    if not cluster.enabled():
+        for key, group in order:
+            lease = board.try_acquire(key, group, client=principal.name)
+            if lease is not None:
+                return lease
+    tasks = [asyncio.ensure_future(_acquire(key, model, group, principal, wait)) for key, group in order]
+    winner: Lease | None = None
+    try:
+        pending: set[asyncio.Future[Lease]] = set(tasks)
+        while pending and winner is None:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if winner is None and not task.cancelled() and task.exception() is None:
+                    winner = task.result()
+        if winner is None:
+            raise tasks[0].exception() or Unplaced(503, f"no slot for '{model}'")
+        return winner
+    finally:
+        for task in tasks:
+            task.cancel()
+        # Let each wait leave its queue; a slot granted to a loser is handed back.
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(outcome, Lease) and outcome is not winner:
+                outcome.release()
+
+
+async def _acquire(
+    key: str, model: str, candidates: list[Candidate], principal: Principal, wait: float
+) -> Lease:
     waited = time.perf_counter()
-    deadline = waited + settings.ROUTER_QUEUE_TIMEOUT
+    deadline = waited + wait
     try:
         lease = await board.acquire(
             key,
             candidates,
-            timeout=settings.ROUTER_QUEUE_TIMEOUT,
+            timeout=wait,
             queue_max=settings.ROUTER_QUEUE_MAX,
             client=principal.name,
             priority=principal.priority,
@@ -208,9 +317,9 @@ async def _acquire(key: str, model: str, candidates: list[Candidate], principal:
         metrics.queue_wait(time.perf_counter() - waited)
         return lease
     except QueueFull:
-        raise ApiError(503, "the router's queue is full; try again shortly", retry_after=1) from None
+        raise Unplaced(503, "the router's queue is full; try again shortly", retry_after=1) from None
     except QueueTimeout:
-        raise ApiError(
+        raise Unplaced(
             503, f"every endpoint serving '{model}' stayed busy; try again", retry_after=5
         ) from None
 
@@ -323,7 +432,7 @@ def _error_message(body: bytes, reason: str | None) -> str:
     return body[:500].decode("utf-8", "replace").strip() or reason or "error"
 
 
-def _error_reply(path: str, ep_name: str, status: int, body: bytes, reason: str | None) -> HttpResponse:
+def _error_reply(path: str, lease: Lease, status: int, body: bytes, reason: str | None) -> HttpResponse:
     """An error the server sent about this request, for this client alone, in the route's
     shape: passed as is when it already has it, rewritten otherwise."""
     try:
@@ -338,12 +447,24 @@ def _error_reply(path: str, ep_name: str, status: int, body: bytes, reason: str 
         reply = HttpResponse(body, status=status, content_type="application/json")
     else:
         reply = error_response(path, ApiError(status, _error_message(body, reason)))
-    reply["X-Router-Endpoint"] = ep_name
+    _name_server(reply, lease)
     return reply
 
 
+def _name_server(reply: HttpResponse | StreamingHttpResponse, lease: Lease) -> None:
+    """Which server answered, and with which model (its own spelling of it: the real model
+    behind an alias, or the fallback that answered)."""
+    reply["X-Router-Endpoint"] = lease.endpoint.name
+    reply["X-Router-Model"] = lease.candidate.backend_model
+
+
 async def _reply(
-    path: str, lease: Lease, attempt: Attempt, response: aiohttp.ClientResponse, principal: Principal
+    path: str,
+    lease: Lease,
+    attempt: Attempt,
+    response: aiohttp.ClientResponse,
+    principal: Principal,
+    requested: str,
 ) -> HttpResponse | StreamingHttpResponse:
     ep = lease.endpoint
     status = response.status
@@ -352,7 +473,7 @@ async def _reply(
     if status >= 400:
         error = await _read_error(response)
         breakers.succeeded(ep.id)  # it answered normally, about this request
-        return _error_reply(path, ep.name, status, error, response.reason)
+        return _error_reply(path, lease, status, error, response.reason)
     if attempt.stream and status == 200:
         try:
             relay = attempt.relay()
@@ -360,9 +481,11 @@ async def _reply(
             raise ApiError(
                 502, f"cannot relay the reply of {ep.name}: {exc}"[:500], headers=_named(ep.name)
             ) from None
-        stream = ProxyStream(lease, response, relay, path, counted=attempt.counted, principal=principal)
+        stream = ProxyStream(
+            lease, response, relay, path, counted=attempt.counted, principal=principal, requested=requested
+        )
         streaming = ProxyStreamingResponse(stream, content_type=stream.relay.content_type)
-        streaming["X-Router-Endpoint"] = ep.name
+        _name_server(streaming, lease)
         return streaming
     try:
         body = await response.read()
@@ -371,7 +494,7 @@ async def _reply(
         lease.release()
         health.server_failed(ep, failures.midstream_reason(exc), strong=False)
         if attempt.counted:
-            sinks.incomplete(principal, ep.url, lease.model)
+            sinks.incomplete(principal, ep.url, lease.model, requested=requested)
         raise ApiError(
             502, f"upstream closed before its reply was complete ({ep.name})", headers=_named(ep.name)
         ) from None
@@ -385,19 +508,19 @@ async def _reply(
         except Exception as exc:
             log.warning("malformed reply from %s on %s: %s", ep.name, path, type(exc).__name__)
             if attempt.counted:
-                sinks.incomplete(principal, ep.url, lease.model)
+                sinks.incomplete(principal, ep.url, lease.model, requested=requested)
             raise ApiError(502, f"malformed reply from upstream {ep.name}", headers=_named(ep.name)) from None
         if attempt.counted:
             if counts is not None:
-                sinks.record(principal, ep.url, lease.model, counts)
+                sinks.record(principal, ep.url, lease.model, counts, requested=requested)
             else:
-                sinks.incomplete(principal, ep.url, lease.model)
+                sinks.incomplete(principal, ep.url, lease.model, requested=requested)
     else:
         out = body
     reply = HttpResponse(
         out, status=status, content_type=response.headers.get("Content-Type", "application/json")
     )
-    reply["X-Router-Endpoint"] = ep.name
+    _name_server(reply, lease)
     return reply
 
 
@@ -413,8 +536,10 @@ class ProxyStream:
         *,
         counted: bool,
         principal: Principal,
+        requested: str = "",
     ) -> None:
         self.lease = lease
+        self.requested = requested  # the model key the client asked for, when not the one served
         self.counted = counted
         self.principal = principal
         self.response = response
@@ -464,9 +589,9 @@ class ProxyStream:
             if not self.counted:
                 pass
             elif counts is not None:
-                sinks.record(self.principal, ep.url, model, counts)
+                sinks.record(self.principal, ep.url, model, counts, requested=self.requested)
             else:
-                sinks.incomplete(self.principal, ep.url, model)
+                sinks.incomplete(self.principal, ep.url, model, requested=self.requested)
 
 
 class ProxyStreamingResponse(StreamingHttpResponse):

@@ -1,7 +1,8 @@
 """The candidates for a model: the enabled endpoints that advertise it, whether each has it loaded.
 
 Reads the caches (fresh entries without a task) and falls back to probing; an endpoint whose
-breaker is open is no candidate.
+breaker is open is no candidate. An alias (routing/fleet/routes.py) has the candidates of all its
+targets, in the alias's order, each with the name its own server gives the model.
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ from routing.fleet.registry import EndpointInfo, registry
 @dataclass(frozen=True, slots=True)
 class Candidate:
     endpoint: EndpointInfo
-    backend_model: str  # the name the backend advertises
+    backend_model: str  # the name the backend advertises (a real model, never an alias)
     loaded: bool
+
+    @property
+    def key(self) -> str:
+        """The real model's key: what its slots, queue and token counts are kept under."""
+        return model_key(self.backend_model)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,23 +66,30 @@ async def gather_loaded(endpoints: list[EndpointInfo]) -> list[ModelList]:
 
 
 async def candidates_for(model: str) -> Lookup:
-    key = model_key(model)
+    """The candidates for `model`, a model or an alias name (any spelling)."""
     endpoints = await registry.enabled()
+    keys = [model_key(name) for name in registry.cached_routes().targets(model)]
     matches: list[tuple[EndpointInfo, str]] = []
     reachable = 0
     failing_with_model = 0
     for ep, models in await gather_advertised(endpoints):
         if models is None:
             last_seen = caches.advertised.peek(ep.id)
-            if last_seen is not None and key in last_seen.keys:
+            if last_seen is not None and any(key in last_seen.keys for key in keys):
                 failing_with_model += 1
             continue
         reachable += 1
-        name = models.backend_name(key)
-        if name is not None:
-            matches.append((ep, name))
+        for key in keys:
+            name = models.backend_name(key)
+            if name is not None:
+                matches.append((ep, name))
+    if len(keys) > 1:
+        # An alias's targets in the alias's order, then the endpoints' order.
+        rank = {key: i for i, key in enumerate(keys)}
+        matches.sort(key=lambda m: rank[model_key(m[1])])
     loaded = await gather_loaded([ep for ep, _ in matches])
     candidates = [
-        Candidate(ep, name, key in names.keys) for (ep, name), names in zip(matches, loaded, strict=True)
+        Candidate(ep, name, model_key(name) in names.keys)
+        for (ep, name), names in zip(matches, loaded, strict=True)
     ]
     return Lookup(candidates, reachable, failing_with_model)

@@ -1,4 +1,5 @@
-"""The endpoint registry as the hot path sees it: an in-memory copy of the Endpoint table.
+"""The endpoint registry as the hot path sees it: an in-memory copy of the Endpoint table,
+and of the model aliases and fallback chains (routing/fleet/routes.py), loaded together.
 
 Proxied requests never query the database. A change in the admin (or any service call)
 bumps the generation; the next request reloads the copy once. After each reload the registry
@@ -20,6 +21,7 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from routing.core.events import Signal
+from routing.fleet.routes import NONE, ModelRoutes, load_routes
 from routing.models import Endpoint
 from routing.observability.locks import TimedLock
 
@@ -65,6 +67,7 @@ class Registry:
     def __init__(self) -> None:
         self._lock = TimedLock("registry")
         self._endpoints: tuple[EndpointInfo, ...] = ()
+        self._routes: ModelRoutes = NONE
         self._generation = 1
         self._loaded_generation = 0
         self._loaded_at = 0.0
@@ -121,9 +124,20 @@ class Registry:
     async def enabled(self) -> tuple[EndpointInfo, ...]:
         return tuple(ep for ep in await self.all() if ep.enabled)
 
+    async def routes(self) -> ModelRoutes:
+        """The model aliases and fallback chains, as fresh as the endpoints (same reload)."""
+        await self.all()
+        with self._lock:
+            return self._routes
+
+    def cached_routes(self) -> ModelRoutes:
+        """The routes of the last reload, without reloading (after an `all()` in this request)."""
+        with self._lock:
+            return self._routes
+
     async def _load(self, generation: int) -> None:
         try:
-            endpoints = await sync_to_async(load_endpoints, thread_sensitive=False)()
+            endpoints, routes = await sync_to_async(load_fleet, thread_sensitive=False)()
         except Exception:
             with self._lock:
                 if self._loaded_generation == 0:
@@ -136,6 +150,8 @@ class Registry:
         with self._lock:
             before = {ep.id: ep for ep in self._endpoints}
             self._endpoints = endpoints
+            if routes is not None:
+                self._routes = routes
             self._loaded_generation = generation
             self._loaded_at = time.monotonic()
         # A change made by another process (or an id reused after a delete) must not
@@ -146,6 +162,7 @@ class Registry:
     def clear(self) -> None:
         with self._lock:
             self._endpoints = ()
+            self._routes = NONE
             self._generation += 1
             self._reload = None
 
@@ -154,6 +171,20 @@ def load_endpoints() -> tuple[EndpointInfo, ...]:
     close_old_connections()
     try:
         return tuple(EndpointInfo.of(ep) for ep in Endpoint.objects.all())
+    finally:
+        close_old_connections()
+
+
+def load_fleet() -> tuple[tuple[EndpointInfo, ...], ModelRoutes | None]:
+    """The endpoints, then the aliases and chains (None when they could not be read: the
+    last ones are kept, as the endpoints are when the database is away). A worker thread."""
+    endpoints = load_endpoints()
+    close_old_connections()
+    try:
+        return endpoints, load_routes()
+    except Exception:
+        log.warning("could not read the aliases and fallback chains; keeping the last ones", exc_info=True)
+        return endpoints, None
     finally:
         close_old_connections()
 

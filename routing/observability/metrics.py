@@ -53,6 +53,9 @@ tokens = Counter(
     registry=_OWN,
 )
 failovers = Counter("router_failovers", "Requests retried on another endpoint.", registry=_OWN)
+fallbacks = Counter(
+    "router_fallbacks", "Requests moved on to the next model of their fallback chain.", registry=_OWN
+)
 fresh_retries = Counter(
     "router_fresh_connection_retries",
     "Requests re-sent on a fresh connection to the same endpoint after a pooled one closed unanswered.",

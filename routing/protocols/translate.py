@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from routing.core.errors import ApiError
+from routing.core.names import model_key
 from routing.engine.accounting import Counts
 from routing.engine.attempt import Attempt, BodyReader
 from routing.fleet.candidates import Candidate
@@ -615,7 +616,11 @@ def plan_for_openai_backend(path: str, data: dict[str, Any], stream: bool, cand:
     """The upstream request for an Ollama request `data` (schema-checked, `refusal()` None)."""
     base = cand.endpoint.openai_base
     model = cand.backend_model
+    # The model field of the reply: the client's own spelling, unless the request was sent to
+    # another model (an alias's target, a fallback): then the model that answered.
     client_model = str(data.get("model"))
+    if model_key(client_model) != cand.key:
+        client_model = model
     if path in ("/api/embeddings", "/api/embed"):
         legacy = path == "/api/embeddings"
         body: dict[str, Any] = {"model": model, "input": data.get("prompt" if legacy else "input") or ""}

@@ -10,7 +10,8 @@ import json
 from typing import Any, NoReturn
 
 from routing.core.errors import ApiError
-from routing.core.names import is_model_name
+from routing.core.names import is_model_name, model_key
+from routing.fleet.candidates import Candidate
 from routing.protocols.common import schema
 
 
@@ -95,3 +96,13 @@ def expect_types(data: dict[str, Any], **fields: type | tuple[type, ...]) -> Non
         if value is not None and not isinstance(value, kinds):
             wanted = kinds.__name__ if isinstance(kinds, type) else " or ".join(k.__name__ for k in kinds)
             raise ApiError(400, f"'{name}' must be of type {wanted}")
+
+
+def with_model(raw: bytes, data: dict[str, Any], cand: Candidate, field: str = "model") -> bytes:
+    """The client's exact bytes when `cand` serves the model under the name the client used
+    (any spelling of it); else the body re-serialised with `field` set to the server's own
+    name for the model (an alias's target, a fallback)."""
+    asked = data.get(field)
+    if isinstance(asked, str) and model_key(asked) == cand.key:
+        return raw
+    return json.dumps({**data, field: cand.backend_model}).encode()

@@ -25,6 +25,7 @@ from django.http import HttpResponse
 from routing.core.errors import ApiError
 from routing.fleet import caches, candidates
 from routing.fleet.candidates import Candidate
+from routing.protocols.common.parsing import with_model
 from routing.protocols.translate import now
 from routing.upstream import client, failures
 from routing.upstream.failures import UPSTREAM_ERRORS
@@ -107,7 +108,7 @@ async def load_or_unload(
             raise ApiError(503, "no endpoint is reachable", retry_after=5)
         raise ApiError(404, f"model '{model}' not found", code="model_not_found")
     ollama = [c for c in lookup.candidates if c.endpoint.is_ollama]
-    results = await asyncio.gather(*(_send(c, path, body) for c in ollama))
+    results = await asyncio.gather(*(_send(c, path, with_model(body, data, c)) for c in ollama))
     failed = {c.endpoint.name: why for c, why in zip(ollama, results, strict=True) if why is not None}
     if failed:
         detail = "; ".join(f"{name}: {why}" for name, why in failed.items())

@@ -21,16 +21,18 @@ from routing.fleet.candidates import Candidate
 from routing.protocols import translate
 from routing.protocols.common import schema
 from routing.protocols.common.decorators import methods
-from routing.protocols.common.parsing import optional_bool, parse_object, require_model
+from routing.protocols.common.parsing import optional_bool, parse_object, require_model, with_model
 from routing.protocols.common.relays import OllamaStream, no_counts, ollama_body
 from routing.protocols.ollama import loading
 
 
-def _passthrough(path: str, raw: bytes, stream: bool, *, counted: bool = True) -> attempt.Planner:
+def _passthrough(
+    path: str, raw: bytes, data: dict[str, Any], stream: bool, *, counted: bool = True
+) -> attempt.Planner:
     def plan(cand: Candidate) -> Attempt:
         return Attempt(
             url=cand.endpoint.url + path,
-            body=raw,
+            body=with_model(raw, data, cand),
             relay=OllamaStream,
             read_body=ollama_body if counted else no_counts,
             stream=stream,
@@ -49,7 +51,7 @@ class _Routed:
         self, path: str, raw: bytes, data: dict[str, Any], stream: bool, *, counted: bool = True
     ) -> None:
         self.path, self.data, self.stream = path, data, stream
-        self.direct = _passthrough(path, raw, stream, counted=counted)
+        self.direct = _passthrough(path, raw, data, stream, counted=counted)
         self.translated = False
 
     def __call__(self, cand: Candidate) -> Attempt:
@@ -129,11 +131,13 @@ async def show(request: HttpRequest) -> HttpResponseBase:
     model = require_model(data, alt="name")
     schema.check(schema.OLLAMA_SHOW, data)
 
+    field = "model" if isinstance(data.get("model"), str) else "name"
+
     def plan(cand: Candidate) -> Attempt:
         if cand.endpoint.is_ollama:
             return Attempt(
                 url=cand.endpoint.url + "/api/show",
-                body=request.body,
+                body=with_model(request.body, data, cand, field),
                 relay=OllamaStream,
                 read_body=no_counts,
                 stream=False,

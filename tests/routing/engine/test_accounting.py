@@ -33,18 +33,22 @@ class Book:
         self.name = name
         self.log = log
 
-    def record(self, principal: Principal, endpoint: str, model: str, counts: Counts) -> None:
+    def record(
+        self, principal: Principal, endpoint: str, model: str, counts: Counts, *, requested: str = ""
+    ) -> None:
         self.log.append((self.name, "record", principal, endpoint, model, counts))
 
-    def incomplete(self, principal: Principal, endpoint: str, model: str) -> None:
+    def incomplete(self, principal: Principal, endpoint: str, model: str, *, requested: str = "") -> None:
         self.log.append((self.name, "incomplete", principal, endpoint, model))
 
 
 class Broken:
-    def record(self, principal: Principal, endpoint: str, model: str, counts: Counts) -> None:
+    def record(
+        self, principal: Principal, endpoint: str, model: str, counts: Counts, *, requested: str = ""
+    ) -> None:
         raise RuntimeError("sink down")
 
-    def incomplete(self, principal: Principal, endpoint: str, model: str) -> None:
+    def incomplete(self, principal: Principal, endpoint: str, model: str, *, requested: str = "") -> None:
         raise RuntimeError("sink down")
 
 

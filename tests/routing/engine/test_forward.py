@@ -42,10 +42,12 @@ class Book:
     def __init__(self) -> None:
         self.entries: list[tuple[str, str]] = []
 
-    def record(self, principal: Principal, endpoint: str, model: str, counts: Counts) -> None:
+    def record(
+        self, principal: Principal, endpoint: str, model: str, counts: Counts, *, requested: str = ""
+    ) -> None:
         self.entries.append(("record", endpoint))
 
-    def incomplete(self, principal: Principal, endpoint: str, model: str) -> None:
+    def incomplete(self, principal: Principal, endpoint: str, model: str, *, requested: str = "") -> None:
         self.entries.append(("incomplete", endpoint))
 
 
