@@ -1,4 +1,5 @@
-"""The fleet in the admin: state at a glance, bulk enable/disable, and a "check now" probe; client keys."""
+"""The fleet in the admin: state at a glance, bulk enable/disable, and a "check now" probe; client keys;
+model aliases and fallback chains."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from django.http import HttpRequest
 
 from routing.auth import client_keys
 from routing.auth.quotas import quotas
+from routing.core.names import model_key
 from routing.engine.board import board
 from routing.fleet import caches, control, probes, services
 from routing.fleet.breaker import State, breakers
 from routing.fleet.registry import EndpointInfo
-from routing.models import ClientKey, Endpoint, RouterSettings
+from routing.models import ClientKey, Endpoint, FallbackChain, ModelAlias, RouterSettings
 from routing.server.lifecycle import lifecycle
 from routing.upstream import client
 
@@ -268,3 +270,67 @@ class ClientKeyAdmin(admin.ModelAdmin[ClientKey]):
         count = queryset.update(enabled=False)
         transaction.on_commit(control.keys_changed)
         self.message_user(request, f"{count} revoked.")
+
+
+def _served_by(names: list[str]) -> str:
+    """Which servers advertise each name now (from the probes' caches), e.g.
+    `gpt-oss:120b: gpu-1, gpu-2; gpt-oss-120b: -`."""
+    endpoints = {ep.id: ep.display_name for ep in Endpoint.objects.filter(enabled=True)}
+    parts = []
+    for name in names:
+        key = model_key(name)
+        servers = [
+            label
+            for ep_id, label in endpoints.items()
+            if (models := caches.advertised.peek(ep_id)) is not None and key in models.keys
+        ]
+        parts.append(f"{name}: {', '.join(servers) or '-'}")
+    return "; ".join(parts)
+
+
+class _RoutesAdmin:
+    """Saving or deleting an alias or a chain applies to the next request, in every process."""
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)  # type: ignore[misc]
+        transaction.on_commit(services.model_routes_changed)
+
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        super().delete_model(request, obj)  # type: ignore[misc]
+        transaction.on_commit(services.model_routes_changed)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        super().delete_queryset(request, queryset)  # type: ignore[misc]
+        transaction.on_commit(services.model_routes_changed)
+
+
+@admin.register(ModelAlias)
+class ModelAliasAdmin(_RoutesAdmin, admin.ModelAdmin[ModelAlias]):
+    """Aliases: a name clients use for one or more real models (routing/fleet/routes.py)."""
+
+    fields = ["name", "targets", "enabled", "notes"]
+    list_display = ["name", "target_list", "enabled", "served_by"]
+    list_filter = ["enabled"]
+    search_fields = ["name", "targets", "notes"]
+
+    @admin.display(description="targets")
+    def target_list(self, obj: ModelAlias) -> str:
+        return ", ".join(obj.target_names)
+
+    @admin.display(description="served by")
+    def served_by(self, obj: ModelAlias) -> str:
+        return _served_by(obj.target_names)
+
+
+@admin.register(FallbackChain)
+class FallbackChainAdmin(_RoutesAdmin, admin.ModelAdmin[FallbackChain]):
+    """Fallback chains: what to try, in order, when no server for a model can take a request."""
+
+    fields = ["model", "fallbacks", "enabled", "notes"]
+    list_display = ["model", "chain", "enabled"]
+    list_filter = ["enabled"]
+    search_fields = ["model", "fallbacks", "notes"]
+
+    @admin.display(description="then tries")
+    def chain(self, obj: FallbackChain) -> str:
+        return " → ".join(obj.fallback_names)

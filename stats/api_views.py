@@ -248,7 +248,7 @@ async def _csv_stream(
             due = 0
             while due < len(pending) and pending[due][0] <= last:
                 due += 1
-            page = list(heapq.merge(pending[:due], rows, key=lambda r: (r[0], r[1], r[2], r[7])))
+            page = list(heapq.merge(pending[:due], rows, key=lambda r: (r[0], r[1], r[2], r[7], r[8])))
             pending = pending[due:]
             yield _csv_bytes(page)
         if after is None:

@@ -1,7 +1,9 @@
 """Token accounting. Endpoints are stored by url (not a foreign key) so history stays when
 an endpoint is renamed or deleted; clients by name (a client key's name, or "anonymous" /
 "operator", routing/auth/principal.py) for the same reason. Rows counted before clients
-existed carry "anonymous" (migration 0002)."""
+existed carry "anonymous" (migration 0002). `requested_model` is the model the client asked for
+when another one served it (an alias's name, or the model whose fallback answered); blank when
+the client asked for the model that served, as every row counted before aliases did."""
 
 from __future__ import annotations
 
@@ -16,6 +18,12 @@ class TokenCounts(models.Model):
     client = models.CharField(
         max_length=100, default="anonymous", help_text="Client key name, or anonymous/operator."
     )
+    requested_model = models.CharField(
+        max_length=500,
+        blank=True,
+        default="",
+        help_text="The model key the client asked for, when another one served (alias, fallback).",
+    )
     input_tokens = models.BigIntegerField(default=0)
     output_tokens = models.BigIntegerField(default=0)
     total_tokens = models.BigIntegerField(default=0)
@@ -26,7 +34,8 @@ class TokenCounts(models.Model):
 
 
 class TokenTotal(TokenCounts):
-    """Running totals per (endpoint, model, client), incremented atomically by every flush."""
+    """Running totals per (endpoint, model, client, requested model), incremented atomically by
+    every flush."""
 
     incomplete = models.BigIntegerField(default=0, help_text="Requests that ended without counts.")
 
@@ -34,7 +43,8 @@ class TokenTotal(TokenCounts):
         constraints = [
             # The upsert target of every flush.
             models.UniqueConstraint(
-                fields=["endpoint", "model", "client"], name="tokentotal_endpoint_model_client"
+                fields=["endpoint", "model", "client", "requested_model"],
+                name="tokentotal_endpoint_model_client_req",
             ),
         ]
 
@@ -43,7 +53,7 @@ class TokenTotal(TokenCounts):
 
 
 class TokenTimeSeries(TokenCounts):
-    """Tokens per (endpoint, model, client, UTC minute)."""
+    """Tokens per (endpoint, model, client, requested model, UTC minute)."""
 
     timestamp = models.DateTimeField(help_text="Start of the UTC minute.")
 
@@ -52,8 +62,8 @@ class TokenTimeSeries(TokenCounts):
             # Upsert target of the flush, and /api/stats for one model over a time range
             # (WHERE model = %s AND timestamp BETWEEN ...), which reads this index in order.
             models.UniqueConstraint(
-                fields=["model", "timestamp", "endpoint", "client"],
-                name="tokenseries_model_ts_endpoint_client",
+                fields=["model", "timestamp", "endpoint", "client", "requested_model"],
+                name="tokenseries_model_ts_endpoint_client_req",
             ),
         ]
         indexes = [
@@ -67,7 +77,7 @@ class TokenTimeSeries(TokenCounts):
 
 class TokenDaily(TokenCounts):
     """Time-series rows older than the retention window, folded into one row per (endpoint, model,
-    client, UTC day)."""
+    client, requested model, UTC day)."""
 
     day = models.DateField()
 
@@ -75,7 +85,8 @@ class TokenDaily(TokenCounts):
         constraints = [
             # Upsert target of the roll-up, and daily history for one model (WHERE model = %s AND day ...).
             models.UniqueConstraint(
-                fields=["model", "day", "endpoint", "client"], name="tokendaily_model_day_endpoint_client"
+                fields=["model", "day", "endpoint", "client", "requested_model"],
+                name="tokendaily_model_day_endpoint_client_req",
             ),
         ]
         indexes = [

@@ -368,8 +368,8 @@ def model_stats(
 
 
 # -- CSV export ----------------------------------------------------------------------
-# timestamp, endpoint, model, in, out, total, requests, client
-CsvRow = tuple[datetime, str, str, int, int, int, int, str]
+# timestamp, endpoint, model, in, out, total, requests, client, requested model ("": the same)
+CsvRow = tuple[datetime, str, str, int, int, int, int, str, str]
 
 CSV_FIELDS = (  # the time-series columns of a CSV row, in order (also its header)
     "timestamp",
@@ -380,6 +380,7 @@ CSV_FIELDS = (  # the time-series columns of a CSV row, in order (also its heade
     "total_tokens",
     "requests",
     "client",
+    "requested_model",
 )
 
 
@@ -392,7 +393,7 @@ def csv_page(
     client: str | None = None,
 ) -> tuple[list[CsvRow], datetime | None]:
     """Minute rows in [start, end) with timestamp > `after` (of `client` alone if given), ordered
-    by (timestamp, endpoint, model, client).
+    by (timestamp, endpoint, model, client, requested model).
 
     Returns the rows and the `after` of the next page (None when this was the last).
     A page always ends at a whole minute, so paging by timestamp loses nothing.
@@ -404,7 +405,9 @@ def csv_page(
         qs = qs.filter(model__in=spellings(model))
     if client is not None:
         qs = qs.filter(client=client)
-    ordered = qs.order_by("timestamp", "endpoint", "model", "client").values_list(*CSV_FIELDS)
+    ordered = qs.order_by("timestamp", "endpoint", "model", "client", "requested_model").values_list(
+        *CSV_FIELDS
+    )
     rows = cast(list[CsvRow], list(ordered[:limit]))
     if len(rows) < limit:
         return rows, None
@@ -429,10 +432,18 @@ def csv_daily_rows(
         qs = qs.filter(model__in=spellings(model))
     if client is not None:
         qs = qs.filter(client=client)
-    ordered = qs.order_by("day", "endpoint", "model", "client")
+    ordered = qs.order_by("day", "endpoint", "model", "client", "requested_model")
     return [
-        (day_start(day), endpoint, m, inp, out, tot, req, who)
-        for day, endpoint, m, inp, out, tot, req, who in ordered.values_list(
-            "day", "endpoint", "model", "input_tokens", "output_tokens", "total_tokens", "requests", "client"
+        (day_start(day), endpoint, m, inp, out, tot, req, who, asked)
+        for day, endpoint, m, inp, out, tot, req, who, asked in ordered.values_list(
+            "day",
+            "endpoint",
+            "model",
+            "input_tokens",
+            "output_tokens",
+            "total_tokens",
+            "requests",
+            "client",
+            "requested_model",
         )
     ]

@@ -30,8 +30,9 @@ from stats.models import TokenTimeSeries, TokenTotal
 log = logging.getLogger("stats.recorder")
 
 Pair = tuple[str, str]  # (endpoint url, model)
-Row = tuple[str, str, str]  # (endpoint url, model, client): what the database keeps apart
-Minute = tuple[str, str, str, datetime]
+# (endpoint url, model, client, requested model or ""): what the database keeps apart
+Row = tuple[str, str, str, str]
+Minute = tuple[str, str, str, str, datetime]
 
 
 def minute_of(now: datetime) -> datetime:
@@ -41,9 +42,9 @@ def minute_of(now: datetime) -> datetime:
 class Recorder:
     def __init__(self) -> None:
         self._lock = TimedLock("recorder")
-        # pending writes: (endpoint, model, client) -> [input, output, requests, incomplete]
+        # pending writes: (endpoint, model, client, requested) -> [input, output, requests, incomplete]
         self._totals_buf: dict[Row, list[int]] = {}
-        # pending writes: (endpoint, model, client, minute) -> [input, output, requests]
+        # pending writes: (endpoint, model, client, requested, minute) -> [input, output, requests]
         self._series_buf: dict[Minute, list[int]] = {}
         # swapped out by a flush that has not committed yet
         self._inflight: dict[Row, list[int]] = {}
@@ -60,26 +61,30 @@ class Recorder:
         self._flush_lock: asyncio.Lock | None = None
 
     # An accounting sink (routing/engine/accounting.py), installed by StatsConfig.ready. Rows are
-    # kept per client, the principal's name; the token metrics are routing's own sink.
-    def record(self, principal: Principal, endpoint: str, model: str, counts: Counts) -> None:
+    # kept per client, the principal's name, and per model asked for when another one served
+    # (`requested`: an alias, a fallback's origin); the token metrics are routing's own sink.
+    def record(
+        self, principal: Principal, endpoint: str, model: str, counts: Counts, *, requested: str = ""
+    ) -> None:
         """One request whose reply reported its token counts."""
-        self._count(endpoint, model, principal.name, counts.prompt, counts.completion, incomplete=0)
+        row = (endpoint, model, principal.name, requested)
+        self._count(row, counts.prompt, counts.completion, incomplete=0)
         self.changed.send()
 
-    def incomplete(self, principal: Principal, endpoint: str, model: str) -> None:
+    def incomplete(self, principal: Principal, endpoint: str, model: str, *, requested: str = "") -> None:
         """One request whose reply ended without counts (the server reported no usage, or the
         reply was cut): counted as a request, in the totals and its minute, and in
         `incomplete`; no tokens invented."""
-        self._count(endpoint, model, principal.name, 0, 0, incomplete=1)
+        self._count((endpoint, model, principal.name, requested), 0, 0, incomplete=1)
         self.changed.send()
 
-    def _count(self, endpoint: str, model: str, client: str, inp: int, out: int, *, incomplete: int) -> None:
-        minute = minute_of(datetime.now(tz=UTC))  # outside the lock
+    def _count(self, key: Row, inp: int, out: int, *, incomplete: int) -> None:
+        minute = (*key, minute_of(datetime.now(tz=UTC)))  # outside the lock
         with self._lock:
-            self._add(self._totals_buf, (endpoint, model, client), inp, out, 1, incomplete)
-            row = self._series_buf.get((endpoint, model, client, minute))
+            self._add(self._totals_buf, key, inp, out, 1, incomplete)
+            row = self._series_buf.get(minute)
             if row is None:
-                self._series_buf[(endpoint, model, client, minute)] = [inp, out, 1]
+                self._series_buf[minute] = [inp, out, 1]
             else:
                 row[0] += inp
                 row[1] += out
@@ -110,11 +115,11 @@ class Recorder:
         db: dict[Pair, list[int]] = {}
         pending: dict[Pair, list[int]] = {}
         with self._lock:
-            for (endpoint, model, who), row in self._db_totals.items():
+            for (endpoint, model, who, _asked), row in self._db_totals.items():
                 if client is None or who == client:
                     self._add(db, (endpoint, model), *row)
             for table in (self._inflight, self._totals_buf):
-                for (endpoint, model, who), row in table.items():
+                for (endpoint, model, who, _asked), row in table.items():
                     if client is None or who == client:
                         self._add(pending, (endpoint, model), *row)
         return db, pending
@@ -125,10 +130,10 @@ class Recorder:
         db: dict[str, list[int]] = {}
         pending: dict[str, list[int]] = {}
         with self._lock:
-            for (_endpoint, _model, who), row in self._db_totals.items():
+            for (_endpoint, _model, who, _asked), row in self._db_totals.items():
                 self._add(db, who, *row)
             for table in (self._inflight, self._totals_buf):
-                for (_endpoint, _model, who), row in table.items():
+                for (_endpoint, _model, who, _asked), row in table.items():
                     self._add(pending, who, *row)
         return db, pending
 
@@ -138,7 +143,7 @@ class Recorder:
         merged: dict[str, list[int]] = {}
         with self._lock:
             for table in (self._db_totals, self._inflight, self._totals_buf):
-                for (_endpoint, _model, who), row in table.items():
+                for (_endpoint, _model, who, _asked), row in table.items():
                     self._add(merged, who, *row)
         return {k: (v[0], v[1], v[0] + v[1], v[2]) for k, v in sorted(merged.items())}
 
@@ -225,9 +230,16 @@ class Recorder:
     def load_totals(self) -> None:
         """Start from what the database holds, so live numbers continue across restarts."""
         rows = TokenTotal.objects.all().values_list(
-            "endpoint", "model", "client", "input_tokens", "output_tokens", "requests", "incomplete"
+            "endpoint",
+            "model",
+            "client",
+            "requested_model",
+            "input_tokens",
+            "output_tokens",
+            "requests",
+            "incomplete",
         )
-        fresh = {(r[0], r[1], r[2]): [r[3], r[4], r[5], r[6]] for r in rows}
+        fresh = {(r[0], r[1], r[2], r[3]): [r[4], r[5], r[6], r[7]] for r in rows}
         with self._lock:
             self._db_totals = fresh
             self._inflight = {}  # committed before this read, so included in it
@@ -249,29 +261,32 @@ def write(totals: dict[Row, list[int]], series: dict[Minute, list[int]]) -> None
     with transaction.atomic(), connection.cursor() as cursor:
         if totals:
             cursor.executemany(
-                f"INSERT INTO {tt} (endpoint, model, client, input_tokens, output_tokens, total_tokens,"
-                " requests, incomplete) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (endpoint, model, client) DO UPDATE SET"
+                f"INSERT INTO {tt} (endpoint, model, client, requested_model, input_tokens, output_tokens,"
+                " total_tokens, requests, incomplete) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (endpoint, model, client, requested_model) DO UPDATE SET"
                 f" input_tokens = {tt}.input_tokens + excluded.input_tokens,"
                 f" output_tokens = {tt}.output_tokens + excluded.output_tokens,"
                 f" total_tokens = {tt}.total_tokens + excluded.total_tokens,"
                 f" requests = {tt}.requests + excluded.requests,"
                 f" incomplete = {tt}.incomplete + excluded.incomplete",
-                [(e, m, c, r[0], r[1], r[0] + r[1], r[2], r[3]) for (e, m, c), r in sorted(totals.items())],
+                [
+                    (e, m, c, q, r[0], r[1], r[0] + r[1], r[2], r[3])
+                    for (e, m, c, q), r in sorted(totals.items())
+                ],
             )
         if series:
             adapt = connection.ops.adapt_datetimefield_value
             cursor.executemany(
-                f"INSERT INTO {ts} (endpoint, model, client, input_tokens, output_tokens, total_tokens,"
-                " requests, timestamp) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (model, timestamp, endpoint, client) DO UPDATE SET"
+                f"INSERT INTO {ts} (endpoint, model, client, requested_model, input_tokens, output_tokens,"
+                " total_tokens, requests, timestamp) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (model, timestamp, endpoint, client, requested_model) DO UPDATE SET"
                 f" input_tokens = {ts}.input_tokens + excluded.input_tokens,"
                 f" output_tokens = {ts}.output_tokens + excluded.output_tokens,"
                 f" total_tokens = {ts}.total_tokens + excluded.total_tokens,"
                 f" requests = {ts}.requests + excluded.requests",
                 [
-                    (e, m, c, r[0], r[1], r[0] + r[1], r[2], adapt(t))
-                    for (e, m, c, t), r in sorted(series.items())
+                    (e, m, c, q, r[0], r[1], r[0] + r[1], r[2], adapt(t))
+                    for (e, m, c, q, t), r in sorted(series.items())
                 ],
             )
 

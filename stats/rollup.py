@@ -36,7 +36,7 @@ MAX_DAYS = 36_500  # a century: any longer keeps everything anyway (and would ov
 @dataclass(frozen=True, slots=True)
 class RollupResult:
     cutoff: datetime  # rows with timestamp < cutoff were folded
-    groups: int  # (endpoint, model, client, day) rows of TokenDaily created or incremented
+    groups: int  # (endpoint, model, client, requested model, day) rows of TokenDaily created or incremented
     rows: int  # TokenTimeSeries rows folded (and deleted)
     dry_run: bool = False
 
@@ -76,17 +76,19 @@ def _fold_postgresql(cutoff: datetime) -> tuple[int, int]:
     sql = (
         f"WITH moved AS ("
         f" DELETE FROM {ts} WHERE {stamp} < %s"
-        f" RETURNING endpoint, model, client, input_tokens, output_tokens, total_tokens, requests, {stamp}"
+        f" RETURNING endpoint, model, client, requested_model, input_tokens, output_tokens, total_tokens,"
+        f" requests, {stamp}"
         f"), grouped AS ("
-        f" SELECT endpoint, model, client, ({stamp} AT TIME ZONE 'UTC')::date AS day,"
+        f" SELECT endpoint, model, client, requested_model, ({stamp} AT TIME ZONE 'UTC')::date AS day,"
         f" SUM(input_tokens) AS i, SUM(output_tokens) AS o, SUM(total_tokens) AS t,"
         f" SUM(requests) AS r, COUNT(*) AS n"
-        f" FROM moved GROUP BY endpoint, model, client, day"
+        f" FROM moved GROUP BY endpoint, model, client, requested_model, day"
         f"), upserted AS ("
         f" INSERT INTO {daily}"
-        f" (endpoint, model, client, day, input_tokens, output_tokens, total_tokens, requests)"
-        f" SELECT endpoint, model, client, day, i, o, t, r FROM grouped"
-        f" ON CONFLICT (model, day, endpoint, client) DO UPDATE SET"
+        f" (endpoint, model, client, requested_model, day, input_tokens, output_tokens, total_tokens,"
+        f" requests)"
+        f" SELECT endpoint, model, client, requested_model, day, i, o, t, r FROM grouped"
+        f" ON CONFLICT (model, day, endpoint, client, requested_model) DO UPDATE SET"
         f" input_tokens = {daily}.input_tokens + excluded.input_tokens,"
         f" output_tokens = {daily}.output_tokens + excluded.output_tokens,"
         f" total_tokens = {daily}.total_tokens + excluded.total_tokens,"
@@ -108,11 +110,13 @@ def _fold_sqlite(cutoff: datetime) -> tuple[int, int]:
         # (The WHERE clause also keeps SQLite's upsert-after-SELECT syntax unambiguous.)
         cursor.execute(
             f"INSERT INTO {daily}"
-            f" (endpoint, model, client, day, input_tokens, output_tokens, total_tokens, requests)"
-            f" SELECT endpoint, model, client, date({stamp}), SUM(input_tokens), SUM(output_tokens),"
-            f" SUM(total_tokens), SUM(requests)"
-            f" FROM {ts} WHERE {stamp} < %s GROUP BY endpoint, model, client, date({stamp})"
-            f" ON CONFLICT (model, day, endpoint, client) DO UPDATE SET"
+            f" (endpoint, model, client, requested_model, day, input_tokens, output_tokens,"
+            f" total_tokens, requests)"
+            f" SELECT endpoint, model, client, requested_model, date({stamp}), SUM(input_tokens),"
+            f" SUM(output_tokens), SUM(total_tokens), SUM(requests)"
+            f" FROM {ts} WHERE {stamp} < %s GROUP BY endpoint, model, client, requested_model,"
+            f" date({stamp})"
+            f" ON CONFLICT (model, day, endpoint, client, requested_model) DO UPDATE SET"
             f" input_tokens = {daily}.input_tokens + excluded.input_tokens,"
             f" output_tokens = {daily}.output_tokens + excluded.output_tokens,"
             f" total_tokens = {daily}.total_tokens + excluded.total_tokens,"
@@ -133,7 +137,7 @@ def _count(cutoff: datetime) -> RollupResult:
         cursor.execute(
             f"SELECT COUNT(*), COALESCE(SUM(n), 0) FROM"
             f" (SELECT COUNT(*) AS n FROM {ts} WHERE {stamp} < %s"
-            f" GROUP BY endpoint, model, client, {day}) AS g",
+            f" GROUP BY endpoint, model, client, requested_model, {day}) AS g",
             [bound],
         )
         groups, rows = cursor.fetchone()

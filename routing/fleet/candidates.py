@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 from routing.core.names import model_key
 from routing.fleet import caches
@@ -93,3 +94,33 @@ async def candidates_for(model: str) -> Lookup:
         for (ep, name), names in zip(matches, loaded, strict=True)
     ]
     return Lookup(candidates, reachable, failing_with_model)
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """One line of a merged model list (/api/tags, /v1/models)."""
+
+    endpoint: EndpointInfo  # the server whose entry describes it
+    entry: dict[str, Any]  # that server's own entry for the model
+    name: str  # the name to list: the server's spelling, or the alias's name
+
+
+async def listing() -> list[Listed]:
+    """Every model the enabled endpoints advertise, once each (by `model_key`, the first
+    server's entry), then each alias with at least one target advertised, described by the
+    entry of its first target found. An alias named like a real model stands in its place
+    (requests for that name go to the alias)."""
+    endpoints = await registry.enabled()
+    aliases = registry.cached_routes().aliases
+    first: dict[str, Listed] = {}  # model key -> its first entry
+    for ep, found in await gather_advertised(endpoints):
+        if found is None:
+            continue
+        for entry, name in zip(found.entries, found.names, strict=True):
+            first.setdefault(model_key(name), Listed(ep, entry, name))
+    listed = [item for key, item in first.items() if key not in aliases]
+    for alias in aliases.values():
+        served = next((first[k] for k in map(model_key, alias.targets) if k in first), None)
+        if served is not None:
+            listed.append(Listed(served.endpoint, served.entry, alias.name))
+    return listed

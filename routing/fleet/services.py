@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from routing.auth.keys import router_key
+from routing.core.names import name_list
 from routing.fleet import caches, control
 from routing.fleet.registry import registry
-from routing.models import Endpoint, RouterSettings, normalise_url
+from routing.models import Endpoint, FallbackChain, ModelAlias, RouterSettings, normalise_url
 
 
 def endpoints_changed(endpoint_ids: list[int] | None = None) -> None:
@@ -28,6 +30,16 @@ def endpoints_changed(endpoint_ids: list[int] | None = None) -> None:
             caches.invalidate_endpoint(endpoint_id)
     registry.refresh_soon_threadsafe()  # in the server's loop now: queued requests see new limits at once
     control.broadcast_sync(endpoint_ids)
+
+
+def model_routes_changed() -> None:
+    """A model alias or fallback chain was created, changed or deleted: this process reloads
+    its copy before the next request (routing/fleet/registry.py loads them with the endpoints),
+    and the other router processes are told, as for an endpoint change (no endpoint's caches
+    are dropped: `ids` is empty)."""
+    registry.invalidate()
+    registry.refresh_soon_threadsafe()
+    control.broadcast_sync([])
 
 
 def endpoints_set_enabled(*, endpoint_ids: list[int], enabled: bool) -> int:
@@ -60,10 +72,15 @@ class ImportResult:
     updated: int = 0
     unchanged: int = 0
     api_key_set: bool = False
+    aliases: int = 0  # aliases created or changed
+    fallbacks: int = 0  # fallback chains created or changed
 
     def __str__(self) -> str:
         key = ", router api key set" if self.api_key_set else ""
-        return f"{self.created} created, {self.updated} updated, {self.unchanged} unchanged{key}"
+        routes = ""
+        if self.aliases or self.fallbacks:
+            routes = f", {self.aliases} aliases and {self.fallbacks} fallback chains set"
+        return f"{self.created} created, {self.updated} updated, {self.unchanged} unchanged{key}{routes}"
 
 
 class ConfigError(Exception):
@@ -94,6 +111,8 @@ def import_config(data: Any) -> ImportResult:
             if kind == Endpoint.Kind.OLLAMA and url.endswith("/v1"):
                 kind_here = Endpoint.Kind.OPENAI  # NOMYO lists OpenAI-compatible servers here too
             wanted.append((url, kind_here))
+    aliases = _name_lists(data, "aliases")
+    chains = _name_lists(data, "fallbacks")
     result = ImportResult()
     with transaction.atomic():
         for url, kind in wanted:
@@ -120,10 +139,55 @@ def import_config(data: Any) -> ImportResult:
                 row.api_key = new_key
                 row.save()
             result.api_key_set = True
+        # Aliases first: a chain's validation reads them.
+        for name, targets in aliases:
+            result.aliases += _upsert(ModelAlias, "name", name, "targets", targets)
+        for model, fallbacks in chains:
+            result.fallbacks += _upsert(FallbackChain, "model", model, "fallbacks", fallbacks)
     if new_key:
         router_key.set_stored(new_key)
     transaction.on_commit(lambda: endpoints_changed(None))
+    if result.aliases or result.fallbacks:
+        transaction.on_commit(model_routes_changed)
     return result
+
+
+def _name_lists(data: dict[str, Any], field: str) -> list[tuple[str, str]]:
+    """`aliases:` / `fallbacks:` of the config: a mapping of a name to a list of names (or one
+    name, or a comma-separated string), as (name, names one per line)."""
+    table = data.get(field) or {}
+    if not isinstance(table, dict):
+        raise ConfigError(f"{field} must be a mapping of a model name to a list of model names")
+    rows: list[tuple[str, str]] = []
+    for name, names in table.items():
+        if isinstance(names, str):
+            names = [names]
+        if (
+            not isinstance(name, str)
+            or not isinstance(names, list)
+            or not all(isinstance(n, str) for n in names)
+        ):
+            raise ConfigError(f"{field}: {name!r} must map to a list of model names")
+        rows.append((name, "\n".join(name_list(",".join(names)))))
+    return rows
+
+
+def _upsert(
+    model: type[ModelAlias] | type[FallbackChain], key: str, name: str, field: str, names: str
+) -> int:
+    """Create or update one alias or chain by its name (as written); 1 when something changed.
+    Raises ConfigError with the model's own validation message."""
+    row = model.objects.filter(**{key: name.strip()}).first() or model(**{key: name})
+    if row.pk is not None and getattr(row, field) == names and row.enabled:
+        return 0
+    setattr(row, field, names)
+    row.enabled = True
+    try:
+        row.full_clean()
+    except ValidationError as exc:
+        raise ConfigError(f"{name!r}: {'; '.join(exc.messages)}") from None
+    row.save()
+    return 1
 
 
 def import_config_file(path: str | Path) -> ImportResult:

@@ -52,7 +52,7 @@ DEFAULT_ALLOW_HEADERS = (
 # The router's own headers, and the rate-limit headers OpenAI-compatible servers send and
 # OpenAI's clients read, made readable to scripts on the allowed origin.
 EXPOSE_HEADERS = (
-    b"X-Request-Id, X-Router-Endpoint, X-Router-Ignored, Retry-After, "
+    b"X-Request-Id, X-Router-Endpoint, X-Router-Model, X-Router-Ignored, Retry-After, "
     b"x-ratelimit-limit-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-requests, "
     b"x-ratelimit-remaining-tokens, x-ratelimit-reset-requests, x-ratelimit-reset-tokens"
 )

@@ -347,16 +347,17 @@ async def test_csv_export() -> None:
             "total_tokens",
             "requests",
             "client",
+            "requested_model",
         ],
-        ["2025-03-10T00:00:00Z", EP1, "qwen", "0", "0", "2", "1", "anonymous"],
+        ["2025-03-10T00:00:00Z", EP1, "qwen", "0", "0", "2", "1", "anonymous", ""],
         # a rolled-up day, at its midnight
-        ["2025-03-10T00:00:00Z", EP2, "llama3", "7", "0", "7", "0", "anonymous"],
-        ["2025-03-10T00:01:00Z", EP1, "llama3", "10", "20", "30", "2", "anonymous"],
-        ["2025-03-10T00:02:00Z", EP2, "llama3", "5", "5", "10", "2", "anonymous"],
-        ["2025-03-10T01:01:00Z", EP1, "llama3", "30", "40", "70", "2", "anonymous"],
+        ["2025-03-10T00:00:00Z", EP2, "llama3", "7", "0", "7", "0", "anonymous", ""],
+        ["2025-03-10T00:01:00Z", EP1, "llama3", "10", "20", "30", "2", "anonymous", ""],
+        ["2025-03-10T00:02:00Z", EP2, "llama3", "5", "5", "10", "2", "anonymous", ""],
+        ["2025-03-10T01:01:00Z", EP1, "llama3", "30", "40", "70", "2", "anonymous", ""],
     ]
     only = await content(await call(api_views.stats_csv, rf.get("/api/stats.csv?from=2025-03-10&model=qwen")))
-    assert only.decode().splitlines()[1:] == [f"2025-03-10T00:00:00Z,{EP1},qwen,0,0,2,1,anonymous"]
+    assert only.decode().splitlines()[1:] == [f"2025-03-10T00:00:00Z,{EP1},qwen,0,0,2,1,anonymous,"]
 
 
 @pytest.mark.asyncio
@@ -549,11 +550,11 @@ async def test_stats_and_csv_sum_clients_and_filter_by_client() -> None:
     csv_b = await content(
         await call(api_views.stats_csv, rf.get("/api/stats.csv?from=2025-03-09&to=2025-03-11&client=team-b"))
     )
-    assert csv_b.decode().splitlines()[1:] == [f"2025-03-10T00:00:00Z,{EP1},llama3,7,0,7,1,team-b"]
+    assert csv_b.decode().splitlines()[1:] == [f"2025-03-10T00:00:00Z,{EP1},llama3,7,0,7,1,team-b,"]
     csv_all = await content(
         await call(api_views.stats_csv, rf.get("/api/stats.csv?from=2025-03-09&to=2025-03-11"))
     )
-    assert [line.rsplit(",", 1)[1] for line in csv_all.decode().splitlines()[1:]] == [
+    assert [line.rsplit(",", 2)[1] for line in csv_all.decode().splitlines()[1:]] == [
         "team-a",
         "operator",
         "team-a",

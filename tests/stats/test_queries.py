@@ -221,7 +221,7 @@ def test_csv_pages_return_every_row_once_in_order() -> None:
         for ep in (EP1, EP2):
             for model in ("a", "b", "c"):
                 row = series(ep, model, T0 + timedelta(minutes=minute), minute, 1)
-                expected.append((row.timestamp, ep, model, minute, 1, minute + 1, 1, "anonymous"))
+                expected.append((row.timestamp, ep, model, minute, 1, minute + 1, 1, "anonymous", ""))
     expected.sort(key=lambda r: (r[0], r[1], r[2]))
     for limit in (1, 4, 6, 7, 100):  # smaller than a minute, not aligned, aligned, larger
         got = []
@@ -250,7 +250,7 @@ def test_csv_daily_rows() -> None:
     daily(EP1, "a", date(2025, 3, 9), 5, 5)
     daily(EP1, "b", date(2025, 3, 9), 6, 6)
     assert queries.csv_daily_rows(datetime(2025, 3, 9, tzinfo=UTC), T0, "a") == [
-        (datetime(2025, 3, 9, tzinfo=UTC), EP1, "a", 5, 5, 10, 1, "anonymous")
+        (datetime(2025, 3, 9, tzinfo=UTC), EP1, "a", 5, 5, 10, 1, "anonymous", "")
     ]
     assert len(queries.csv_daily_rows(datetime(2025, 3, 9, tzinfo=UTC), T0, None)) == 2
     assert queries.csv_daily_rows(datetime(2025, 3, 9, 0, 1, tzinfo=UTC), T0, None) == []

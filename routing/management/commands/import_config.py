@@ -8,7 +8,10 @@ from routing.fleet.services import ConfigError, import_config_file
 
 
 class Command(BaseCommand):
-    help = "Import endpoints (and the router api key) from a NOMYO Router config.yaml. Idempotent."
+    help = (
+        "Import endpoints (and the router api key) from a NOMYO Router config.yaml, and the"
+        " router's own `aliases:` and `fallbacks:`. Idempotent."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("path", help="Path to config.yaml")

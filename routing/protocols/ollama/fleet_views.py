@@ -24,7 +24,10 @@ from routing.upstream import failures
 
 def _as_ollama_tag(ep: EndpointInfo, entry: dict[str, Any], name: str) -> dict[str, Any]:
     if ep.is_ollama:
-        return entry
+        # An alias is listed with its target's details under its own name.
+        return (
+            entry if entry.get("name", entry.get("model")) == name else {**entry, "name": name, "model": name}
+        )
     # OpenAI-compatible servers list ids only; give Ollama clients the fields they read.
     return {
         "name": name,
@@ -44,17 +47,9 @@ def _as_ollama_tag(ep: EndpointInfo, entry: dict[str, Any], name: str) -> dict[s
 
 @methods("GET")
 async def tags(request: HttpRequest) -> HttpResponseBase:
-    endpoints = await registry.enabled()
-    seen: set[str] = set()
-    models: list[dict[str, Any]] = []
-    for ep, found in await candidates.gather_advertised(endpoints):
-        if found is None:
-            continue
-        for entry, name in zip(found.entries, found.names, strict=True):
-            key = model_key(name)
-            if key not in seen:
-                seen.add(key)
-                models.append(_as_ollama_tag(ep, entry, name))
+    """The enabled servers' models, once each, and the aliases that can be served
+    (routing/fleet/candidates.py `listing`)."""
+    models = [_as_ollama_tag(item.endpoint, item.entry, item.name) for item in await candidates.listing()]
     return JsonResponse({"models": models})
 
 

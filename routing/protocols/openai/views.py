@@ -18,7 +18,6 @@ from routing.engine import attempt, proxy
 from routing.engine.attempt import Attempt
 from routing.fleet import candidates
 from routing.fleet.candidates import Candidate
-from routing.fleet.registry import registry
 from routing.protocols.common import schema
 from routing.protocols.common.decorators import methods
 from routing.protocols.common.parsing import optional_bool, parse_object, require_model
@@ -97,27 +96,20 @@ async def embeddings(request: HttpRequest) -> HttpResponseBase:
 
 
 async def _model_objects() -> list[dict[str, Any]]:
-    """Every model the enabled endpoints advertise, once each (by `model_key`), as OpenAI's
-    model object: {"id", "object": "model", "created", "owned_by"} (OpenAI API reference, Models)."""
-    endpoints = await registry.enabled()
-    seen: set[str] = set()
+    """Every model the enabled endpoints advertise, once each (by `model_key`), and the aliases
+    that can be served (routing/fleet/candidates.py `listing`), as OpenAI's model object:
+    {"id", "object": "model", "created", "owned_by"} (OpenAI API reference, Models)."""
     data: list[dict[str, Any]] = []
-    for ep, found in await candidates.gather_advertised(endpoints):
-        if found is None:
-            continue
-        for entry, name in zip(found.entries, found.names, strict=True):
-            key = model_key(name)
-            if key in seen:
-                continue
-            seen.add(key)
-            data.append(
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": entry.get("created", 0) if not ep.is_ollama else 0,
-                    "owned_by": entry.get("owned_by", "library") if not ep.is_ollama else "library",
-                }
-            )
+    for item in await candidates.listing():
+        ep, entry = item.endpoint, item.entry
+        data.append(
+            {
+                "id": item.name,
+                "object": "model",
+                "created": entry.get("created", 0) if not ep.is_ollama else 0,
+                "owned_by": entry.get("owned_by", "library") if not ep.is_ollama else "library",
+            }
+        )
     return data
 
 
