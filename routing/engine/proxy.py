@@ -20,6 +20,7 @@ repeat across requests. Every error about a server carries `X-Router-Endpoint`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -98,9 +99,11 @@ async def forward(
             if not principal.may_use(name):
                 continue
             lookup = await fleet_candidates.candidates_for(name)
+            fresh = [c for c in lookup.candidates if c.key not in tried]
+            if lookup.candidates and not fresh:
+                continue  # e.g. an alias of a model that was just tried
+            lookup = dataclasses.replace(lookup, candidates=fresh)
         keys = {c.key for c in lookup.candidates}
-        if keys and keys <= tried:
-            continue  # e.g. an alias of a model that was just tried
         remaining = max(0.0, deadline - time.perf_counter())
         wait = remaining if step == len(chain) - 1 else min(settings.ROUTER_FALLBACK_WAIT, remaining)
         try:

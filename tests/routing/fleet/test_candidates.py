@@ -14,7 +14,7 @@ from asgiref.sync import sync_to_async
 from routing.fleet import caches, candidates, health
 from routing.fleet.breaker import State, breakers
 from routing.fleet.registry import registry
-from routing.models import Endpoint
+from routing.models import Endpoint, ModelAlias
 from routing.upstream import client as upstream_client
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -154,3 +154,27 @@ async def test_concurrent_lookups_share_one_probe_per_endpoint() -> None:
         await upstream_client.close_client()
     assert all(len(r.candidates) == 1 for r in results)
     assert calls == {"/api/tags": 1, "/api/ps": 1}
+
+
+@pytest.mark.asyncio
+async def test_an_alias_has_the_candidates_of_its_targets_each_under_its_servers_name() -> None:
+    a = await add("a")
+    b = await add("b")
+    await add("c")
+    await sync_to_async(ModelAlias.objects.create)(name="gpt-oss", targets="gpt-oss-120b\ngpt-oss:120b")
+    servers(
+        {
+            "a": {"/api/tags": tags("gpt-oss:120b"), "/api/ps": tags("gpt-oss:120b")},
+            "b": {"/api/tags": tags("gpt-oss-120b"), "/api/ps": tags()},
+            "c": {"/api/tags": tags("llama3")},
+        }
+    )
+    found = await lookup("gpt-oss:latest")
+    # The alias's order (gpt-oss-120b first), each server's own spelling, its loaded flag.
+    assert [(c.endpoint.id, c.backend_model, c.loaded) for c in found.candidates] == [
+        (b, "gpt-oss-120b", False),
+        (a, "gpt-oss:120b", True),
+    ]
+    assert [c.key for c in found.candidates] == ["gpt-oss-120b:latest", "gpt-oss:120b"]
+    assert (await lookup("gpt-oss:120b")).candidates[0].endpoint.id == a  # a target, asked directly
+    assert (await lookup("nothing")).candidates == []

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from django.core.management import CommandError, call_command
 
-from routing.models import Endpoint, RouterSettings
+from routing.models import Endpoint, FallbackChain, ModelAlias, RouterSettings
 
 CONFIG = """
 endpoints:
@@ -93,3 +93,50 @@ def test_it_imports_the_config_at_start_when_the_database_has_no_endpoint(config
     wait_until(lambda: httpx.get(server.url + "/api/tags").status_code == 401)
     assert httpx.get(server.url + "/api/tags", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert Endpoint.objects.count() == 4
+
+
+ROUTES = """
+endpoints:
+  - http://gpu-1:11434
+aliases:
+  gpt-oss: [gpt-oss:120b, gpt-oss-120b]
+  fast: llama3:8b
+fallbacks:
+  gpt-oss: [fast, qwen:7b]
+"""
+
+
+@pytest.mark.django_db
+def test_it_imports_aliases_and_fallback_chains_and_is_safe_to_run_again(tmp_path: Path):
+    path = tmp_path / "config.yaml"
+    path.write_text(ROUTES)
+    call_command("import_config", str(path))
+    assert {a.name: a.target_names for a in ModelAlias.objects.all()} == {
+        "gpt-oss": ["gpt-oss:120b", "gpt-oss-120b"],
+        "fast": ["llama3:8b"],
+    }
+    assert FallbackChain.objects.get(model="gpt-oss").fallback_names == ["fast", "qwen:7b"]
+    before = {a.pk: a.updated for a in ModelAlias.objects.all()}
+    call_command("import_config", str(path))  # unchanged: nothing rewritten
+    assert {a.pk: a.updated for a in ModelAlias.objects.all()} == before
+    assert FallbackChain.objects.count() == 1
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("aliases: [a, b]", "aliases must be a mapping"),
+        ("aliases:\n  a: {x: 1}", "must map to a list of model names"),
+        ("aliases:\n  a: [a:latest]", "cannot stand for itself"),
+        ("fallbacks:\n  a: []", "at least one fallback"),
+    ],
+)
+def test_it_refuses_bad_aliases_and_chains_with_the_models_own_message(
+    tmp_path: Path, text: str, message: str
+):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(CommandError, match=message):
+        call_command("import_config", str(path))
+    assert not ModelAlias.objects.exists() and not FallbackChain.objects.exists()
