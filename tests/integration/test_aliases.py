@@ -61,6 +61,11 @@ def test_an_alias_is_listed_and_reaches_each_server_under_its_own_name(fakes, en
     assert lines[-1]["done"] is True
     assert {b["model"] for b in ollama.stats.bodies_for("/api/chat")} <= {"gpt-oss:120b"}
 
+    load = api.post("/api/generate", json={"model": "gpt-oss", "stream": False})
+    assert load.status_code == 200 and load.json()["done_reason"] == "load"
+    assert ollama.stats.bodies_for("/api/generate")[-1]["model"] == "gpt-oss:120b"  # its own name
+    assert "gpt-oss:120b" in ollama.config.loaded
+
     wait_until(
         lambda: (
             set(TokenTotal.objects.values_list("model", "requested_model"))
