@@ -26,6 +26,8 @@ def router_settings(app_configs: Any, **kwargs: Any) -> list[Error | Warning]:
             problems.append(Error(f"{name} must be greater than zero.", id="routing.E001"))
     if settings.ROUTER_QUEUE_MAX < 0:
         problems.append(Error("ROUTER_QUEUE_MAX must not be negative.", id="routing.E002"))
+    if settings.ROUTER_FALLBACK_WAIT < 0:
+        problems.append(Error("ROUTER_FALLBACK_WAIT must not be negative.", id="routing.E004"))
     if settings.ROUTER_MAX_BODY < 1024:
         problems.append(Error("ROUTER_MAX_BODY must be at least 1024 bytes.", id="routing.E003"))
     if settings.ROUTER_CONFIG:

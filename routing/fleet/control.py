@@ -1,5 +1,8 @@
 """Cross-process control messages over the channel layer: "endpoints changed", "keys changed".
 
+A change of the model aliases or fallback chains is sent as "endpoints changed" with no ids:
+the registry reloads them with the endpoints, and no endpoint's caches are dropped.
+
 Every router process listens on the `router.control` group; a change made through any
 process (admin, command) reaches all of them, so the next request anywhere sees it.
 """
