@@ -268,12 +268,12 @@ async def _acquire_any(model: str, candidates: list[Candidate], principal: Princ
     waited for in every group's queue at once. The first slot wins; the other waits are
     cancelled and any slot they were handed in the same instant is given back, so only one
     lease ever leaves here, whatever happens meanwhile (cancellation included)."""
+    key = candidates[0].key
+    if all(cand.key == key for cand in candidates):  # a plain model: one real model
+        return await _acquire(key, model, candidates, principal, wait)
     groups: dict[str, list[Candidate]] = {}
     for cand in candidates:
         groups.setdefault(cand.key, []).append(cand)
-    if len(groups) == 1:
-        key, group = next(iter(groups.items()))
-        return await _acquire(key, model, group, principal, wait)
     order = sorted(groups.items(), key=lambda kv: (not any(c.loaded for c in kv[1]), random.random()))
     if not cluster.enabled():
         for key, group in order:

@@ -24,11 +24,13 @@ class Candidate:
     endpoint: EndpointInfo
     backend_model: str  # the name the backend advertises (a real model, never an alias)
     loaded: bool
+    # The real model's key (`model_key(backend_model)`, filled in when not given): what its
+    # slots, queue and token counts are kept under.
+    key: str = ""
 
-    @property
-    def key(self) -> str:
-        """The real model's key: what its slots, queue and token counts are kept under."""
-        return model_key(self.backend_model)
+    def __post_init__(self) -> None:
+        if not self.key:
+            object.__setattr__(self, "key", model_key(self.backend_model))
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +71,9 @@ async def gather_loaded(endpoints: list[EndpointInfo]) -> list[ModelList]:
 async def candidates_for(model: str) -> Lookup:
     """The candidates for `model`, a model or an alias name (any spelling)."""
     endpoints = await registry.enabled()
-    keys = [model_key(name) for name in registry.cached_routes().targets(model)]
-    matches: list[tuple[EndpointInfo, str]] = []
+    alias = registry.cached_routes().alias(model)
+    keys = [model_key(model)] if alias is None else [model_key(name) for name in alias.targets]
+    matches: list[tuple[EndpointInfo, str, str]] = []  # endpoint, its name for the model, key
     reachable = 0
     failing_with_model = 0
     for ep, models in await gather_advertised(endpoints):
@@ -83,15 +86,15 @@ async def candidates_for(model: str) -> Lookup:
         for key in keys:
             name = models.backend_name(key)
             if name is not None:
-                matches.append((ep, name))
+                matches.append((ep, name, key))
     if len(keys) > 1:
         # An alias's targets in the alias's order, then the endpoints' order.
         rank = {key: i for i, key in enumerate(keys)}
-        matches.sort(key=lambda m: rank[model_key(m[1])])
-    loaded = await gather_loaded([ep for ep, _ in matches])
+        matches.sort(key=lambda m: rank[m[2]])
+    loaded = await gather_loaded([ep for ep, _, _ in matches])
     candidates = [
-        Candidate(ep, name, model_key(name) in names.keys)
-        for (ep, name), names in zip(matches, loaded, strict=True)
+        Candidate(ep, name, key in names.keys, key)
+        for (ep, name, key), names in zip(matches, loaded, strict=True)
     ]
     return Lookup(candidates, reachable, failing_with_model)
 

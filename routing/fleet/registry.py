@@ -127,13 +127,13 @@ class Registry:
     async def routes(self) -> ModelRoutes:
         """The model aliases and fallback chains, as fresh as the endpoints (same reload)."""
         await self.all()
-        with self._lock:
-            return self._routes
+        return self._routes
 
     def cached_routes(self) -> ModelRoutes:
-        """The routes of the last reload, without reloading (after an `all()` in this request)."""
-        with self._lock:
-            return self._routes
+        """The routes of the last reload, without reloading (after an `all()` in this request).
+        Read without the lock, on every request: the table is immutable and replaced whole
+        (under the lock, by `_load` and `clear`), so one attribute read sees a whole table."""
+        return self._routes
 
     async def _load(self, generation: int) -> None:
         try:
