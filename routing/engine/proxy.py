@@ -3,10 +3,17 @@
 Both protocols and every route come through `forward()`; only the `Planner` differs (which
 url, which body, how to read the reply).
 
-Slot ownership: from the moment `_acquire` returns a lease, `forward` owns it in one
-try/finally that releases it unless a `ProxyStream` took it over (the lean handler then
+Slot ownership: from the moment `_acquire_any` returns a lease, `_forward_model` owns it in
+one try/finally that releases it unless a `ProxyStream` took it over (the lean handler then
 closes the stream whether or not it ever ran). Whatever raises in between (the planner,
 the send, reading the reply, cancellation) the slot, and its cluster claim, come back.
+`_acquire_any` itself hands out at most one lease: when an alias waits in several queues at
+once, every other wait is cancelled and awaited, and a slot it was granted is given back.
+A fallback to the next model of a chain starts only after the previous model's lease is
+released (`Unplaced` is raised past that finally), so a request never holds two slots.
+
+Aliases and fallback chains (routing/fleet/routes.py) are read from the registry's copy;
+a plain model without a chain takes the same path as before, with no body rewritten.
 
 Failures are judged by what they say about the server (upstream.verdict/status_verdict,
 routing/fleet/breaker.py): a pooled connection that closed before any reply byte is retried once
@@ -279,6 +286,7 @@ async def _acquire_any(model: str, candidates: list[Candidate], principal: Princ
         for key, group in order:
             lease = board.try_acquire(key, group, client=principal.name)
             if lease is not None:
+                metrics.queue_wait(0.0)
                 return lease
     tasks = [asyncio.ensure_future(_acquire(key, model, group, principal, wait)) for key, group in order]
     winner: Lease | None = None
