@@ -24,7 +24,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from django.conf import settings
@@ -34,7 +34,7 @@ from routing.auth.principal import Principal
 from routing.core.errors import ApiError, error_response, is_openai_path
 from routing.core.names import model_key
 from routing.engine.accounting import sinks
-from routing.engine.attempt import Attempt, Planner, Relay
+from routing.engine.attempt import Attempt, Planner, Refuse, Relay, Retry
 from routing.engine.board import Lease, QueueFull, QueueTimeout, board
 from routing.engine.cluster import cluster
 from routing.fleet import caches, health
@@ -42,6 +42,7 @@ from routing.fleet import candidates as fleet_candidates
 from routing.fleet.breaker import breakers
 from routing.fleet.candidates import Candidate
 from routing.fleet.refusals import refusals
+from routing.fleet.registry import EndpointInfo
 from routing.observability import metrics
 from routing.upstream import client, failures
 from routing.upstream.failures import UPSTREAM_ERRORS
@@ -49,6 +50,10 @@ from routing.upstream.failures import UPSTREAM_ERRORS
 log = logging.getLogger("routing.proxy")
 
 MAX_ERROR_BODY = 64 * 1024
+# Error statuses an attempt's `recover` hook is shown: 400/413/422 (a prompt too long, an image
+# a model cannot see: llama.cpp, vLLM), 500 (Ollama's image error), 404/501 (no rerank there).
+RECOVERABLE = frozenset({400, 404, 413, 422, 500, 501})
+MAX_RECOVERIES = 3  # per attempt: each hook retries each kind of fix once; this bounds a bad hook
 
 
 async def forward(
@@ -58,9 +63,13 @@ async def forward(
     plan: Planner,
     principal: Principal,
     metered: bool = True,
+    accept: Callable[[Candidate], ApiError | None] | None = None,
 ) -> HttpResponse | StreamingHttpResponse:
     """Route one request for `principal` (who it is accounted to). `metered=False` is for
-    metadata calls (show) that take no slot.
+    metadata calls (show) that take no slot. `accept` (rerank) leaves out the candidates it
+    answers an ApiError for; when it leaves none, the first such error is raised. A server
+    whose attempt answers `Refuse` is passed over; when every tried one refused, the
+    refusal's error is raised.
 
     The principal's name and priority place a queued request in the model's queue
     (routing/engine/fair_queue.py).
@@ -80,9 +89,10 @@ async def forward(
             raise ApiError(503, "no endpoint is reachable", retry_after=5)
         raise ApiError(404, f"model '{model}' not found", code="model_not_found")
     key = model_key(model)
-    candidates = list(lookup.candidates)
+    candidates = _accepted(lookup.candidates, accept)
     failure = "no endpoint answered"
     tried = ""
+    refused: ApiError | None = None  # set while every failure so far was a refusal
     for _ in range(settings.ROUTER_MAX_RETRIES + 1):
         lease = (
             await _acquire(key, model, candidates, principal) if metered else board.unmetered(key, candidates)
@@ -90,10 +100,14 @@ async def forward(
         handed_over = False
         try:
             outcome = await _attempt(request_path, lease, plan, metered, principal)
-            if not isinstance(outcome, str):
+            if isinstance(outcome, ApiError):  # this server cannot serve it (Refuse)
+                refused = outcome if refused is not None or not tried else None
+                failure = outcome.message
+            elif not isinstance(outcome, str):
                 handed_over = isinstance(outcome, ProxyStreamingResponse)  # its stream owns the slot
                 return outcome
-            failure = outcome
+            else:
+                failure, refused = outcome, None
             tried = lease.endpoint.name
         finally:
             if not handed_over:
@@ -102,12 +116,32 @@ async def forward(
         if not candidates:
             break
         metrics.failovers.inc()
+    if refused is not None:
+        raise refused
     raise ApiError(
         502,
         f"upstream failed for model '{model}': {failure}",
         retry_after=5,
         headers=_named(tried),
     )
+
+
+def _accepted(
+    found: list[Candidate], accept: Callable[[Candidate], ApiError | None] | None
+) -> list[Candidate]:
+    if accept is None:
+        return list(found)
+    kept: list[Candidate] = []
+    first: ApiError | None = None
+    for cand in found:
+        why = accept(cand)
+        if why is None:
+            kept.append(cand)
+        elif first is None:
+            first = why
+    if not kept and first is not None:
+        raise first
+    return kept
 
 
 def _named(endpoint_name: str) -> dict[str, str]:
@@ -129,16 +163,29 @@ def _plan(plan: Planner, cand: Candidate) -> Attempt:
 
 async def _attempt(
     path: str, lease: Lease, plan: Planner, metered: bool, principal: Principal
-) -> HttpResponse | StreamingHttpResponse | str:
-    """One server's try: the reply, or why it failed in a way that allows failover (str).
-    The caller owns the lease; this owns the upstream response until a reply takes it."""
-    ep = lease.endpoint
+) -> HttpResponse | StreamingHttpResponse | str | ApiError:
+    """One server's try: the reply, why it failed in a way that allows failover (str), or
+    the error to give when no server can serve it (ApiError, from a `Refuse`). The caller
+    owns the lease; this owns the upstream response until a reply takes it. The attempt's
+    `reply_headers` go on whatever reply this server's answer becomes."""
     attempt = _plan(plan, lease.candidate)
+    outcome = await _try(path, lease, attempt, metered, principal)
+    if isinstance(outcome, (HttpResponse, StreamingHttpResponse)):
+        for name, value in attempt.reply_headers.items():
+            outcome[name] = value
+    return outcome
+
+
+async def _try(
+    path: str, lease: Lease, attempt: Attempt, metered: bool, principal: Principal
+) -> HttpResponse | StreamingHttpResponse | str | ApiError:
+    ep = lease.endpoint
     if not metered:
         attempt.counted = False
     if attempt.fallback_body is not None and ep.id in refusals:
         attempt.body, attempt.fallback_body = attempt.fallback_body(), None
     started = time.perf_counter()
+    recoveries = 0
     while True:
         try:
             response = await _send(lease, attempt)
@@ -160,14 +207,22 @@ async def _attempt(
             return failure.value
         try:
             status = response.status
-            if status >= 500:
-                judged = failures.status_verdict(status)
+            if attempt.recover is not None and status in RECOVERABLE and recoveries < MAX_RECOVERIES:
                 body, complete = await _read_error_body(response)
-                if judged.evidence is not failures.Evidence.NONE or not complete:
-                    health.server_failed(ep, f"HTTP {status}", strong=False)
-                if judged.failover:
-                    return f"HTTP {status}: {_error_message(body, response.reason)}"
-                return _error_reply(path, ep.name, status, body, response.reason)
+                verdict = attempt.recover(status, body) if complete else None
+                if isinstance(verdict, Retry):
+                    recoveries += 1
+                    breakers.succeeded(ep.id)  # it answered normally, about this request
+                    attempt.body = verdict.body
+                    attempt.reply_headers.update(verdict.headers)
+                    continue  # the changed request again, on the same server and slot
+                if isinstance(verdict, Refuse):
+                    breakers.succeeded(ep.id)
+                    return verdict.error
+                return _error_outcome(path, ep, status, body, complete, response.reason)
+            if status >= 500:
+                body, complete = await _read_error_body(response)
+                return _error_outcome(path, ep, status, body, complete, response.reason)
             if status in (400, 422) and attempt.fallback_body is not None:
                 body = await _read_error(response)
                 if not _refuses_added_field(body):
@@ -183,6 +238,23 @@ async def _attempt(
         except BaseException:
             response.close()  # never handed to a reply: drop the connection
             raise
+
+
+def _error_outcome(
+    path: str, ep: EndpointInfo, status: int, body: bytes, complete: bool, reason: str | None
+) -> HttpResponse | str:
+    """An error reply already read: a failover (str, for 502/503) or the client's reply."""
+    if status >= 500:
+        judged = failures.status_verdict(status)
+        if judged.evidence is not failures.Evidence.NONE or not complete:
+            health.server_failed(ep, f"HTTP {status}", strong=False)
+        if judged.failover:
+            return f"HTTP {status}: {_error_message(body, reason)}"
+    else:
+        if status == 404:
+            caches.advertised.invalidate(ep.id)  # it no longer has the model we thought it had
+        breakers.succeeded(ep.id)  # it answered normally, about this request
+    return _error_reply(path, ep.name, status, body, reason)
 
 
 def _refuses_added_field(body: bytes) -> bool:
