@@ -30,7 +30,8 @@ supported" (a model loaded without its mmproj), Ollama's "this model is missing 
 for image input" (HTTP 500) and "does not support images/vision", vLLM's "is not a multimodal
 model". The request is sent once more without its images (OpenAI `image_url`/`input_image`
 parts, Ollama `images`), the reply says `X-Router-Images-Dropped: <n>`, and
-router_image_retries_total{endpoint,model} counts it.
+router_image_retries_total{endpoint,model} counts it (model: the model key, as in
+router_tokens_total; router_context_trims_total counts trims the same way).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import Any
 
 from django.conf import settings
 
+from routing.core.names import model_key
 from routing.engine.attempt import Attempt, Retry
 from routing.fleet.candidates import Candidate
 from routing.fleet.context_limits import context_limits
@@ -200,6 +202,7 @@ class Guard:
         self.endpoint_id = cand.endpoint.id
         self.endpoint_url = cand.endpoint.url
         self.model = cand.backend_model
+        self.label = model_key(cand.backend_model)  # as the token counters name it
         self.trimmed = 0
         self.retried_overflow = False
         self.retried_images = False
@@ -258,7 +261,7 @@ class Guard:
         self.attempt.body = json.dumps(data).encode()
         self.trimmed += removed
         self.attempt.reply_headers[TRIMMED_HEADER] = str(self.trimmed)
-        metrics.context_trims.labels(self.endpoint_url, self.model).inc()
+        metrics.context_trims.labels(self.endpoint_url, self.label).inc()
 
     def _without_images(self) -> Retry | None:
         data = _loads(self.attempt.body)
@@ -267,7 +270,7 @@ class Guard:
         removed = strip_images(data)
         if not removed:
             return None
-        metrics.image_retries.labels(self.endpoint_url, self.model).inc()
+        metrics.image_retries.labels(self.endpoint_url, self.label).inc()
         return Retry(json.dumps(data).encode(), {IMAGES_DROPPED_HEADER: str(removed)})
 
 
