@@ -4,6 +4,7 @@ servers' overflow and image errors, trimming, dropping images, the hook's once-e
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -112,7 +113,7 @@ def test_it_trims_nothing_when_it_fits_or_nothing_may_go():
 
 
 def test_it_strips_images_of_both_protocols_and_counts_them():
-    body = {
+    body: dict[str, Any] = {
         "images": ["a"],
         "messages": [
             {"role": "user", "content": "x", "images": ["b", "c"]},
