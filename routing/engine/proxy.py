@@ -207,9 +207,20 @@ async def _try(
             return failure.value
         try:
             status = response.status
-            if attempt.recover is not None and status in RECOVERABLE and recoveries < MAX_RECOVERIES:
+            refusing_field = status in (400, 422) and attempt.fallback_body is not None
+            recoverable = (
+                attempt.recover is not None and status in RECOVERABLE and recoveries < MAX_RECOVERIES
+            )
+            if status >= 500 or refusing_field or recoverable:
                 body, complete = await _read_error_body(response)
-                verdict = attempt.recover(status, body) if complete else None
+                if refusing_field and complete and _refuses_added_field(body) and attempt.fallback_body:
+                    log.info("endpoint %s refuses stream_options: sent without it from now on", ep.name)
+                    refusals.add(ep.id)
+                    attempt.body, attempt.fallback_body = attempt.fallback_body(), None
+                    continue  # the same request again, on the same server and slot
+                verdict = (
+                    attempt.recover(status, body) if recoverable and complete and attempt.recover else None
+                )
                 if isinstance(verdict, Retry):
                     recoveries += 1
                     breakers.succeeded(ep.id)  # it answered normally, about this request
@@ -220,18 +231,6 @@ async def _try(
                     breakers.succeeded(ep.id)
                     return verdict.error
                 return _error_outcome(path, ep, status, body, complete, response.reason)
-            if status >= 500:
-                body, complete = await _read_error_body(response)
-                return _error_outcome(path, ep, status, body, complete, response.reason)
-            if status in (400, 422) and attempt.fallback_body is not None:
-                body = await _read_error(response)
-                if not _refuses_added_field(body):
-                    breakers.succeeded(ep.id)
-                    return _error_reply(path, ep.name, status, body, response.reason)
-                log.info("endpoint %s refuses stream_options: sent without it from now on", ep.name)
-                refusals.add(ep.id)
-                attempt.body, attempt.fallback_body = attempt.fallback_body(), None
-                continue  # the same request again, on the same server and slot
             lease.first_byte = time.perf_counter() - started  # the board averages it per endpoint and model
             metrics.first_byte(path, lease.first_byte)
             return await _reply(path, lease, attempt, response, principal)

@@ -156,3 +156,25 @@ def test_it_retries_without_images_for_a_model_that_cannot_see_and_counts_it(fak
     assert by_name["llama3:latest"]["endpoint_name"] == "text-only"
     assert by_name["qwen"]["endpoint"] == llama_cpp.url + "/v1"
     assert by_name["qwen"]["owned_by"] is not None and "context_length" not in by_name["qwen"]
+
+
+def test_a_server_that_refuses_stream_options_still_gets_the_trimmed_conversation(fakes, endpoint, router):
+    strict = fakes(kind="openai", models=["qwen"], n_ctx=N_CTX, reject_fields=["stream_options"])
+    endpoint(strict.url + "/v1", name="strict", kind="openai", max_concurrent_connections=1)
+    server = router()
+    for _ in range(2):  # learning both refusals, then trimmed before sending and sent without the field
+        reply = httpx.post(
+            server.url + "/v1/chat/completions",
+            json={"model": "qwen", "messages": LONG, "stream": True},
+            timeout=10,
+        )
+        assert reply.status_code == 200 and "data: [DONE]" in reply.text, reply.text
+        assert int(reply.headers["X-Router-Trimmed"]) > 0
+    sent = strict.stats.bodies_for("/v1/chat/completions")
+    assert [("stream_options" in b, len(b["messages"]) < len(LONG)) for b in sent] == [
+        (True, False),  # refused: the field
+        (False, False),  # refused: the context
+        (False, True),  # served
+        (False, True),  # served: trimmed before sending, without the field
+    ]
+    assert in_flight(server.url) == 0

@@ -259,6 +259,7 @@ class Guard:
     def _trimmed(self, data: dict[str, Any], kept: list[Any], removed: int) -> None:
         data["messages"] = kept
         self.attempt.body = json.dumps(data).encode()
+        self._follow(data)
         self.trimmed += removed
         self.attempt.reply_headers[TRIMMED_HEADER] = str(self.trimmed)
         metrics.context_trims.labels(self.endpoint_url, self.label).inc()
@@ -271,7 +272,23 @@ class Guard:
         if not removed:
             return None
         metrics.image_retries.labels(self.endpoint_url, self.label).inc()
+        self._follow(data)
         return Retry(json.dumps(data).encode(), {IMAGES_DROPPED_HEADER: str(removed)})
+
+    def _follow(self, data: dict[str, Any]) -> None:
+        """The body sent instead to a server that refuses `stream_options` (the attempt's
+        fallback) gets the same messages."""
+        fallback = self.attempt.fallback_body
+        messages = data.get("messages")
+        if fallback is None or messages is None:
+            return
+
+        def changed() -> bytes:
+            original = json.loads(fallback())
+            original["messages"] = messages
+            return json.dumps(original).encode()
+
+        self.attempt.fallback_body = changed
 
 
 def _loads(body: bytes) -> dict[str, Any] | None:
