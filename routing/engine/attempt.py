@@ -50,8 +50,9 @@ class Refuse:
     error: ApiError
 
 
-# (status, error body) of an error reply -> what to do; at most MAX_RECOVERIES per attempt.
-Recover = Callable[[int, bytes], Retry | Refuse | None]
+# (the attempt, status, error body) of an error reply -> what to do; at most MAX_RECOVERIES
+# per attempt. The attempt is passed rather than held, so no reference cycle keeps its body.
+Recover = Callable[["Attempt", int, bytes], Retry | Refuse | None]
 
 
 @dataclass(slots=True)

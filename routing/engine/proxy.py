@@ -218,9 +218,8 @@ async def _try(
                     refusals.add(ep.id)
                     attempt.body, attempt.fallback_body = attempt.fallback_body(), None
                     continue  # the same request again, on the same server and slot
-                verdict = (
-                    attempt.recover(status, body) if recoverable and complete and attempt.recover else None
-                )
+                hook = attempt.recover if recoverable and complete else None
+                verdict = hook(attempt, status, body) if hook is not None else None
                 if isinstance(verdict, Retry):
                     recoveries += 1
                     breakers.succeeded(ep.id)  # it answered normally, about this request

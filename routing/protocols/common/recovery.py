@@ -197,8 +197,7 @@ class Guard:
     """The recovery of one chat or generate attempt for one candidate (its `recover` hook),
     and the trim before sending when the server's context is known."""
 
-    def __init__(self, attempt: Attempt, cand: Candidate) -> None:
-        self.attempt = attempt
+    def __init__(self, cand: Candidate) -> None:
         self.endpoint_id = cand.endpoint.id
         self.endpoint_url = cand.endpoint.url
         self.model = cand.backend_model
@@ -207,13 +206,13 @@ class Guard:
         self.retried_overflow = False
         self.retried_images = False
 
-    def pretrim(self) -> None:
+    def pretrim(self, attempt: Attempt) -> None:
         """Trim before sending when the context is known and the body may not fit (the body's
         length bounds the estimate: the JSON parse happens only then)."""
         n_ctx = context_limits.get(self.endpoint_id, self.model)
-        if n_ctx is None or len(self.attempt.body) // CHARS_PER_TOKEN <= _budget(n_ctx):
+        if n_ctx is None or len(attempt.body) // CHARS_PER_TOKEN <= _budget(n_ctx):
             return
-        data = _loads(self.attempt.body)
+        data = _loads(attempt.body)
         if data is None:
             return
         messages = data.get("messages")
@@ -221,24 +220,24 @@ class Guard:
             return
         kept, removed = trim(messages, _budget(n_ctx))
         if removed:
-            self._trimmed(data, kept, removed)
+            self._trimmed(attempt, data, kept, removed)
 
-    def __call__(self, status: int, body: bytes) -> Retry | None:
+    def __call__(self, attempt: Attempt, status: int, body: bytes) -> Retry | None:
         if status in (400, 413, 422, 500) and settings.ROUTER_CONTEXT_TRIM and not self.retried_overflow:
             found = overflow(body)
             if found is not None:
                 self.retried_overflow = True
-                return self._after_overflow(found)
+                return self._after_overflow(attempt, found)
         if status in (400, 500) and settings.ROUTER_IMAGE_RETRY and not self.retried_images:
             if refuses_images(body):
                 self.retried_images = True
-                return self._without_images()
+                return self._without_images(attempt)
         return None
 
-    def _after_overflow(self, found: Overflow) -> Retry | None:
+    def _after_overflow(self, attempt: Attempt, found: Overflow) -> Retry | None:
         if found.n_ctx is not None:
             context_limits.learn(self.endpoint_id, self.model, found.n_ctx)
-        data = _loads(self.attempt.body)
+        data = _loads(attempt.body)
         messages = data.get("messages") if data is not None else None
         if data is None or not isinstance(messages, list):
             return None
@@ -253,32 +252,32 @@ class Guard:
         kept, removed = trim(messages, min(target, current - 1))
         if not removed:
             return None
-        self._trimmed(data, kept, removed)
-        return Retry(self.attempt.body, {TRIMMED_HEADER: str(self.trimmed)})
+        self._trimmed(attempt, data, kept, removed)
+        return Retry(attempt.body, {TRIMMED_HEADER: str(self.trimmed)})
 
-    def _trimmed(self, data: dict[str, Any], kept: list[Any], removed: int) -> None:
+    def _trimmed(self, attempt: Attempt, data: dict[str, Any], kept: list[Any], removed: int) -> None:
         data["messages"] = kept
-        self.attempt.body = json.dumps(data).encode()
-        self._follow(data)
+        attempt.body = json.dumps(data).encode()
+        self._follow(attempt, data)
         self.trimmed += removed
-        self.attempt.reply_headers[TRIMMED_HEADER] = str(self.trimmed)
+        attempt.reply_headers[TRIMMED_HEADER] = str(self.trimmed)
         metrics.context_trims.labels(self.endpoint_url, self.label).inc()
 
-    def _without_images(self) -> Retry | None:
-        data = _loads(self.attempt.body)
+    def _without_images(self, attempt: Attempt) -> Retry | None:
+        data = _loads(attempt.body)
         if data is None:
             return None
         removed = strip_images(data)
         if not removed:
             return None
         metrics.image_retries.labels(self.endpoint_url, self.label).inc()
-        self._follow(data)
+        self._follow(attempt, data)
         return Retry(json.dumps(data).encode(), {IMAGES_DROPPED_HEADER: str(removed)})
 
-    def _follow(self, data: dict[str, Any]) -> None:
+    def _follow(self, attempt: Attempt, data: dict[str, Any]) -> None:
         """The body sent instead to a server that refuses `stream_options` (the attempt's
         fallback) gets the same messages."""
-        fallback = self.attempt.fallback_body
+        fallback = attempt.fallback_body
         messages = data.get("messages")
         if fallback is None or messages is None:
             return
@@ -288,7 +287,7 @@ class Guard:
             original["messages"] = messages
             return json.dumps(original).encode()
 
-        self.attempt.fallback_body = changed
+        attempt.fallback_body = changed
 
 
 def _loads(body: bytes) -> dict[str, Any] | None:
@@ -302,8 +301,8 @@ def _loads(body: bytes) -> dict[str, Any] | None:
 def guard(attempt: Attempt, cand: Candidate) -> Attempt:
     """Give a chat or generate attempt its recovery hook, trimmed first when the server's
     context is known (and ROUTER_CONTEXT_TRIM is on)."""
-    hook = Guard(attempt, cand)
+    hook = Guard(cand)  # holds no reference to the attempt: no cycle keeps a large body alive
     if settings.ROUTER_CONTEXT_TRIM:
-        hook.pretrim()
+        hook.pretrim(attempt)
     attempt.recover = hook
     return attempt

@@ -144,7 +144,7 @@ def _planner(model: str, data: dict[str, Any]) -> attempt.Planner:
         )
 
     def plan(cand: Candidate) -> Attempt:
-        def refused(status: int, body: bytes) -> Refuse | None:
+        def refused(_: Attempt, status: int, body: bytes) -> Refuse | None:
             if status not in REFUSED_STATUSES:
                 return None
             rerank_refusals.add(cand.endpoint.id, key)

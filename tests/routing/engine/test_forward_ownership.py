@@ -213,7 +213,7 @@ async def test_a_retry_on_the_same_server_keeps_the_one_slot_and_gives_it_back(
     use_candidates(monkeypatch, candidate(fake.url, limit=1))
     plain = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream})
 
-    def hook(status: int, body: bytes) -> attempt.Retry | None:
+    def hook(_: attempt.Attempt, status: int, body: bytes) -> attempt.Retry | None:
         return attempt.Retry(plain.encode(), {"X-Test": "retried"}) if status == 500 else None
 
     base = recovering(hook, stream=stream)
@@ -244,7 +244,7 @@ async def test_a_refusal_passes_to_the_next_server_and_the_last_one_s_error_is_r
     serving = fakes(models=[MODEL])
     no = ApiError(501, "nobody serves this", code="not_here")
 
-    def hook(status: int, body: bytes) -> attempt.Refuse | None:
+    def hook(_: attempt.Attempt, status: int, body: bytes) -> attempt.Refuse | None:
         return attempt.Refuse(no) if status == 500 else None
 
     def with_image(plan: attempt.Planner) -> attempt.Planner:

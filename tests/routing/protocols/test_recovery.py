@@ -165,12 +165,12 @@ def test_the_hook_trims_once_learns_the_limit_and_trims_the_next_attempt_before_
     messages = [_msg("system"), *[_msg(r) for r in ("user", "assistant") * 4], _msg("user")]
     attempt = recovery.guard(_attempt(messages), _candidate())
     assert attempt.recover is not None and attempt.reply_headers == {}
-    retry = attempt.recover(400, LLAMA_CPP.replace(b"4096", b"100").replace(b"5000", b"200"))
+    retry = attempt.recover(attempt, 400, LLAMA_CPP.replace(b"4096", b"100").replace(b"5000", b"200"))
     assert isinstance(retry, Retry)
     sent = json.loads(retry.body)["messages"]
     assert sent[0] == messages[0] and sent[-1] == messages[-1] and len(sent) < len(messages)
     assert retry.headers == {"X-Router-Trimmed": str(len(messages) - len(sent))}
-    assert attempt.recover(400, LLAMA_CPP) is None  # once per attempt
+    assert attempt.recover(attempt, 400, LLAMA_CPP) is None  # once per attempt
     assert context_limits.get(4242, "qwen") == 100
 
     later = recovery.guard(_attempt(messages), _candidate())
@@ -183,11 +183,11 @@ def test_the_hook_drops_images_once_and_leaves_other_errors_alone(settings):
     parts = [{"type": "text", "text": "t"}, {"type": "image_url", "image_url": {"url": "data:,"}}]
     attempt = recovery.guard(_attempt([{"role": "user", "content": parts}]), _candidate(4343))
     assert attempt.recover is not None
-    assert attempt.recover(400, b'{"error":{"message":"bad temperature"}}') is None
-    retry = attempt.recover(400, b'{"error":{"message":"image input is not supported"}}')
+    assert attempt.recover(attempt, 400, b'{"error":{"message":"bad temperature"}}') is None
+    retry = attempt.recover(attempt, 400, b'{"error":{"message":"image input is not supported"}}')
     assert isinstance(retry, Retry) and retry.headers == {"X-Router-Images-Dropped": "1"}
     assert json.loads(retry.body)["messages"][0]["content"] == [parts[0]]
-    assert attempt.recover(400, b'{"error":{"message":"image input is not supported"}}') is None
+    assert attempt.recover(attempt, 400, b'{"error":{"message":"image input is not supported"}}') is None
 
 
 def test_the_settings_turn_each_fix_off(clean_limits, settings):
@@ -198,5 +198,5 @@ def test_the_settings_turn_each_fix_off(clean_limits, settings):
     attempt = recovery.guard(_attempt(messages), _candidate(4444))
     assert json.loads(attempt.body)["messages"] == messages  # no trim before sending
     assert attempt.recover is not None
-    assert attempt.recover(400, LLAMA_CPP) is None
-    assert attempt.recover(400, b'{"error":"image input is not supported"}') is None
+    assert attempt.recover(attempt, 400, LLAMA_CPP) is None
+    assert attempt.recover(attempt, 400, b'{"error":"image input is not supported"}') is None
