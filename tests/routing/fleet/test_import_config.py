@@ -165,3 +165,20 @@ def test_it_refuses_a_bad_tier_or_weight_naming_the_entry(tmp_path: Path, entry:
     with pytest.raises(CommandError, match=message):
         call_command("import_config", str(path))
     assert Endpoint.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_the_readme_example_imports_as_it_says(tmp_path: Path):
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    section = readme.split("### Tiers and weights in a config file", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "config.yaml"
+    path.write_text(example)
+    call_command("import_config", str(path))
+    rows = {ep.url: (ep.tier, ep.weight) for ep in Endpoint.objects.all()}
+    assert rows == {
+        "http://gpu-1:11434": (0, 1),
+        "http://gpu-2:11434": (0, 2),
+        "http://cpu-1:11434": (1, 1),
+        "http://paid-api.example/v1": (2, 1),
+    }
