@@ -108,56 +108,64 @@ class TieredLeastBusy:
     one tier. Unmetered picks (no slot taken, /api/show) follow the same order without the cap.
 
     A queued request keeps the candidates (and so the tiers and weights) of its lookup; limits
-    are the board's current ones. O(len(candidates)): one pass, and a second one over the same
-    candidates only when several tie on 1-3; no allocation but one key tuple per candidate."""
+    are the board's current ones. O(len(candidates)): one pass, a key tuple per candidate, and
+    a list of the candidates tied on 1-3 only when there are several."""
 
     name = "tiered-least-busy"
 
     def pick(
         self, ask: Ask, candidates: Sequence[Candidate], load: Load, *, metered: bool
     ) -> Candidate | None:
-        model, first_byte = ask.model, load.first_byte
-        # Pass 1: the best key over the eligible, and the fastest known average among its holders.
-        best_key: Rank | None = None
-        fastest: float | None = None
-        only: Candidate | None = None  # the first holder of best_key
-        holders = 0
+        # `rank` below, inlined (this runs under the board's lock on every request); the
+        # property test in tests/routing/engine/test_selection_tiers.py holds the two together.
+        model = ask.model
+        active, per_endpoint, limits = load.active, load.per_endpoint, load.limits
+        best: Rank | None = None
+        first: Candidate | None = None  # the first holder of `best`
+        ties: list[Candidate] | None = None  # every holder of `best`, once there are two
         for cand in candidates:
-            key = _rank(cand, model, load, metered)
-            if key is None:
+            ep = cand.endpoint
+            held = active.get((ep.id, model), 0)
+            if metered and held >= limits.get(ep.id, ep.limit):
                 continue
-            seconds = first_byte.get((cand.endpoint.id, model))
-            if best_key is None or key < best_key:
-                best_key, fastest, only, holders = key, seconds, cand, 1
-            elif key == best_key:
-                holders += 1
-                if seconds is not None and (fastest is None or seconds < fastest):
-                    fastest = seconds
-        if holders <= 1:
-            return only
-        # Pass 2: at random among the holders of best_key as fast as the fastest (reservoir
-        # sampling: the k-th of them replaces the choice with probability 1/k).
-        bound = None if fastest is None else fastest * LATENCY_TOLERANCE + LATENCY_SLACK
-        chosen: Candidate | None = None
-        seen = 0
-        for cand in candidates:
-            if _rank(cand, model, load, metered) != best_key:
-                continue
-            seconds = first_byte.get((cand.endpoint.id, model))
-            if bound is not None and seconds is not None and seconds > bound:
-                continue
-            seen += 1
-            if seen == 1 or random.random() * seen < 1:
-                chosen = cand
-        return chosen
+            weight = ep.weight
+            key = (
+                ep.tier,
+                0 if cand.loaded else 1,
+                (held + 1) / weight,
+                (per_endpoint.get(ep.id, 0) + 1) / weight,
+            )
+            if best is None or key < best:
+                best, first, ties = key, cand, None
+            elif key == best:
+                if ties is None:
+                    ties = [first] if first is not None else []
+                ties.append(cand)
+        if ties is None:
+            return first
+        return _fastest_at_random(ties, model, load.first_byte)
+
+
+def _fastest_at_random(ties: list[Candidate], model: str, first_byte: Mapping[Slot, float]) -> Candidate:
+    """At random among `ties` (not empty) whose first-byte average is within the tolerance of
+    the fastest known one, or unknown."""
+    fastest: float | None = None
+    for cand in ties:
+        seconds = first_byte.get((cand.endpoint.id, model))
+        if seconds is not None and (fastest is None or seconds < fastest):
+            fastest = seconds
+    if fastest is not None:
+        bound = fastest * LATENCY_TOLERANCE + LATENCY_SLACK
+        ties = [c for c in ties if (s := first_byte.get((c.endpoint.id, model))) is None or s <= bound]
+    return ties[int(random.random() * len(ties))]
 
 
 # (tier, 0 if loaded else 1, weighted share for the model, weighted share of the endpoint)
 Rank = tuple[int, int, float, float]
 
 
-def _rank(cand: Candidate, model: str, load: Load, metered: bool) -> Rank | None:
-    """`cand`'s place in TieredLeastBusy's order, lowest best; None when metered and full.
+def rank(cand: Candidate, model: str, load: Load, metered: bool) -> Rank | None:
+    """`cand`'s place in TieredLeastBusy's order (1-3), lowest best; None when metered and full.
     The shares are after taking the slot: (held + 1) / weight. Equal ratios are equal floats
     (IEEE division is correctly rounded), so 2/2 ties with 1/1."""
     ep = cand.endpoint

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from routing.engine.board import Board, Lease
-from routing.engine.selection import LATENCY_SLACK, LATENCY_TOLERANCE, Ask, Load, TieredLeastBusy, _rank
+from routing.engine.selection import LATENCY_SLACK, LATENCY_TOLERANCE, Ask, Load, TieredLeastBusy, rank
 from routing.fleet.candidates import Candidate
 from routing.fleet.registry import EndpointInfo
 
@@ -243,9 +243,9 @@ def test_the_pick_is_never_ranked_below_another_eligible_candidate(
         assert not eligible
         return
     assert chosen in eligible
-    ranks = [_rank(c, MODEL, lo, metered) for c in eligible]
+    ranks = [rank(c, MODEL, lo, metered) for c in eligible]
     best = min(r for r in ranks if r is not None)
-    assert _rank(chosen, MODEL, lo, metered) == best
+    assert rank(chosen, MODEL, lo, metered) == best
     # no tied candidate is faster beyond the tolerance
     mine = lo.first_byte.get((chosen.endpoint.id, MODEL))
     tied = [c for c, r in zip(eligible, ranks, strict=True) if r == best]
