@@ -1,8 +1,9 @@
-"""Tiers through the real server over real sockets: requests fill tier 0 first and spill to
-tier 1 only while tier 0 is full, then come back.
+"""How a server is chosen, through the real server over real sockets: requests fill tier 0
+first and spill to tier 1 only while tier 0 is full, then come back; among equally free
+servers the one quicker to its first byte gets the requests.
 
-The fleet: "gpu", a fake Ollama server in tier 0, and "cpu", one in tier 1 that has the model
-loaded (so only the tier keeps requests off it)."""
+The tier fleet: "gpu", a fake Ollama server in tier 0, and "cpu", one in tier 1 that has the
+model loaded (so only the tier keeps requests off it)."""
 
 from __future__ import annotations
 
@@ -61,3 +62,24 @@ def test_concurrent_requests_take_every_tier_zero_slot_before_tier_one(fakes, en
     assert 1 <= cpu.stats.snapshot()["max_in_flight"]["llama3:latest"] <= 2
     assert served["gpu"] >= 2 and served["cpu"] >= 1
     assert in_flight(server.url) == 0
+
+
+def test_one_request_at_a_time_goes_to_the_server_quicker_to_its_first_byte(fakes, endpoint, router):
+    """Two equal servers but "slow" answers 0.3 s later. While a server has not served yet its
+    time is unknown and it ties with the other; once both are measured, "slow" gets nothing
+    while "fast" is free."""
+    fast = fakes(kind="ollama", models=["llama3:latest"], tokens=2)
+    slow = fakes(kind="ollama", models=["llama3:latest"], tokens=2, first_byte_delay=0.3)
+    endpoint(fast.url, name="fast", max_concurrent_connections=4)
+    endpoint(slow.url, name="slow", max_concurrent_connections=4)
+    server = router()
+    body = {**CHAT, "stream": False}
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        served: set[str] = set()
+        for _ in range(40):  # each try picks the unmeasured one at 1/2: both within 40 tries
+            served.add(client.post("/api/chat", json=body).headers["x-router-endpoint"])
+            if served == {"fast", "slow"}:
+                break
+        assert served == {"fast", "slow"}
+        after = [client.post("/api/chat", json=body).headers["x-router-endpoint"] for _ in range(10)]
+    assert after == ["fast"] * 10
