@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from routing.auth.keys import router_key
@@ -129,6 +130,15 @@ def _wanted(data: dict[Any, Any]) -> list[_Wanted]:
     return wanted
 
 
+def _clean(ep: Endpoint) -> None:
+    """The model's own validation (url shape and kind, ranges), as a ConfigError naming the url."""
+    try:
+        ep.full_clean()
+    except ValidationError as exc:
+        problems = "; ".join(f"{field}: {' '.join(errors)}" for field, errors in exc.message_dict.items())
+        raise ConfigError(f"{ep.url}: {problems}") from None
+
+
 def import_config(data: Any) -> ImportResult:
     """NOMYO Router's config.yaml, read: `endpoints` and `llama_server_endpoints` (each item a
     url, or a mapping `{url, tier, weight}`), `max_concurrent_connections`, `api_keys`,
@@ -158,7 +168,7 @@ def import_config(data: Any) -> ImportResult:
                     tier=0 if want.tier is None else want.tier,
                     weight=1 if want.weight is None else want.weight,
                 )
-                ep.full_clean()
+                _clean(ep)
                 ep.save()
                 result.created += 1
                 continue
@@ -168,7 +178,7 @@ def import_config(data: Any) -> ImportResult:
             if before != (kind, api_key, limit, tier, weight):
                 ep.kind, ep.api_key, ep.max_concurrent_connections = kind, api_key, limit
                 ep.tier, ep.weight = tier, weight
-                ep.full_clean()
+                _clean(ep)
                 ep.save()
                 result.updated += 1
             else:

@@ -182,3 +182,12 @@ def test_the_readme_example_imports_as_it_says(tmp_path: Path):
         "http://cpu-1:11434": (1, 1),
         "http://paid-api.example/v1": (2, 1),
     }
+
+
+@pytest.mark.django_db
+def test_it_refuses_a_url_the_admin_would_refuse_naming_it(tmp_path: Path):
+    path = tmp_path / "config.yaml"
+    path.write_text("endpoints:\n  - http://a:11434\n  - ftp://b:11434\n")
+    with pytest.raises(CommandError, match="ftp://b:11434: url: The url must start with http"):
+        call_command("import_config", str(path))
+    assert Endpoint.objects.count() == 0  # the first one too: all or nothing
