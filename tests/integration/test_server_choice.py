@@ -65,11 +65,11 @@ def test_concurrent_requests_take_every_tier_zero_slot_before_tier_one(fakes, en
 
 
 def test_one_request_at_a_time_goes_to_the_server_quicker_to_its_first_byte(fakes, endpoint, router):
-    """Two equal servers but "slow" answers 0.3 s later. While a server has not served yet its
+    """Two equal servers but "slow" answers 0.6 s later. While a server has not served yet its
     time is unknown and it ties with the other; once both are measured, "slow" gets nothing
     while "fast" is free."""
     fast = fakes(kind="ollama", models=["llama3:latest"], tokens=2)
-    slow = fakes(kind="ollama", models=["llama3:latest"], tokens=2, first_byte_delay=0.3)
+    slow = fakes(kind="ollama", models=["llama3:latest"], tokens=2, first_byte_delay=0.6)
     endpoint(fast.url, name="fast", max_concurrent_connections=4)
     endpoint(slow.url, name="slow", max_concurrent_connections=4)
     server = router()
