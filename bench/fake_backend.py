@@ -144,6 +144,18 @@ class FakeConfig:
     #: bytes of filler ("." * pad) added to the text of each streamed Ollama token: a
     #: large streamed reply from few chunks (backpressure tests, the slow-reader benchmark)
     pad: int = 0
+    #: context size in tokens (0: unlimited): a chat / generate prompt of more tokens (the
+    #: prompt count above) is refused in the server's words (``flavor``), as real servers do
+    n_ctx: int = 0
+    #: False: a request with images is refused as by a model without vision (llama.cpp without
+    #: its mmproj: 400 "image input is not supported"; Ollama: 500 "...missing data required
+    #: for image input")
+    vision: bool = True
+    #: openai kind: serve POST /v1/rerank and /rerank (llama.cpp's ``--reranking``); without
+    #: it they answer 501 as llama.cpp does
+    reranking: bool = False
+    #: openai kind: whose error wording to use: "llamacpp" or "vllm"
+    flavor: str = "llamacpp"
 
     def __post_init__(self) -> None:
         self._validate()
@@ -167,7 +179,10 @@ class FakeConfig:
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise ValueError(f"{key} must be a list of strings")
                 value = list(value)
-            elif key in ("tokens", "fault_after", "pad"):
+            elif key in ("vision", "reranking"):
+                if not isinstance(value, bool):
+                    raise ValueError(f"{key} must be a boolean")
+            elif key in ("tokens", "fault_after", "pad", "n_ctx"):
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                     raise ValueError(f"{key} must be a non-negative int")
             elif key in ("delay", "first_byte_delay", "stall", "idle_close"):
@@ -204,6 +219,10 @@ class FakeConfig:
             "idle_close": self.idle_close,
             "reject_fields": list(self.reject_fields),
             "pad": self.pad,
+            "n_ctx": self.n_ctx,
+            "vision": self.vision,
+            "reranking": self.reranking,
+            "flavor": self.flavor,
         }
 
 
@@ -506,6 +525,10 @@ class FakeBackend:
             ("POST", "/v1/completions"): self._oa_completions,
             ("POST", "/v1/embeddings"): self._oa_embeddings,
         }
+        rerank: dict[tuple[str, str], _Handler] = {
+            ("POST", "/v1/rerank"): self._oa_rerank,
+            ("POST", "/rerank"): self._oa_rerank,
+        }
         self._routes: dict[str, dict[tuple[str, str], _Handler]] = {
             "ollama": {
                 **common,
@@ -529,6 +552,7 @@ class FakeBackend:
                 **common,
                 ("GET", "/health"): self._oa_health,
                 ("GET", "/v1/health"): self._oa_health,
+                **rerank,
             },
         }
         self._paths: dict[str, frozenset[str]] = {
@@ -1025,6 +1049,9 @@ class FakeBackend:
                 return await self._ol_load(request, body, name, model, "response")
             prompt_tokens = _count_words(prompt) + 1
             tool = None
+        refused = self._refusal(body, prompt_tokens, openai=False)
+        if refused is not None:
+            return refused
         options = body.get("options")
         limit = options.get("num_predict") if isinstance(options, dict) else None
         n, truncated = _limit(self.config.tokens, limit)
@@ -1221,6 +1248,9 @@ class FakeBackend:
             return checked
         name, model = checked
         prompt_tokens = _count_message_words(body.get("messages")) + 1
+        refused = self._refusal(body, prompt_tokens, openai=True)
+        if refused is not None:
+            return refused
         n, truncated = self._oa_limit(self.config.tokens, body)
         tool = None if body.get("tool_choice") == "none" else _tool_name(body.get("tools"))
         think = REASONING_CHUNKS if _wants_reasoning(body) else 0
@@ -1338,6 +1368,109 @@ class FakeBackend:
             reported=(words, 0),
             openai_errors=True,
         )
+
+    # -- context size, vision and rerank (the router's recovery and rerank routes) --
+
+    def _refusal(self, body: _Body, prompt_tokens: int, *, openai: bool) -> web.Response | None:
+        """The server's refusal of a prompt longer than ``n_ctx`` or of images without
+        ``vision``, in its own words; None when it serves the request."""
+        cfg = self.config
+        if not cfg.vision and _has_images(body):
+            if openai:
+                return self._oa_error(
+                    400,
+                    "image input is not supported - hint: if this is unexpected, "
+                    "you may need to provide the mmproj",
+                    400,
+                )
+            return self._ol_error(
+                500,
+                "Failed to create new sequence: failed to process inputs: "
+                "this model is missing data required for image input",
+            )
+        if cfg.n_ctx <= 0 or prompt_tokens <= cfg.n_ctx:
+            return None
+        if not openai:
+            return self._ol_error(400, "the input length exceeds the context length")
+        if cfg.flavor == "vllm":
+            return self._oa_error(
+                400,
+                f"This model's maximum context length is {cfg.n_ctx} tokens. However, you requested "
+                f"{prompt_tokens + cfg.tokens} tokens ({prompt_tokens} in the messages, {cfg.tokens} "
+                "in the completion). Please reduce the length of the messages or completion.",
+                type_="BadRequestError",
+            )
+        error = {
+            "code": 400,
+            "message": "the request exceeds the available context size, try increasing it",
+            "type": "exceed_context_size_error",
+            "n_prompt_tokens": prompt_tokens,
+            "n_ctx": cfg.n_ctx,
+        }
+        return _json(400, {"error": error})
+
+    async def _oa_rerank(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
+        """llama.cpp's rerank: results in the documents' order (as older llama.cpp servers
+        answer; callers sort), score = the share of the query's words found in the document."""
+        if not self.config.reranking:
+            return self._oa_error(
+                501,
+                "This server does not support reranking. Start it with `--reranking`",
+                501,
+                "not_supported_error",
+            )
+        checked = self._oa_check_model(body)
+        if isinstance(checked, web.Response):
+            return checked
+        name, model = checked
+        query, documents = body.get("query"), body.get("documents")
+        if not isinstance(query, str) or not isinstance(documents, list) or not documents:
+            return self._oa_error(400, '"query" and "documents" must be provided', 400)
+        if not all(isinstance(d, str) for d in documents):
+            return self._oa_error(400, '"documents" must be an array of strings', 400)
+        words = set(query.lower().split())
+        results = [
+            {
+                "index": i,
+                "relevance_score": len(words & set(doc.lower().split())) / max(1, len(words)),
+            }
+            for i, doc in enumerate(documents)
+        ]
+        tokens = sum(_count_words(query) + _count_words(doc) + 2 for doc in documents)
+        reply = {
+            "model": name,
+            "object": "list",
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "results": results,
+        }
+        return await self._serve(
+            request,
+            model,
+            content_type=_JSON,
+            chunks=None,
+            final=_jb(reply),
+            steps=1,
+            reported=(tokens, 0),
+            openai_errors=True,
+        )
+
+
+def _has_images(body: _Body) -> bool:
+    """Images in an Ollama body (``images``) or an OpenAI one (``image_url`` parts)."""
+    if body.get("images"):
+        return True
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        if not isinstance(message, dict):
+            continue
+        if message.get("images"):
+            return True
+        content = message.get("content")
+        if isinstance(content, list) and any(
+            isinstance(p, dict) and p.get("type") == "image_url" for p in content
+        ):
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- threads

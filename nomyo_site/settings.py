@@ -174,6 +174,12 @@ ROUTER_BREAKER_FAILURES = env.int("ROUTER_BREAKER_FAILURES", default=5)
 # process, or announced over the channel layer, apply at once).
 ROUTER_REGISTRY_RELOAD = env.float("ROUTER_REGISTRY_RELOAD", default=5.0)
 ROUTER_MAX_RETRIES = env.int("ROUTER_MAX_RETRIES", default=2)
+# A conversation a server refuses as longer than its context is trimmed (oldest non-system
+# messages first) and sent once more; the context size is remembered per endpoint and model so
+# later ones are trimmed before sending (routing/protocols/common/recovery.py). Off: the error goes back.
+ROUTER_CONTEXT_TRIM = env.bool("ROUTER_CONTEXT_TRIM", default=True)
+# A request with images that a model cannot see is sent once more without them.
+ROUTER_IMAGE_RETRY = env.bool("ROUTER_IMAGE_RETRY", default=True)
 # Upstream timeouts: connecting, the first byte (long: a model may be loading), the gap between chunks.
 ROUTER_CONNECT_TIMEOUT = env.float("ROUTER_CONNECT_TIMEOUT", default=5.0)
 ROUTER_FIRST_BYTE_TIMEOUT = env.float("ROUTER_FIRST_BYTE_TIMEOUT", default=300.0)

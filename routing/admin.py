@@ -37,7 +37,17 @@ class EndpointForm(forms.ModelForm[Endpoint]):
 
     class Meta:
         model = Endpoint
-        fields = ["name", "url", "kind", "api_key", "enabled", "max_concurrent_connections", "notes"]
+        fields = [
+            "name",
+            "url",
+            "kind",
+            "api_key",
+            "enabled",
+            "max_concurrent_connections",
+            "tier",
+            "weight",
+            "notes",
+        ]
 
     def clean_api_key(self) -> str:
         value: str = self.cleaned_data.get("api_key") or ""
@@ -86,9 +96,11 @@ class EndpointAdmin(admin.ModelAdmin[Endpoint]):
         "models_loaded",
         "active_requests",
         "max_concurrent_connections",
+        "tier",
+        "weight",
         "has_api_key",
     ]
-    list_filter = ["enabled", "kind"]
+    list_filter = ["enabled", "kind", "tier"]
     search_fields = ["name", "url", "notes"]
     readonly_fields = ["created", "updated"]
     actions = ["enable", "disable", "check_now"]

@@ -32,6 +32,17 @@ class Endpoint(models.Model):
         validators=[MinValueValidator(1)],
         help_text="Per model on this server; set it to the server's OLLAMA_NUM_PARALLEL.",
     )
+    tier = models.PositiveSmallIntegerField(
+        default=0,
+        help_text="0 first: requests go to a higher tier only when every server of the lower ones "
+        "is full or failing (e.g. GPU boxes 0, CPU boxes 1, a paid remote API 2).",
+    )
+    weight = models.PositiveIntegerField(
+        default=1,
+        validators=[MinValueValidator(1)],
+        help_text="Share of the requests within its tier: a server of weight 2 takes twice the "
+        "concurrent requests of a weight 1 server before it counts as busier.",
+    )
     notes = models.TextField(blank=True)
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
@@ -42,7 +53,8 @@ class Endpoint(models.Model):
             models.CheckConstraint(
                 condition=models.Q(max_concurrent_connections__gte=1),
                 name="endpoint_limit_at_least_one",
-            )
+            ),
+            models.CheckConstraint(condition=models.Q(weight__gte=1), name="endpoint_weight_at_least_one"),
         ]
 
     def __str__(self) -> str:

@@ -354,6 +354,8 @@ def _endpoint_state(ep: EndpointInfo, version: str | None) -> ConfigEndpoint:
         "kind": ep.kind,
         "enabled": ep.enabled,
         "limit": ep.limit,
+        "tier": ep.tier,
+        "weight": ep.weight,
         "healthy": healthy,
         "failing_since": view.since,
         "breaker": cast(BreakerState, view.state.value),
@@ -368,7 +370,7 @@ def _endpoint_state(ep: EndpointInfo, version: str | None) -> ConfigEndpoint:
 @methods("GET")
 async def config(request: HttpRequest) -> HttpResponseBase:
     """{"endpoints": [{url, status ("ok" | "error" | "disabled"), version, detail?, id, name,
-    kind, enabled, limit, healthy, failing_since}]}"""
+    kind, enabled, limit, tier, weight, healthy, failing_since}]}"""
     endpoints = await registry.all()
     versions = await asyncio.gather(*(_version_of(ep) for ep in endpoints))
     return JsonResponse(

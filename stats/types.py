@@ -112,6 +112,8 @@ class ConfigEndpoint(TypedDict):
     kind: str
     enabled: bool
     limit: int
+    tier: int
+    weight: int
     healthy: bool
     failing_since: float | None
     breaker: BreakerState

@@ -39,10 +39,11 @@ class ApiError(Exception):
 
 
 def is_openai_path(path: str) -> bool:
-    """Under /v1 (OpenAI's shape), with any number of leading slashes (`//v1/models`)."""
+    """Under /v1 (OpenAI's shape), with any number of leading slashes (`//v1/models`); also
+    `/rerank` (llama.cpp's and vLLM's rerank path, whose errors have OpenAI's shape)."""
     if path.startswith("//"):
         path = "/" + path.lstrip("/")
-    return path == "/v1" or path.startswith("/v1/")
+    return path == "/v1" or path.startswith("/v1/") or path == "/rerank"
 
 
 def error_response(path: str, err: ApiError) -> JsonResponse:

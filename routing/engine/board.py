@@ -24,7 +24,7 @@ from django.conf import settings
 
 from routing.core.events import Signal
 from routing.engine.fair_queue import NORMAL, Entry, FairQueue
-from routing.engine.selection import Ask, Load, LoadedThenLeastBusy, SelectionStrategy, Slot
+from routing.engine.selection import Ask, Load, SelectionStrategy, Slot, TieredLeastBusy
 from routing.fleet.candidates import Candidate
 from routing.fleet.registry import EndpointInfo
 from routing.observability.locks import TimedLock
@@ -87,7 +87,7 @@ class QueueTimeout(Exception):
 class Board:
     def __init__(self, strategy: SelectionStrategy | None = None) -> None:
         self._lock = TimedLock("usage")
-        self._strategy: SelectionStrategy = strategy or LoadedThenLeastBusy()
+        self._strategy: SelectionStrategy = strategy or TieredLeastBusy()
         self._active: dict[Slot, int] = {}
         self._per_endpoint: dict[int, int] = {}
         self._queues: dict[str, FairQueue[_Waiter]] = {}

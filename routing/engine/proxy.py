@@ -15,6 +15,7 @@ released (`Unplaced` is raised past that finally), so a request never holds two 
 Aliases and fallback chains (routing/fleet/routes.py) are read from the registry's copy;
 a plain model without a chain takes the same path as before, with no body rewritten.
 
+
 Failures are judged by what they say about the server (upstream.verdict/status_verdict,
 routing/fleet/breaker.py): a pooled connection that closed before any reply byte is retried once
 on a fresh connection to the same server; a 4xx and a complete normal 5xx (not 502/503) go
@@ -33,7 +34,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from django.conf import settings
@@ -43,7 +44,7 @@ from routing.auth.principal import Principal
 from routing.core.errors import ApiError, error_response, is_openai_path
 from routing.core.names import model_key
 from routing.engine.accounting import sinks
-from routing.engine.attempt import Attempt, Planner, Relay
+from routing.engine.attempt import Attempt, Planner, Refuse, Relay, Retry
 from routing.engine.board import Lease, QueueFull, QueueTimeout, board
 from routing.engine.cluster import cluster
 from routing.fleet import caches, health
@@ -59,6 +60,10 @@ from routing.upstream.failures import UPSTREAM_ERRORS
 log = logging.getLogger("routing.proxy")
 
 MAX_ERROR_BODY = 64 * 1024
+# Error statuses an attempt's `recover` hook is shown: 400/413/422 (a prompt too long, an image
+# a model cannot see: llama.cpp, vLLM), 500 (Ollama's image error), 404/501 (no rerank there).
+RECOVERABLE = frozenset({400, 404, 413, 422, 500, 501})
+MAX_RECOVERIES = 3  # per attempt: each hook retries each kind of fix once; this bounds a bad hook
 
 
 class Unplaced(ApiError):
@@ -74,9 +79,13 @@ async def forward(
     plan: Planner,
     principal: Principal,
     metered: bool = True,
+    accept: Callable[[Candidate], ApiError | None] | None = None,
 ) -> HttpResponse | StreamingHttpResponse:
     """Route one request for `principal` (who it is accounted to). `metered=False` is for
-    metadata calls (show) that take no slot.
+    metadata calls (show) that take no slot. `accept` (rerank) leaves out the candidates it
+    answers an ApiError for; when it leaves none, the first such error is raised. A server
+    whose attempt answers `Refuse` is passed over; when every tried one refused, the
+    refusal's error is raised.
 
     `model` may be an alias (routing/fleet/routes.py): its candidates are the servers of all its
     targets, each under its own name. When no server for it can take the request (`Unplaced`),
@@ -97,7 +106,9 @@ async def forward(
     lookup = await fleet_candidates.candidates_for(model)
     chain = registry.cached_routes().chain(model)  # as fresh as the lookup's endpoints
     if len(chain) == 1:
-        return await _forward_model(request_path, model, lookup, plan, principal, metered, asked=model)
+        return await _forward_model(
+            request_path, model, lookup, plan, principal, metered, accept, asked=model
+        )
     deadline = time.perf_counter() + settings.ROUTER_QUEUE_TIMEOUT
     tried: set[str] = set()  # model keys whose servers could not take it
     error: Unplaced | None = None
@@ -115,7 +126,7 @@ async def forward(
         wait = remaining if step == len(chain) - 1 else min(settings.ROUTER_FALLBACK_WAIT, remaining)
         try:
             return await _forward_model(
-                request_path, name, lookup, plan, principal, metered, asked=model, wait=wait
+                request_path, name, lookup, plan, principal, metered, accept, asked=model, wait=wait
             )
         except Unplaced as exc:
             if error is None or (error.status == 404 and exc.status != 404):
@@ -135,6 +146,7 @@ async def _forward_model(
     plan: Planner,
     principal: Principal,
     metered: bool,
+    accept: Callable[[Candidate], ApiError | None] | None,
     *,
     asked: str,
     wait: float | None = None,
@@ -151,9 +163,10 @@ async def _forward_model(
         raise Unplaced(404, f"model '{model}' not found", code="model_not_found")
     asked_key = model_key(asked)
     wait = settings.ROUTER_QUEUE_TIMEOUT if wait is None else wait
-    candidates = list(lookup.candidates)
+    candidates = _accepted(lookup.candidates, accept)
     failure = "no endpoint answered"
     tried = ""
+    refused: ApiError | None = None  # set while every failure so far was a refusal
     for _ in range(settings.ROUTER_MAX_RETRIES + 1):
         if metered:
             lease = await _acquire_any(model, candidates, principal, wait)
@@ -162,10 +175,14 @@ async def _forward_model(
         handed_over = False
         try:
             outcome = await _attempt(request_path, lease, plan, metered, principal, asked_key)
-            if not isinstance(outcome, str):
+            if isinstance(outcome, ApiError):  # this server cannot serve it (Refuse)
+                refused = outcome if refused is not None or not tried else None
+                failure = outcome.message
+            elif not isinstance(outcome, str):
                 handed_over = isinstance(outcome, ProxyStreamingResponse)  # its stream owns the slot
                 return outcome
-            failure = outcome
+            else:
+                failure, refused = outcome, None
             tried = lease.endpoint.name
         finally:
             if not handed_over:
@@ -174,12 +191,32 @@ async def _forward_model(
         if not candidates:
             break
         metrics.failovers.inc()
+    if refused is not None:
+        raise refused  # the servers' own answer about this request: no fallback
     raise Unplaced(
         502,
         f"upstream failed for model '{model}': {failure}",
         retry_after=5,
         headers=_named(tried),
     )
+
+
+def _accepted(
+    found: list[Candidate], accept: Callable[[Candidate], ApiError | None] | None
+) -> list[Candidate]:
+    if accept is None:
+        return list(found)
+    kept: list[Candidate] = []
+    first: ApiError | None = None
+    for cand in found:
+        why = accept(cand)
+        if why is None:
+            kept.append(cand)
+        elif first is None:
+            first = why
+    if not kept and first is not None:
+        raise first
+    return kept
 
 
 def _named(endpoint_name: str) -> dict[str, str]:
@@ -201,18 +238,31 @@ def _plan(plan: Planner, cand: Candidate) -> Attempt:
 
 async def _attempt(
     path: str, lease: Lease, plan: Planner, metered: bool, principal: Principal, asked: str
-) -> HttpResponse | StreamingHttpResponse | str:
-    """One server's try: the reply, or why it failed in a way that allows failover (str).
-    The caller owns the lease; this owns the upstream response until a reply takes it.
-    asked: the model key the client asked for (an alias, or the origin of a fallback)."""
-    ep = lease.endpoint
-    requested = asked if asked != lease.model else ""  # recorded only when it differs
+) -> HttpResponse | StreamingHttpResponse | str | ApiError:
+    """One server's try: the reply, why it failed in a way that allows failover (str), or
+    the error to give when no server can serve it (ApiError, from a `Refuse`). The caller
+    owns the lease; this owns the upstream response until a reply takes it. The attempt's
+    `reply_headers` go on whatever reply this server's answer becomes. asked: the model key the
+    client asked for (an alias, or the origin of a fallback)."""
     attempt = _plan(plan, lease.candidate)
+    requested = asked if asked != lease.model else ""  # recorded only when it differs
+    outcome = await _try(path, lease, attempt, metered, principal, requested)
+    if isinstance(outcome, (HttpResponse, StreamingHttpResponse)):
+        for name, value in attempt.reply_headers.items():
+            outcome[name] = value
+    return outcome
+
+
+async def _try(
+    path: str, lease: Lease, attempt: Attempt, metered: bool, principal: Principal, requested: str
+) -> HttpResponse | StreamingHttpResponse | str | ApiError:
+    ep = lease.endpoint
     if not metered:
         attempt.counted = False
     if attempt.fallback_body is not None and ep.id in refusals:
         attempt.body, attempt.fallback_body = attempt.fallback_body(), None
     started = time.perf_counter()
+    recoveries = 0
     while True:
         try:
             response = await _send(lease, attempt)
@@ -234,29 +284,53 @@ async def _attempt(
             return failure.value
         try:
             status = response.status
-            if status >= 500:
-                judged = failures.status_verdict(status)
+            refusing_field = status in (400, 422) and attempt.fallback_body is not None
+            recoverable = (
+                attempt.recover is not None and status in RECOVERABLE and recoveries < MAX_RECOVERIES
+            )
+            if status >= 500 or refusing_field or recoverable:
                 body, complete = await _read_error_body(response)
-                if judged.evidence is not failures.Evidence.NONE or not complete:
-                    health.server_failed(ep, f"HTTP {status}", strong=False)
-                if judged.failover:
-                    return f"HTTP {status}: {_error_message(body, response.reason)}"
-                return _error_reply(path, lease, status, body, response.reason)
-            if status in (400, 422) and attempt.fallback_body is not None:
-                body = await _read_error(response)
-                if not _refuses_added_field(body):
+                if refusing_field and complete and _refuses_added_field(body) and attempt.fallback_body:
+                    log.info("endpoint %s refuses stream_options: sent without it from now on", ep.name)
+                    refusals.add(ep.id)
+                    attempt.body, attempt.fallback_body = attempt.fallback_body(), None
+                    continue  # the same request again, on the same server and slot
+                hook = attempt.recover if recoverable and complete else None
+                verdict = hook(attempt, status, body) if hook is not None else None
+                if isinstance(verdict, Retry):
+                    recoveries += 1
+                    breakers.succeeded(ep.id)  # it answered normally, about this request
+                    attempt.body = verdict.body
+                    attempt.reply_headers.update(verdict.headers)
+                    continue  # the changed request again, on the same server and slot
+                if isinstance(verdict, Refuse):
                     breakers.succeeded(ep.id)
-                    return _error_reply(path, lease, status, body, response.reason)
-                log.info("endpoint %s refuses stream_options: sent without it from now on", ep.name)
-                refusals.add(ep.id)
-                attempt.body, attempt.fallback_body = attempt.fallback_body(), None
-                continue  # the same request again, on the same server and slot
+                    return verdict.error
+                return _error_outcome(path, lease, status, body, complete, response.reason)
             lease.first_byte = time.perf_counter() - started  # the board averages it per endpoint and model
             metrics.first_byte(path, lease.first_byte)
             return await _reply(path, lease, attempt, response, principal, requested)
         except BaseException:
             response.close()  # never handed to a reply: drop the connection
             raise
+
+
+def _error_outcome(
+    path: str, lease: Lease, status: int, body: bytes, complete: bool, reason: str | None
+) -> HttpResponse | str:
+    """An error reply already read: a failover (str, for 502/503) or the client's reply."""
+    ep = lease.endpoint
+    if status >= 500:
+        judged = failures.status_verdict(status)
+        if judged.evidence is not failures.Evidence.NONE or not complete:
+            health.server_failed(ep, f"HTTP {status}", strong=False)
+        if judged.failover:
+            return f"HTTP {status}: {_error_message(body, reason)}"
+    else:
+        if status == 404:
+            caches.advertised.invalidate(ep.id)  # it no longer has the model we thought it had
+        breakers.succeeded(ep.id)  # it answered normally, about this request
+    return _error_reply(path, lease, status, body, reason)
 
 
 def _refuses_added_field(body: bytes) -> bool:

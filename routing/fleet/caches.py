@@ -19,8 +19,9 @@ from typing import Generic, TypeVar
 from django.conf import settings
 
 from routing.fleet.breaker import breakers
+from routing.fleet.context_limits import context_limits
 from routing.fleet.probes import ModelList
-from routing.fleet.refusals import refusals
+from routing.fleet.refusals import refusals, rerank_refusals
 from routing.observability.locks import TimedLock
 
 K = TypeVar("K", bound=Hashable)
@@ -144,6 +145,8 @@ def invalidate_endpoint(endpoint_id: int | None = None) -> None:
         cache.invalidate(endpoint_id)
     breakers.forget(endpoint_id)
     refusals.forget(endpoint_id)
+    rerank_refusals.forget(endpoint_id)
+    context_limits.forget(endpoint_id)
 
 
 def clear_all() -> None:
@@ -151,3 +154,5 @@ def clear_all() -> None:
         cache.clear()
     breakers.forget()
     refusals.forget(None)
+    rerank_refusals.forget(None)
+    context_limits.forget(None)

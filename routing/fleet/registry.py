@@ -36,7 +36,9 @@ class EndpointInfo:
     kind: str
     api_key: str
     enabled: bool
-    limit: int
+    limit: int  # max concurrent requests per model
+    tier: int = 0  # 0 first (routing/engine/selection.py)
+    weight: int = 1  # share of the concurrent requests within its tier, >= 1
 
     @classmethod
     def of(cls, ep: Endpoint) -> EndpointInfo:
@@ -48,6 +50,8 @@ class EndpointInfo:
             api_key=ep.api_key,
             enabled=ep.enabled,
             limit=ep.max_concurrent_connections,
+            tier=ep.tier,
+            weight=ep.weight,
         )
 
     @property

@@ -87,7 +87,79 @@ class ConfigError(Exception):
     pass
 
 
+# The ranges of Endpoint.tier (PositiveSmallIntegerField) and Endpoint.weight (PositiveIntegerField).
+_RANGES = {"tier": (0, 32767), "weight": (1, 2**31 - 1)}
+
+
+@dataclass(frozen=True, slots=True)
+class _Wanted:
+    """One endpoint of the config. tier/weight None: not given, so an existing endpoint keeps
+    its own (set in the admin) and a new one gets the default (tier 0, weight 1)."""
+
+    url: str
+    kind: Endpoint.Kind
+    tier: int | None
+    weight: int | None
+
+
+def _setting(item: dict[Any, Any], name: str, where: str) -> int | None:
+    if name not in item:
+        return None
+    value = item[name]
+    low, high = _RANGES[name]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{where}: {name} must be a whole number from {low} to {high}, not {value!r}")
+    return value
+
+
+def _entry(item: Any, where: str) -> tuple[str, int | None, int | None]:
+    """A url, or a mapping {url, tier?, weight?}: (url, tier, weight)."""
+    if isinstance(item, str):
+        return item, None, None
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where} must be a url or a mapping with url, tier and weight")
+    unknown = sorted(str(k) for k in item if k not in ("url", "tier", "weight"))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {', '.join(unknown)} (accepted: url, tier, weight)")
+    url = item.get("url")
+    if not isinstance(url, str) or not url.strip():
+        raise ConfigError(f"{where}: url must be given, as a string")
+    return url, _setting(item, "tier", where), _setting(item, "weight", where)
+
+
+def _wanted(data: dict[Any, Any]) -> list[_Wanted]:
+    wanted: list[_Wanted] = []
+    for field, kind in (
+        ("endpoints", Endpoint.Kind.OLLAMA),
+        ("llama_server_endpoints", Endpoint.Kind.OPENAI),
+    ):
+        items = data.get(field) or []
+        if not isinstance(items, list):
+            raise ConfigError(f"{field} must be a list of urls")
+        for index, item in enumerate(items):
+            raw, tier, weight = _entry(item, f"{field}[{index}]")
+            url = normalise_url(_expand(raw))
+            kind_here: Endpoint.Kind = kind
+            if kind == Endpoint.Kind.OLLAMA and url.endswith("/v1"):
+                kind_here = Endpoint.Kind.OPENAI  # NOMYO lists OpenAI-compatible servers here too
+            wanted.append(_Wanted(url, kind_here, tier, weight))
+    return wanted
+
+
+def _clean(ep: Endpoint) -> None:
+    """The model's own validation (url shape and kind, ranges), as a ConfigError naming the url."""
+    try:
+        ep.full_clean()
+    except ValidationError as exc:
+        problems = "; ".join(f"{field}: {' '.join(errors)}" for field, errors in exc.message_dict.items())
+        raise ConfigError(f"{ep.url}: {problems}") from None
+
+
 def import_config(data: Any) -> ImportResult:
+    """NOMYO Router's config.yaml, read: `endpoints` and `llama_server_endpoints` (each item a
+    url, or a mapping `{url, tier, weight}`), `max_concurrent_connections`, `api_keys`,
+    `nomyo-router-api-key`, and the router's own `aliases` and `fallbacks` (a mapping of a name
+    to a list of names). ConfigError names what is wrong; nothing is written then."""
     if not isinstance(data, dict):
         raise ConfigError("the config must be a YAML mapping")
     limit = data.get("max_concurrent_connections", 1)
@@ -97,37 +169,35 @@ def import_config(data: Any) -> ImportResult:
     if not isinstance(keys, dict):
         raise ConfigError("api_keys must be a mapping of url to key")
     keys = {normalise_url(str(url)): _expand(key) for url, key in keys.items()}
-    wanted: list[tuple[str, Endpoint.Kind]] = []
-    for field, kind in (
-        ("endpoints", Endpoint.Kind.OLLAMA),
-        ("llama_server_endpoints", Endpoint.Kind.OPENAI),
-    ):
-        urls = data.get(field) or []
-        if not isinstance(urls, list):
-            raise ConfigError(f"{field} must be a list of urls")
-        for url in urls:
-            url = normalise_url(_expand(url))
-            kind_here: Endpoint.Kind = kind
-            if kind == Endpoint.Kind.OLLAMA and url.endswith("/v1"):
-                kind_here = Endpoint.Kind.OPENAI  # NOMYO lists OpenAI-compatible servers here too
-            wanted.append((url, kind_here))
+    wanted = _wanted(data)
     aliases = _name_lists(data, "aliases")
     chains = _name_lists(data, "fallbacks")
     result = ImportResult()
     with transaction.atomic():
-        for url, kind in wanted:
+        for want in wanted:
+            url, kind = want.url, want.kind
             api_key = keys.get(url, "")
             ep = Endpoint.objects.filter(url=url).first()
             if ep is None:
-                ep = Endpoint(url=url, kind=kind, api_key=api_key, max_concurrent_connections=limit)
-                ep.full_clean()
+                ep = Endpoint(
+                    url=url,
+                    kind=kind,
+                    api_key=api_key,
+                    max_concurrent_connections=limit,
+                    tier=0 if want.tier is None else want.tier,
+                    weight=1 if want.weight is None else want.weight,
+                )
+                _clean(ep)
                 ep.save()
                 result.created += 1
                 continue
-            changed = (ep.kind, ep.api_key, ep.max_concurrent_connections) != (kind, api_key, limit)
-            if changed:
+            tier = ep.tier if want.tier is None else want.tier
+            weight = ep.weight if want.weight is None else want.weight
+            before = (ep.kind, ep.api_key, ep.max_concurrent_connections, ep.tier, ep.weight)
+            if before != (kind, api_key, limit, tier, weight):
                 ep.kind, ep.api_key, ep.max_concurrent_connections = kind, api_key, limit
-                ep.full_clean()
+                ep.tier, ep.weight = tier, weight
+                _clean(ep)
                 ep.save()
                 result.updated += 1
             else:

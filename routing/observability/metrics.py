@@ -61,6 +61,18 @@ fresh_retries = Counter(
     "Requests re-sent on a fresh connection to the same endpoint after a pooled one closed unanswered.",
     registry=_OWN,
 )
+image_retries = Counter(
+    "router_image_retries",
+    "Requests re-sent without their images to a model that cannot see, by endpoint and model.",
+    ["endpoint", "model"],
+    registry=_OWN,
+)
+context_trims = Counter(
+    "router_context_trims",
+    "Conversations trimmed to fit a server's context (before sending or on its refusal), by endpoint, model.",
+    ["endpoint", "model"],
+    registry=_OWN,
+)
 _first_byte = Histogram(
     "router_upstream_first_byte_seconds",
     "Time to the upstream's first byte.",

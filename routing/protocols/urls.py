@@ -6,6 +6,7 @@ from django.urls import path
 
 from routing.protocols.ollama import fleet_views
 from routing.protocols.ollama import views as ollama_views
+from routing.protocols.openai import rerank
 from routing.protocols.openai import views as openai_views
 from routing.protocols.router import views as router_views
 
@@ -17,6 +18,7 @@ urlpatterns = [
     path("api/show", ollama_views.show),
     path("api/tags", fleet_views.tags),
     path("api/ps", fleet_views.ps),
+    path("api/ps_details", fleet_views.ps_details),
     path("api/version", fleet_views.version),
     path("api/pull", fleet_views.pull),
     path("api/push", fleet_views.push),
@@ -30,5 +32,7 @@ urlpatterns = [
     path("v1/completions", openai_views.completions),
     path("v1/embeddings", openai_views.embeddings),
     path("v1/models", openai_views.models),
+    path("v1/rerank", rerank.rerank),
+    path("rerank", rerank.rerank),  # Jina's and llama.cpp's path; answered in OpenAI's shape too
     path("v1/models/<path:model_id>", openai_views.model),  # a prefix route: label "/v1/models/{model_id}"
 ]

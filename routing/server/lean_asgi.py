@@ -45,7 +45,7 @@ from routing.status.serving import serving
 log = logging.getLogger("routing.access")
 
 PROXY_PREFIXES = ("/api/", "/v1/")
-PROXY_PATHS = frozenset({"/health", "/metrics", "/api", "/v1"})
+PROXY_PATHS = frozenset({"/health", "/metrics", "/api", "/v1", "/rerank"})
 OPEN_PATHS = frozenset({"/health"})  # load balancers probe it without credentials
 # Authenticated but outside a key's limits: a key over its limit can still read its usage.
 UNMETERED_PATHS = frozenset({"/api/me"})

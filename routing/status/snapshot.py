@@ -39,6 +39,8 @@ def build() -> FleetSnapshot:
                 "kind": ep.kind,
                 "enabled": ep.enabled,
                 "limit": ep.limit,
+                "tier": ep.tier,
+                "weight": ep.weight,
                 "healthy": view.state is State.CLOSED and ep.id in advertised,
                 # The circuit breaker: closed, open (out of rotation) or half_open (on trial);
                 # failing_since is when it left closed and does not restart while it stays out.

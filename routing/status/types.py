@@ -22,6 +22,8 @@ class EndpointState(TypedDict):
     kind: str  # routing.models.Endpoint.kind: "ollama" or "openai"
     enabled: bool
     limit: int  # max concurrent requests per model
+    tier: int  # 0 first (routing/engine/selection.py)
+    weight: int  # share of the concurrent requests within its tier
     healthy: bool  # breaker closed and the model list answered
     breaker: BreakerState
     failing_since: float | None  # when the breaker left closed; None while closed

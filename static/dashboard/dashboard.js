@@ -312,7 +312,13 @@
       return el("tr", { "data-endpoint": ep.name, class: ep.enabled ? "" : "disabled" },
         el("td", null,
           el("div", { class: "ep-name", text: ep.name }),
-          el("div", { class: "ep-url muted small", text: `${ep.kind === "openai" ? "OpenAI-compatible" : "Ollama"} · ${ep.url}` })),
+          el("div", { class: "ep-url muted small", text: [
+            ep.kind === "openai" ? "OpenAI-compatible" : "Ollama",
+            ep.url,
+            // tier and weight (README "How a server is chosen"), when not the defaults
+            ...(ep.tier ? [`tier ${ep.tier}`] : []),
+            ...(ep.weight > 1 ? [`weight ${ep.weight}`] : []),
+          ].join(" · ") })),
         el("td", null, statePill(ep)),
         el("td", { class: "mono", text: ep.version || "—" }),
         el("td", { class: "num" },

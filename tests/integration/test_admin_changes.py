@@ -57,11 +57,19 @@ def test_it_applies_an_admin_change_to_the_next_request(fakes, endpoint, router)
         "kind": "ollama",
         "enabled": "on",
         "max_concurrent_connections": "4",
+        "tier": "0",
+        "weight": "1",
         "notes": "",
         "csrfmiddlewaretoken": token,
     }
     assert admin.post(f"/admin/routing/endpoint/{preferred.id}/change/", data=data).status_code == 302
     assert api.post("/api/chat", json=CHAT).headers["x-router-endpoint"] == "renamed"
+
+    # A higher tier: the loaded server is passed over for the other from the next request on.
+    data["csrfmiddlewaretoken"] = _csrf(admin, f"/admin/routing/endpoint/{preferred.id}/change/")
+    data["tier"] = "1"
+    assert admin.post(f"/admin/routing/endpoint/{preferred.id}/change/", data=data).status_code == 302
+    assert api.post("/api/chat", json=CHAT).headers["x-router-endpoint"] == "other-one"
 
 
 def test_it_keeps_endpoint_state_fresh_in_the_background(fakes, endpoint, router):

@@ -104,6 +104,10 @@ BASES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "/v1/completions": ("POST", {"prompt": ["a b", [1, 2]], "stream": False, "max_tokens": 2, "seed": 3}),
     "/v1/embeddings": ("POST", {"input": ["a", "b"], "encoding_format": "float"}),
+    "/v1/rerank": (
+        "POST",
+        {"query": "a b", "documents": ["a", {"text": "b"}], "top_n": 1, "return_documents": True},
+    ),
     "/api/pull": ("POST", {"insecure": False, "stream": False}),
     "/api/push": ("POST", {"insecure": False, "stream": False}),
     "/api/create": ("POST", {"from": "llama3", "system": "x", "parameters": {"a": 1}, "stream": False}),
@@ -200,7 +204,7 @@ def server(django_db_setup: None, django_db_blocker: Any, tmp_path_factory: Any)
     from stats.models import TokenTimeSeries, TokenTotal
 
     ollama = run_in_thread(FakeConfig(kind="ollama", models=["llama3:latest"], tokens=2))
-    openai = run_in_thread(FakeConfig(kind="openai", models=["gpt-x"], tokens=2))
+    openai = run_in_thread(FakeConfig(kind="openai", models=["gpt-x"], tokens=2, reranking=True))
     with django_db_blocker.unblock():
         Endpoint.objects.all().delete()
         Endpoint.objects.create(url=ollama.url, name="ollama", max_concurrent_connections=2)
@@ -227,6 +231,9 @@ def client(server: RouterProcess) -> Iterator[httpx.Client]:
 
 
 def check_reply(response: httpx.Response, path: str) -> None:
+    if path == "/v1/rerank" and response.status_code == 501:  # the Ollama-only model: no rerank API
+        assert response.json()["error"]["code"] == "rerank_not_supported", response.text
+        return
     assert response.status_code < 500, (response.status_code, response.text[:500])
     if response.status_code < 400:
         return

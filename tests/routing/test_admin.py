@@ -1,9 +1,11 @@
-"""The fleet in the admin: list with state, secrets never shown, bulk actions, check now."""
+"""The fleet in the admin: list with state, secrets never shown, bulk actions, check now, tiers
+and weights."""
 
 from __future__ import annotations
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.db import IntegrityError, transaction
 from django.test import Client
 
 from routing.fleet import caches
@@ -42,6 +44,8 @@ def test_it_keeps_the_key_when_the_field_is_left_empty(staff_client: Client):
         "api_key": "",
         "enabled": "on",
         "max_concurrent_connections": 2,
+        "tier": 0,
+        "weight": 1,
         "notes": "",
     }
     reply = staff_client.post(f"/admin/routing/endpoint/{ep.id}/change/", data)
@@ -57,6 +61,8 @@ def test_it_normalises_and_validates_urls(staff_client: Client):
         "kind": "ollama",
         "enabled": "on",
         "max_concurrent_connections": 1,
+        "tier": 0,
+        "weight": 1,
         "notes": "",
     }
     assert staff_client.post("/admin/routing/endpoint/add/", data).status_code == 302
@@ -64,6 +70,49 @@ def test_it_normalises_and_validates_urls(staff_client: Client):
     bad = {**data, "url": "http://llama:8080", "kind": "openai"}
     page = staff_client.post("/admin/routing/endpoint/add/", bad)
     assert page.status_code == 200 and b"ends in /v1" in page.content
+
+
+def test_it_edits_tier_and_weight_and_refuses_a_weight_below_one(staff_client: Client):
+    ep = Endpoint.objects.create(url="http://cpu-1:11434", name="cpu-1")
+    assert (ep.tier, ep.weight) == (0, 1)
+    form = staff_client.get(f"/admin/routing/endpoint/{ep.id}/change/")
+    assert b'name="tier"' in form.content and b'name="weight"' in form.content
+    data = {
+        "name": "cpu-1",
+        "url": ep.url,
+        "kind": "ollama",
+        "enabled": "on",
+        "max_concurrent_connections": 1,
+        "tier": 2,
+        "weight": 3,
+        "notes": "",
+    }
+    assert staff_client.post(f"/admin/routing/endpoint/{ep.id}/change/", data).status_code == 302
+    ep.refresh_from_db()
+    assert (ep.tier, ep.weight) == (2, 3)
+    for bad in ({"weight": 0}, {"tier": -1}, {"weight": ""}):
+        page = staff_client.post(f"/admin/routing/endpoint/{ep.id}/change/", {**data, **bad})
+        assert page.status_code == 200 and b"errorlist" in page.content
+    ep.refresh_from_db()
+    assert (ep.tier, ep.weight) == (2, 3)
+
+
+def test_it_lists_tier_and_weight_and_filters_by_tier(staff_client: Client):
+    Endpoint.objects.create(url="http://gpu-1:11434", name="gpu-one", weight=3)
+    Endpoint.objects.create(url="http://cpu-1:11434", name="cpu-one", tier=1)
+    listing = staff_client.get("/admin/routing/endpoint/")
+    assert b"column-tier" in listing.content and b"column-weight" in listing.content
+    assert b'<td class="field-weight">3</td>' in listing.content
+    tier_one = staff_client.get("/admin/routing/endpoint/?tier__exact=1")
+    assert tier_one.status_code == 200
+    assert b"cpu-one" in tier_one.content and b"gpu-one" not in tier_one.content
+
+
+def test_the_database_refuses_a_weight_below_one(db):
+    """The check constraint of the migration (endpoint_weight_at_least_one), past any form."""
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Endpoint.objects.create(url="http://gpu-1:11434", weight=0)
+    assert not Endpoint.objects.exists()
 
 
 def test_it_disables_and_enables_in_bulk(staff_client: Client):

@@ -314,6 +314,8 @@ async def test_config_states_and_no_api_keys() -> None:
         "kind": "ollama",
         "enabled": True,
         "limit": 4,
+        "tier": 0,
+        "weight": 1,
         "healthy": True,
         "failing_since": None,
         "breaker": "closed",

@@ -370,9 +370,10 @@ def test_the_page_reconnects_after_the_router_restarts(small_fleet, browser, tmp
 
 
 def test_a_failing_server_reads_for_how_long_from_its_since_time(small_fleet, browser) -> None:
-    """The page's own arithmetic: snapshots are stood in for (Playwright answers the page's
-    websocket), with the server's clock 1,000 s ahead of the browser's, as on a machine whose
-    clock is off; the durations come from the snapshot's times, not the browser's clock."""
+    """The page's own arithmetic (and its endpoint line): snapshots are stood in for
+    (Playwright answers the page's websocket), with the server's clock 1,000 s ahead of the
+    browser's, as on a machine whose clock is off; the durations come from the snapshot's
+    times, not the browser's clock."""
     import json
     import time
 
@@ -387,6 +388,8 @@ def test_a_failing_server_reads_for_how_long_from_its_since_time(small_fleet, br
             "kind": "ollama",
             "enabled": True,
             "limit": 2,
+            "tier": 1,
+            "weight": 2,
             "healthy": False,
             "failing_since": served_at - down_for,
             "failing_reason": "connection refused",
@@ -413,4 +416,7 @@ def test_a_failing_server_reads_for_how_long_from_its_since_time(small_fleet, br
         view.page.wait_for_function("(n) => n > 0", arg=len(sockets))
         sockets[-1].send(snapshot(down_for))
         view.wait_text(reason, f"connection refused · for {shown}")
+    # tier and weight beside the url, when not the defaults
+    line = '#endpoints tr[data-endpoint="gpu-1"] .ep-url'
+    view.wait_text(line, "Ollama · http://127.0.0.1:9 · tier 1 · weight 2")
     view.context.close()

@@ -20,6 +20,8 @@ def ep(**fields: Any) -> EndpointState:
         "kind": "ollama",
         "enabled": True,
         "limit": 2,
+        "tier": 0,
+        "weight": 1,
         "healthy": True,
         "failing_since": None,
         "failing_reason": None,

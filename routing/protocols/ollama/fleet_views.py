@@ -14,6 +14,7 @@ from routing.core.errors import ApiError
 from routing.core.names import model_key
 from routing.fleet import caches, candidates, health, probes
 from routing.fleet.breaker import breakers
+from routing.fleet.context_limits import context_limits
 from routing.fleet.registry import EndpointInfo, registry
 from routing.protocols.common import schema
 from routing.protocols.common.decorators import methods
@@ -63,6 +64,61 @@ async def ps(request: HttpRequest) -> HttpResponseBase:
             if model_key(name) not in seen:
                 seen.add(model_key(name))
                 models.append(entry)
+    return JsonResponse({"models": models})
+
+
+def _loaded_on_openai(entry: dict[str, Any]) -> bool:
+    """An OpenAI-compatible server's model is loaded unless its entry says otherwise (llama.cpp's
+    router mode: `"status": {"value": "loaded" | "loading" | "unloaded", ...}`)."""
+    status = entry.get("status")
+    return not isinstance(status, dict) or status.get("value") in (None, "loaded")
+
+
+def _openai_details(ep: EndpointInfo, entry: dict[str, Any], name: str) -> dict[str, Any]:
+    status = entry.get("status")
+    found: dict[str, Any] = {
+        "name": name,
+        "id": name,
+        "original_name": name,
+        "digest": "",
+        "details": {},
+        "endpoint": ep.url,
+        "endpoint_name": ep.name,
+        "status": status,
+        "created": entry.get("created"),
+        "owned_by": entry.get("owned_by"),
+        "llama_status_args": status.get("args") if isinstance(status, dict) else None,
+        "llama_status_preset": status.get("preset") if isinstance(status, dict) else None,
+    }
+    n_ctx = context_limits.get(ep.id, name)
+    if n_ctx is not None:
+        found["context_length"] = n_ctx
+    return found
+
+
+@methods("GET")
+async def ps_details(request: HttpRequest) -> HttpResponseBase:
+    """GET /api/ps_details (NOMYO Router v0.7): every loaded model on every endpoint in rotation,
+    once per endpoint, as `{"models": [...]}`. An Ollama server's entries are its /api/ps entries
+    plus `endpoint` (its url) and `endpoint_name`; an OpenAI-compatible server's are the models
+    it lists as loaded, with NOMYO's fields: `name`, `id`, `original_name`, `digest` (""),
+    `details` ({}), `endpoint`, `endpoint_name`, `status`, `created`, `owned_by`,
+    `llama_status_args`, `llama_status_preset`, and `context_length` when a server told the
+    router its context (routing/fleet/context_limits.py; NOMYO asks llama.cpp's /props, which
+    this does not). Read from the caches (/api/ps for Ollama, the model lists for the others),
+    refreshed as /api/ps and /v1/models refresh them."""
+    endpoints = [ep for ep in await registry.enabled() if not breakers.is_open(ep.id)]
+    ollama = [ep for ep in endpoints if ep.is_ollama]
+    models: list[dict[str, Any]] = []
+    for ep, found in zip(ollama, await candidates.gather_loaded(ollama), strict=True):
+        models.extend({**entry, "endpoint": ep.url, "endpoint_name": ep.name} for entry in found.entries)
+    others = tuple(ep for ep in endpoints if not ep.is_ollama)
+    for ep, listed in await candidates.gather_advertised(others):
+        if listed is None:
+            continue
+        for entry, name in zip(listed.entries, listed.names, strict=True):
+            if _loaded_on_openai(entry):
+                models.append(_openai_details(ep, entry, name))
     return JsonResponse({"models": models})
 
 

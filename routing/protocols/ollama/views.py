@@ -19,11 +19,13 @@ from routing.engine.attempt import Attempt
 from routing.fleet import candidates
 from routing.fleet.candidates import Candidate
 from routing.protocols import translate
-from routing.protocols.common import schema
+from routing.protocols.common import recovery, schema
 from routing.protocols.common.decorators import methods
 from routing.protocols.common.parsing import optional_bool, parse_object, require_model, with_model
 from routing.protocols.common.relays import OllamaStream, no_counts, ollama_body
 from routing.protocols.ollama import loading
+
+_CONVERSATIONS = frozenset({"/api/chat", "/api/generate"})
 
 
 def _passthrough(
@@ -57,8 +59,12 @@ class _Routed:
     def __call__(self, cand: Candidate) -> Attempt:
         self.translated = not cand.endpoint.is_ollama
         if not self.translated:
-            return self.direct(cand)
-        return translate.plan_for_openai_backend(self.path, self.data, self.stream, cand)
+            planned = self.direct(cand)
+        else:
+            planned = translate.plan_for_openai_backend(self.path, self.data, self.stream, cand)
+        if self.path in _CONVERSATIONS:  # a prompt too long, images the model cannot see
+            return recovery.guard(planned, cand)
+        return planned
 
 
 async def _forward(request: HttpRequest, plan: _Routed, model: str) -> HttpResponseBase:

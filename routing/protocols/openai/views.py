@@ -18,7 +18,7 @@ from routing.engine import attempt, proxy
 from routing.engine.attempt import Attempt
 from routing.fleet import candidates
 from routing.fleet.candidates import Candidate
-from routing.protocols.common import schema
+from routing.protocols.common import recovery, schema
 from routing.protocols.common.decorators import methods
 from routing.protocols.common.parsing import optional_bool, parse_object, require_model
 from routing.protocols.common.relays import OpenAIStream, openai_body
@@ -53,7 +53,7 @@ def _plan(suffix: str, raw: bytes, data: dict[str, Any], stream: bool) -> attemp
             def fallback() -> bytes:
                 return raw if name == data["model"] else json.dumps({**data, "model": name}).encode()
 
-        return Attempt(
+        planned = Attempt(
             url=cand.endpoint.openai_base + suffix,
             body=payload,
             relay=lambda: OpenAIStream(strip_usage=strip_usage),
@@ -61,6 +61,7 @@ def _plan(suffix: str, raw: bytes, data: dict[str, Any], stream: bool) -> attemp
             stream=stream,
             fallback_body=fallback,
         )
+        return recovery.guard(planned, cand) if suffix == "/chat/completions" else planned
 
     return plan
 

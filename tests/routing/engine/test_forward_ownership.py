@@ -187,3 +187,85 @@ async def test_a_stream_owns_its_slot_until_it_is_finished(
     assert sum(board.active().values()) == 1  # handed over, not released early
     await response.finish()  # never iterated: the client went away before the first chunk
     await settled()
+
+
+def recovering(hook: attempt.Recover, *, stream: bool) -> attempt.Planner:
+    """The planner above, with a `recover` hook on its attempts."""
+    base = planner(stream=stream)
+
+    def plan(cand: Candidate) -> attempt.Attempt:
+        planned = base(cand)
+        planned.recover = hook
+        return planned
+
+    return plan
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_retry_on_the_same_server_keeps_the_one_slot_and_gives_it_back(
+    stream, mode, fakes: Callable[..., ThreadedFake], monkeypatch
+):
+    # An Ollama server without vision refuses the image (HTTP 500); the hook sends the request
+    # without it, as the image retry does, and the reply carries the hook's header.
+    fake = fakes(models=[MODEL], vision=False, tokens=2)
+    use_candidates(monkeypatch, candidate(fake.url, limit=1))
+    plain = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream})
+
+    def hook(_: attempt.Attempt, status: int, body: bytes) -> attempt.Retry | None:
+        return attempt.Retry(plain.encode(), {"X-Test": "retried"}) if status == 500 else None
+
+    base = recovering(hook, stream=stream)
+
+    def plan(cand: Candidate) -> attempt.Attempt:
+        planned = base(cand)
+        with_image = json.loads(planned.body)
+        with_image["messages"][0]["images"] = ["aGk="]
+        planned.body = json.dumps(with_image).encode()
+        return planned
+
+    for _ in range(3):  # with limit 1, a leaked slot would make the second wait and fail
+        response = await asyncio.wait_for(forward(plan), 5)
+        assert response.status_code == 200 and response["X-Test"] == "retried"
+        if isinstance(response, proxy.ProxyStreamingResponse):
+            assert sum(board.active().values()) == 1
+            await response.finish()
+    assert fake.stats.snapshot()["requests"]["/api/chat"] == 6  # each refused once, then served
+    await settled()
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db
+async def test_a_refusal_passes_to_the_next_server_and_the_last_one_s_error_is_raised(
+    mode, fakes: Callable[..., ThreadedFake], monkeypatch
+):
+    refusing = fakes(models=[MODEL], vision=False)
+    serving = fakes(models=[MODEL])
+    no = ApiError(501, "nobody serves this", code="not_here")
+
+    def hook(_: attempt.Attempt, status: int, body: bytes) -> attempt.Refuse | None:
+        return attempt.Refuse(no) if status == 500 else None
+
+    def with_image(plan: attempt.Planner) -> attempt.Planner:
+        def planned(cand: Candidate) -> attempt.Attempt:
+            made = plan(cand)
+            data = json.loads(made.body)
+            data["messages"][0]["images"] = ["aGk="]
+            made.body = json.dumps(data).encode()
+            return made
+
+        return planned
+
+    use_candidates(
+        monkeypatch, candidate(refusing.url, limit=1), candidate(serving.url, limit=1, ep_id=EP_ID + 1)
+    )
+    for _ in range(3):
+        response = await asyncio.wait_for(forward(with_image(recovering(hook, stream=False))), 5)
+        assert response.status_code == 200
+    use_candidates(monkeypatch, candidate(refusing.url, limit=1))
+    with pytest.raises(ApiError) as caught:
+        await forward(with_image(recovering(hook, stream=False)))
+    assert caught.value is no
+    assert not breakers.is_open(EP_ID)  # a refusal is no evidence against the server
+    await settled()

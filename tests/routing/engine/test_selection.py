@@ -1,5 +1,5 @@
 """The selection seam (routing/engine/selection.py) and the board's calls into it
-(routing/engine/board.py): today's rule as a strategy, its order, the cap, unmetered choices,
+(routing/engine/board.py): the base rule as a strategy, its order, the cap, unmetered choices,
 a custom strategy on every path (new request, re-check, a slot handed to a waiter), and the
 inputs next strategies read (the affinity key, time to first byte)."""
 
@@ -13,12 +13,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from routing.engine.board import Board
-from routing.engine.selection import Ask, Load, LoadedThenLeastBusy
+from routing.engine.selection import Ask, Load, TieredLeastBusy
 from routing.fleet.candidates import Candidate
 from routing.fleet.registry import EndpointInfo
 
 MODEL = "m:latest"
-RULE = LoadedThenLeastBusy()
+RULE = TieredLeastBusy()
 
 
 def ep(id: int, limit: int = 1) -> EndpointInfo:
@@ -122,7 +122,7 @@ def test_the_board_selects_with_the_strategy_it_is_given() -> None:
     board = Board(strategy)
     assert board.strategy is strategy
     lease = board.try_acquire(MODEL, [cand(1, loaded=True), cand(2)], affinity="conv-7")
-    assert lease is not None and lease.endpoint.id == 2  # today's rule would take the loaded one
+    assert lease is not None and lease.endpoint.id == 2  # the base rule would take the loaded one
     assert strategy.asks[-1].affinity == "conv-7" and strategy.metered[-1] is True
     shown = board.unmetered(MODEL, [cand(1, loaded=True), cand(3)])
     assert shown.endpoint.id == 3 and strategy.metered[-1] is False
@@ -171,7 +171,7 @@ def test_time_to_first_byte_is_averaged_per_endpoint_and_model_on_release() -> N
     board = Board()
     seen: list[Load] = []
 
-    class Peek(LoadedThenLeastBusy):
+    class Peek(TieredLeastBusy):
         def pick(
             self, ask: Ask, candidates: Sequence[Candidate], load: Load, *, metered: bool
         ) -> Candidate | None:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from asgiref.sync import sync_to_async
 
+from routing.engine.board import Board
 from routing.fleet import caches, candidates, health
 from routing.fleet.breaker import State, breakers
 from routing.fleet.registry import registry
@@ -154,6 +155,36 @@ async def test_concurrent_lookups_share_one_probe_per_endpoint() -> None:
         await upstream_client.close_client()
     assert all(len(r.candidates) == 1 for r in results)
     assert calls == {"/api/tags": 1, "/api/ps": 1}
+
+
+@pytest.mark.asyncio
+async def test_candidates_carry_tier_and_weight_and_a_failing_tier_spills_to_the_next() -> None:
+    """The board spills to tier 1 when the only tier-0 server is failing (breaker open): it is no
+    candidate, so tier 1 is the best there is; when it closes, tier 0 wins again."""
+    gpu = await add("gpu", tier=0, weight=2)
+    cpu = await add("cpu", tier=1)
+    servers(
+        {
+            "gpu": {"/api/tags": tags("llama3"), "/api/ps": tags()},
+            "cpu": {"/api/tags": tags("llama3"), "/api/ps": tags("llama3:latest")},
+        }
+    )
+    found = await lookup("llama3")
+    assert sorted((c.endpoint.id, c.endpoint.tier, c.endpoint.weight) for c in found.candidates) == [
+        (gpu, 0, 2),
+        (cpu, 1, 1),
+    ]
+    board = Board()
+    lease = board.try_acquire("llama3:latest", found.candidates)
+    assert lease is not None and lease.endpoint.id == gpu  # tier 0 though cpu has it loaded
+    lease.release()
+    breakers.failed(gpu, "connection refused", strong=True, name="gpu")
+    lease = board.try_acquire("llama3:latest", (await lookup("llama3")).candidates)
+    assert lease is not None and lease.endpoint.id == cpu
+    lease.release()
+    breakers.reset(gpu)
+    lease = board.try_acquire("llama3:latest", (await lookup("llama3")).candidates)
+    assert lease is not None and lease.endpoint.id == gpu
 
 
 @pytest.mark.asyncio

@@ -95,6 +95,104 @@ def test_it_imports_the_config_at_start_when_the_database_has_no_endpoint(config
     assert Endpoint.objects.count() == 4
 
 
+TIERED = """
+endpoints:
+  - url: http://gpu-1:11434
+    weight: 3
+  - http://gpu-2:11434
+  - url: http://cpu-1:11434
+    tier: 1
+llama_server_endpoints:
+  - url: http://paid-api:8080/v1
+    tier: 2
+    weight: 1
+"""
+
+
+@pytest.mark.django_db
+def test_it_imports_tiers_and_weights_given_per_endpoint(tmp_path: Path):
+    path = tmp_path / "config.yaml"
+    path.write_text(TIERED)
+    call_command("import_config", str(path))
+    rows = {ep.url: (ep.kind, ep.tier, ep.weight) for ep in Endpoint.objects.all()}
+    assert rows == {
+        "http://gpu-1:11434": ("ollama", 0, 3),
+        "http://gpu-2:11434": ("ollama", 0, 1),
+        "http://cpu-1:11434": ("ollama", 1, 1),
+        "http://paid-api:8080/v1": ("openai", 2, 1),
+    }
+
+
+@pytest.mark.django_db
+def test_a_plain_url_keeps_the_tier_and_weight_set_in_the_admin(config_file: Path):
+    call_command("import_config", str(config_file))
+    Endpoint.objects.filter(url="http://gpu-1:11434").update(tier=1, weight=4)
+    call_command("import_config", str(config_file))  # NOMYO's config has no tiers: nothing changes
+    assert Endpoint.objects.get(url="http://gpu-1:11434").tier == 1
+    assert Endpoint.objects.get(url="http://gpu-1:11434").weight == 4
+    config_file.write_text(
+        CONFIG.replace("  - http://gpu-1:11434\n", "  - {url: http://gpu-1:11434, tier: 0}\n")
+    )
+    call_command("import_config", str(config_file))  # given: it wins, the weight stays
+    assert Endpoint.objects.get(url="http://gpu-1:11434").tier == 0
+    assert Endpoint.objects.get(url="http://gpu-1:11434").weight == 4
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            "{url: http://a:11434, tier: -1}",
+            r"endpoints\[0\]: tier must be a whole number from 0 to 32767, not -1",
+        ),
+        ("{url: http://a:11434, tier: 1.5}", r"tier must be a whole number"),
+        ("{url: http://a:11434, tier: 40000}", r"tier must be a whole number"),
+        ("{url: http://a:11434, weight: 0}", r"weight must be a whole number from 1 to"),
+        ("{url: http://a:11434, weight: true}", r"weight must be a whole number"),
+        ("{url: http://a:11434, weight: '2'}", r"weight must be a whole number"),
+        (
+            "{url: http://a:11434, priority: 2}",
+            r"endpoints\[0\]: unknown key priority \(accepted: url, tier, weight\)",
+        ),
+        ("{tier: 1}", r"endpoints\[0\]: url must be given"),
+        ("[http://a:11434]", r"endpoints\[0\] must be a url or a mapping"),
+    ],
+)
+def test_it_refuses_a_bad_tier_or_weight_naming_the_entry(tmp_path: Path, entry: str, message: str):
+    path = tmp_path / "config.yaml"
+    path.write_text(f"endpoints:\n  - {entry}\n  - http://b:11434\n")
+    with pytest.raises(CommandError, match=message):
+        call_command("import_config", str(path))
+    assert Endpoint.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_the_readme_example_imports_as_it_says(tmp_path: Path):
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    section = readme.split("### Tiers and weights in a config file", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "config.yaml"
+    path.write_text(example)
+    call_command("import_config", str(path))
+    rows = {ep.url: (ep.tier, ep.weight) for ep in Endpoint.objects.all()}
+    assert rows == {
+        "http://gpu-1:11434": (0, 1),
+        "http://gpu-2:11434": (0, 2),
+        "http://cpu-1:11434": (1, 1),
+        "http://paid-api.example/v1": (2, 1),
+    }
+
+
+@pytest.mark.django_db
+def test_it_refuses_a_url_the_admin_would_refuse_naming_it(tmp_path: Path):
+    path = tmp_path / "config.yaml"
+    path.write_text("endpoints:\n  - http://a:11434\n  - ftp://b:11434\n")
+    with pytest.raises(CommandError, match="ftp://b:11434: url: The url must start with http"):
+        call_command("import_config", str(path))
+    assert Endpoint.objects.count() == 0  # the first one too: all or nothing
+
+
 ROUTES = """
 endpoints:
   - http://gpu-1:11434

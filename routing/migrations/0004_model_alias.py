@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('routing', '0002_client_key'),
+        ('routing', '0003_endpoint_tier_weight'),
     ]
 
     operations = [
