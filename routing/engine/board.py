@@ -10,6 +10,14 @@ folded in when a lease that measured it is released.
 Which waiter is next is the queue discipline of routing/engine/fair_queue.py: highest
 priority first (aged by ROUTER_PRIORITY_AGING), then turns between clients, then arrival
 order. The board stamps a client each time it gets a slot (`_served`), the turns' measure.
+
+A strategy with a `hold` (prompt-cache affinity, routing/engine/affinity.py) may decline free
+slots for a waiter for up to `hold` seconds after it first asked (it waits for its own server).
+Such a waiter keeps its place: the next waiters in the queue's order are served past it, and
+a new request is queued and served in that same order (not refused because someone waits).
+When its hold ends, the waiter itself asks the board to serve the queue again, and from then
+on it is served like any other. Without a hold nothing changes: a None from the strategy
+means nothing is free and the queue waits.
 """
 
 from __future__ import annotations
@@ -73,6 +81,11 @@ class _Waiter:
     client: str
 
 
+def _hold_of(strategy: SelectionStrategy) -> float:
+    """Seconds the strategy may decline free slots for a waiter (its optional `hold`), else 0."""
+    return float(getattr(strategy, "hold", 0.0) or 0.0)
+
+
 MAX_STAMPS = 10_000  # clients remembered for turns; past it the memory starts afresh
 
 
@@ -88,6 +101,7 @@ class Board:
     def __init__(self, strategy: SelectionStrategy | None = None) -> None:
         self._lock = TimedLock("usage")
         self._strategy: SelectionStrategy = strategy or LoadedThenLeastBusy()
+        self._hold = _hold_of(self._strategy)
         self._active: dict[Slot, int] = {}
         self._per_endpoint: dict[int, int] = {}
         self._queues: dict[str, FairQueue[_Waiter]] = {}
@@ -115,6 +129,7 @@ class Board:
         """Select with `strategy` from the next pick on (queued requests included)."""
         with self._lock:
             self._strategy = strategy
+            self._hold = _hold_of(strategy)
 
     def _reserve(self, model: str, cand: Candidate, client: str) -> Lease:
         if len(self._served) >= MAX_STAMPS and client not in self._served:
@@ -190,13 +205,25 @@ class Board:
                     queue = self._queues[model] = FairQueue(settings.ROUTER_PRIORITY_AGING)
                 entry = queue.push(waiter, client, priority, time.monotonic())
                 self._queued += 1
+                if self._hold:  # waiters ahead may be holding out for their own server
+                    self._serve_waiters(model)
         self.changed.send()
         if lease is not None:
             return lease
         assert entry is not None
         got: Lease | None = None
+        hold_until = ask.since + self._hold if self._hold and affinity is not None else None
         try:
             async with asyncio.timeout(timeout):
+                while hold_until is not None and not future.done():
+                    left = hold_until - time.monotonic()
+                    if left > 0:
+                        await asyncio.wait((future,), timeout=left)
+                        continue
+                    hold_until = None  # the hold is over: from now on a waiter like any other
+                    with self._lock:
+                        self._serve_waiters(model)
+                    self.changed.send()
                 got = await future
             return got
         except TimeoutError:
@@ -255,12 +282,15 @@ class Board:
         self.changed.send()
 
     def _serve_waiters(self, model: str) -> None:
-        """Hand free slots to waiters in the queue's order (lock held)."""
+        """Hand free slots to waiters in the queue's order (lock held). A waiter the strategy
+        holds back while one of its candidates is free is passed over, keeping its place."""
         queue = self._queues.get(model)
         now = time.monotonic()
+        held: set[Entry[_Waiter]] = set()
         while queue:
-            entry = queue.peek(now, self._served)
-            assert entry is not None
+            entry = queue.peek(now, self._served, held)
+            if entry is None:  # every waiter left is held back
+                break
             waiter = entry.item
             if waiter.future.done():  # timed out or cancelled, leaving
                 queue.remove(entry)
@@ -268,7 +298,10 @@ class Board:
                 continue
             cand = self._strategy.pick(waiter.ask, waiter.candidates, self._load, metered=True)
             if cand is None:
-                return
+                if self._hold and any(self._load.has_free_slot(c, model) for c in waiter.candidates):
+                    held.add(entry)
+                    continue
+                break
             queue.remove(entry)
             self._queued -= 1
             waiter.future.set_result(self._reserve(model, cand, waiter.client))
@@ -328,6 +361,9 @@ class Board:
             self._served.clear()
             self._limits.clear()
             self._first_byte.clear()
+            forget = getattr(self._strategy, "clear", None)  # a strategy's own memory (affinity)
+            if callable(forget):
+                forget()
 
 
 board = Board()

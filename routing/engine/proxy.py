@@ -34,6 +34,7 @@ from routing.auth.principal import Principal
 from routing.core.errors import ApiError, error_response, is_openai_path
 from routing.core.names import model_key
 from routing.engine.accounting import sinks
+from routing.engine.affinity_shared import shared_affinity
 from routing.engine.attempt import Attempt, Planner, Relay
 from routing.engine.board import Lease, QueueFull, QueueTimeout, board
 from routing.engine.cluster import cluster
@@ -58,9 +59,11 @@ async def forward(
     plan: Planner,
     principal: Principal,
     metered: bool = True,
+    affinity: str | None = None,
 ) -> HttpResponse | StreamingHttpResponse:
     """Route one request for `principal` (who it is accounted to). `metered=False` is for
-    metadata calls (show) that take no slot.
+    metadata calls (show) that take no slot. affinity: the conversation's key for prompt-cache
+    affinity (routing/engine/affinity.py), None: none.
 
     The principal's name and priority place a queued request in the model's queue
     (routing/engine/fair_queue.py).
@@ -85,7 +88,9 @@ async def forward(
     tried = ""
     for _ in range(settings.ROUTER_MAX_RETRIES + 1):
         lease = (
-            await _acquire(key, model, candidates, principal) if metered else board.unmetered(key, candidates)
+            await _acquire(key, model, candidates, principal, affinity)
+            if metered
+            else board.unmetered(key, candidates)
         )
         handed_over = False
         try:
@@ -191,10 +196,14 @@ def _refuses_added_field(body: bytes) -> bool:
     return b"stream_options" in body.lower()
 
 
-async def _acquire(key: str, model: str, candidates: list[Candidate], principal: Principal) -> Lease:
+async def _acquire(
+    key: str, model: str, candidates: list[Candidate], principal: Principal, affinity: str | None
+) -> Lease:
     waited = time.perf_counter()
     deadline = waited + settings.ROUTER_QUEUE_TIMEOUT
     try:
+        if affinity is not None and shared_affinity.enabled:
+            await shared_affinity.prefetch(key, affinity)  # one Redis read, only on a local miss
         lease = await board.acquire(
             key,
             candidates,
@@ -202,9 +211,12 @@ async def _acquire(key: str, model: str, candidates: list[Candidate], principal:
             queue_max=settings.ROUTER_QUEUE_MAX,
             client=principal.name,
             priority=principal.priority,
+            affinity=affinity,
         )
         if cluster.enabled():
-            lease = await _claim_in_cluster(lease, key, candidates, deadline, principal)
+            lease = await _claim_in_cluster(lease, key, candidates, deadline, principal, affinity)
+        if affinity is not None and shared_affinity.enabled:
+            shared_affinity.flush()  # what the pick remembered, to Redis in the background
         metrics.queue_wait(time.perf_counter() - waited)
         return lease
     except QueueFull:
@@ -216,7 +228,12 @@ async def _acquire(key: str, model: str, candidates: list[Candidate], principal:
 
 
 async def _claim_in_cluster(
-    lease: Lease, key: str, candidates: list[Candidate], deadline: float, principal: Principal
+    lease: Lease,
+    key: str,
+    candidates: list[Candidate],
+    deadline: float,
+    principal: Principal,
+    affinity: str | None = None,
 ) -> Lease:
     """Also hold the slot across router processes; try other candidates, then wait.
     Owns `lease` (and each later one) until it returns it: any exception releases it."""
@@ -250,6 +267,7 @@ async def _claim_in_cluster(
                 queue_max=settings.ROUTER_QUEUE_MAX,
                 client=principal.name,
                 priority=principal.priority,
+                affinity=affinity,
             )
     except BaseException:
         lease.release()  # idempotent: a lease already given back stays given back

@@ -15,9 +15,14 @@ past the call (it is a view of the board's own dicts). It runs in O(len(candidat
 Invariant every strategy keeps: with `metered=True` it returns only a candidate with a free
 slot (`Load.has_free_slot`), else None (the request waits); with `metered=False` (no slot is
 taken, e.g. /api/show) it returns any candidate, None only when there are none.
+One exception, declared by the strategy: one with a `hold` attribute (seconds, optional) may
+return None while a candidate is free, for at most `hold` seconds after `Ask.since` (prompt-
+cache affinity waiting for its own server, routing/engine/affinity.py); the board then serves
+the waiters behind it and asks again when the hold ends.
 
-The first strategy is today's rule, `LoadedThenLeastBusy`. Prompt-cache affinity, tiers and
-weights and latency-aware ties (issue 15) are further strategies over the same inputs.
+The first strategy is today's rule, `LoadedThenLeastBusy`. Prompt-cache affinity
+(routing/engine/affinity.py) wraps whichever base strategy the board has; tiers and weights and
+latency-aware ties (issue 15) are further strategies over the same inputs.
 """
 
 from __future__ import annotations
