@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import httpx
 import ollama
@@ -584,7 +585,8 @@ def test_it_charges_prefill_only_for_the_uncached_prompt_and_counts_hits(
     client.chat(model="llama3", messages=first, stream=False)
     client.chat(model="llama3", messages=second, stream=False)
     openai_client = openai.OpenAI(base_url=ollama_fake.url + "/v1", api_key="x", max_retries=0, timeout=5)
-    openai_client.chat.completions.create(model="llama3", messages=second)  # the same prompt again
+    again = cast(list[ChatCompletionMessageParam], second)  # the same prompt again
+    openai_client.chat.completions.create(model="llama3", messages=again)
     prefix = ollama_fake.stats.snapshot()["prefix"]
     assert prefix["requests"] == 3 and prefix["hits"] == 2
     assert prefix["prompt_tokens"] == 61 + 65 + 65  # content words + 1 per request
