@@ -100,6 +100,18 @@ def test_a_turn_moves_when_its_server_stays_full_past_the_wait_and_the_next_turn
         assert fake.stats.snapshot()["max_in_flight"]["llama3:latest"] == 1
 
 
+def test_a_failover_moves_the_conversation_to_the_server_that_answered(fakes, endpoint, router):
+    a, b = two_servers(fakes, endpoint)
+    url = router().url
+    conversation = turns("tell me about tides", 4)
+    first = chat(url, conversation[0])
+    home, other = (a, "b") if first == "a" else (b, "a")
+    home.config.update({"fault": "503"})  # overloaded: the work was not taken, so it fails over
+    assert chat(url, conversation[1]) == other
+    home.config.update({"fault": "none"})
+    assert {chat(url, messages) for messages in conversation[2:]} == {other}
+
+
 @pytest.mark.skipif(not _redis_answers(), reason="no Redis at 127.0.0.1:6379 (CI starts one)")
 def test_two_router_processes_share_what_they_remember_through_redis(fakes, endpoint, router):
     two_servers(fakes, endpoint)
