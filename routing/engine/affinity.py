@@ -14,6 +14,12 @@ Invariants:
   other free candidates (returns None) for `hold` seconds after the request first asked
   (`Ask.since`). The board serves later waiters past such a waiter and asks again when its
   hold ends (routing/engine/board.py); from then on it is placed like any other request.
+  Only a key with no request of its own holding a slot, and only one request per key at a
+  time, waits: the turns of one conversation come one after the other, so requests of the
+  same key at the same time are several conversations with one prefix (a shared few-shot
+  prompt, a batch job), and they are spread as the base spreads them instead of queueing
+  for one server. The board tells the strategy when a slot it placed is given back
+  (`released`), which keeps the count per key.
 - The memory is remembered at the moment of choice: every pick that returns a candidate is
   followed, in the same lock acquisition, by the reservation of its slot, so the entry always
   names the endpoint the request went to last (after a failover, the one that took over).
@@ -45,10 +51,12 @@ def memory_key(model: str, affinity: str) -> str:
 
 
 @dataclass(slots=True)
-class _Entry:
+class Entry:
     endpoint: int  # endpoint id
     expires: float  # monotonic seconds
     share_after: float  # monotonic seconds after which the shared copy (Redis) is refreshed
+    busy: int = 0  # requests of this key holding a slot
+    holder: Ask | None = None  # the request of this key allowed to wait for `endpoint`
 
 
 class AffinityMap:
@@ -59,7 +67,7 @@ class AffinityMap:
         """ttl: seconds an entry lives after its last use; max_entries: at least 1."""
         self.ttl = ttl
         self.max_entries = max(1, max_entries)
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -70,39 +78,52 @@ class AffinityMap:
         saves) one Redis read."""
         return key in self._entries
 
-    def get(self, key: str, now: float) -> int | None:
-        """The endpoint id remembered for `key`, or None (never, or expired: then dropped)."""
+    def entry(self, key: str, now: float) -> Entry | None:
+        """The entry of `key`, or None (never, or expired: then dropped)."""
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if entry.expires <= now:
+        if entry.expires <= now and not entry.busy:
             del self._entries[key]
             return None
-        return entry.endpoint
+        return entry
 
-    def put(self, key: str, endpoint: int, now: float) -> bool:
-        """Remember (or refresh) `key` -> `endpoint` as most recently used. True when the shared
-        copy should be written: a new key, another endpoint, or half the ttl since the last write."""
+    def get(self, key: str, now: float) -> int | None:
+        """The endpoint id remembered for `key`, or None (never, or expired: then dropped)."""
+        entry = self.entry(key, now)
+        return None if entry is None else entry.endpoint
+
+    def put(self, key: str, endpoint: int, now: float, *, placed: bool = False) -> bool:
+        """Remember (or refresh) `key` -> `endpoint` as most recently used; placed: a request of
+        the key took a slot there (counted in `busy` until `done`). True when the shared copy
+        should be written: a new key, another endpoint, or half the ttl since the last write."""
         entries = self._entries
         entry = entries.get(key)
         expires = now + self.ttl
         if entry is None:
-            entries[key] = _Entry(endpoint, expires, now + self.ttl / 2)
+            entries[key] = Entry(endpoint, expires, now + self.ttl / 2, busy=int(placed))
             if len(entries) > self.max_entries:
                 entries.popitem(last=False)
             return True
         entries.move_to_end(key)
         entry.expires = expires
+        entry.busy += placed
         if entry.endpoint != endpoint or now >= entry.share_after:
             entry.endpoint = endpoint
             entry.share_after = now + self.ttl / 2
             return True
         return False
 
+    def done(self, key: str) -> None:
+        """A request of `key` gave its slot back."""
+        entry = self._entries.get(key)
+        if entry is not None and entry.busy > 0:
+            entry.busy -= 1
+
     def learn(self, key: str, endpoint: int, now: float) -> None:
         """An entry from elsewhere (another process): kept only if this map has none."""
         if key not in self._entries:
-            self._entries[key] = _Entry(endpoint, now + self.ttl, now + self.ttl / 2)
+            self._entries[key] = Entry(endpoint, now + self.ttl, now + self.ttl / 2)
             if len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
 
@@ -143,24 +164,37 @@ class Affinity:
         while inbox:
             memory.learn(*inbox.popleft(), now)
         key = memory_key(ask.model, ask.affinity)
-        remembered = memory.get(key, now)
-        if remembered is not None:
+        entry = memory.entry(key, now)
+        if entry is not None:
+            remembered = entry.endpoint
             for cand in candidates:
                 if cand.endpoint.id != remembered:
                     continue
                 if load.has_free_slot(cand, ask.model):
+                    if entry.holder is ask:
+                        entry.holder = None
                     self._remember(key, remembered, now)
                     return cand
-                if load.limit(cand) > 0 and now - ask.since < self.hold:
-                    return None  # full: wait for it a little (the board serves others meanwhile)
+                if load.limit(cand) > 0 and now - ask.since < self.hold and not entry.busy:
+                    holder = entry.holder
+                    if holder is None or holder is ask or now - holder.since >= self.hold:
+                        entry.holder = ask
+                        return None  # full: wait for it a little (the board serves others meanwhile)
                 break
+            if entry.holder is ask:
+                entry.holder = None
         chosen = self.base.pick(ask, candidates, load, metered=True)
         if chosen is not None:
             self._remember(key, chosen.endpoint.id, now)
         return chosen
 
+    def released(self, ask: Ask, candidate: Candidate) -> None:
+        """The board gave back a slot placed for `ask` (under its lock)."""
+        if ask.affinity is not None:
+            self.memory.done(memory_key(ask.model, ask.affinity))
+
     def _remember(self, key: str, endpoint: int, now: float) -> None:
-        if self.memory.put(key, endpoint, now) and self.outbox is not None:
+        if self.memory.put(key, endpoint, now, placed=True) and self.outbox is not None:
             self.outbox.append((key, endpoint))
 
     def clear(self) -> None:

@@ -53,6 +53,7 @@ class Lease:
     # Seconds to the upstream's first byte, set by the forwarding engine once measured;
     # folded into the board's moving average when the lease is released.
     first_byte: float | None = None
+    ask: Ask | None = None  # the request it was reserved for (a strategy's `released` hook reads it)
 
     @property
     def endpoint(self) -> EndpointInfo:
@@ -86,6 +87,13 @@ def _hold_of(strategy: SelectionStrategy) -> float:
     return float(getattr(strategy, "hold", 0.0) or 0.0)
 
 
+def _released_of(strategy: SelectionStrategy) -> Callable[[Ask, Candidate], None] | None:
+    """The strategy's optional `released(ask, candidate)`, called under the board's lock when a
+    slot it placed is given back (no I/O, no await, no other lock, as `pick`)."""
+    hook = getattr(strategy, "released", None)
+    return hook if callable(hook) else None
+
+
 MAX_STAMPS = 10_000  # clients remembered for turns; past it the memory starts afresh
 
 
@@ -102,6 +110,7 @@ class Board:
         self._lock = TimedLock("usage")
         self._strategy: SelectionStrategy = strategy or LoadedThenLeastBusy()
         self._hold = _hold_of(self._strategy)
+        self._released = _released_of(self._strategy)
         self._active: dict[Slot, int] = {}
         self._per_endpoint: dict[int, int] = {}
         self._queues: dict[str, FairQueue[_Waiter]] = {}
@@ -130,8 +139,10 @@ class Board:
         with self._lock:
             self._strategy = strategy
             self._hold = _hold_of(strategy)
+            self._released = _released_of(strategy)
 
-    def _reserve(self, model: str, cand: Candidate, client: str) -> Lease:
+    def _reserve(self, ask: Ask, cand: Candidate, client: str) -> Lease:
+        model = ask.model
         if len(self._served) >= MAX_STAMPS and client not in self._served:
             self._served.clear()
         self._served[client] = next(self._ticks)
@@ -139,7 +150,7 @@ class Board:
         slot = (cand.endpoint.id, model)
         self._active[slot] = self._active.get(slot, 0) + 1
         self._per_endpoint[cand.endpoint.id] = self._per_endpoint.get(cand.endpoint.id, 0) + 1
-        return Lease(self, cand, model, client)
+        return Lease(self, cand, model, client, ask=ask)
 
     def unmetered(self, model: str, candidates: list[Candidate], *, affinity: str | None = None) -> Lease:
         """A choice without a slot, for metadata calls (show), by the same strategy.
@@ -164,7 +175,7 @@ class Board:
             if self._queues.get(model):
                 return None
             cand = self._strategy.pick(ask, candidates, self._load, metered=True)
-            lease = self._reserve(model, cand, client) if cand is not None else None
+            lease = self._reserve(ask, cand, client) if cand is not None else None
         if lease is not None:
             self.changed.send()
         return lease
@@ -197,7 +208,7 @@ class Board:
             if not queue:
                 cand = self._strategy.pick(ask, candidates, self._load, metered=True)
                 if cand is not None:
-                    lease = self._reserve(model, cand, client)
+                    lease = self._reserve(ask, cand, client)
             if lease is None:
                 if self._queued >= queue_max:
                     raise QueueFull()
@@ -278,6 +289,8 @@ class Board:
                 self._by_client[lease.client] = left
             else:
                 self._by_client.pop(lease.client, None)
+            if self._released is not None and lease.ask is not None:
+                self._released(lease.ask, lease.candidate)
             self._serve_waiters(model)
         self.changed.send()
 
@@ -304,7 +317,7 @@ class Board:
                 break
             queue.remove(entry)
             self._queued -= 1
-            waiter.future.set_result(self._reserve(model, cand, waiter.client))
+            waiter.future.set_result(self._reserve(waiter.ask, cand, waiter.client))
         if queue is not None and not queue:
             del self._queues[model]
 

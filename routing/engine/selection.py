@@ -18,7 +18,9 @@ taken, e.g. /api/show) it returns any candidate, None only when there are none.
 One exception, declared by the strategy: one with a `hold` attribute (seconds, optional) may
 return None while a candidate is free, for at most `hold` seconds after `Ask.since` (prompt-
 cache affinity waiting for its own server, routing/engine/affinity.py); the board then serves
-the waiters behind it and asks again when the hold ends.
+the waiters behind it and asks again when the hold ends. A strategy may also define
+`released(ask, candidate)`: the board calls it, under its lock, when a slot it chose for `ask`
+is given back (the same rules as `pick`).
 
 The first strategy is today's rule, `LoadedThenLeastBusy`. Prompt-cache affinity
 (routing/engine/affinity.py) wraps whichever base strategy the board has; tiers and weights and

@@ -291,3 +291,48 @@ async def test_a_waiter_whose_wait_is_over_is_served_in_its_turn_like_any_other(
     for x in (lease, got_later):
         x.release()
     assert board.active() == {}
+
+
+@pytest.mark.asyncio
+async def test_requests_of_one_key_at_the_same_time_are_spread_not_queued_for_one_server() -> None:
+    """Several conversations with one prefix (a shared few-shot prompt, a batch job)."""
+    board, strategy = _board(wait=60)
+    cands = [cand(1, limit=1), cand(2, limit=1), cand(3, limit=1)]
+    leases = [
+        await asyncio.wait_for(board.acquire(MODEL, cands, timeout=60, queue_max=10, affinity="same"), 1)
+        for _ in range(3)
+    ]
+    assert sorted(x.endpoint.id for x in leases) == [1, 2, 3]
+    for x in leases:
+        x.release()
+    entry = strategy.memory.entry(memory_key(MODEL, "same"), time.monotonic())
+    assert entry is not None and entry.busy == 0  # the board told it each slot came back
+
+
+@pytest.mark.asyncio
+async def test_only_one_request_of_a_key_waits_for_its_server() -> None:
+    board, strategy = _board(wait=60)
+    cands = [cand(1, limit=1), cand(2, limit=2)]
+    blocker = board.try_acquire(MODEL, [cands[0]])  # another conversation fills server 1
+    assert blocker is not None
+    strategy.memory.put(memory_key(MODEL, "c"), 1, now=time.monotonic())
+    waiter = asyncio.create_task(board.acquire(MODEL, cands, timeout=60, queue_max=10, affinity="c"))
+    await asyncio.sleep(0)
+    assert board.queued() == {MODEL: 1}
+    second = await asyncio.wait_for(board.acquire(MODEL, cands, timeout=60, queue_max=10, affinity="c"), 1)
+    assert second.endpoint.id == 2 and not waiter.done()
+    second.release()
+    blocker.release()
+    first = await asyncio.wait_for(waiter, 5)
+    first.release()
+    # the next turn, alone again, may wait once more
+    blocker = board.try_acquire(MODEL, [cands[0]])
+    assert blocker is not None
+    strategy.memory.put(memory_key(MODEL, "c"), 1, now=time.monotonic())
+    again = asyncio.create_task(board.acquire(MODEL, cands, timeout=60, queue_max=10, affinity="c"))
+    await asyncio.sleep(0)
+    assert board.queued() == {MODEL: 1}
+    blocker.release()
+    lease = await asyncio.wait_for(again, 5)
+    assert lease.endpoint.id == 1
+    lease.release()
