@@ -56,27 +56,27 @@ def session_of(request: HttpRequest) -> str | None:
     return value or None
 
 
-def _feed_text(h: Any, value: Any) -> None:
+def _text(parts: list[str], value: Any) -> None:
     """A message content: a string, or OpenAI's list of parts (text and image urls)."""
     if isinstance(value, str):
-        h.update(b"%d\x00" % len(value))
-        h.update(value[:MAX_TEXT].encode("utf-8", "surrogatepass"))
+        parts.append(str(len(value)))
+        parts.append(value[:MAX_TEXT])
     elif isinstance(value, list):
         for part in value[:MAX_MESSAGES]:
             if not isinstance(part, dict):
                 continue
             text = part.get("text")
             if isinstance(text, str):
-                _feed_text(h, text)
+                _text(parts, text)
                 continue
             image = part.get("image_url")
             url = image.get("url") if isinstance(image, dict) else image
             if isinstance(url, str):
-                _feed_text(h, url[-MAX_TEXT:])  # the end of a data: URL differs, its start rarely
-    h.update(b"\x01")
+                _text(parts, url[-MAX_TEXT:])  # the end of a data: URL differs, its start rarely
+    parts.append("")
 
 
-def _chat_prefix(h: Any, messages: Any) -> bool:
+def _chat_prefix(parts: list[str], messages: Any) -> bool:
     """The messages up to and including the first `user` one (at most MAX_MESSAGES)."""
     if not isinstance(messages, list) or not messages:
         return False
@@ -84,30 +84,31 @@ def _chat_prefix(h: Any, messages: Any) -> bool:
         if not isinstance(message, dict):
             continue
         role = message.get("role")
-        h.update(role.encode("utf-8", "surrogatepass")[:64] if isinstance(role, str) else b"?")
-        h.update(b"\x00")
-        _feed_text(h, message.get("content"))
+        parts.append(role[:64] if isinstance(role, str) else "?")
+        _text(parts, message.get("content"))
         if role == "user":
             break
     return True
 
 
-def _prompt_prefix(h: Any, prompt: Any) -> bool:
+def _tokens(parts: list[str], tokens: list[Any]) -> None:
+    parts.append(",".join(str(t) for t in tokens[:PROMPT_TOKENS] if isinstance(t, int)))
+
+
+def _prompt_prefix(parts: list[str], prompt: Any) -> bool:
     if isinstance(prompt, list):
         if not prompt:
             return False
         first = prompt[0]
         if isinstance(first, int):  # one tokenised prompt
-            prompt = prompt[:PROMPT_TOKENS]
-        else:
-            prompt = first
-    if isinstance(prompt, str):
-        if not prompt:
-            return False
-        h.update(prompt[:PROMPT_CHARS].encode("utf-8", "surrogatepass"))
+            _tokens(parts, prompt)
+            return True
+        prompt = first
+    if isinstance(prompt, str) and prompt:
+        parts.append(prompt[:PROMPT_CHARS])
         return True
-    if isinstance(prompt, list):
-        h.update(b",".join(b"%d" % t for t in prompt[:PROMPT_TOKENS] if isinstance(t, int)))
+    if isinstance(prompt, list) and prompt:
+        _tokens(parts, prompt)
         return True
     return False
 
@@ -121,19 +122,22 @@ def affinity_key(request: HttpRequest, data: dict[str, Any], path: str) -> str |
     user = data.get("user")
     if isinstance(user, str) and user:
         return _digest("u:", user[:MAX_TEXT].encode("utf-8", "surrogatepass"))
-    h = blake2b(digest_size=16)
+    parts: list[str] = []
     if path.endswith("/chat") or path.endswith("/chat/completions"):
-        found = _chat_prefix(h, data.get("messages"))
+        found = _chat_prefix(parts, data.get("messages"))
     elif path == "/api/generate":
         system = data.get("system")
         if isinstance(system, str):
-            _feed_text(h, system)
+            _text(parts, system)
         context = data.get("context")
         if isinstance(context, list) and context:  # a continuation: its prompt is the new turn alone
-            h.update(b"c" + b",".join(b"%d" % t for t in context[:PROMPT_TOKENS] if isinstance(t, int)))
+            parts.append("c")
+            _tokens(parts, context)
             found = True
         else:
-            found = _prompt_prefix(h, data.get("prompt")) or isinstance(system, str)
+            found = _prompt_prefix(parts, data.get("prompt")) or isinstance(system, str)
     else:
-        found = _prompt_prefix(h, data.get("prompt"))
-    return "p:" + h.hexdigest() if found else None
+        found = _prompt_prefix(parts, data.get("prompt"))
+    if not found:
+        return None
+    return _digest("p:", "\x1f".join(parts).encode("utf-8", "surrogatepass"))
