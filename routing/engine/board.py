@@ -299,9 +299,9 @@ class Board:
         holds back while one of its candidates is free is passed over, keeping its place."""
         queue = self._queues.get(model)
         now = time.monotonic()
-        held: set[Entry[_Waiter]] = set()
+        held: set[Entry[_Waiter]] | None = None  # made only when a strategy holds one back
         while queue:
-            entry = queue.peek(now, self._served, held)
+            entry = queue.peek(now, self._served, held or ())
             if entry is None:  # every waiter left is held back
                 break
             waiter = entry.item
@@ -312,6 +312,8 @@ class Board:
             cand = self._strategy.pick(waiter.ask, waiter.candidates, self._load, metered=True)
             if cand is None:
                 if self._hold and any(self._load.has_free_slot(c, model) for c in waiter.candidates):
+                    if held is None:
+                        held = set()
                     held.add(entry)
                     continue
                 break
