@@ -41,6 +41,7 @@ from time import monotonic
 from routing.engine.selection import Ask, Load, SelectionStrategy
 from routing.fleet.candidates import Candidate
 
+OUTCOMES = ("kept", "moved", "new", "waited")
 INBOX = 1024  # entries read from Redis waiting to be applied (older ones are dropped)
 OUTBOX = 4096  # entries waiting to be written to Redis (older ones are dropped)
 
@@ -152,6 +153,10 @@ class Affinity:
         self.inbox: deque[tuple[str, int]] = deque(maxlen=INBOX)
         # (memory key, endpoint id) to write to Redis; None: not shared
         self.outbox: deque[tuple[str, int]] | None = deque(maxlen=OUTBOX) if share else None
+        # Choices of keyed, metered requests, for /metrics (routing/status/gauges.py): "kept" the
+        # remembered server, "moved" elsewhere, "new" (no memory yet); "waited": waits begun.
+        # Fixed keys, ints changed under the board's lock: a scrape may read them without it.
+        self.counts: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
 
     def pick(
         self, ask: Ask, candidates: Sequence[Candidate], load: Load, *, metered: bool
@@ -174,18 +179,25 @@ class Affinity:
                     if entry.holder is ask:
                         entry.holder = None
                     self._remember(key, remembered, now)
+                    self.counts["kept"] += 1
                     return cand
                 if load.limit(cand) > 0 and now - ask.since < self.hold and not entry.busy:
                     holder = entry.holder
-                    if holder is None or holder is ask or now - holder.since >= self.hold:
+                    if holder is ask:
+                        return None  # still waiting
+                    if holder is None or now - holder.since >= self.hold:
                         entry.holder = ask
+                        self.counts["waited"] += 1
                         return None  # full: wait for it a little (the board serves others meanwhile)
                 break
             if entry.holder is ask:
                 entry.holder = None
+        before = None if entry is None else entry.endpoint
         chosen = self.base.pick(ask, candidates, load, metered=True)
         if chosen is not None:
-            self._remember(key, chosen.endpoint.id, now)
+            after = chosen.endpoint.id
+            self._remember(key, after, now)
+            self.counts["new" if before is None else "kept" if after == before else "moved"] += 1
         return chosen
 
     def released(self, ask: Ask, candidate: Candidate) -> None:

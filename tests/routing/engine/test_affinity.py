@@ -336,3 +336,18 @@ async def test_only_one_request_of_a_key_waits_for_its_server() -> None:
     lease = await asyncio.wait_for(again, 5)
     assert lease.endpoint.id == 1
     lease.release()
+
+
+def test_it_counts_its_choices_for_metrics() -> None:
+    strategy = Affinity(Base(), wait=30)
+    cands = [cand(1, limit=1), cand(2, limit=1)]
+    assert chosen(strategy, Ask(MODEL, "c"), cands, load()) == 1  # new
+    assert chosen(strategy, Ask(MODEL, "c"), cands, load()) == 1  # kept
+    full = load({(1, MODEL): 1})
+    strategy.memory.done(memory_key(MODEL, "c"))
+    strategy.memory.done(memory_key(MODEL, "c"))  # both gave their slots back
+    waiting = Ask(MODEL, "c")
+    assert chosen(strategy, waiting, cands, full) is None  # waited
+    assert chosen(strategy, waiting, cands, full) is None  # the same wait, not counted again
+    assert chosen(strategy, Ask(MODEL, "c", since=time.monotonic() - 60), cands, full) == 2  # moved
+    assert strategy.counts == {"kept": 1, "moved": 1, "new": 1, "waited": 1}
