@@ -246,7 +246,14 @@ def section(results: dict[str, Any]) -> list[str]:
             f"| {r['ttft_mean_ms']:.0f} ms | {r['ttft_p95_ms']:.0f} ms | {spread} "
             f"| {peak} ({a['cap']}) | {len(r['failures'])} |"
         )
-    lines.append("")
+    lines += [
+        "",
+        "With affinity every later turn finds its prefix; the cached share of tokens stays below 100% "
+        "because each first turn, and each turn's new messages (the last reply and the next "
+        "question), are prefilled anyway. Without it a turn lands on a server that has seen "
+        "the conversation only by chance, and finds at best an older, shorter prefix there.",
+        "",
+    ]
     return lines
 
 
