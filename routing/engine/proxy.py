@@ -34,6 +34,7 @@ from routing.auth.principal import Principal
 from routing.core.errors import ApiError, error_response, is_openai_path
 from routing.core.names import model_key
 from routing.engine.accounting import sinks
+from routing.engine.affinity_shared import shared_affinity
 from routing.engine.attempt import Attempt, Planner, Refuse, Relay, Retry
 from routing.engine.board import Lease, QueueFull, QueueTimeout, board
 from routing.engine.cluster import cluster
@@ -64,12 +65,14 @@ async def forward(
     principal: Principal,
     metered: bool = True,
     accept: Callable[[Candidate], ApiError | None] | None = None,
+    affinity: str | None = None,
 ) -> HttpResponse | StreamingHttpResponse:
     """Route one request for `principal` (who it is accounted to). `metered=False` is for
     metadata calls (show) that take no slot. `accept` (rerank) leaves out the candidates it
     answers an ApiError for; when it leaves none, the first such error is raised. A server
     whose attempt answers `Refuse` is passed over; when every tried one refused, the
-    refusal's error is raised.
+    refusal's error is raised. affinity: the conversation's key for prompt-cache affinity
+    (routing/engine/affinity.py), None: none.
 
     The principal's name and priority place a queued request in the model's queue
     (routing/engine/fair_queue.py).
@@ -95,7 +98,9 @@ async def forward(
     refused: ApiError | None = None  # set while every failure so far was a refusal
     for _ in range(settings.ROUTER_MAX_RETRIES + 1):
         lease = (
-            await _acquire(key, model, candidates, principal) if metered else board.unmetered(key, candidates)
+            await _acquire(key, model, candidates, principal, affinity)
+            if metered
+            else board.unmetered(key, candidates)
         )
         handed_over = False
         try:
@@ -261,10 +266,14 @@ def _refuses_added_field(body: bytes) -> bool:
     return b"stream_options" in body.lower()
 
 
-async def _acquire(key: str, model: str, candidates: list[Candidate], principal: Principal) -> Lease:
+async def _acquire(
+    key: str, model: str, candidates: list[Candidate], principal: Principal, affinity: str | None
+) -> Lease:
     waited = time.perf_counter()
     deadline = waited + settings.ROUTER_QUEUE_TIMEOUT
     try:
+        if affinity is not None and shared_affinity.enabled:
+            await shared_affinity.prefetch(key, affinity)  # one Redis read, only on a local miss
         lease = await board.acquire(
             key,
             candidates,
@@ -272,9 +281,12 @@ async def _acquire(key: str, model: str, candidates: list[Candidate], principal:
             queue_max=settings.ROUTER_QUEUE_MAX,
             client=principal.name,
             priority=principal.priority,
+            affinity=affinity,
         )
         if cluster.enabled():
-            lease = await _claim_in_cluster(lease, key, candidates, deadline, principal)
+            lease = await _claim_in_cluster(lease, key, candidates, deadline, principal, affinity)
+        if affinity is not None and shared_affinity.enabled:
+            shared_affinity.flush()  # what the pick remembered, to Redis in the background
         metrics.queue_wait(time.perf_counter() - waited)
         return lease
     except QueueFull:
@@ -286,7 +298,12 @@ async def _acquire(key: str, model: str, candidates: list[Candidate], principal:
 
 
 async def _claim_in_cluster(
-    lease: Lease, key: str, candidates: list[Candidate], deadline: float, principal: Principal
+    lease: Lease,
+    key: str,
+    candidates: list[Candidate],
+    deadline: float,
+    principal: Principal,
+    affinity: str | None = None,
 ) -> Lease:
     """Also hold the slot across router processes; try other candidates, then wait.
     Owns `lease` (and each later one) until it returns it: any exception releases it."""
@@ -320,6 +337,7 @@ async def _claim_in_cluster(
                 queue_max=settings.ROUTER_QUEUE_MAX,
                 client=principal.name,
                 priority=principal.priority,
+                affinity=affinity,
             )
     except BaseException:
         lease.release()  # idempotent: a lease already given back stays given back

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
 
 from routing.auth.principal import principal_of
@@ -20,6 +21,7 @@ from routing.fleet import candidates
 from routing.fleet.candidates import Candidate
 from routing.fleet.registry import registry
 from routing.protocols.common import recovery, schema
+from routing.protocols.common.affinity import affinity_key
 from routing.protocols.common.decorators import methods
 from routing.protocols.common.parsing import optional_bool, parse_object, require_model
 from routing.protocols.common.relays import OpenAIStream, openai_body
@@ -73,12 +75,16 @@ async def _route(request: HttpRequest, suffix: str, spec: schema.Obj) -> HttpRes
     data = parse_object(request.body)
     model = require_model(data)
     schema.check(spec, data)
-    stream = optional_bool(data, "stream", False) if suffix != "/embeddings" else False
+    generation = suffix != "/embeddings"
+    stream = optional_bool(data, "stream", False) if generation else False
+    keyed = generation and settings.ROUTER_AFFINITY
+    affinity = affinity_key(request, data, "/v1" + suffix) if keyed else None
     return await proxy.forward(
         request.path,
         model=model,
         plan=_plan(suffix, request.body, data, stream),
         principal=principal_of(request),
+        affinity=affinity,
     )
 
 
