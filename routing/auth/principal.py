@@ -32,6 +32,12 @@ class Principal:
                 return allowance
         return None
 
+    @property
+    def may_manage(self) -> bool:
+        """Whether this principal may change the fleet for everyone (pull, push, create, copy,
+        delete, unload): the operator and, on an open router, anyone; never a client key."""
+        return self.kind != "key"
+
     def may_use(self, model: str) -> bool:
         """Whether this principal may use `model` (matched as given and without a ":latest" tag)."""
         if not self.models:

@@ -18,22 +18,29 @@ dict operations). With it they are shared by every router process (`RedisCounter
 script checks every limit, the key generation (routing/auth/client_keys.py) and counts the
 request in one atomic step; concurrency places (taken only for a key with a concurrency limit)
 are members of a sorted set scored by lease expiry (like the cluster slots,
-routing/engine/cluster.py), so a process that dies loses its places after LEASE seconds; token
-charges are gathered for CHARGE_EVERY seconds and written as INCRBY with an expiry past the
-window's end, one pipeline for all keys (so a token limit may be passed by what is charged in
-that moment, as it may by the request that crosses it). If Redis is unreachable, the request is
-admitted on this process's own counters rather than refused.
+routing/engine/cluster.py), so a process that dies loses its places after LEASE seconds. A
+place given back is not a round trip of its own: it rides on this process's next admission
+(the script removes the places first, then checks), or, when no admission comes within
+RELEASE_EVERY seconds, goes in one pipeline with the others given back meanwhile. So this
+process sees its own releases at once; other processes may see a place taken up to
+RELEASE_EVERY seconds after its request ended, and refuse (never admit) because of it: the
+limit is never passed. Token charges are gathered for CHARGE_EVERY seconds and written as
+INCRBY with an expiry past the window's end, one pipeline for all keys (so a token limit may be
+passed by what is charged in that moment, as it may by the request that crosses it). The
+script is sent once and then called by its SHA-1 (EVALSHA). If Redis is unreachable, the
+request is admitted on this process's own counters rather than refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import calendar
+import hashlib
+import itertools
 import logging
 import os
 import time
 import uuid
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +48,7 @@ from typing import Any
 from django.conf import settings
 
 from routing.auth.principal import Principal
+from routing.core import redis
 from routing.core.errors import ApiError
 from routing.observability.locks import TimedLock
 
@@ -48,6 +56,7 @@ log = logging.getLogger("routing.quotas")
 
 LEASE = 900.0  # seconds a concurrency place lives in Redis (a dead process's places expire)
 CHARGE_EVERY = 0.1  # seconds token charges are gathered before one pipelined write to Redis
+RELEASE_EVERY = 0.02  # seconds a given-back place waits for an admission to ride on, at most
 PREFIX = "nomyo:quota"
 CONCURRENCY_RETRY_AFTER = 1  # seconds
 
@@ -282,12 +291,16 @@ class LocalCounters:
             self._concurrent.clear()
 
 
-# KEYS: generation, requests/minute, tokens/minute, tokens/day, tokens/month, concurrency set
+# KEYS: generation, requests/minute, tokens/minute, tokens/day, tokens/month, concurrency set,
+#       then the concurrency set of each place given back (any key's)
 # ARGV: known generation ('' skips the check), rpm, tpm, daily, monthly, concurrency (0: none),
-#       now, member, lease, minute ttl
+#       now, member, lease, minute ttl, then the member of each place given back (KEYS[6 + i]
+#       goes with ARGV[10 + i])
 # Returns {status, requests, tokens minute, day, month, concurrent} before this request;
-# status 0 admitted (counted), 1 refused (nothing counted), -1 stale keys (nothing counted).
+# status 0 admitted (counted), 1 refused (nothing counted), -1 stale keys (nothing counted). The
+# places given back are removed in every case.
 _ADMIT = """
+for i = 7, #KEYS do redis.call('ZREM', KEYS[i], ARGV[i + 4]) end
 if ARGV[1] ~= '' and tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then
   return {-1, 0, 0, 0, 0, 0}
 end
@@ -312,29 +325,21 @@ if tonumber(ARGV[6]) > 0 then
 end
 return {0, used[1], used[2], used[3], used[4], used[5]}
 """
+_ADMIT_SHA = hashlib.sha1(_ADMIT.encode()).hexdigest()  # Redis names a script by its SHA-1
 
 
 class RedisCounters:
-    """The same counters in Redis, shared by every router process (see the module docstring)."""
+    """The same counters in Redis, shared by every router process (see the module docstring).
+    Its pending releases and charges are touched only from the event loop's thread."""
 
     def __init__(self) -> None:
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
         self._background: set[asyncio.Task[None]] = set()
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._serial = itertools.count()
         self._charges: dict[int, int] = {}  # key id -> tokens not written yet
         self._freed: list[tuple[str, str]] = []  # concurrency places given back, not sent yet
         self._freeing: asyncio.Task[None] | None = None
         self._charging: asyncio.Task[None] | None = None
-
-    def _client(self) -> Any:
-        import redis.asyncio as aioredis  # only with REDIS_URL
-
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            client = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
-            self._clients[loop] = client
-        return client
 
     @staticmethod
     def keys(key_id: int, w: Windows) -> list[str]:
@@ -348,32 +353,38 @@ class RedisCounters:
         ]
 
     async def admit(self, principal: Principal, now: float, generation: int | None) -> Admission | None:
-        """The admission, or None when Redis could not be asked (the caller falls back)."""
+        """The admission, or None when Redis could not be asked (the caller falls back). The
+        places given back since the last call to Redis go with it."""
         from routing.auth.client_keys import REDIS_GENERATION
 
         w = Windows.at(now)
         keys = self.keys(principal.key_id, w)
-        member = f"{self.owner}:{uuid.uuid4().hex[:12]}"
+        member = f"{self.owner}:{next(self._serial)}"
         limit = principal.limit
+        freed, self._freed = self._freed, []
         try:
-            got = await self._client().eval(
-                _ADMIT,
-                6,
-                REDIS_GENERATION,
-                *keys,
-                "" if generation is None else generation,
-                limit("rpm") or 0,
-                limit("tpm") or 0,
-                limit("daily_tokens") or 0,
-                limit("monthly_tokens") or 0,
-                limit("concurrency") or 0,
-                now,
-                member,
-                LEASE,
-                120,
+            got = await _evalsha(
+                redis.async_client(),
+                (REDIS_GENERATION, *keys, *(key for key, _ in freed)),
+                (
+                    "" if generation is None else generation,
+                    limit("rpm") or 0,
+                    limit("tpm") or 0,
+                    limit("daily_tokens") or 0,
+                    limit("monthly_tokens") or 0,
+                    limit("concurrency") or 0,
+                    now,
+                    member,
+                    LEASE,
+                    120,
+                    *(m for _, m in freed),
+                ),
             )
         except Exception:
             log.warning("could not check quotas in Redis; using this process's counters", exc_info=True)
+            if freed:  # perhaps not removed: sent again (removing twice is harmless)
+                self._freed[:0] = freed
+                self._free_later()
             return None
         status, *values = (int(v) for v in got)
         if status == -1:
@@ -396,22 +407,28 @@ class RedisCounters:
         return Admission((principal, after, w), lambda: self._free(keys[4], member))
 
     def _free(self, key: str, member: str) -> None:
-        """Give a concurrency place back: the places freed in one turn of the event loop go to
-        Redis together, in one pipeline (one round trip), right after that turn."""
+        """Give a concurrency place back: it goes to Redis with the next admission, or with the
+        others given back within RELEASE_EVERY seconds, in one pipeline."""
         self._freed.append((key, member))
+        self._free_later()
+
+    def _free_later(self) -> None:
         if self._freeing is None or self._freeing.done():
             try:
-                self._freeing = asyncio.get_running_loop().create_task(self._free_now())
+                self._freeing = asyncio.get_running_loop().create_task(self._free_soon())
             except RuntimeError:
                 self._freed.clear()  # no loop: the leases expire by themselves
                 return
             self._background.add(self._freeing)
             self._freeing.add_done_callback(self._background.discard)
 
-    async def _free_now(self) -> None:
+    async def _free_soon(self) -> None:
+        await asyncio.sleep(RELEASE_EVERY)
         freed, self._freed = self._freed, []
+        if not freed:  # every one went with an admission
+            return
         try:
-            pipe = self._client().pipeline(transaction=False)
+            pipe = redis.async_client().pipeline(transaction=False)
             for key, member in freed:
                 pipe.zrem(key, member)
             await pipe.execute()
@@ -439,7 +456,7 @@ class RedisCounters:
         w = Windows.at(time.time())
         ttls = (120, int(w.day_left) + 3600, int(w.month_left) + 3600)
         try:
-            pipe = self._client().pipeline(transaction=False)
+            pipe = redis.async_client().pipeline(transaction=False)
             for key_id, tokens in charges.items():
                 for key, ttl in zip(self.keys(key_id, w)[1:4], ttls, strict=True):
                     pipe.incrby(key, tokens)
@@ -449,19 +466,39 @@ class RedisCounters:
             log.warning("could not charge tokens of %d keys in Redis", len(charges), exc_info=True)
 
     async def usage(self, key_id: int, now: float) -> Usage:
+        """The key's usage in Redis, after the places this process gave back (sent first)."""
         w = Windows.at(now)
         keys = self.keys(key_id, w)
-        pipe = self._client().pipeline(transaction=False)
+        freed, self._freed = self._freed, []
+        pipe = redis.async_client().pipeline(transaction=False)
+        for key, member in freed:
+            pipe.zrem(key, member)
         for key in keys[:4]:
             pipe.get(key)
         pipe.zcount(keys[4], now, "+inf")
-        got = await pipe.execute()
-        return Usage(*(int(v or 0) for v in got))
+        try:
+            got = await pipe.execute()
+        except Exception:
+            self._freed[:0] = freed
+            self._free_later()
+            raise
+        return Usage(*(int(v or 0) for v in got[len(freed) :]))
 
     async def drained(self) -> None:
         """Wait for the background charges and releases (tests, shutdown)."""
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
+
+
+async def _evalsha(client: Any, keys: tuple[str, ...], args: tuple[object, ...]) -> Any:
+    """The admission script by its SHA-1; loaded first when this Redis does not know it yet."""
+    from redis.exceptions import NoScriptError
+
+    try:
+        return await client.evalsha(_ADMIT_SHA, len(keys), *keys, *args)
+    except NoScriptError:
+        await client.script_load(_ADMIT)
+        return await client.evalsha(_ADMIT_SHA, len(keys), *keys, *args)
 
 
 class Quotas:
@@ -511,11 +548,9 @@ class Quotas:
             return Usage()
         now = time.time()
         if settings.REDIS_URL:
-            from routing.auth.client_keys import redis_client
-
             keys = RedisCounters.keys(principal.key_id, Windows.at(now))
             try:
-                pipe = redis_client().pipeline(transaction=False)
+                pipe = redis.sync_client().pipeline(transaction=False)
                 for key in keys[:4]:
                     pipe.get(key)
                 pipe.zcount(keys[4], now, "+inf")
