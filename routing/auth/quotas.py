@@ -62,14 +62,22 @@ CONCURRENCY_RETRY_AFTER = 1  # seconds
 
 
 class QuotaExceeded(ApiError):
-    """A 429 for one of a key's limits; `limit` names it (rpm, tpm, concurrency, daily_tokens,
-    monthly_tokens); `ratelimit`: its x-ratelimit-* headers, which the lean handler adds to
-    OpenAI replies only."""
+    """A 429 for one of `principal`'s limits; `limit` names it (rpm, tpm, concurrency,
+    daily_tokens, monthly_tokens); `ratelimit`: its x-ratelimit-* headers, which the lean handler
+    adds to OpenAI replies only. `principal` names the refused key in the access log."""
 
     def __init__(
-        self, limit: str, message: str, *, code: str, retry_after: int, headers: dict[str, str]
+        self,
+        principal: Principal,
+        limit: str,
+        message: str,
+        *,
+        code: str,
+        retry_after: int,
+        headers: dict[str, str],
     ) -> None:
         super().__init__(429, message, code=code, retry_after=retry_after)
+        self.principal = principal
         self.limit = limit
         self.ratelimit = headers
 
@@ -202,6 +210,7 @@ def refusal(principal: Principal, used: Usage, w: Windows) -> QuotaExceeded | No
     if (n := limit("concurrency")) is not None and used.concurrent >= n:
         message = f"the key '{name}' has {n} requests in flight, its limit; retry when one ends"
         return QuotaExceeded(
+            principal,
             "concurrency",
             message,
             code="rate_limit_exceeded",
@@ -218,6 +227,7 @@ def refusal(principal: Principal, used: Usage, w: Windows) -> QuotaExceeded | No
         if (n := limit(quota)) is not None and value >= n:
             message = f"the key '{name}' reached its limit of {n} {what}; retry in {int(left + 0.999)} s"
             return QuotaExceeded(
+                principal,
                 quota,
                 message,
                 code=code,
@@ -394,6 +404,7 @@ class RedisCounters:
             refused = refusal(principal, used, w)
             if refused is None:  # the counts moved between the script and now: say which was hit
                 refused = QuotaExceeded(
+                    principal,
                     "concurrency",
                     "over a limit; retry",
                     code="rate_limit_exceeded",

@@ -349,3 +349,31 @@ def test_an_open_router_lists_everything_and_lets_anyone_manage_the_fleet(fleet,
         for method, path, body in MANAGEMENT:
             done = http.request(method, path, json=body)
             assert done.status_code == 200, (path, done.text)
+
+
+def test_the_access_line_of_a_refusal_names_the_key(served, router):
+    once = make_key("once", "--rpm", "1")
+    gone = make_key("gone")
+    ClientKey.objects.filter(name="gone").update(enabled=False)
+    server = router(ROUTER_API_KEY=OPERATOR)
+    cases = [
+        ("ok", bearer(once), 200, "once"),
+        ("over", bearer(once), 429, "once"),
+        ("disabled", {"x-api-key": gone}, 403, "gone"),
+        ("unknown", bearer("nr-not-a-key"), 401, "-"),
+        ("missing", {}, 401, "-"),
+    ]
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for request_id, headers, status, _ in cases:
+            reply = http.post("/api/chat", json=CHAT, headers={**headers, "X-Request-Id": request_id})
+            assert reply.status_code == status, reply.text
+
+    def line(request_id: str) -> str | None:
+        found = re.search(rf"POST /api/chat (\d+) .* client=(\S+) request_id={request_id}\n", server.log())
+        return f"{found[1]} {found[2]}" if found else None
+
+    wait_until(lambda: all(line(request_id) for request_id, *_ in cases))
+    assert {request_id: line(request_id) for request_id, *_ in cases} == {
+        request_id: f"{status} {client}" for request_id, _, status, client in cases
+    }
+    assert metric(server.url, "router_client_requests_total", client="once", status="429") == 1
