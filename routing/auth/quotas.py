@@ -16,7 +16,9 @@ Order of one request:
 Without REDIS_URL the counters live in this process (`LocalCounters`, one lock, held for a few
 dict operations). With it they are shared by every router process (`RedisCounters`): one Lua
 script checks every limit, the key generation (routing/auth/client_keys.py) and counts the
-request in one atomic step; concurrency places (taken only for a key with a concurrency limit)
+request in one atomic step, for every admission asked for in one turn of the event loop at once
+(one round trip for all of them; an admission whose request is cancelled meanwhile gives its
+place back); concurrency places (taken only for a key with a concurrency limit)
 are members of a sorted set scored by lease expiry (like the cluster slots,
 routing/engine/cluster.py), so a process that dies loses its places after LEASE seconds. A
 place given back is not a round trip of its own: it rides on this process's next admission
@@ -301,52 +303,78 @@ class LocalCounters:
             self._concurrent.clear()
 
 
-# KEYS: generation, requests/minute, tokens/minute, tokens/day, tokens/month, concurrency set,
-#       then the concurrency set of each place given back (any key's)
-# ARGV: known generation ('' skips the check), rpm, tpm, daily, monthly, concurrency (0: none),
-#       now, member, lease, minute ttl, then the member of each place given back (KEYS[6 + i]
-#       goes with ARGV[10 + i])
-# Returns {status, requests, tokens minute, day, month, concurrent} before this request;
-# status 0 admitted (counted), 1 refused (nothing counted), -1 stale keys (nothing counted). The
-# places given back are removed in every case.
+# One call admits every request asked for in one turn of the event loop, in order (two of one
+# key see each other's count), after removing the places given back.
+# KEYS: the generation; then 5 per admission: requests/minute, tokens/minute, tokens/day,
+#       tokens/month, concurrency set; then the concurrency set of each place given back
+# ARGV: number of admissions, now, lease, minute ttl; then 7 per admission: known generation
+#       ('' skips the check), rpm, tpm, daily, monthly, concurrency (0: none), member; then
+#       the member of each place given back
+# Returns 6 numbers per admission: status, then requests, tokens this minute, day, month and
+# places in flight before it; status 0 admitted (counted), 1 refused (nothing counted), -1 stale
+# keys (nothing counted).
 _ADMIT = """
-for i = 7, #KEYS do redis.call('ZREM', KEYS[i], ARGV[i + 4]) end
-if ARGV[1] ~= '' and tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then
-  return {-1, 0, 0, 0, 0, 0}
+local n = tonumber(ARGV[1])
+local now = tonumber(ARGV[2])
+local lease = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])
+for j = 1, #KEYS - 1 - 5 * n do redis.call('ZREM', KEYS[1 + 5 * n + j], ARGV[4 + 7 * n + j]) end
+local generation = tonumber(redis.call('GET', KEYS[1]) or '0')
+local out = {}
+for a = 0, n - 1 do
+  local k = 1 + 5 * a
+  local v = 4 + 7 * a
+  if ARGV[v + 1] ~= '' and generation ~= tonumber(ARGV[v + 1]) then
+    for _, x in ipairs({-1, 0, 0, 0, 0, 0}) do out[#out + 1] = x end
+  else
+    redis.call('ZREMRANGEBYSCORE', KEYS[k + 5], '-inf', now)
+    local used = {
+      tonumber(redis.call('GET', KEYS[k + 1]) or '0'), tonumber(redis.call('GET', KEYS[k + 2]) or '0'),
+      tonumber(redis.call('GET', KEYS[k + 3]) or '0'), tonumber(redis.call('GET', KEYS[k + 4]) or '0'),
+      redis.call('ZCARD', KEYS[k + 5])}
+    local status = 0
+    for i = 1, 5 do
+      local limit = tonumber(ARGV[v + 1 + i])
+      if limit > 0 and used[i] >= limit then status = 1 end
+    end
+    if status == 0 then
+      redis.call('INCR', KEYS[k + 1])
+      redis.call('EXPIRE', KEYS[k + 1], ttl)
+      if tonumber(ARGV[v + 6]) > 0 then
+        redis.call('ZADD', KEYS[k + 5], now + lease, ARGV[v + 7])
+        redis.call('EXPIRE', KEYS[k + 5], math.ceil(lease) + 60)
+      end
+    end
+    out[#out + 1] = status
+    for i = 1, 5 do out[#out + 1] = used[i] end
+  end
 end
-local now = tonumber(ARGV[7])
-redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now)
-local used = {
-  tonumber(redis.call('GET', KEYS[2]) or '0'), tonumber(redis.call('GET', KEYS[3]) or '0'),
-  tonumber(redis.call('GET', KEYS[4]) or '0'), tonumber(redis.call('GET', KEYS[5]) or '0'),
-  redis.call('ZCARD', KEYS[6])}
-local limits = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])}
-for i = 1, 4 do
-  if limits[i] > 0 and used[i] >= limits[i] then return {1, used[1], used[2], used[3], used[4], used[5]} end
-end
-if tonumber(ARGV[6]) > 0 and used[5] >= tonumber(ARGV[6]) then
-  return {1, used[1], used[2], used[3], used[4], used[5]}
-end
-redis.call('INCR', KEYS[2])
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[10]))
-if tonumber(ARGV[6]) > 0 then
-  redis.call('ZADD', KEYS[6], now + tonumber(ARGV[9]), ARGV[8])
-  redis.call('EXPIRE', KEYS[6], math.ceil(tonumber(ARGV[9])) + 60)
-end
-return {0, used[1], used[2], used[3], used[4], used[5]}
+return out
 """
 _ADMIT_SHA = hashlib.sha1(_ADMIT.encode()).hexdigest()  # Redis names a script by its SHA-1
 
 
+@dataclass(slots=True)
+class _Ask:
+    """One admission waiting for the next call to Redis: its 5 keys, its 7 arguments, its reply
+    (6 numbers, or the error of the call)."""
+
+    keys: list[str]
+    args: tuple[object, ...]
+    reply: asyncio.Future[list[int]]
+
+
 class RedisCounters:
     """The same counters in Redis, shared by every router process (see the module docstring).
-    Its pending releases and charges are touched only from the event loop's thread."""
+    The admissions asked for and the places given back wait in lists touched only from the event
+    loop's thread (no lock: nothing else reads them)."""
 
     def __init__(self) -> None:
         self._background: set[asyncio.Task[None]] = set()
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._serial = itertools.count()
         self._charges: dict[int, int] = {}  # key id -> tokens not written yet
+        self._asks: list[_Ask] = []  # admissions of this turn of the loop, not sent yet
         self._freed: list[tuple[str, str]] = []  # concurrency places given back, not sent yet
         self._freeing: asyncio.Task[None] | None = None
         self._charging: asyncio.Task[None] | None = None
@@ -364,39 +392,36 @@ class RedisCounters:
 
     async def admit(self, principal: Principal, now: float, generation: int | None) -> Admission | None:
         """The admission, or None when Redis could not be asked (the caller falls back). The
-        places given back since the last call to Redis go with it."""
-        from routing.auth.client_keys import REDIS_GENERATION
-
+        admissions asked for in one turn of the loop go to Redis in one call, with the places
+        given back since the last one."""
         w = Windows.at(now)
         keys = self.keys(principal.key_id, w)
         member = f"{self.owner}:{next(self._serial)}"
         limit = principal.limit
-        freed, self._freed = self._freed, []
+        loop = asyncio.get_running_loop()
+        ask = _Ask(
+            keys,
+            (
+                "" if generation is None else generation,
+                limit("rpm") or 0,
+                limit("tpm") or 0,
+                limit("daily_tokens") or 0,
+                limit("monthly_tokens") or 0,
+                limit("concurrency") or 0,
+                member,
+            ),
+            loop.create_future(),
+        )
+        self._asks.append(ask)
+        if len(self._asks) == 1:
+            loop.call_soon(self._send_asks)
         try:
-            got = await _evalsha(
-                redis.async_client(),
-                (REDIS_GENERATION, *keys, *(key for key, _ in freed)),
-                (
-                    "" if generation is None else generation,
-                    limit("rpm") or 0,
-                    limit("tpm") or 0,
-                    limit("daily_tokens") or 0,
-                    limit("monthly_tokens") or 0,
-                    limit("concurrency") or 0,
-                    now,
-                    member,
-                    LEASE,
-                    120,
-                    *(m for _, m in freed),
-                ),
-            )
+            status, *values = await ask.reply
+        except asyncio.CancelledError:
+            raise  # a place taken for it is given back when the reply comes (_send)
         except Exception:
             log.warning("could not check quotas in Redis; using this process's counters", exc_info=True)
-            if freed:  # perhaps not removed: sent again (removing twice is harmless)
-                self._freed[:0] = freed
-                self._free_later()
             return None
-        status, *values = (int(v) for v in got)
         if status == -1:
             raise StaleKeys()
         used = Usage(*values)
@@ -416,6 +441,42 @@ class RedisCounters:
         if not limit("concurrency"):
             return Admission((principal, after, w))  # no place taken: nothing to give back
         return Admission((principal, after, w), lambda: self._free(keys[4], member))
+
+    def _send_asks(self) -> None:
+        asks, self._asks = self._asks, []
+        freed, self._freed = self._freed, []
+        task = asyncio.get_running_loop().create_task(self._send(asks, freed))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send(self, asks: list[_Ask], freed: list[tuple[str, str]]) -> None:
+        """One call for `asks` and the places `freed`; each ask gets its 6 numbers or the error. An
+        ask whose request went away meanwhile gives back the place it was given."""
+        from routing.auth.client_keys import REDIS_GENERATION
+
+        keys: list[str] = [REDIS_GENERATION]
+        args: list[object] = [len(asks), time.time(), LEASE, 120]
+        for ask in asks:
+            keys += ask.keys
+            args += ask.args
+        keys += (key for key, _ in freed)
+        args += (member for _, member in freed)
+        try:
+            got = [int(v) for v in await _evalsha(redis.async_client(), keys, args)]
+        except Exception as exc:
+            if freed:  # perhaps not removed: sent again (removing twice is harmless)
+                self._freed[:0] = freed
+                self._free_later()
+            for ask in asks:
+                if not ask.reply.done():
+                    ask.reply.set_exception(exc)
+            return
+        for i, ask in enumerate(asks):
+            reply = got[6 * i : 6 * i + 6]
+            if not ask.reply.done():
+                ask.reply.set_result(reply)
+            elif reply[0] == 0 and ask.args[5]:  # admitted, but nobody is waiting: give it back
+                self._free(ask.keys[4], str(ask.args[6]))
 
     def _free(self, key: str, member: str) -> None:
         """Give a concurrency place back: it goes to Redis with the next admission, or with the
@@ -501,7 +562,7 @@ class RedisCounters:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
 
-async def _evalsha(client: Any, keys: tuple[str, ...], args: tuple[object, ...]) -> Any:
+async def _evalsha(client: Any, keys: list[str], args: list[object]) -> Any:
     """The admission script by its SHA-1; loaded first when this Redis does not know it yet."""
     from redis.exceptions import NoScriptError
 

@@ -325,7 +325,7 @@ class ProxyHandler:
                         break
             if response is None:
                 raise ApiError(404, f"no route {path}")
-            if caller.admission.headers and is_openai_path(path):
+            if is_openai_path(path) and caller.admission.headers:  # built only for OpenAI replies
                 for name, value in caller.admission.headers.items():
                     response[name] = value
             return response

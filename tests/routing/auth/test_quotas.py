@@ -234,3 +234,27 @@ async def test_redis_two_processes_never_exceed_the_concurrency_limit_together(t
 
     results = await asyncio.gather(*(one(q) for _ in range(15) for q in (here, there)))
     assert sum(results) == 3
+
+
+@pytest.mark.asyncio
+async def test_redis_an_admission_cancelled_on_its_way_gives_its_place_back(two_processes):
+    here, there = two_processes
+    p = key(concurrency=1)
+    asked = asyncio.ensure_future(here.admit(p))
+    await asyncio.sleep(0)  # asked: it goes to Redis with the next call, whatever happens to its request
+    asked.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asked
+    await settle(here)
+    assert (await there.usage(p)).concurrent == 0
+    (await there.admit(p)).release()
+    await settle(there)
+
+
+@pytest.mark.asyncio
+async def test_redis_admissions_of_one_turn_are_counted_in_order(two_processes):
+    here, _ = two_processes
+    p = key(rpm=4)
+    results = await asyncio.gather(*(here.admit(p) for _ in range(6)), return_exceptions=True)
+    assert [isinstance(r, QuotaExceeded) for r in results] == [False] * 4 + [True] * 2
+    assert (await here.usage(p)).requests_minute == 4
