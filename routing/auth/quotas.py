@@ -416,9 +416,7 @@ class RedisCounters:
         if len(self._asks) == 1:
             loop.call_soon(self._send_asks)
         try:
-            status, *values = await ask.reply
-        except asyncio.CancelledError:
-            raise  # a place taken for it is given back when the reply comes (_send)
+            status, *values = await ask.reply  # cancelled: `_send` gives back a place taken for it
         except Exception:
             log.warning("could not check quotas in Redis; using this process's counters", exc_info=True)
             return None
