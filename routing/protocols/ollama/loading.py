@@ -25,7 +25,7 @@ from typing import Any
 from django.conf import settings
 from django.http import HttpResponse
 
-from routing.auth.principal import Principal
+from routing.auth.principal import Principal, require_model
 from routing.core.errors import ApiError
 from routing.fleet import caches, candidates
 from routing.fleet.candidates import Candidate
@@ -107,10 +107,8 @@ async def load_or_unload(
     as for any routed request when no server has the model; 502 naming the servers that failed."""
     if is_unload(data):
         refuse_unless_operator(principal, "unloading a model")
-    elif not principal.may_use(model):
-        raise ApiError(
-            403, f"the key '{principal.name}' may not use the model '{model}'", code="model_not_allowed"
-        )
+    else:
+        require_model(principal, model)
     lookup = await candidates.candidates_for(model)
     if not lookup.candidates:
         if lookup.failing_with_model:
