@@ -30,7 +30,7 @@ import aiohttp
 from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 
-from routing.auth.principal import Principal
+from routing.auth.principal import Principal, require_model
 from routing.core.errors import ApiError, error_response, is_openai_path
 from routing.core.names import model_key
 from routing.engine.accounting import sinks
@@ -80,10 +80,7 @@ async def forward(
     Raises ApiError: 403 (the principal's key may not use the model), 404 (no endpoint has the
     model), 503 (none reachable or all busy), 400 (the planner could not build the upstream
     request), 504 (first-byte timeout), 502 (every tried server failed before replying)."""
-    if not principal.may_use(model):
-        raise ApiError(
-            403, f"the key '{principal.name}' may not use the model '{model}'", code="model_not_allowed"
-        )
+    require_model(principal, model)
     lookup = await fleet_candidates.candidates_for(model)
     if not lookup.candidates:
         if lookup.failing_with_model:

@@ -104,7 +104,7 @@ async def _generation(request: HttpRequest, path: str, spec: schema.Obj) -> Http
     data, model = _checked(request, spec)
     stream = optional_bool(data, "stream", True)
     if loading.is_load_request(path, data):
-        return await loading.load_or_unload(path, model, request.body, data, stream)
+        return await loading.load_or_unload(path, model, request.body, data, stream, principal_of(request))
     await _refuse_untranslatable(path, model, data)
     affinity = affinity_key(request, data, path) if settings.ROUTER_AFFINITY else None
     return await _forward(request, _Routed(path, request.body, data, stream), model, affinity)

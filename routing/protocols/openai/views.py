@@ -103,9 +103,11 @@ async def embeddings(request: HttpRequest) -> HttpResponseBase:
     return await _route(request, "/embeddings", schema.OPENAI_EMBEDDINGS)
 
 
-async def _model_objects() -> list[dict[str, Any]]:
+async def _model_objects(request: HttpRequest) -> list[dict[str, Any]]:
     """Every model the enabled endpoints advertise, once each (by `model_key`), as OpenAI's
-    model object: {"id", "object": "model", "created", "owned_by"} (OpenAI API reference, Models)."""
+    model object: {"id", "object": "model", "created", "owned_by"} (OpenAI API reference, Models);
+    only those the caller's key may use (all for the operator and an open router)."""
+    may_use = principal_of(request).may_use
     endpoints = await registry.enabled()
     seen: set[str] = set()
     data: list[dict[str, Any]] = []
@@ -114,7 +116,7 @@ async def _model_objects() -> list[dict[str, Any]]:
             continue
         for entry, name in zip(found.entries, found.names, strict=True):
             key = model_key(name)
-            if key in seen:
+            if key in seen or not may_use(name):
                 continue
             seen.add(key)
             data.append(
@@ -130,16 +132,17 @@ async def _model_objects() -> list[dict[str, Any]]:
 
 @methods("GET")
 async def models(request: HttpRequest) -> HttpResponseBase:
-    return JsonResponse({"object": "list", "data": await _model_objects()})
+    return JsonResponse({"object": "list", "data": await _model_objects(request)})
 
 
 @methods("GET")
 async def model(request: HttpRequest, model_id: str) -> HttpResponseBase:
     """GET /v1/models/{model_id}: one model object, matched in any spelling the lists show
     (`llama3` is `llama3:latest`; ids may hold '/' and ':'). Raises ApiError 404 with code
-    `model_not_found` (OpenAI's code for an unknown model) when no enabled endpoint has it."""
+    `model_not_found` (OpenAI's code for an unknown model) when no enabled endpoint has it, or
+    the caller's key may not use it (as OpenAI answers for a model the account cannot see)."""
     wanted = model_key(model_id)
-    for found in await _model_objects():
+    for found in await _model_objects(request):
         if model_key(found["id"]) == wanted:
             return JsonResponse(found)
     raise ApiError(404, f"The model '{model_id}' does not exist", code="model_not_found")
