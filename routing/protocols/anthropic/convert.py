@@ -18,6 +18,8 @@ Anthropic -> OpenAI-compatible ; Ollama:
 - `disable_parallel_tool_use` -> `parallel_tool_calls: false` ; nothing (named)
 - `thinking` enabled, adaptive / disabled -> `chat_template_kwargs.enable_thinking` true
   (with `reasoning_effort` from the budget, EFFORT_STEPS) / false ; `think` true / false
+- `output_config.effort` -> `reasoning_effort` (xhigh, max: "high") ; nothing (named)
+- `output_config.format` (a JSON schema) -> `response_format` json_schema ; `format`
 - `metadata.user_id` -> `user` ; nothing (it is metadata)
 
 `redacted_thinking` blocks are Anthropic's encrypted reasoning, meaningless to other models:
@@ -62,8 +64,13 @@ def _data_uri(block: dict[str, Any]) -> str:
     return f"data:{source['media_type']};base64,{source['data']}"
 
 
-def effort(budget: Any) -> str:
-    """The `reasoning_effort` of a thinking budget (EFFORT_STEPS)."""
+def effort(data: dict[str, Any]) -> str:
+    """The `reasoning_effort` of a request: `output_config.effort` (Anthropic's xhigh and max
+    are "high"), else from the thinking budget (EFFORT_STEPS), else "medium"."""
+    given = (data.get("output_config") or {}).get("effort")
+    if given is not None:
+        return given if given in ("low", "medium", "high") else "high"
+    budget = (data.get("thinking") or {}).get("budget_tokens")
     if not isinstance(budget, int):
         return "medium"
     for limit, level in EFFORT_STEPS:
@@ -73,11 +80,18 @@ def effort(budget: Any) -> str:
 
 
 def thinking_switch(data: dict[str, Any]) -> bool | None:
-    """True (enabled, adaptive), False (disabled), None (not set: the model's default)."""
+    """True (enabled, adaptive, between_tools), False (disabled), None (not set: the model's
+    default)."""
     thinking = data.get("thinking")
     if not isinstance(thinking, dict):
         return None
     return thinking.get("type") != "disabled"
+
+
+def _format(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON schema of `output_config.format` (structured output), or None."""
+    fmt = (data.get("output_config") or {}).get("format")
+    return fmt["schema"] if isinstance(fmt, dict) else None
 
 
 # --------------------------------------------------------------------------- OpenAI
@@ -186,8 +200,14 @@ def openai_request(
     switch = thinking_switch(data)
     if switch is not None:
         body["chat_template_kwargs"] = {"enable_thinking": switch}
-        if switch:
-            body["reasoning_effort"] = effort((data.get("thinking") or {}).get("budget_tokens"))
+    if switch or (switch is None and (data.get("output_config") or {}).get("effort")):
+        body["reasoning_effort"] = effort(data)
+    schema = _format(data)
+    if schema is not None:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "response", "schema": schema},
+        }
     user = (data.get("metadata") or {}).get("user_id")
     if isinstance(user, str) and user:
         body["user"] = user
@@ -302,16 +322,22 @@ def ollama_request(
     switch = thinking_switch(data)
     if switch is not None:
         body["think"] = switch
+    schema = _format(data)
+    if schema is not None:
+        body["format"] = schema
     return body
 
 
 def ollama_ignored(data: dict[str, Any]) -> list[str]:
     """What an Ollama server cannot honour of this request: a forced tool choice, parallel tool
-    calls switched off (Ollama has neither switch); named in `X-Router-Ignored`."""
+    calls switched off, an effort level (Ollama has none of these switches); named in
+    `X-Router-Ignored`."""
     choice = data.get("tool_choice") or {}
     ignored = []
     if data.get("tools") and choice.get("type") in ("any", "tool"):
         ignored.append("tool_choice")
     if choice.get("disable_parallel_tool_use") is True:
         ignored.append("tool_choice.disable_parallel_tool_use")
+    if (data.get("output_config") or {}).get("effort") is not None:
+        ignored.append("output_config.effort")
     return ignored

@@ -11,7 +11,8 @@ other than text, image, tool_use, tool_result, thinking and redacted_thinking; a
 whose source is not base64 (a `url` source would be fetched by some servers and not by
 others); an image inside a tool_result; tools other than client tools (`type` absent or
 "custom": Anthropic's server tools such as web_search run on Anthropic's side).
-Top-level fields the router does not know are not refused: they are left out of the
+Top-level fields the router does not know (Anthropic adds them often: `container`,
+`inference_geo`, `context_management`...) are not refused: they are left out of the
 upstream request and named in the reply's `X-Router-Ignored` header (`ignored_fields`).
 `cache_control` on any block is accepted and has no effect (a caching hint).
 """
@@ -26,7 +27,8 @@ from routing.protocols.common.schema import BOOL, NUM, OBJ, STR, AnyOf, Int, Lis
 
 MEDIA_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 TOOL_CHOICES = frozenset({"auto", "any", "tool", "none"})
-THINKING_TYPES = frozenset({"enabled", "disabled", "adaptive"})
+THINKING_TYPES = frozenset({"enabled", "disabled", "adaptive", "between_tools"})
+EFFORTS = frozenset({"low", "medium", "high", "xhigh", "max"})
 
 _TEXT_BLOCK = Obj({"type": STR, "text": STR}, required=frozenset({"text"}), what="a text block")
 _SYSTEM = AnyOf(
@@ -63,10 +65,22 @@ _TOOL_CHOICE = Obj(
 )
 _THINKING = Obj(
     {
-        "type": Str(what="one of 'enabled', 'disabled', 'adaptive'", choices=THINKING_TYPES),
+        "type": Str(
+            what="one of " + ", ".join(f"'{t}'" for t in sorted(THINKING_TYPES)), choices=THINKING_TYPES
+        ),
         "budget_tokens": Int(what="a positive integer", minimum=1),
+        "display": Str(what="'summarized' or 'omitted'", choices=frozenset({"summarized", "omitted"})),
     },
     required=frozenset({"type"}),
+)
+_OUTPUT_CONFIG = Obj(
+    {
+        "effort": Str(what="one of " + ", ".join(f"'{e}'" for e in sorted(EFFORTS)), choices=EFFORTS),
+        "format": Obj(
+            {"type": Str(what="'json_schema'", choices=frozenset({"json_schema"})), "schema": OBJ},
+            required=frozenset({"schema"}),
+        ),
+    }
 )
 _COMMON: dict[str, schema.Spec] = {
     "model": STR,
@@ -75,6 +89,7 @@ _COMMON: dict[str, schema.Spec] = {
     "tools": ListOf(_TOOL, what="a list of tool objects"),
     "tool_choice": _TOOL_CHOICE,
     "thinking": _THINKING,
+    "output_config": _OUTPUT_CONFIG,
 }
 MESSAGES = Obj(
     {
@@ -91,10 +106,10 @@ MESSAGES = Obj(
 )
 COUNT = Obj(_COMMON)
 
-# Top-level fields read or translated; any other one is ignored and named (ignored_fields).
-KNOWN = frozenset(MESSAGES.fields)
-# Read by the router, nothing to forward: Anthropic's capacity tier.
-ACCEPTED = frozenset({"service_tier"})
+# Top-level fields read or translated, or accepted without effect and not named: Anthropic's
+# capacity tier and serving speed, a prompt-caching hint. Any other field is ignored and named
+# (ignored_fields).
+KNOWN = frozenset(MESSAGES.fields) | {"cache_control", "speed"}
 
 
 def _bad(path: str, why: str) -> ApiError:

@@ -49,7 +49,8 @@ class _Planner:
         self.stream = stream
         self.count = count
         self.model = str(data["model"])
-        self.keep_thinking = convert.thinking_switch(data) is not False
+        thinking = data.get("thinking") or {}
+        self.keep_thinking = thinking.get("type") != "disabled" and thinking.get("display") != "omitted"
         self.stops = list(data.get("stop_sequences") or ())
         self.ignored: list[str] = []
 

@@ -19,7 +19,9 @@ TABLE = {p for p in PATTERNS if "<" not in p}
 
 def test_every_path_of_the_route_table_is_its_own_label() -> None:
     assert {"/api/chat", "/v1/models", "/health", "/metrics", "/api/usage", "/api/stats.csv"} <= TABLE
-    assert len(TABLE) == 27  # 20 client API routes (19 + /api/me) + 7 statistics routes
+    assert {"/v1/messages", "/v1/messages/count_tokens"} <= TABLE
+    # 22 client API routes (19 + /api/me + the two Anthropic ones) + 7 statistics routes
+    assert len(TABLE) == 29
     assert PATTERNS - TABLE == {"/v1/models/<path:model_id>"}  # the one prefix route
     assert set(HANDLER.views) == TABLE
     for path in TABLE:
