@@ -14,9 +14,9 @@ import anthropic
 import httpx
 import pytest
 
+from tests.conftest import wait_until
 from tests.real.conftest import Real
 from tests.real.llama import ALIAS
-from tests.conftest import wait_until
 from tests.reliability.support import db_totals
 
 PROMPT = "Name three colours."
