@@ -36,6 +36,12 @@ def event(kind: str, data: dict[str, Any]) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + json.dumps(data).encode() + b"\n\n"
 
 
+_DELTA = (
+    b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": %d, '
+    b'"delta": {"type": "%s", "%s": %s}}\n\n'
+)
+
+
 def error_event(message: str, kind: int = 502) -> bytes:
     """An `event: error` carrying the error object of status `kind` (502: api_error)."""
     return event("error", anthropic_error(kind, message))
@@ -89,24 +95,27 @@ class Writer:
         self._next += 1
         return out
 
-    def _delta(self, index: int, delta: dict[str, Any]) -> bytes:
-        return event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+    @staticmethod
+    def _delta(index: int, kind: bytes, field: bytes, value: str) -> bytes:
+        """One content_block_delta, from a template: only the value is JSON-encoded (one per
+        token: the hot path of a streamed reply)."""
+        return _DELTA % (index, kind, field, json.dumps(value).encode())
 
     def thinking(self, chunk: str) -> bytes:
         if not chunk or not self.keep_thinking:
             return b""
-        out = self.start()
+        out = self.start() if not self.started else b""
         if self._open != "thinking":
             out += self._open_block("thinking", {"type": "thinking", "thinking": "", "signature": ""})
-        return out + self._delta(self._next - 1, {"type": "thinking_delta", "thinking": chunk})
+        return out + self._delta(self._next - 1, b"thinking_delta", b"thinking", chunk)
 
     def text(self, chunk: str) -> bytes:
         if not chunk:
             return b""
-        out = self.start()
+        out = self.start() if not self.started else b""
         if self._open != "text":
             out += self._open_block("text", {"type": "text", "text": ""})
-        return out + self._delta(self._next - 1, {"type": "text_delta", "text": chunk})
+        return out + self._delta(self._next - 1, b"text_delta", b"text", chunk)
 
     def tool(self, key: str, call_id: str, name: str) -> bytes:
         """Open the block of tool call `key` (the server's index or id)."""
@@ -122,7 +131,7 @@ class Writer:
     def tool_input(self, key: str, partial: str) -> bytes:
         if not partial or key not in self._tools:
             return b""
-        return self._delta(self._tools[key], {"type": "input_json_delta", "partial_json": partial})
+        return self._delta(self._tools[key], b"input_json_delta", b"partial_json", partial)
 
     def error(self, message: str) -> bytes:
         """The stream's `error` event, which ends it; nothing once it has ended."""
@@ -149,7 +158,9 @@ class _Lines:
         self.pending = b""
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        data = (self.pending + chunk).replace(b"\r\n", b"\n")
+        data = self.pending + chunk if self.pending else chunk
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
         cut = data.rfind(self.sep)
         if cut < 0:
             self.pending = data if len(data) < MAX_PENDING else b""
@@ -200,29 +211,32 @@ class FromOpenAI:
         return self._chunk(obj) if isinstance(obj, dict) else b""
 
     def _chunk(self, obj: dict[str, Any]) -> bytes:
-        counts = openai_counts(obj)
-        if counts is not None:
-            self._usage = counts
-        if isinstance(obj.get("error"), dict):  # an error event some servers send mid-stream
+        if "usage" in obj:
+            counts = openai_counts(obj)
+            if counts is not None:
+                self._usage = counts
+        if "error" in obj and isinstance(obj["error"], dict):  # an error event some servers send mid-stream
             return self.writer.error(text(obj["error"].get("message")) or "upstream error")
-        out: list[bytes] = []
         choices = obj.get("choices")
-        for choice in choices[:1] if isinstance(choices, list) else ():
-            if not isinstance(choice, dict):
-                continue
-            delta = choice.get("delta")
-            delta = delta if isinstance(delta, dict) else {}
-            out.append(
-                self.writer.thinking(text(delta.get("reasoning_content")) or text(delta.get("reasoning")))
-            )
-            out.append(self.writer.text(text(delta.get("content"))))
+        if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+            return b""
+        choice = choices[0]
+        out = b""
+        delta = choice.get("delta")
+        if delta and isinstance(delta, dict):
+            thinking = delta.get("reasoning_content") or delta.get("reasoning")
+            if thinking:
+                out += self.writer.thinking(text(thinking))
+            content = delta.get("content")
+            if content:
+                out += self.writer.text(text(content))
             for call in delta.get("tool_calls") or ():
                 if isinstance(call, dict):
-                    out.append(self._tool_delta(call))
-            if choice.get("finish_reason"):
-                self._finish = choice["finish_reason"]
-                self._matched = choice.get("stop_reason")
-        return b"".join(out)
+                    out += self._tool_delta(call)
+        if choice.get("finish_reason"):
+            self._finish = choice["finish_reason"]
+            self._matched = choice.get("stop_reason")
+        return out
 
     def _tool_delta(self, call: dict[str, Any]) -> bytes:
         index = call.get("index")
@@ -308,8 +322,10 @@ class FromOllama:
         out: list[bytes] = []
         said = obj.get("message")
         if isinstance(said, dict):
-            out.append(self.writer.thinking(text(said.get("thinking"))))
-            out.append(self.writer.text(text(said.get("content"))))
+            if said.get("thinking"):
+                out.append(self.writer.thinking(text(said["thinking"])))
+            if said.get("content"):
+                out.append(self.writer.text(text(said["content"])))
             for call in said.get("tool_calls") or ():
                 fn = call.get("function") if isinstance(call, dict) else None
                 if not isinstance(fn, dict):
