@@ -153,6 +153,20 @@ def test_a_tool_call_round_trip_with_its_result(served):
             },
         }
     ]
+    # what a server kind cannot honour is named, as are fields the router does not know
+    forced = served.client.messages.with_raw_response.create(
+        model=served.model,
+        max_tokens=50,
+        tools=TOOLS,
+        tool_choice={"type": "any"},
+        messages=asked,
+        extra_body={"context_management": {"edits": []}},
+    )
+    named = "context_management" + (",tool_choice" if served.kind == "ollama" else "")
+    assert forced.headers["x-router-ignored"] == named
+    if served.kind == "openai":
+        assert served.sent()["tool_choice"] == "required"
+    assert "context_management" not in served.sent()
     # the streamed call: its own block, the input as JSON deltas
     with served.client.messages.stream(
         model=served.model, max_tokens=50, tools=TOOLS, messages=asked
