@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from routing.engine.accounting import Counts
 from routing.protocols.anthropic import replies
@@ -265,3 +269,44 @@ def test_count_tokens_reads_the_prompt_count() -> None:
     assert replies.count_from_ollama(
         json.dumps({"done": True, "prompt_eval_count": 4, "eval_count": 1}).encode()
     )[1] == Counts(4, 1)
+
+
+def _without_ids(got: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    for name, data in got:
+        if name == "message_start":
+            data["message"]["id"] = "msg"
+    return got
+
+
+COUNTS = {"prompt_eval_count": 1, "eval_count": 2}
+STREAMS = {
+    "openai": sse(
+        delta(role="assistant", reasoning_content="r\n"),
+        delta(content='é \u2028 "q"'),
+        delta(tool_calls=[{"index": 0, "id": "c", "function": {"name": "f", "arguments": '{"a":'}}]),
+        delta(tool_calls=[{"index": 0, "function": {"arguments": "1}"}}]),
+        finish("tool_calls"),
+        USAGE,
+    ).replace(b"\n", b"\r\n"),
+    "ollama": ndjson(
+        {"message": {"role": "assistant", "content": "", "thinking": "r"}, "done": False},
+        {"message": {"role": "assistant", "content": "é \u2028"}, "done": False},
+        {"message": {"role": "assistant", "content": ""}, "done": True, **COUNTS},
+    ),
+}
+
+
+@given(st.sampled_from(sorted(STREAMS)), st.lists(st.integers(min_value=1, max_value=2000), max_size=12))
+def test_any_split_of_an_upstream_stream_gives_the_same_events(kind: str, cuts: list[int]) -> None:
+    raw = STREAMS[kind]
+
+    def run(pieces: list[bytes]) -> list[tuple[str, dict[str, Any]]]:
+        relay: FromOpenAI | FromOllama = FromOllama("m", keep_thinking=True)
+        if kind == "openai":
+            relay = FromOpenAI("m", [], keep_thinking=True)
+        return _without_ids(events(b"".join(relay.feed(p) for p in pieces) + relay.finish()))
+
+    points = sorted({c % len(raw) for c in cuts} | {0, len(raw)})
+    pieces = [raw[a:b] for a, b in itertools.pairwise(points)]
+    assert run(pieces) == run([raw])
+    assert run([raw])[-1][0] == "message_stop"
