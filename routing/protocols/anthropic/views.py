@@ -10,7 +10,8 @@ back as Anthropic's (replies.py, events.py), counted from the server's own usage
 Headers: `x-api-key` is a key like `Authorization: Bearer` (routing/auth/keys.py);
 `anthropic-version` and `anthropic-beta` are accepted and not needed (one API version is
 spoken; absent is fine). Fields and choices an upstream could not honour are named in
-`X-Router-Ignored`.
+`X-Router-Ignored`. Thinking the server produced is left out of the reply when the request
+switched it off (`thinking.type: disabled`) or asked not to see it (`display: omitted`).
 
 count_tokens: neither server kind counts without running the model (Ollama has no tokenizer
 route; llama.cpp's /tokenize takes a rendered prompt, vLLM's its own shape), so the request,
