@@ -436,3 +436,24 @@ def test_a_server_failing_mid_stream_ends_the_stream_with_an_error_event(fakes, 
         client.messages.stream(**{k: v for k, v in body.items() if k != "stream"}) as s,
     ):
         s.until_done()
+
+
+def test_a_full_fleet_is_an_overloaded_error_with_retry_after(fakes, endpoint, router):
+    fake = fakes(kind="ollama", models=["llama3:latest"], tokens=100, delay=0.05)
+    endpoint(fake.url, max_concurrent_connections=1)
+    server = router(ROUTER_QUEUE_TIMEOUT="0.5")
+    body = {
+        "model": "llama3",
+        "max_tokens": 500,
+        "stream": True,
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    holding = RawRequest.post_json(server, "/v1/messages", body)
+    holding.read_until(b"text_delta")  # the one slot is taken
+    client: Any = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+    with pytest.raises(anthropic.APIStatusError) as busy:
+        client.messages.create(model="llama3", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    assert busy.value.status_code == 503 and _body(busy)["error"]["type"] == "overloaded_error"
+    assert busy.value.response.headers["retry-after"] == "5"
+    holding.close()
+    wait_until(lambda: in_flight(server.url) == 0, timeout=10)
