@@ -31,7 +31,7 @@ from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 
 from routing.auth.principal import Principal, require_model
-from routing.core.errors import ApiError, error_response, is_openai_path
+from routing.core.errors import ApiError, error_response, in_route_shape
 from routing.core.names import model_key
 from routing.engine.accounting import sinks
 from routing.engine.affinity_shared import shared_affinity
@@ -415,11 +415,7 @@ def _error_reply(path: str, ep_name: str, status: int, body: bytes, reason: str 
         data = json.loads(body)
     except ValueError:
         data = None
-    error = data.get("error") if isinstance(data, dict) else None
-    openai = is_openai_path(path)
-    if (openai and isinstance(error, dict) and isinstance(error.get("message"), str)) or (
-        not openai and isinstance(error, str)
-    ):
+    if in_route_shape(path, data):
         reply = HttpResponse(body, status=status, content_type="application/json")
     else:
         reply = error_response(path, ApiError(status, _error_message(body, reason)))
