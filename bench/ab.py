@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.ab --a /path/to/other/checkout --server uvicorn
     .venv/bin/python -m bench.ab --c1                 # the concurrency-1 scenarios
     .venv/bin/python -m bench.ab --key [--redis URL]  # A: the operator key, B: a client key (this tree)
+    .venv/bin/python -m bench.ab --key --a-client-key --a OLD --redis URL  # OLD vs this tree, one key
 
 With --key both routers are this tree (unless --a is given) with one router key and one client key
 whose every limit is set (high enough never to refuse): A's requests carry the router key (no
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no-concurrency", action="store_true", help="with --key: the client key has no concurrency limit"
     )
+    p.add_argument(
+        "--a-client-key", action="store_true", help="with --key: A's requests carry the client key too"
+    )
     args = p.parse_args(argv)
     ensure_wrk()
     raise_fd_limit()
@@ -82,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.key:
                 env["ROUTER_API_KEY"] = auth["A"] = "bench-operator-key"
                 auth["B"] = bench_client_key(db, concurrency=not args.no_concurrency)
+                if args.a_client_key:
+                    auth["A"] = auth["B"]
             routers = {}
             for name, tree in (("A", tree_a), ("B", args.b)):
                 routers[name] = procs.start_router(
@@ -97,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"A = {tree_a}\nB = {args.b}\n"
                 f"server {args.server}, {args.rounds} rounds x {args.duration:g} s"
                 + (
-                    f"\nA: router key, B: client key with limits{', Redis' if args.redis else ''}"
+                    f"\nA: {'client' if args.a_client_key else 'router'} key,"
+                    f" B: client key with limits{', Redis' if args.redis else ''}"
                     if args.key
                     else ""
                 )

@@ -14,6 +14,10 @@ Replies are deterministic:
   number of words (no ``+1``);
 * completion token count is ``min(config.tokens, num_predict / max_tokens)``.
 
+With ``prefill`` > 0 a server also has a prompt prefix cache (:class:`PrefixCache`): the time
+to first token of a generation is ``prefill`` seconds per prompt token it has not cached, and
+``/_fake/stats`` reports its hits under ``"prefix"``.
+
 Usage::
 
     fake = run_in_thread(FakeConfig(kind="ollama", models=["llama3:latest"]))
@@ -43,7 +47,7 @@ import sys
 import threading
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -57,6 +61,7 @@ __all__ = [
     "FakeBackend",
     "FakeConfig",
     "FakeStats",
+    "PrefixCache",
     "ThreadedFake",
     "main",
     "run_in_thread",
@@ -156,6 +161,11 @@ class FakeConfig:
     reranking: bool = False
     #: openai kind: whose error wording to use: "llamacpp" or "vllm"
     flavor: str = "llamacpp"
+    #: seconds of prefill per prompt token not in the prefix cache, slept before the first
+    #: byte of a generation (0: no prefix cache, no prefill time)
+    prefill: float = 0.0
+    #: prompt prefixes the prefix cache holds (least recently used dropped first)
+    prefix_cache: int = 64
 
     def __post_init__(self) -> None:
         self._validate()
@@ -182,10 +192,10 @@ class FakeConfig:
             elif key in ("vision", "reranking"):
                 if not isinstance(value, bool):
                     raise ValueError(f"{key} must be a boolean")
-            elif key in ("tokens", "fault_after", "pad", "n_ctx"):
+            elif key in ("tokens", "fault_after", "pad", "n_ctx", "prefix_cache"):
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                     raise ValueError(f"{key} must be a non-negative int")
-            elif key in ("delay", "first_byte_delay", "stall", "idle_close"):
+            elif key in ("delay", "first_byte_delay", "stall", "idle_close", "prefill"):
                 if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                     raise ValueError(f"{key} must be a non-negative number")
                 value = float(value)
@@ -223,6 +233,8 @@ class FakeConfig:
             "vision": self.vision,
             "reranking": self.reranking,
             "flavor": self.flavor,
+            "prefill": self.prefill,
+            "prefix_cache": self.prefix_cache,
         }
 
 
@@ -253,6 +265,9 @@ class FakeStats:
         self.bytes_streamed = 0
         self.last_request_bodies: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self.auth_headers_seen: deque[str | None] = deque(maxlen=HISTORY)
+        #: the prefix cache (with ``prefill`` > 0): generations looked up, those that found a
+        #: cached prefix, their prompt tokens and the part of them found cached
+        self.prefix = {"requests": 0, "hits": 0, "prompt_tokens": 0, "cached_tokens": 0}
 
     def reset(self) -> None:
         """Clear all counters.
@@ -273,6 +288,7 @@ class FakeStats:
             self.bytes_streamed = 0
             self.last_request_bodies = deque(maxlen=HISTORY)
             self.auth_headers_seen = deque(maxlen=HISTORY)
+            self.prefix = dict.fromkeys(self.prefix, 0)
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-serialisable copy of every counter."""
@@ -290,6 +306,7 @@ class FakeStats:
                 "bytes_streamed": self.bytes_streamed,
                 "last_request_bodies": list(self.last_request_bodies),
                 "auth_headers_seen": list(self.auth_headers_seen),
+                "prefix": dict(self.prefix),
             }
 
     def total_requests(self) -> int:
@@ -328,6 +345,14 @@ class FakeStats:
             self.completed += 1
             self.prompt_tokens_reported += prompt_tokens
             self.completion_tokens_reported += completion_tokens
+
+    def note_prefix(self, prompt_tokens: int, cached_tokens: int) -> None:
+        with self._lock:
+            p = self.prefix
+            p["requests"] += 1
+            p["hits"] += cached_tokens > 0
+            p["prompt_tokens"] += prompt_tokens
+            p["cached_tokens"] += cached_tokens
 
     def cancel(self) -> None:
         with self._lock:
@@ -500,6 +525,72 @@ def _wants_reasoning(body: dict[str, Any]) -> bool:
     return bool(think) and think != "none"
 
 
+def _words(value: Any) -> list[str]:
+    """The words of a prompt / message content (text parts of a list; token ids as words)."""
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, list):
+        return [w for v in value for w in _words(v)]
+    if isinstance(value, dict):
+        text = value.get("text")
+        return text.split() if isinstance(text, str) else []
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [str(value)]
+    return []
+
+
+def _message_words(messages: Any) -> list[str]:
+    """A conversation as one word sequence: each message's role marker, then its words."""
+    out: list[str] = []
+    if isinstance(messages, list):
+        for m in messages:
+            if isinstance(m, dict):
+                out.append(f"<{m.get('role')}>")
+                out += _words(m.get("content"))
+    return out
+
+
+class PrefixCache:
+    """The prompt prefixes one server holds, as llama.cpp's and vLLM's prefix caches do.
+
+    A prompt is a word sequence cut into blocks of BLOCK words, each block's hash chained to the
+    one before (so a hash names the whole prefix up to it). An entry is the last full block of
+    a prompt seen; a new prompt finds the longest of its own block prefixes that is an entry,
+    and that many words are cached. The entry found is then replaced by the new prompt's (its
+    slot now holds the longer conversation). At most `size` entries, least recently used out.
+    Used from the server's event loop only."""
+
+    BLOCK = 16
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[bytes, None] = OrderedDict()
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def lookup_and_store(self, words: list[str], size: int) -> int:
+        """Words of `words` found cached (a multiple of BLOCK); `words` is cached from now on."""
+        chain: list[bytes] = []
+        h = b""
+        block = self.BLOCK
+        for i in range(0, len(words) - block + 1, block):
+            h = hashlib.blake2b(h + " ".join(words[i : i + block]).encode(), digest_size=16).digest()
+            chain.append(h)
+        entries = self._entries
+        cached = 0
+        for j in range(len(chain) - 1, -1, -1):
+            if chain[j] in entries:
+                cached = (j + 1) * block
+                del entries[chain[j]]
+                break
+        if chain:
+            entries[chain[-1]] = None
+            entries.move_to_end(chain[-1])
+            while len(entries) > max(size, 0):
+                entries.popitem(last=False)
+        return cached
+
+
 _Body = dict[str, Any]
 _Handler = Callable[[web.BaseRequest, _Body], Awaitable[web.StreamResponse]]
 
@@ -513,6 +604,7 @@ class FakeBackend:
     def __init__(self, config: FakeConfig | None = None) -> None:
         self.config: FakeConfig = config if config is not None else FakeConfig()
         self.stats: FakeStats = FakeStats()
+        self.prefix_cache = PrefixCache()
         self.port: int = 0
         self.url: str = ""
         self._runner: web.ServerRunner | None = None
@@ -665,6 +757,16 @@ class FakeBackend:
                     return self._oa_error(400, f"Unrecognized request argument supplied: {refused[0]}")
         return await handler(request, body)
 
+    def _prefill(self, request: web.BaseRequest, words: list[str], prompt_tokens: int) -> None:
+        """With ``prefill`` > 0: look the prompt up in the prefix cache, count it, and set the
+        request's prefill time (slept before its first byte, in ``_serve``)."""
+        cfg = self.config
+        if cfg.prefill <= 0:
+            return
+        cached = min(self.prefix_cache.lookup_and_store(words, cfg.prefix_cache), prompt_tokens)
+        self.stats.note_prefix(prompt_tokens, cached)
+        request["prefill"] = (prompt_tokens - cached) * cfg.prefill
+
     @staticmethod
     def _ol_error(status: int, message: str) -> web.Response:
         return _json(status, {"error": message})
@@ -706,6 +808,7 @@ class FakeBackend:
             return _json(200, self.stats.snapshot())
         if path == "/_fake/reset" and method == "POST":
             self.stats.reset()
+            self.prefix_cache.clear()
             return _json(200, {"ok": True})
         if path == "/_fake/config":
             if method == "GET":
@@ -756,6 +859,7 @@ class FakeBackend:
             first_byte_delay = cfg.first_byte_delay if applies else 0.0
             if fault == "slow_first_byte" and first_byte_delay <= 0:
                 first_byte_delay = cfg.stall
+            first_byte_delay += request.get("prefill", 0.0)  # the uncached prompt (PrefixCache)
             if first_byte_delay > 0:
                 await asyncio.sleep(first_byte_delay)
             if fault != "none" and fault != "slow_first_byte":
@@ -1043,12 +1147,16 @@ class FakeBackend:
                 return await self._ol_load(request, body, name, model, "message")
             prompt_tokens = _count_message_words(messages) + 1
             tool = _tool_name(body.get("tools"))
+            if self.config.prefill > 0:
+                self._prefill(request, _message_words(messages), prompt_tokens)
         else:
             prompt = body.get("prompt")
             if not prompt:
                 return await self._ol_load(request, body, name, model, "response")
             prompt_tokens = _count_words(prompt) + 1
             tool = None
+            if self.config.prefill > 0:
+                self._prefill(request, _words(body.get("system")) + _words(prompt), prompt_tokens)
         refused = self._refusal(body, prompt_tokens, openai=False)
         if refused is not None:
             return refused
@@ -1251,6 +1359,8 @@ class FakeBackend:
         refused = self._refusal(body, prompt_tokens, openai=True)
         if refused is not None:
             return refused
+        if self.config.prefill > 0:
+            self._prefill(request, _message_words(body.get("messages")), prompt_tokens)
         n, truncated = self._oa_limit(self.config.tokens, body)
         tool = None if body.get("tool_choice") == "none" else _tool_name(body.get("tools"))
         think = REASONING_CHUNKS if _wants_reasoning(body) else 0
@@ -1318,6 +1428,8 @@ class FakeBackend:
             return checked
         name, model = checked
         prompt_tokens = _count_words(body.get("prompt")) + 1
+        if self.config.prefill > 0:
+            self._prefill(request, _words(body.get("prompt")), prompt_tokens)
         n, truncated = self._oa_limit(self.config.tokens, body)
         finish = "length" if truncated else "stop"
         usage = _oa_usage(prompt_tokens, n)
@@ -1595,6 +1707,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--fault-after", type=int, default=2)
     p.add_argument("--stall", type=float, default=30.0)
     p.add_argument("--pad", type=int, default=0, help="filler bytes per streamed Ollama token")
+    p.add_argument("--prefill", type=float, default=0.0, help="seconds per uncached prompt token")
+    p.add_argument("--prefix-cache", type=int, default=64, help="prompt prefixes cached")
     return p.parse_args(argv)
 
 
@@ -1626,6 +1740,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fault_after=args.fault_after,
         stall=args.stall,
         pad=args.pad,
+        prefill=args.prefill,
+        prefix_cache=args.prefix_cache,
     )
     if args.models is not None:
         config.models = args.models

@@ -6,7 +6,7 @@ import re
 import statistics
 from typing import Any
 
-from bench import fairness
+from bench import affinity, fairness
 from bench.loadgen import percentile
 
 PROTOCOL_PATH = {"ollama": "/api/chat", "openai": "/v1/chat/completions"}
@@ -862,6 +862,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         *memory_section(results),
         *fairness.section(results),
+        *affinity.section(results),
         "## `/api/stats` over 1,000,000 time-series rows (PostgreSQL)",
         "",
         *stats_section(results),

@@ -38,7 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import fairness, loadgen, procs, report
+from bench import affinity, fairness, loadgen, procs, report
 from bench.procs import Proc
 
 REPO = procs.REPO
@@ -108,7 +108,7 @@ class Options:
     notes: list[str] = field(default_factory=list)
 
 
-PHASES = ("throughput", "ttfb", "slow", "memory", "stats", "fairness")
+PHASES = ("throughput", "ttfb", "slow", "memory", "stats", "fairness", "affinity")
 BIG_MODEL = "big:latest"
 
 
@@ -727,6 +727,12 @@ class Bench:
             if "fairness" in o.only:
                 log("fairness: one key floods a model's queue, another sends one request at a time")
                 self.results["fairness"] = fairness.run(self.log_dir, server=o.servers[0])
+            if "affinity" in o.only:
+                log(
+                    "affinity: 50 conversations x 10 turns over 3 servers, prompt-cache affinity off, then on"
+                )
+                options = affinity.parse_args(["--server", o.servers[0], "--no-doc"])
+                self.results["affinity"] = affinity.run(self.log_dir, options)
         finally:
             self.stop_all()
         meta["loadavg_end"] = os.getloadavg()
@@ -771,8 +777,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.summary_text(results))
     log(f"results: {json_path.relative_to(REPO)}")
-    if opts.write_doc and opts.only == {"fairness"}:  # that section alone, spliced into the doc
-        opts.doc.write_text(report.splice_section(opts.doc.read_text(), fairness.section(results)))
+    if opts.write_doc and opts.only <= {"fairness", "affinity"}:  # those sections alone, spliced in
+        doc = opts.doc.read_text()
+        for section in (fairness.section(results), affinity.section(results)):
+            doc = report.splice_section(doc, section)
+        opts.doc.write_text(doc)
     elif opts.write_doc:
         opts.doc.write_text(text)
         log(f"wrote {opts.doc.relative_to(REPO) if opts.doc.is_relative_to(REPO) else opts.doc}")

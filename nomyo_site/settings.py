@@ -180,6 +180,14 @@ ROUTER_MAX_RETRIES = env.int("ROUTER_MAX_RETRIES", default=2)
 ROUTER_CONTEXT_TRIM = env.bool("ROUTER_CONTEXT_TRIM", default=True)
 # A request with images that a model cannot see is sent once more without them.
 ROUTER_IMAGE_RETRY = env.bool("ROUTER_IMAGE_RETRY", default=True)
+# Prompt-cache affinity (routing/engine/affinity.py): a conversation's turns go back to the server
+# that served it last; remembered ROUTER_AFFINITY_TTL seconds after last use, at most
+# ROUTER_AFFINITY_MAX conversations; when that server is full, wait for it at most
+# ROUTER_AFFINITY_WAIT seconds, then go to any free one.
+ROUTER_AFFINITY = env.bool("ROUTER_AFFINITY", default=True)
+ROUTER_AFFINITY_TTL = env.float("ROUTER_AFFINITY_TTL", default=1800.0)
+ROUTER_AFFINITY_MAX = env.int("ROUTER_AFFINITY_MAX", default=100_000)
+ROUTER_AFFINITY_WAIT = env.float("ROUTER_AFFINITY_WAIT", default=1.0)
 # Upstream timeouts: connecting, the first byte (long: a model may be loading), the gap between chunks.
 ROUTER_CONNECT_TIMEOUT = env.float("ROUTER_CONNECT_TIMEOUT", default=5.0)
 ROUTER_FIRST_BYTE_TIMEOUT = env.float("ROUTER_FIRST_BYTE_TIMEOUT", default=300.0)

@@ -59,3 +59,24 @@ def router_origins(app_configs: Any, **kwargs: Any) -> list[Error | Warning]:
         for entry in settings.ROUTER_ORIGINS
         if clean(entry) and not shape.fullmatch(clean(entry))
     ]
+
+
+@register()
+def affinity_settings(app_configs: Any, **kwargs: Any) -> list[Error | Warning]:
+    """Prompt-cache affinity's bounds (routing/engine/affinity.py)."""
+    problems: list[Error | Warning] = []
+    if settings.ROUTER_AFFINITY_TTL <= 0:
+        problems.append(Error("ROUTER_AFFINITY_TTL must be greater than zero.", id="routing.E030"))
+    if settings.ROUTER_AFFINITY_MAX < 1:
+        problems.append(Error("ROUTER_AFFINITY_MAX must be at least 1.", id="routing.E031"))
+    if settings.ROUTER_AFFINITY_WAIT < 0:
+        problems.append(Error("ROUTER_AFFINITY_WAIT must not be negative.", id="routing.E032"))
+    if settings.ROUTER_AFFINITY and settings.ROUTER_AFFINITY_WAIT >= settings.ROUTER_QUEUE_TIMEOUT > 0:
+        problems.append(
+            Warning(
+                "ROUTER_AFFINITY_WAIT is not shorter than ROUTER_QUEUE_TIMEOUT: a request could time out "
+                "waiting for its conversation's server while others are free.",
+                id="routing.W030",
+            )
+        )
+    return problems

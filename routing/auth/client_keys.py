@@ -31,6 +31,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from routing.auth.principal import Principal
+from routing.core import redis
 
 log = logging.getLogger("routing.auth")
 
@@ -197,17 +198,11 @@ def load_keys() -> tuple[dict[str, KeyRecord], int | None]:
         close_old_connections()
 
 
-def redis_client():  # type: ignore[no-untyped-def]
-    import redis  # only with REDIS_URL
-
-    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
-
-
 def _read_redis_generation() -> int | None:
     if not settings.REDIS_URL:
         return None
     try:
-        value = redis_client().get(REDIS_GENERATION)
+        value = redis.sync_client().get(REDIS_GENERATION)
     except Exception:
         log.warning("could not read the key generation from Redis", exc_info=True)
         return None

@@ -32,6 +32,15 @@ from routing.core.errors import ApiError
 from routing.observability import metrics
 
 
+class KeyRefused(ApiError):
+    """A 403 for a known client key that may not be used now (disabled, expired); `principal`
+    names it in the access log."""
+
+    def __init__(self, principal: Principal, message: str) -> None:
+        super().__init__(403, message, code="key_disabled")
+        self.principal = principal
+
+
 class RouterKey:
     def __init__(self) -> None:
         self._stored = ""
@@ -88,7 +97,7 @@ async def authenticate(authorization: str | None, api_key: str | None) -> Princi
         if record is not None:
             refusal = record.refusal(time.time())
             if refusal is not None:
-                raise ApiError(403, refusal, code="key_disabled")
+                raise KeyRefused(record.principal, refusal)
             return record.principal
     if not expected and not key_store.defined():
         return ANONYMOUS  # an open router: a token (OpenAI clients always send one) is ignored

@@ -13,6 +13,8 @@ from typing import Literal
 
 from django.http import HttpRequest
 
+from routing.core.errors import ApiError
+
 Kind = Literal["anonymous", "operator", "key"]
 
 
@@ -32,12 +34,26 @@ class Principal:
                 return allowance
         return None
 
+    @property
+    def may_manage(self) -> bool:
+        """Whether this principal may change the fleet for everyone (pull, push, create, copy,
+        delete, unload): the operator and, on an open router, anyone; never a client key."""
+        return self.kind != "key"
+
     def may_use(self, model: str) -> bool:
         """Whether this principal may use `model` (matched as given and without a ":latest" tag)."""
         if not self.models:
             return True
         base = model[: -len(":latest")] if model.endswith(":latest") else model
         return any(fnmatchcase(model, p) or fnmatchcase(base, p) for p in self.models)
+
+
+def require_model(principal: Principal, model: str) -> None:
+    """Raise ApiError 403 (code `model_not_allowed`) when `principal` may not use `model`."""
+    if not principal.may_use(model):
+        raise ApiError(
+            403, f"the key '{principal.name}' may not use the model '{model}'", code="model_not_allowed"
+        )
 
 
 ANONYMOUS = Principal("anonymous", "anonymous")

@@ -16,24 +16,33 @@ Order of one request:
 Without REDIS_URL the counters live in this process (`LocalCounters`, one lock, held for a few
 dict operations). With it they are shared by every router process (`RedisCounters`): one Lua
 script checks every limit, the key generation (routing/auth/client_keys.py) and counts the
-request in one atomic step; concurrency places (taken only for a key with a concurrency limit)
+request in one atomic step, for every admission asked for in one turn of the event loop at once
+(one round trip for all of them; an admission whose request is cancelled meanwhile gives its
+place back); concurrency places (taken only for a key with a concurrency limit)
 are members of a sorted set scored by lease expiry (like the cluster slots,
-routing/engine/cluster.py), so a process that dies loses its places after LEASE seconds; token
-charges are gathered for CHARGE_EVERY seconds and written as INCRBY with an expiry past the
-window's end, one pipeline for all keys (so a token limit may be passed by what is charged in
-that moment, as it may by the request that crosses it). If Redis is unreachable, the request is
-admitted on this process's own counters rather than refused.
+routing/engine/cluster.py), so a process that dies loses its places after LEASE seconds. A
+place given back is not a round trip of its own: it rides on this process's next admission
+(the script removes the places first, then checks), or, when no admission comes within
+RELEASE_EVERY seconds, goes in one pipeline with the others given back meanwhile. So this
+process sees its own releases at once; other processes may see a place taken up to
+RELEASE_EVERY seconds after its request ended, and refuse (never admit) because of it: the
+limit is never passed. Token charges are gathered for CHARGE_EVERY seconds and written as
+INCRBY with an expiry past the window's end, one pipeline for all keys (so a token limit may be
+passed by what is charged in that moment, as it may by the request that crosses it). The
+script is sent once and then called by its SHA-1 (EVALSHA). If Redis is unreachable, the
+request is admitted on this process's own counters rather than refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import calendar
+import hashlib
+import itertools
 import logging
 import os
 import time
 import uuid
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +50,7 @@ from typing import Any
 from django.conf import settings
 
 from routing.auth.principal import Principal
+from routing.core import redis
 from routing.core.errors import ApiError
 from routing.observability.locks import TimedLock
 
@@ -48,19 +58,28 @@ log = logging.getLogger("routing.quotas")
 
 LEASE = 900.0  # seconds a concurrency place lives in Redis (a dead process's places expire)
 CHARGE_EVERY = 0.1  # seconds token charges are gathered before one pipelined write to Redis
+RELEASE_EVERY = 0.02  # seconds a given-back place waits for an admission to ride on, at most
 PREFIX = "nomyo:quota"
 CONCURRENCY_RETRY_AFTER = 1  # seconds
 
 
 class QuotaExceeded(ApiError):
-    """A 429 for one of a key's limits; `limit` names it (rpm, tpm, concurrency, daily_tokens,
-    monthly_tokens); `ratelimit`: its x-ratelimit-* headers, which the lean handler adds to
-    OpenAI replies only."""
+    """A 429 for one of `principal`'s limits; `limit` names it (rpm, tpm, concurrency,
+    daily_tokens, monthly_tokens); `ratelimit`: its x-ratelimit-* headers, which the lean handler
+    adds to OpenAI replies only. `principal` names the refused key in the access log."""
 
     def __init__(
-        self, limit: str, message: str, *, code: str, retry_after: int, headers: dict[str, str]
+        self,
+        principal: Principal,
+        limit: str,
+        message: str,
+        *,
+        code: str,
+        retry_after: int,
+        headers: dict[str, str],
     ) -> None:
         super().__init__(429, message, code=code, retry_after=retry_after)
+        self.principal = principal
         self.limit = limit
         self.ratelimit = headers
 
@@ -193,6 +212,7 @@ def refusal(principal: Principal, used: Usage, w: Windows) -> QuotaExceeded | No
     if (n := limit("concurrency")) is not None and used.concurrent >= n:
         message = f"the key '{name}' has {n} requests in flight, its limit; retry when one ends"
         return QuotaExceeded(
+            principal,
             "concurrency",
             message,
             code="rate_limit_exceeded",
@@ -209,6 +229,7 @@ def refusal(principal: Principal, used: Usage, w: Windows) -> QuotaExceeded | No
         if (n := limit(quota)) is not None and value >= n:
             message = f"the key '{name}' reached its limit of {n} {what}; retry in {int(left + 0.999)} s"
             return QuotaExceeded(
+                principal,
                 quota,
                 message,
                 code=code,
@@ -282,59 +303,89 @@ class LocalCounters:
             self._concurrent.clear()
 
 
-# KEYS: generation, requests/minute, tokens/minute, tokens/day, tokens/month, concurrency set
-# ARGV: known generation ('' skips the check), rpm, tpm, daily, monthly, concurrency (0: none),
-#       now, member, lease, minute ttl
-# Returns {status, requests, tokens minute, day, month, concurrent} before this request;
-# status 0 admitted (counted), 1 refused (nothing counted), -1 stale keys (nothing counted).
+# One call admits every request asked for in one turn of the event loop, in order (two of one
+# key see each other's count), after removing the places given back.
+# KEYS: the generation; then 5 per admission: requests/minute, tokens/minute, tokens/day,
+#       tokens/month, concurrency set; then the concurrency set of each place given back
+# ARGV: number of admissions, now, lease, minute ttl; then 7 per admission: known generation
+#       ('' skips the check), rpm, tpm, daily, monthly, concurrency (0: none), member; then
+#       the member of each place given back
+# Returns 6 numbers per admission: status, then requests, tokens this minute, day, month and
+# places in flight before it; status 0 admitted (counted), 1 refused (nothing counted), -1 stale
+# keys (nothing counted).
 _ADMIT = """
-if ARGV[1] ~= '' and tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then
-  return {-1, 0, 0, 0, 0, 0}
+local n = tonumber(ARGV[1])
+local now = tonumber(ARGV[2])
+local lease = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])
+for j = 1, #KEYS - 1 - 5 * n do redis.call('ZREM', KEYS[1 + 5 * n + j], ARGV[4 + 7 * n + j]) end
+local generation = tonumber(redis.call('GET', KEYS[1]) or '0')
+local out = {}
+for a = 0, n - 1 do
+  local k = 1 + 5 * a
+  local v = 4 + 7 * a
+  if ARGV[v + 1] ~= '' and generation ~= tonumber(ARGV[v + 1]) then
+    for _, x in ipairs({-1, 0, 0, 0, 0, 0}) do out[#out + 1] = x end
+  else
+    redis.call('ZREMRANGEBYSCORE', KEYS[k + 5], '-inf', now)
+    local used = {
+      tonumber(redis.call('GET', KEYS[k + 1]) or '0'), tonumber(redis.call('GET', KEYS[k + 2]) or '0'),
+      tonumber(redis.call('GET', KEYS[k + 3]) or '0'), tonumber(redis.call('GET', KEYS[k + 4]) or '0'),
+      redis.call('ZCARD', KEYS[k + 5])}
+    local status = 0
+    for i = 1, 5 do
+      local limit = tonumber(ARGV[v + 1 + i])
+      if limit > 0 and used[i] >= limit then status = 1 end
+    end
+    if status == 0 then
+      redis.call('INCR', KEYS[k + 1])
+      redis.call('EXPIRE', KEYS[k + 1], ttl)
+      if tonumber(ARGV[v + 6]) > 0 then
+        redis.call('ZADD', KEYS[k + 5], now + lease, ARGV[v + 7])
+        redis.call('EXPIRE', KEYS[k + 5], math.ceil(lease) + 60)
+      end
+    end
+    out[#out + 1] = status
+    for i = 1, 5 do out[#out + 1] = used[i] end
+  end
 end
-local now = tonumber(ARGV[7])
-redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now)
-local used = {
-  tonumber(redis.call('GET', KEYS[2]) or '0'), tonumber(redis.call('GET', KEYS[3]) or '0'),
-  tonumber(redis.call('GET', KEYS[4]) or '0'), tonumber(redis.call('GET', KEYS[5]) or '0'),
-  redis.call('ZCARD', KEYS[6])}
-local limits = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])}
-for i = 1, 4 do
-  if limits[i] > 0 and used[i] >= limits[i] then return {1, used[1], used[2], used[3], used[4], used[5]} end
-end
-if tonumber(ARGV[6]) > 0 and used[5] >= tonumber(ARGV[6]) then
-  return {1, used[1], used[2], used[3], used[4], used[5]}
-end
-redis.call('INCR', KEYS[2])
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[10]))
-if tonumber(ARGV[6]) > 0 then
-  redis.call('ZADD', KEYS[6], now + tonumber(ARGV[9]), ARGV[8])
-  redis.call('EXPIRE', KEYS[6], math.ceil(tonumber(ARGV[9])) + 60)
-end
-return {0, used[1], used[2], used[3], used[4], used[5]}
+return out
 """
+_ADMIT_SHA = hashlib.sha1(_ADMIT.encode()).hexdigest()  # Redis names a script by its SHA-1
+
+
+@dataclass(slots=True)
+class _Ask:
+    """One admission waiting for the next call to Redis: its 5 keys and 7 arguments as sent, its
+    concurrency place (set name and member; None: the key has no concurrency limit), its reply
+    (6 numbers, or the error of the call)."""
+
+    keys: tuple[bytes, ...]
+    args: tuple[bytes, ...]
+    place: tuple[bytes, bytes] | None
+    reply: asyncio.Future[list[int]]
+
+
+LIMITS_SENT = ("rpm", "tpm", "daily_tokens", "monthly_tokens", "concurrency")  # the script's order
 
 
 class RedisCounters:
-    """The same counters in Redis, shared by every router process (see the module docstring)."""
+    """The same counters in Redis, shared by every router process (see the module docstring).
+    The admissions asked for and the places given back wait in lists touched only from the event
+    loop's thread (no lock: nothing else reads them)."""
 
     def __init__(self) -> None:
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
         self._background: set[asyncio.Task[None]] = set()
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._serial = itertools.count()
         self._charges: dict[int, int] = {}  # key id -> tokens not written yet
-        self._freed: list[tuple[str, str]] = []  # concurrency places given back, not sent yet
+        self._asks: list[_Ask] = []  # admissions of this turn of the loop, not sent yet
+        self._freed: list[tuple[bytes, bytes]] = []  # concurrency places given back, not sent yet
+        # key id -> (principal, minute, its key names, its limits), encoded as sent: encoding
+        # about 16 arguments per request was a third of the Redis path's CPU
+        self._encoded: dict[int, tuple[Principal, int, tuple[bytes, ...], tuple[bytes, ...]]] = {}
         self._freeing: asyncio.Task[None] | None = None
         self._charging: asyncio.Task[None] | None = None
-
-    def _client(self) -> Any:
-        import redis.asyncio as aioredis  # only with REDIS_URL
-
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            client = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
-            self._clients[loop] = client
-        return client
 
     @staticmethod
     def keys(key_id: int, w: Windows) -> list[str]:
@@ -348,34 +399,24 @@ class RedisCounters:
         ]
 
     async def admit(self, principal: Principal, now: float, generation: int | None) -> Admission | None:
-        """The admission, or None when Redis could not be asked (the caller falls back)."""
-        from routing.auth.client_keys import REDIS_GENERATION
-
+        """The admission, or None when Redis could not be asked (the caller falls back). The
+        admissions asked for in one turn of the loop go to Redis in one call, with the places
+        given back since the last one."""
         w = Windows.at(now)
-        keys = self.keys(principal.key_id, w)
-        member = f"{self.owner}:{uuid.uuid4().hex[:12]}"
-        limit = principal.limit
+        keys, limits = self._encode(principal, w)
+        member = f"{self.owner}:{next(self._serial)}".encode()
+        loop = asyncio.get_running_loop()
+        place = (keys[4], member) if limits[4] != b"0" else None
+        known = b"" if generation is None else str(generation).encode()
+        ask = _Ask(keys, (known, *limits, member), place, loop.create_future())
+        self._asks.append(ask)
+        if len(self._asks) == 1:
+            loop.call_soon(self._send_asks)
         try:
-            got = await self._client().eval(
-                _ADMIT,
-                6,
-                REDIS_GENERATION,
-                *keys,
-                "" if generation is None else generation,
-                limit("rpm") or 0,
-                limit("tpm") or 0,
-                limit("daily_tokens") or 0,
-                limit("monthly_tokens") or 0,
-                limit("concurrency") or 0,
-                now,
-                member,
-                LEASE,
-                120,
-            )
+            status, *values = await ask.reply  # cancelled: `_send` gives back a place taken for it
         except Exception:
             log.warning("could not check quotas in Redis; using this process's counters", exc_info=True)
             return None
-        status, *values = (int(v) for v in got)
         if status == -1:
             raise StaleKeys()
         used = Usage(*values)
@@ -383,6 +424,7 @@ class RedisCounters:
             refused = refusal(principal, used, w)
             if refused is None:  # the counts moved between the script and now: say which was hit
                 refused = QuotaExceeded(
+                    principal,
                     "concurrency",
                     "over a limit; retry",
                     code="rate_limit_exceeded",
@@ -391,27 +433,80 @@ class RedisCounters:
                 )
             raise refused
         after = Usage(used.requests_minute + 1, used.tokens_minute, used.tokens_day, used.tokens_month)
-        if not limit("concurrency"):
+        if place is None:
             return Admission((principal, after, w))  # no place taken: nothing to give back
-        return Admission((principal, after, w), lambda: self._free(keys[4], member))
+        return Admission((principal, after, w), lambda: self._free(*place))
 
-    def _free(self, key: str, member: str) -> None:
-        """Give a concurrency place back: the places freed in one turn of the event loop go to
-        Redis together, in one pipeline (one round trip), right after that turn."""
+    def _encode(self, principal: Principal, w: Windows) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+        """The key's 5 key names in the windows `w` and its limits in LIMITS_SENT order (0: none),
+        as bytes; the same until the minute or the principal (reloaded keys) changes."""
+        cached = self._encoded.get(principal.key_id)
+        if cached is not None and cached[0] is principal and cached[1] == w.minute:
+            return cached[2], cached[3]
+        names = tuple(name.encode() for name in self.keys(principal.key_id, w))
+        limits = tuple(str(principal.limit(name) or 0).encode() for name in LIMITS_SENT)
+        self._encoded[principal.key_id] = (principal, w.minute, names, limits)
+        return names, limits
+
+    def _send_asks(self) -> None:
+        asks, self._asks = self._asks, []
+        freed, self._freed = self._freed, []
+        task = asyncio.get_running_loop().create_task(self._send(asks, freed))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send(self, asks: list[_Ask], freed: list[tuple[bytes, bytes]]) -> None:
+        """One call for `asks` and the places `freed`; each ask gets its 6 numbers or the error. An
+        ask whose request went away meanwhile gives back the place it was given."""
+        from routing.auth.client_keys import REDIS_GENERATION
+
+        keys: list[bytes | str] = [REDIS_GENERATION]
+        args: list[object] = [len(asks), time.time(), LEASE, 120]
+        for ask in asks:
+            keys += ask.keys
+            args += ask.args
+        keys += (key for key, _ in freed)
+        args += (member for _, member in freed)
+        try:
+            got = [int(v) for v in await _evalsha(redis.async_client(), keys, args)]
+        except Exception as exc:
+            if freed:  # perhaps not removed: sent again (removing twice is harmless)
+                self._freed[:0] = freed
+                self._free_later()
+            for ask in asks:
+                if not ask.reply.done():
+                    ask.reply.set_exception(exc)
+            return
+        for i, ask in enumerate(asks):
+            reply = got[6 * i : 6 * i + 6]
+            if not ask.reply.done():
+                ask.reply.set_result(reply)
+            elif reply[0] == 0 and ask.place is not None:  # admitted, nobody waiting: give it back
+                self._free(*ask.place)
+
+    def _free(self, key: bytes, member: bytes) -> None:
+        """Give a concurrency place back: it goes to Redis with the next admission, or with the
+        others given back within RELEASE_EVERY seconds, in one pipeline."""
         self._freed.append((key, member))
+        self._free_later()
+
+    def _free_later(self) -> None:
         if self._freeing is None or self._freeing.done():
             try:
-                self._freeing = asyncio.get_running_loop().create_task(self._free_now())
+                self._freeing = asyncio.get_running_loop().create_task(self._free_soon())
             except RuntimeError:
                 self._freed.clear()  # no loop: the leases expire by themselves
                 return
             self._background.add(self._freeing)
             self._freeing.add_done_callback(self._background.discard)
 
-    async def _free_now(self) -> None:
+    async def _free_soon(self) -> None:
+        await asyncio.sleep(RELEASE_EVERY)
         freed, self._freed = self._freed, []
+        if not freed:  # every one went with an admission
+            return
         try:
-            pipe = self._client().pipeline(transaction=False)
+            pipe = redis.async_client().pipeline(transaction=False)
             for key, member in freed:
                 pipe.zrem(key, member)
             await pipe.execute()
@@ -439,7 +534,7 @@ class RedisCounters:
         w = Windows.at(time.time())
         ttls = (120, int(w.day_left) + 3600, int(w.month_left) + 3600)
         try:
-            pipe = self._client().pipeline(transaction=False)
+            pipe = redis.async_client().pipeline(transaction=False)
             for key_id, tokens in charges.items():
                 for key, ttl in zip(self.keys(key_id, w)[1:4], ttls, strict=True):
                     pipe.incrby(key, tokens)
@@ -449,19 +544,39 @@ class RedisCounters:
             log.warning("could not charge tokens of %d keys in Redis", len(charges), exc_info=True)
 
     async def usage(self, key_id: int, now: float) -> Usage:
+        """The key's usage in Redis, after the places this process gave back (sent first)."""
         w = Windows.at(now)
         keys = self.keys(key_id, w)
-        pipe = self._client().pipeline(transaction=False)
+        freed, self._freed = self._freed, []
+        pipe = redis.async_client().pipeline(transaction=False)
+        for place, member in freed:
+            pipe.zrem(place, member)
         for key in keys[:4]:
             pipe.get(key)
         pipe.zcount(keys[4], now, "+inf")
-        got = await pipe.execute()
-        return Usage(*(int(v or 0) for v in got))
+        try:
+            got = await pipe.execute()
+        except Exception:
+            self._freed[:0] = freed
+            self._free_later()
+            raise
+        return Usage(*(int(v or 0) for v in got[len(freed) :]))
 
     async def drained(self) -> None:
         """Wait for the background charges and releases (tests, shutdown)."""
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
+
+
+async def _evalsha(client: Any, keys: list[bytes | str], args: list[object]) -> Any:
+    """The admission script by its SHA-1; loaded first when this Redis does not know it yet."""
+    from redis.exceptions import NoScriptError
+
+    try:
+        return await client.evalsha(_ADMIT_SHA, len(keys), *keys, *args)
+    except NoScriptError:
+        await client.script_load(_ADMIT)
+        return await client.evalsha(_ADMIT_SHA, len(keys), *keys, *args)
 
 
 class Quotas:
@@ -511,11 +626,9 @@ class Quotas:
             return Usage()
         now = time.time()
         if settings.REDIS_URL:
-            from routing.auth.client_keys import redis_client
-
             keys = RedisCounters.keys(principal.key_id, Windows.at(now))
             try:
-                pipe = redis_client().pipeline(transaction=False)
+                pipe = redis.sync_client().pipeline(transaction=False)
                 for key in keys[:4]:
                     pipe.get(key)
                 pipe.zcount(keys[4], now, "+inf")

@@ -1,2 +1,2 @@
-"""The bottom layer: error replies in each protocol's shape and model-name rules. Imports nothing of
-routing."""
+"""The bottom layer: error replies in each protocol's shape, model-name rules, signals and the Redis
+clients. Imports nothing of routing."""

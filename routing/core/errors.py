@@ -1,4 +1,10 @@
-"""Error replies in each protocol's own shape, so clients raise their usual exceptions."""
+"""Error replies in each protocol's own shape, so clients raise their usual exceptions.
+
+Shapes, by path: the Anthropic Messages routes (/v1/messages, /v1/messages/count_tokens)
+`{"type": "error", "error": {"type": ..., "message": ...}}` (Anthropic API reference, Errors);
+the rest of /v1 OpenAI's `{"error": {"message", "type", "param", "code"}}`; everything else
+Ollama's `{"error": "<message>"}`. The status is the router's in every shape.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,26 @@ OPENAI_TYPES = {
     503: "service_unavailable",
     504: "api_error",
 }
+
+# Anthropic's error types by status. The router keeps its own statuses (a full fleet or a drain
+# is a 503 with Retry-After, as on every route); 503 and 529 carry Anthropic's
+# `overloaded_error`, which its clients retry.
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+ANTHROPIC_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 
 
 class ApiError(Exception):
@@ -46,19 +72,50 @@ def is_openai_path(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/") or path == "/rerank"
 
 
-def error_response(path: str, err: ApiError) -> JsonResponse:
+def is_anthropic_path(path: str) -> bool:
+    """One of the Anthropic Messages routes, with any number of leading slashes."""
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")
+    return path in ANTHROPIC_PATHS
+
+
+def anthropic_error(status: int, message: str) -> dict[str, object]:
+    """Anthropic's error object for `status` (an unknown 4xx is an invalid_request_error,
+    an unknown 5xx an api_error, as Anthropic's reference says of unlisted statuses)."""
+    kind = ANTHROPIC_TYPES.get(status) or ("invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def error_body(path: str, status: int, message: str, code: str | None = None) -> dict[str, object]:
+    """The error body of `path`'s protocol (see the module docstring)."""
+    if is_anthropic_path(path):
+        return anthropic_error(status, message)
     if is_openai_path(path):
-        body: dict[str, object] = {
+        return {
             "error": {
-                "message": err.message,
-                "type": OPENAI_TYPES.get(err.status, "api_error"),
+                "message": message,
+                "type": OPENAI_TYPES.get(status, "api_error"),
                 "param": None,
-                "code": err.code,
+                "code": code,
             }
         }
-    else:
-        body = {"error": err.message}
-    response = JsonResponse(body, status=err.status)
+    return {"error": message}
+
+
+def in_route_shape(path: str, data: object) -> bool:
+    """Whether an upstream error body `data` (parsed JSON) already has `path`'s shape and can go
+    to the client as it is. Never for the Anthropic routes: their upstreams speak OpenAI or
+    Ollama, so their errors are always rewritten."""
+    if is_anthropic_path(path):
+        return False
+    error = data.get("error") if isinstance(data, dict) else None
+    if is_openai_path(path):
+        return isinstance(error, dict) and isinstance(error.get("message"), str)
+    return isinstance(error, str)
+
+
+def error_response(path: str, err: ApiError) -> JsonResponse:
+    response = JsonResponse(error_body(path, err.status, err.message, err.code), status=err.status)
     if err.retry_after is not None:
         response["Retry-After"] = str(err.retry_after)
     for name, value in err.headers.items():

@@ -10,6 +10,14 @@ folded in when a lease that measured it is released.
 Which waiter is next is the queue discipline of routing/engine/fair_queue.py: highest
 priority first (aged by ROUTER_PRIORITY_AGING), then turns between clients, then arrival
 order. The board stamps a client each time it gets a slot (`_served`), the turns' measure.
+
+A strategy with a `hold` (prompt-cache affinity, routing/engine/affinity.py) may decline free
+slots for a waiter for up to `hold` seconds after it first asked (it waits for its own server).
+Such a waiter keeps its place: the next waiters in the queue's order are served past it, and
+a new request is queued and served in that same order (not refused because someone waits).
+When its hold ends, the waiter itself asks the board to serve the queue again, and from then
+on it is served like any other. Without a hold nothing changes: a None from the strategy
+means nothing is free and the queue waits.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ class Lease:
     # Seconds to the upstream's first byte, set by the forwarding engine once measured;
     # folded into the board's moving average when the lease is released.
     first_byte: float | None = None
+    ask: Ask | None = None  # the request it was reserved for (a strategy's `released` hook reads it)
 
     @property
     def endpoint(self) -> EndpointInfo:
@@ -73,6 +82,18 @@ class _Waiter:
     client: str
 
 
+def _hold_of(strategy: SelectionStrategy) -> float:
+    """Seconds the strategy may decline free slots for a waiter (its optional `hold`), else 0."""
+    return float(getattr(strategy, "hold", 0.0) or 0.0)
+
+
+def _released_of(strategy: SelectionStrategy) -> Callable[[Ask, Candidate], None] | None:
+    """The strategy's optional `released(ask, candidate)`, called under the board's lock when a
+    slot it placed is given back (no I/O, no await, no other lock, as `pick`)."""
+    hook = getattr(strategy, "released", None)
+    return hook if callable(hook) else None
+
+
 MAX_STAMPS = 10_000  # clients remembered for turns; past it the memory starts afresh
 
 
@@ -88,6 +109,8 @@ class Board:
     def __init__(self, strategy: SelectionStrategy | None = None) -> None:
         self._lock = TimedLock("usage")
         self._strategy: SelectionStrategy = strategy or TieredLeastBusy()
+        self._hold = _hold_of(self._strategy)
+        self._released = _released_of(self._strategy)
         self._active: dict[Slot, int] = {}
         self._per_endpoint: dict[int, int] = {}
         self._queues: dict[str, FairQueue[_Waiter]] = {}
@@ -115,8 +138,11 @@ class Board:
         """Select with `strategy` from the next pick on (queued requests included)."""
         with self._lock:
             self._strategy = strategy
+            self._hold = _hold_of(strategy)
+            self._released = _released_of(strategy)
 
-    def _reserve(self, model: str, cand: Candidate, client: str) -> Lease:
+    def _reserve(self, ask: Ask, cand: Candidate, client: str) -> Lease:
+        model = ask.model
         if len(self._served) >= MAX_STAMPS and client not in self._served:
             self._served.clear()
         self._served[client] = next(self._ticks)
@@ -124,7 +150,7 @@ class Board:
         slot = (cand.endpoint.id, model)
         self._active[slot] = self._active.get(slot, 0) + 1
         self._per_endpoint[cand.endpoint.id] = self._per_endpoint.get(cand.endpoint.id, 0) + 1
-        return Lease(self, cand, model, client)
+        return Lease(self, cand, model, client, ask=ask)
 
     def unmetered(self, model: str, candidates: list[Candidate], *, affinity: str | None = None) -> Lease:
         """A choice without a slot, for metadata calls (show), by the same strategy.
@@ -149,7 +175,7 @@ class Board:
             if self._queues.get(model):
                 return None
             cand = self._strategy.pick(ask, candidates, self._load, metered=True)
-            lease = self._reserve(model, cand, client) if cand is not None else None
+            lease = self._reserve(ask, cand, client) if cand is not None else None
         if lease is not None:
             self.changed.send()
         return lease
@@ -182,7 +208,7 @@ class Board:
             if not queue:
                 cand = self._strategy.pick(ask, candidates, self._load, metered=True)
                 if cand is not None:
-                    lease = self._reserve(model, cand, client)
+                    lease = self._reserve(ask, cand, client)
             if lease is None:
                 if self._queued >= queue_max:
                     raise QueueFull()
@@ -190,13 +216,25 @@ class Board:
                     queue = self._queues[model] = FairQueue(settings.ROUTER_PRIORITY_AGING)
                 entry = queue.push(waiter, client, priority, time.monotonic())
                 self._queued += 1
+                if self._hold:  # waiters ahead may be holding out for their own server
+                    self._serve_waiters(model)
         self.changed.send()
         if lease is not None:
             return lease
         assert entry is not None
         got: Lease | None = None
+        hold_until = ask.since + self._hold if self._hold and affinity is not None else None
         try:
             async with asyncio.timeout(timeout):
+                while hold_until is not None and not future.done():
+                    left = hold_until - time.monotonic()
+                    if left > 0:
+                        await asyncio.wait((future,), timeout=left)
+                        continue
+                    hold_until = None  # the hold is over: from now on a waiter like any other
+                    with self._lock:
+                        self._serve_waiters(model)
+                    self.changed.send()
                 got = await future
             return got
         except TimeoutError:
@@ -251,16 +289,21 @@ class Board:
                 self._by_client[lease.client] = left
             else:
                 self._by_client.pop(lease.client, None)
+            if self._released is not None and lease.ask is not None:
+                self._released(lease.ask, lease.candidate)
             self._serve_waiters(model)
         self.changed.send()
 
     def _serve_waiters(self, model: str) -> None:
-        """Hand free slots to waiters in the queue's order (lock held)."""
+        """Hand free slots to waiters in the queue's order (lock held). A waiter the strategy
+        holds back while one of its candidates is free is passed over, keeping its place."""
         queue = self._queues.get(model)
         now = time.monotonic()
+        held: set[Entry[_Waiter]] | None = None  # made only when a strategy holds one back
         while queue:
-            entry = queue.peek(now, self._served)
-            assert entry is not None
+            entry = queue.peek(now, self._served, held or ())
+            if entry is None:  # every waiter left is held back
+                break
             waiter = entry.item
             if waiter.future.done():  # timed out or cancelled, leaving
                 queue.remove(entry)
@@ -268,10 +311,15 @@ class Board:
                 continue
             cand = self._strategy.pick(waiter.ask, waiter.candidates, self._load, metered=True)
             if cand is None:
-                return
+                if self._hold and any(self._load.has_free_slot(c, model) for c in waiter.candidates):
+                    if held is None:
+                        held = set()
+                    held.add(entry)
+                    continue
+                break
             queue.remove(entry)
             self._queued -= 1
-            waiter.future.set_result(self._reserve(model, cand, waiter.client))
+            waiter.future.set_result(self._reserve(waiter.ask, cand, waiter.client))
         if queue is not None and not queue:
             del self._queues[model]
 
@@ -328,6 +376,9 @@ class Board:
             self._served.clear()
             self._limits.clear()
             self._first_byte.clear()
+            forget = getattr(self._strategy, "clear", None)  # a strategy's own memory (affinity)
+            if callable(forget):
+                forget()
 
 
 board = Board()

@@ -16,9 +16,10 @@ import logging
 import os
 import time
 import uuid
-import weakref
 
 from django.conf import settings
+
+from routing.core import redis
 
 log = logging.getLogger("routing.cluster")
 
@@ -40,23 +41,10 @@ return 0
 
 class ClusterSlots:
     def __init__(self) -> None:
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, object] = (
-            weakref.WeakKeyDictionary()
-        )
         self._held: dict[str, str] = {}  # member -> key, renewed while held
         self._renewer: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-    def _client(self):  # type: ignore[no-untyped-def]
-        import redis.asyncio as aioredis  # only with REDIS_URL set
-
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            client = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
-            self._clients[loop] = client
-        return client
 
     @staticmethod
     def enabled() -> bool:
@@ -73,7 +61,7 @@ class ClusterSlots:
         member = f"{self.owner}:{uuid.uuid4().hex[:12]}"
         now = time.time()
         try:
-            ok = await self._client().eval(_CLAIM, 1, key, now, now + LEASE, member, limit)
+            ok = await redis.async_client().eval(_CLAIM, 1, key, now, now + LEASE, member, limit)
         except Exception:
             # Redis unreachable: fall back to this process's own limit rather than stall.
             log.warning("could not claim a cluster slot; using the local limit only", exc_info=True)
@@ -98,7 +86,7 @@ class ClusterSlots:
 
     async def _zrem(self, key: str, member: str) -> None:
         try:
-            await self._client().zrem(key, member)
+            await redis.async_client().zrem(key, member)
         except Exception:
             log.warning("could not free a cluster slot; its lease expires in %ss", LEASE)
 
@@ -111,7 +99,7 @@ class ClusterSlots:
             await asyncio.sleep(RENEW_EVERY)
             expiry = time.time() + LEASE
             try:
-                pipe = self._client().pipeline(transaction=False)
+                pipe = redis.async_client().pipeline(transaction=False)
                 for member, key in list(self._held.items()):
                     pipe.zadd(key, {member: expiry}, xx=True)
                 await pipe.execute()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -108,15 +108,24 @@ class FairQueue(Generic[T]):
             return entry.level
         return max(HIGH, entry.level - int(waited // self._aging))
 
-    def peek(self, now: float, last_served: Mapping[str, int]) -> Entry[T] | None:
+    def peek(
+        self, now: float, last_served: Mapping[str, int], skip: Collection[Entry[T]] = ()
+    ) -> Entry[T] | None:
         """The entry to serve next (not removed), or None when empty.
 
         last_served: client name -> a counter value stamped when the client last got a slot
-        (higher is more recent; absent: never)."""
+        (higher is more recent; absent: never). skip: entries passed over (the board's waiters
+        held back by their strategy); a client whose head is skipped is represented by its
+        first entry not skipped, so the order of everyone else is unchanged."""
         best: Entry[T] | None = None
         best_key: tuple[int, int, int] | None = None
         for queue in self._flows.values():
             head = queue[0]
+            if skip and head in skip:
+                found = next((e for e in queue if e not in skip), None)
+                if found is None:
+                    continue
+                head = found
             key = (self.effective_level(head, now), last_served.get(head.client, -1), head.seq)
             if best_key is None or key < best_key:
                 best, best_key = head, key

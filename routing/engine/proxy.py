@@ -16,6 +16,7 @@ Aliases and fallback chains (routing/fleet/routes.py) are read from the registry
 a plain model without a chain takes the same path as before, with no body rewritten.
 
 
+
 Failures are judged by what they say about the server (upstream.verdict/status_verdict,
 routing/fleet/breaker.py): a pooled connection that closed before any reply byte is retried once
 on a fresh connection to the same server; a 4xx and a complete normal 5xx (not 502/503) go
@@ -40,10 +41,11 @@ import aiohttp
 from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 
-from routing.auth.principal import Principal
-from routing.core.errors import ApiError, error_response, is_openai_path
+from routing.auth.principal import Principal, require_model
+from routing.core.errors import ApiError, error_response, in_route_shape
 from routing.core.names import model_key
 from routing.engine.accounting import sinks
+from routing.engine.affinity_shared import shared_affinity
 from routing.engine.attempt import Attempt, Planner, Refuse, Relay, Retry
 from routing.engine.board import Lease, QueueFull, QueueTimeout, board
 from routing.engine.cluster import cluster
@@ -80,12 +82,14 @@ async def forward(
     principal: Principal,
     metered: bool = True,
     accept: Callable[[Candidate], ApiError | None] | None = None,
+    affinity: str | None = None,
 ) -> HttpResponse | StreamingHttpResponse:
     """Route one request for `principal` (who it is accounted to). `metered=False` is for
     metadata calls (show) that take no slot. `accept` (rerank) leaves out the candidates it
     answers an ApiError for; when it leaves none, the first such error is raised. A server
     whose attempt answers `Refuse` is passed over; when every tried one refused, the
-    refusal's error is raised.
+    refusal's error is raised. affinity: the conversation's key for prompt-cache affinity
+    (routing/engine/affinity.py), None: none.
 
     `model` may be an alias (routing/fleet/routes.py): its candidates are the servers of all its
     targets, each under its own name. When no server for it can take the request (`Unplaced`),
@@ -99,15 +103,12 @@ async def forward(
     Raises ApiError: 403 (the principal's key may not use the model), 404 (no endpoint has the
     model), 503 (none reachable or all busy), 400 (the planner could not build the upstream
     request), 504 (first-byte timeout), 502 (every tried server failed before replying)."""
-    if not principal.may_use(model):
-        raise ApiError(
-            403, f"the key '{principal.name}' may not use the model '{model}'", code="model_not_allowed"
-        )
+    require_model(principal, model)
     lookup = await fleet_candidates.candidates_for(model)
     chain = registry.cached_routes().chain(model)  # as fresh as the lookup's endpoints
     if len(chain) == 1:
         return await _forward_model(
-            request_path, model, lookup, plan, principal, metered, accept, asked=model
+            request_path, model, lookup, plan, principal, metered, accept, affinity, asked=model
         )
     deadline = time.perf_counter() + settings.ROUTER_QUEUE_TIMEOUT
     tried: set[str] = set()  # model keys whose servers could not take it
@@ -126,7 +127,7 @@ async def forward(
         wait = remaining if step == len(chain) - 1 else min(settings.ROUTER_FALLBACK_WAIT, remaining)
         try:
             return await _forward_model(
-                request_path, name, lookup, plan, principal, metered, accept, asked=model, wait=wait
+                request_path, name, lookup, plan, principal, metered, accept, affinity, asked=model, wait=wait
             )
         except Unplaced as exc:
             if error is None or (error.status == 404 and exc.status != 404):
@@ -147,6 +148,7 @@ async def _forward_model(
     principal: Principal,
     metered: bool,
     accept: Callable[[Candidate], ApiError | None] | None,
+    affinity: str | None,
     *,
     asked: str,
     wait: float | None = None,
@@ -169,7 +171,7 @@ async def _forward_model(
     refused: ApiError | None = None  # set while every failure so far was a refusal
     for _ in range(settings.ROUTER_MAX_RETRIES + 1):
         if metered:
-            lease = await _acquire_any(model, candidates, principal, wait)
+            lease = await _acquire_any(model, candidates, principal, wait, affinity)
         else:
             lease = board.unmetered(candidates[0].key, candidates)
         handed_over = False
@@ -339,7 +341,9 @@ def _refuses_added_field(body: bytes) -> bool:
     return b"stream_options" in body.lower()
 
 
-async def _acquire_any(model: str, candidates: list[Candidate], principal: Principal, wait: float) -> Lease:
+async def _acquire_any(
+    model: str, candidates: list[Candidate], principal: Principal, wait: float, affinity: str | None
+) -> Lease:
     """A slot for `model` on one of `candidates`, waiting at most `wait` seconds.
 
     Slots and queues are per (server, real model) (routing/engine/board.py), so an alias's
@@ -351,18 +355,20 @@ async def _acquire_any(model: str, candidates: list[Candidate], principal: Princ
     lease ever leaves here, whatever happens meanwhile (cancellation included)."""
     key = candidates[0].key
     if all(cand.key == key for cand in candidates):  # a plain model: one real model
-        return await _acquire(key, model, candidates, principal, wait)
+        return await _acquire(key, model, candidates, principal, wait, affinity)
     groups: dict[str, list[Candidate]] = {}
     for cand in candidates:
         groups.setdefault(cand.key, []).append(cand)
     order = sorted(groups.items(), key=lambda kv: (not any(c.loaded for c in kv[1]), random.random()))
     if not cluster.enabled():
         for key, group in order:
-            lease = board.try_acquire(key, group, client=principal.name)
+            lease = board.try_acquire(key, group, affinity=affinity, client=principal.name)
             if lease is not None:
                 metrics.queue_wait(0.0)
                 return lease
-    tasks = [asyncio.ensure_future(_acquire(key, model, group, principal, wait)) for key, group in order]
+    tasks = [
+        asyncio.ensure_future(_acquire(key, model, group, principal, wait, affinity)) for key, group in order
+    ]
     winner: Lease | None = None
     try:
         pending: set[asyncio.Future[Lease]] = set(tasks)
@@ -384,11 +390,13 @@ async def _acquire_any(model: str, candidates: list[Candidate], principal: Princ
 
 
 async def _acquire(
-    key: str, model: str, candidates: list[Candidate], principal: Principal, wait: float
+    key: str, model: str, candidates: list[Candidate], principal: Principal, wait: float, affinity: str | None
 ) -> Lease:
     waited = time.perf_counter()
     deadline = waited + wait
     try:
+        if affinity is not None and shared_affinity.enabled:
+            await shared_affinity.prefetch(key, affinity)  # one Redis read, only on a local miss
         lease = await board.acquire(
             key,
             candidates,
@@ -396,9 +404,12 @@ async def _acquire(
             queue_max=settings.ROUTER_QUEUE_MAX,
             client=principal.name,
             priority=principal.priority,
+            affinity=affinity,
         )
         if cluster.enabled():
-            lease = await _claim_in_cluster(lease, key, candidates, deadline, principal)
+            lease = await _claim_in_cluster(lease, key, candidates, deadline, principal, affinity)
+        if affinity is not None and shared_affinity.enabled:
+            shared_affinity.flush()  # what the pick remembered, to Redis in the background
         metrics.queue_wait(time.perf_counter() - waited)
         return lease
     except QueueFull:
@@ -410,7 +421,12 @@ async def _acquire(
 
 
 async def _claim_in_cluster(
-    lease: Lease, key: str, candidates: list[Candidate], deadline: float, principal: Principal
+    lease: Lease,
+    key: str,
+    candidates: list[Candidate],
+    deadline: float,
+    principal: Principal,
+    affinity: str | None = None,
 ) -> Lease:
     """Also hold the slot across router processes; try other candidates, then wait.
     Owns `lease` (and each later one) until it returns it: any exception releases it."""
@@ -444,6 +460,7 @@ async def _claim_in_cluster(
                 queue_max=settings.ROUTER_QUEUE_MAX,
                 client=principal.name,
                 priority=principal.priority,
+                affinity=affinity,
             )
     except BaseException:
         lease.release()  # idempotent: a lease already given back stays given back
@@ -524,11 +541,7 @@ def _error_reply(path: str, lease: Lease, status: int, body: bytes, reason: str 
         data = json.loads(body)
     except ValueError:
         data = None
-    error = data.get("error") if isinstance(data, dict) else None
-    openai = is_openai_path(path)
-    if (openai and isinstance(error, dict) and isinstance(error.get("message"), str)) or (
-        not openai and isinstance(error, str)
-    ):
+    if in_route_shape(path, data):
         reply = HttpResponse(body, status=status, content_type="application/json")
     else:
         reply = error_response(path, ApiError(status, _error_message(body, reason)))

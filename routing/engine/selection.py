@@ -15,10 +15,16 @@ past the call (it is a view of the board's own dicts). It runs in O(len(candidat
 Invariant every strategy keeps: with `metered=True` it returns only a candidate with a free
 slot (`Load.has_free_slot`), else None (the request waits); with `metered=False` (no slot is
 taken, e.g. /api/show) it returns any candidate, None only when there are none.
+One exception, declared by the strategy: one with a `hold` attribute (seconds, optional) may
+return None while a candidate is free, for at most `hold` seconds after `Ask.since` (prompt-
+cache affinity waiting for its own server, routing/engine/affinity.py); the board then serves
+the waiters behind it and asks again when the hold ends. A strategy may also define
+`released(ask, candidate)`: the board calls it, under its lock, when a slot it chose for `ask`
+is given back (the same rules as `pick`).
 
 The base strategy is `TieredLeastBusy` (tier, loaded, weighted least busy, first-byte
 latency, random: its docstring and the README's "How a server is chosen"). Prompt-cache
-affinity (issue 15) wraps a base strategy over the same inputs.
+affinity (routing/engine/affinity.py) wraps whichever base strategy the board has.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from routing.auth import client_keys
+from routing.core import redis
 from routing.fleet import caches
 from routing.fleet.registry import registry
 
@@ -40,7 +41,7 @@ def keys_changed() -> None:
     client_keys.key_store.invalidate()
     if settings.REDIS_URL:
         try:
-            client_keys.redis_client().incr(client_keys.REDIS_GENERATION)
+            redis.sync_client().incr(client_keys.REDIS_GENERATION)
         except Exception:
             log.warning("could not bump the key generation in Redis", exc_info=True)
     _send({"type": "keys.changed", "origin": ORIGIN})

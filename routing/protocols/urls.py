@@ -1,9 +1,11 @@
-"""Routes of the client APIs on the lean proxy path (see routing/server/lean_asgi.py): Ollama, OpenAI and
+"""Routes of the client APIs on the lean proxy path (see routing/server/lean_asgi.py): Ollama, OpenAI,
+Anthropic's Messages API and
 the router's own /health and /metrics. Not part of ROOT_URLCONF; nomyo_site/proxy_urls.py composes it with
 the statistics routes."""
 
 from django.urls import path
 
+from routing.protocols.anthropic import views as anthropic_views
 from routing.protocols.ollama import fleet_views
 from routing.protocols.ollama import views as ollama_views
 from routing.protocols.openai import rerank
@@ -31,6 +33,8 @@ urlpatterns = [
     path("v1/chat/completions", openai_views.chat_completions),
     path("v1/completions", openai_views.completions),
     path("v1/embeddings", openai_views.embeddings),
+    path("v1/messages", anthropic_views.messages),
+    path("v1/messages/count_tokens", anthropic_views.count_tokens),
     path("v1/models", openai_views.models),
     path("v1/rerank", rerank.rerank),
     path("rerank", rerank.rerank),  # Jina's and llama.cpp's path; answered in OpenAI's shape too

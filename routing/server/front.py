@@ -23,7 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from routing.core.errors import is_openai_path
+from routing.core.errors import error_body
 from routing.server import cors as server_cors
 
 log = logging.getLogger("routing.access")
@@ -55,10 +55,7 @@ async def _reply(send: Send, status: int, headers: list[tuple[bytes, bytes]], bo
 
 
 def _error_body(path: str, status: int, message: str) -> bytes:
-    if is_openai_path(path):
-        kind = "permission_error" if status == 403 else "invalid_request_error"
-        return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}}).encode()
-    return json.dumps({"error": message}).encode()
+    return json.dumps(error_body(path, status, message)).encode()
 
 
 async def _error(send: Send, path: str, status: int, message: str, extra: list[tuple[bytes, bytes]]) -> None:

@@ -325,7 +325,7 @@ class ProxyHandler:
                         break
             if response is None:
                 raise ApiError(404, f"no route {path}")
-            if caller.admission.headers and is_openai_path(path):
+            if is_openai_path(path) and caller.admission.headers:  # built only for OpenAI replies
                 for name, value in caller.admission.headers.items():
                     response[name] = value
             return response
@@ -410,15 +410,20 @@ class _Caller:
 async def _principal(scope: Scope, path: str, caller: _Caller) -> Principal:
     """Who the request acts for, admitted under its limits (routing/auth/keys.py). Raises ApiError
     401/403/429 on every path but the open ones (/health), where a caller without the router key
-    is ANONYMOUS."""
+    is ANONYMOUS. A known key refused (403 disabled or expired, 429 over a limit) is still the
+    request's caller: its access line and metrics name it."""
     authorization = _header(scope, b"authorization")
     if path in OPEN_PATHS:
         return router_key.identify(authorization) or ANONYMOUS
     api_key = _header(scope, b"x-api-key")
-    if path in UNMETERED_PATHS:
-        caller.principal = await keys.authenticate(authorization, api_key)
-    else:
-        caller.principal, caller.admission = await keys.admit_request(authorization, api_key)
+    try:
+        if path in UNMETERED_PATHS:
+            caller.principal = await keys.authenticate(authorization, api_key)
+        else:
+            caller.principal, caller.admission = await keys.admit_request(authorization, api_key)
+    except (keys.KeyRefused, QuotaExceeded) as refused:
+        caller.principal = refused.principal
+        raise
     return caller.principal
 
 

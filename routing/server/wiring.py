@@ -12,10 +12,13 @@ import asyncio
 import logging
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 
 from routing.auth.client_keys import key_store
 from routing.auth.quotas import quota_sink
 from routing.engine.accounting import metrics_sink, sinks
+from routing.engine.affinity import Affinity
+from routing.engine.affinity_shared import shared_affinity
 from routing.engine.board import board
 from routing.fleet import caches
 from routing.fleet.registry import EndpointInfo, registry
@@ -51,7 +54,24 @@ async def flush_last_used() -> None:
         log.warning("could not write the client keys' last use", exc_info=True)
 
 
+def install_affinity() -> None:
+    """Prompt-cache affinity (ROUTER_AFFINITY, on by default) around the board's current strategy,
+    shared through Redis when REDIS_URL is set. Call it after any change of the base strategy."""
+    if not settings.ROUTER_AFFINITY or isinstance(board.strategy, Affinity):
+        return
+    strategy = Affinity(
+        board.strategy,
+        ttl=settings.ROUTER_AFFINITY_TTL,
+        max_entries=settings.ROUTER_AFFINITY_MAX,
+        wait=settings.ROUTER_AFFINITY_WAIT,
+        share=bool(settings.REDIS_URL),
+    )
+    board.use(strategy)
+    shared_affinity.attach(strategy)
+
+
 def install() -> None:
+    install_affinity()
     sinks.install(metrics_sink)
     sinks.install(quota_sink)  # client keys' token limits, charged with the real usage
     lifecycle.background(write_last_used)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from routing.engine.affinity import Affinity
+from routing.engine.board import board
 from routing.fleet.breaker import State
 from routing.status import snapshot
 
@@ -24,7 +26,9 @@ class FleetGauges(Collector):
     """router_in_flight{endpoint,model}, router_queued{model}, router_endpoint_up{endpoint},
     router_endpoint_breaker_state{endpoint,state} (1 for the current state, 0 for the others),
     router_endpoint_breaker_since_seconds{endpoint} (Unix time, 0 when closed) and
-    router_endpoint_breaker_reason{endpoint,reason} (1, only for endpoints out of closed)."""
+    router_endpoint_breaker_reason{endpoint,reason} (1, only for endpoints out of closed); with
+    prompt-cache affinity on, router_affinity_choices_total{outcome} (kept, moved, new, waited:
+    routing/engine/affinity.py) and router_affinity_remembered (conversations in its memory)."""
 
     def collect(self) -> Iterator[Metric]:
         snap = snapshot.build()
@@ -71,6 +75,22 @@ class FleetGauges(Collector):
             if ep["failing_since"] is not None:
                 reason.add_metric([name, str(ep["failing_reason"])[:REASON_CHARS]], 1)
         yield from (up, state, since, reason)
+        strategy = board.strategy
+        if isinstance(strategy, Affinity):
+            choices = CounterMetricFamily(
+                "router_affinity_choices",
+                "Prompt-cache affinity's choices for keyed requests: kept the remembered server, "
+                "moved elsewhere, new conversation; waited: waits begun for a full remembered server.",
+                labels=["outcome"],
+            )
+            for outcome, n in list(strategy.counts.items()):
+                choices.add_metric([outcome], n)
+            yield choices
+            yield GaugeMetricFamily(
+                "router_affinity_remembered",
+                "Conversations in prompt-cache affinity's memory.",
+                value=len(strategy.memory),
+            )
 
 
 fleet_gauges = FleetGauges()

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import httpx
 import ollama
@@ -27,6 +28,7 @@ from bench.fake_backend import (
     FakeBackend,
     FakeConfig,
     FakeStats,
+    PrefixCache,
     ThreadedFake,
     run_in_thread,
 )
@@ -552,3 +554,44 @@ def test_it_runs_from_the_command_line() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=5) == 0
+
+
+# --------------------------------------------------------------------------- prefix cache
+
+
+def test_the_prefix_cache_finds_the_longest_cached_prefix_and_is_bounded() -> None:
+    cache = PrefixCache()
+    block = PrefixCache.BLOCK
+    turn1 = [f"w{i}" for i in range(3 * block + 5)]
+    assert cache.lookup_and_store(turn1, size=2) == 0
+    turn2 = [*turn1, *(f"x{i}" for i in range(2 * block))]
+    assert cache.lookup_and_store(turn2, size=2) == 3 * block  # turn 1's full blocks
+    other = [f"o{i}" for i in range(2 * block)]
+    assert cache.lookup_and_store(other, size=2) == 0
+    third = [f"t{i}" for i in range(block)]
+    cache.lookup_and_store(third, size=2)  # the third entry: the least recently used goes
+    assert cache.lookup_and_store([*turn2, "more"], size=2) == 0
+    assert cache.lookup_and_store(other, size=2) == 0  # evicted by the re-stored turn2 as well
+
+
+def test_it_charges_prefill_only_for_the_uncached_prompt_and_counts_hits(
+    ollama_fake: ThreadedFake,
+) -> None:
+    ollama_fake.config.update({"prefill": 0.0001, "prefix_cache": 4})
+    system = {"role": "system", "content": " ".join(f"rule{i}" for i in range(40))}
+    first = [system, {"role": "user", "content": "first question " * 10}]
+    second = [*first, {"role": "assistant", "content": "an answer"}, {"role": "user", "content": "and then"}]
+    client = ollama.Client(host=ollama_fake.url)
+    client.chat(model="llama3", messages=first, stream=False)
+    client.chat(model="llama3", messages=second, stream=False)
+    openai_client = openai.OpenAI(base_url=ollama_fake.url + "/v1", api_key="x", max_retries=0, timeout=5)
+    again = cast(list[ChatCompletionMessageParam], second)  # the same prompt again
+    openai_client.chat.completions.create(model="llama3", messages=again)
+    prefix = ollama_fake.stats.snapshot()["prefix"]
+    assert prefix["requests"] == 3 and prefix["hits"] == 2
+    assert prefix["prompt_tokens"] == 61 + 65 + 65  # content words + 1 per request
+    # whole blocks of 16 words of the sequence with role markers: 62 words (3 blocks), then 68 (4)
+    assert prefix["cached_tokens"] == 48 + 64
+    httpx.post(ollama_fake.url + "/_fake/reset")
+    client.chat(model="llama3", messages=second, stream=False)
+    assert ollama_fake.stats.snapshot()["prefix"]["hits"] == 0  # reset forgets the cache too

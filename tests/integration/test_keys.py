@@ -250,3 +250,130 @@ def test_two_router_processes_share_limits_and_see_a_revocation_on_the_next_requ
 
         control.keys_changed()
         assert http.post(b.url + "/api/chat", json=CHAT, headers=bearer(shared)).status_code == 200
+
+
+@pytest.fixture
+def fleet(fakes, endpoint) -> Any:
+    """One Ollama server with three models, two of them loaded."""
+    fake = fakes(
+        kind="ollama",
+        models=["llama3:latest", "llama3.1:8b", "qwen2:7b"],
+        loaded=["llama3:latest", "qwen2:7b"],
+        tokens=4,
+    )
+    endpoint(fake.url, max_concurrent_connections=4)
+    return fake
+
+
+def listed(http: httpx.Client, headers: dict[str, str]) -> dict[str, set[str]]:
+    """The model names each list route shows to a caller with `headers`."""
+    tags = http.get("/api/tags", headers=headers)
+    ps = http.get("/api/ps", headers=headers)
+    v1 = http.get("/v1/models", headers=headers)
+    assert tags.status_code == ps.status_code == v1.status_code == 200, (tags.text, ps.text, v1.text)
+    return {
+        "tags": {m["name"] for m in tags.json()["models"]},
+        "ps": {m["name"] for m in ps.json()["models"]},
+        "v1": {m["id"] for m in v1.json()["data"]},
+    }
+
+
+def test_the_lists_show_a_key_only_the_models_it_may_use(fleet, router):
+    key = make_key("llamas", "--models", "llama3*")
+    server = router(ROUTER_API_KEY=OPERATOR)
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        assert listed(http, bearer(key)) == {
+            "tags": {"llama3:latest", "llama3.1:8b"},
+            "ps": {"llama3:latest"},
+            "v1": {"llama3:latest", "llama3.1:8b"},
+        }
+        everything = {"llama3:latest", "llama3.1:8b", "qwen2:7b"}
+        assert listed(http, OP) == {"tags": everything, "ps": {"llama3:latest", "qwen2:7b"}, "v1": everything}
+        # one model: a model the key may not use is as absent as one nobody has
+        assert http.get("/v1/models/llama3.1:8b", headers=bearer(key)).json()["id"] == "llama3.1:8b"
+        hidden = http.get("/v1/models/qwen2:7b", headers=bearer(key))
+        assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "model_not_found"
+        assert http.get("/v1/models/qwen2:7b", headers=OP).status_code == 200
+        # /api/show of a model the key may not use: 403 in Ollama's shape
+        refused = http.post("/api/show", json={"model": "qwen2:7b"}, headers=bearer(key))
+        assert refused.status_code == 403 and "may not use the model 'qwen2:7b'" in refused.json()["error"]
+        assert http.post("/api/show", json={"model": "llama3"}, headers=bearer(key)).status_code == 200
+
+
+MANAGEMENT = [
+    ("POST", "/api/pull", {"model": "phi3", "stream": False}),
+    ("POST", "/api/push", {"model": "llama3", "stream": False}),
+    ("POST", "/api/create", {"model": "mine", "from": "llama3", "stream": False}),
+    ("POST", "/api/copy", {"source": "llama3", "destination": "llama3-copy"}),
+    ("DELETE", "/api/delete", {"model": "qwen2:7b"}),
+]
+
+
+def test_fleet_management_is_the_operators_alone(fleet, router):
+    key = make_key("team")
+    server = router(ROUTER_API_KEY=OPERATOR)
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for method, path, body in MANAGEMENT:
+            refused = http.request(method, path, json=body, headers=bearer(key))
+            assert refused.status_code == 403, (path, refused.text)
+            why = refused.json()["error"]  # Ollama's shape: {"error": "..."}
+            assert path in why and "operator key" in why and "'team'" in why
+        # nothing reached the server: the model a refused delete named is still there
+        assert "qwen2:7b" in listed(http, OP)["tags"]
+        # an unload takes the model from everyone: operator only; a load is any request's first step
+        unload = {"model": "llama3", "prompt": "", "keep_alive": 0, "stream": False}
+        refused = http.post("/api/generate", json=unload, headers=bearer(key))
+        assert refused.status_code == 403 and "unloading a model" in refused.json()["error"]
+        load = http.post("/api/generate", json={"model": "llama3", "stream": False}, headers=bearer(key))
+        assert load.status_code == 200 and load.json()["done_reason"] == "load"
+        for method, path, body in MANAGEMENT:
+            done = http.request(method, path, json=body, headers=OP)
+            assert done.status_code == 200, (path, done.text)
+        assert "qwen2:7b" not in listed(http, OP)["tags"]
+        unloaded = http.post("/api/generate", json=unload, headers=OP)
+        assert unloaded.status_code == 200 and unloaded.json()["done_reason"] == "unload"
+
+
+def test_a_key_limited_to_some_models_may_not_load_another(fleet, router):
+    key = make_key("llamas", "--models", "llama3*")
+    server = router(ROUTER_API_KEY=OPERATOR)
+    load = {"model": "qwen2:7b", "messages": [], "stream": False}
+    refused = httpx.post(server.url + "/api/chat", json=load, headers=bearer(key), timeout=30)
+    assert refused.status_code == 403 and refused.json()["error"].endswith("may not use the model 'qwen2:7b'")
+
+
+def test_an_open_router_lists_everything_and_lets_anyone_manage_the_fleet(fleet, router):
+    server = router()
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        assert listed(http, {})["tags"] == {"llama3:latest", "llama3.1:8b", "qwen2:7b"}
+        for method, path, body in MANAGEMENT:
+            done = http.request(method, path, json=body)
+            assert done.status_code == 200, (path, done.text)
+
+
+def test_the_access_line_of_a_refusal_names_the_key(served, router):
+    once = make_key("once", "--rpm", "1")
+    gone = make_key("gone")
+    ClientKey.objects.filter(name="gone").update(enabled=False)
+    server = router(ROUTER_API_KEY=OPERATOR)
+    cases = [
+        ("ok", bearer(once), 200, "once"),
+        ("over", bearer(once), 429, "once"),
+        ("disabled", {"x-api-key": gone}, 403, "gone"),
+        ("unknown", bearer("nr-not-a-key"), 401, "-"),
+        ("missing", {}, 401, "-"),
+    ]
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for request_id, headers, status, _ in cases:
+            reply = http.post("/api/chat", json=CHAT, headers={**headers, "X-Request-Id": request_id})
+            assert reply.status_code == status, reply.text
+
+    def line(request_id: str) -> str | None:
+        found = re.search(rf"POST /api/chat (\d+) .* client=(\S+) request_id={request_id}\n", server.log())
+        return f"{found[1]} {found[2]}" if found else None
+
+    wait_until(lambda: all(line(request_id) for request_id, *_ in cases))
+    assert {request_id: line(request_id) for request_id, *_ in cases} == {
+        request_id: f"{status} {client}" for request_id, _, status, client in cases
+    }
+    assert metric(server.url, "router_client_requests_total", client="once", status="429") == 1

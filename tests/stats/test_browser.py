@@ -420,3 +420,44 @@ def test_a_failing_server_reads_for_how_long_from_its_since_time(small_fleet, br
     line = '#endpoints tr[data-endpoint="gpu-1"] .ep-url'
     view.wait_text(line, "Ollama · http://127.0.0.1:9 · tier 1 · weight 2")
     view.context.close()
+
+
+@pytest.fixture
+def two_keys(fakes, endpoint, router) -> tuple[Any, str, str]:
+    """A router with one Ollama server (about 3 s a reply) and two client keys, team-a and team-b."""
+    from tests.integration.test_keys import make_key
+
+    gpu = fakes(kind="ollama", models=["llama3:latest"], tokens=20, delay=0.15)
+    endpoint(gpu.url, name="gpu-1", max_concurrent_connections=4)
+    team_a, team_b = make_key("team-a"), make_key("team-b")
+    make_staff()
+    return router(), team_a, team_b
+
+
+def test_the_page_shows_tokens_and_active_requests_by_client(two_keys, browser) -> None:
+    """Two client keys send chats at once: the "By client" table shows each key's requests in
+    flight while they run, then its tokens, without a reload."""
+    from tests.integration.test_keys import bearer
+
+    server, team_a, team_b = two_keys
+    view = Page(browser, server.url)
+    view.log_in()
+    view.wait_text("#clients tbody", "No client counted yet.")
+
+    body = {"model": "llama3", "messages": [{"role": "user", "content": PROMPT}], "stream": True}
+    replies = [Background(server.url + "/api/chat", body, headers=bearer(team_a)) for _ in range(2)]
+    replies.append(Background(server.url + "/api/chat", body, headers=bearer(team_b)))
+    view.wait_text('#clients tr[data-client="team-a"] .client-active', "2")
+    view.wait_text('#clients tr[data-client="team-b"] .client-active', "1")
+    for reply in replies:
+        reply.join()
+        assert reply.status == 200, reply.text
+    per_reply = prompt_tokens(PROMPT) + 20
+    view.wait_text('#clients tr[data-client="team-a"] .client-total', fmt(2 * per_reply))
+    view.wait_text('#clients tr[data-client="team-b"] .client-total', fmt(per_reply))
+    for client in ("team-a", "team-b"):
+        view.wait_text(f'#clients tr[data-client="{client}"] .client-active', "0")
+    rows = view.page.eval_on_selector_all("#clients tbody tr", "rows => rows.map(r => r.dataset.client)")
+    assert rows == ["team-a", "team-b"]  # most tokens first; no anonymous or operator row
+    assert view.errors == []
+    view.context.close()

@@ -8,6 +8,7 @@ from typing import Any
 
 from django.http import HttpRequest, HttpResponseBase
 
+from routing.auth.principal import Principal, principal_of
 from routing.core.errors import ApiError
 
 View = Callable[..., Coroutine[Any, Any, HttpResponseBase]]
@@ -35,3 +36,28 @@ def methods(*names: str) -> Callable[[View], View]:
         return guarded
 
     return wrap
+
+
+def refuse_unless_operator(principal: Principal, what: str) -> None:
+    """403 (code `operator_only`) when `principal` is a client key: `what` (e.g. "/api/pull")
+    changes the servers for every client, so only the router key (or anyone on an open router)
+    may ask for it."""
+    if not principal.may_manage:
+        raise ApiError(
+            403,
+            f"{what} changes the servers for every client: only the router's operator key may"
+            f" call it, not the client key '{principal.name}'",
+            code="operator_only",
+        )
+
+
+def operator_only(view: View) -> View:
+    """The view runs for the operator (and on an open router) only: a client key gets a 403 in the
+    protocol's error shape (`refuse_unless_operator`)."""
+
+    @functools.wraps(view)
+    async def guarded(request: HttpRequest, *args: object, **kwargs: object) -> HttpResponseBase:
+        refuse_unless_operator(principal_of(request), request.path)
+        return await view(request, *args, **kwargs)
+
+    return guarded

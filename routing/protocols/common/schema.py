@@ -422,6 +422,7 @@ _OPENAI_COMMON: dict[str, Spec] = {
     "stop": STOP,
     "presence_penalty": NUM,
     "frequency_penalty": NUM,
+    "user": STR,  # read for prompt-cache affinity (routing/protocols/common/affinity.py)
 }
 OPENAI_CHAT = Obj(
     {

@@ -1,4 +1,10 @@
-"""Routes answered from the whole fleet: merged lists, version, health, and fan-out management."""
+"""Routes answered from the whole fleet: merged lists, version, health, and fan-out management.
+
+The lists (/api/tags, /api/ps) show a client key only the models it may use (its allowed names
+or patterns, routing/auth/principal.py `may_use`); the operator and an open router see all.
+The fan-out management routes change every server for everyone: the operator's alone (403 for
+a client key, routing/auth/principal.py `may_manage`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from typing import Any
 import httpx
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 
+from routing.auth.principal import principal_of
 from routing.core.errors import ApiError
 from routing.core.names import model_key
 from routing.fleet import caches, candidates, health, probes
@@ -17,7 +24,7 @@ from routing.fleet.breaker import breakers
 from routing.fleet.context_limits import context_limits
 from routing.fleet.registry import EndpointInfo, registry
 from routing.protocols.common import schema
-from routing.protocols.common.decorators import methods
+from routing.protocols.common.decorators import methods, operator_only
 from routing.protocols.common.parsing import optional_bool, parse_checked
 from routing.upstream import client as upstream_client
 from routing.upstream import failures
@@ -49,19 +56,27 @@ def _as_ollama_tag(ep: EndpointInfo, entry: dict[str, Any], name: str) -> dict[s
 @methods("GET")
 async def tags(request: HttpRequest) -> HttpResponseBase:
     """The enabled servers' models, once each, and the aliases that can be served
-    (routing/fleet/candidates.py `listing`)."""
-    models = [_as_ollama_tag(item.endpoint, item.entry, item.name) for item in await candidates.listing()]
+    (routing/fleet/candidates.py `listing`), in Ollama's /api/tags shape; only those the
+    caller's key may use (an alias by its own name)."""
+    may_use = principal_of(request).may_use
+    models = [
+        _as_ollama_tag(item.endpoint, item.entry, item.name)
+        for item in await candidates.listing()
+        if may_use(item.name)
+    ]
     return JsonResponse({"models": models})
 
 
 @methods("GET")
 async def ps(request: HttpRequest) -> HttpResponseBase:
+    """The models loaded on the Ollama servers, once each; only those the caller's key may use."""
+    may_use = principal_of(request).may_use
     endpoints = [ep for ep in await registry.enabled() if ep.is_ollama and not breakers.is_open(ep.id)]
     seen: set[str] = set()
     models: list[dict[str, Any]] = []
     for found in await candidates.gather_loaded(endpoints):
         for entry, name in zip(found.entries, found.names, strict=True):
-            if model_key(name) not in seen:
+            if model_key(name) not in seen and may_use(name):
                 seen.add(model_key(name))
                 models.append(entry)
     return JsonResponse({"models": models})
@@ -283,21 +298,25 @@ async def _pull_like(request: HttpRequest, path: str, spec: schema.Obj) -> HttpR
 
 
 @methods("POST")
+@operator_only
 async def pull(request: HttpRequest) -> HttpResponseBase:
     return await _pull_like(request, "/api/pull", schema.OLLAMA_PULL)
 
 
 @methods("POST")
+@operator_only
 async def push(request: HttpRequest) -> HttpResponseBase:
     return await _pull_like(request, "/api/push", schema.OLLAMA_PULL)
 
 
 @methods("POST")
+@operator_only
 async def create(request: HttpRequest) -> HttpResponseBase:
     return await _pull_like(request, "/api/create", schema.OLLAMA_CREATE)
 
 
 @methods("POST")
+@operator_only
 async def copy(request: HttpRequest) -> HttpResponseBase:
     data = parse_checked(request.body, schema.OLLAMA_COPY)
     for field in ("source", "destination"):
@@ -307,6 +326,7 @@ async def copy(request: HttpRequest) -> HttpResponseBase:
 
 
 @methods("DELETE")
+@operator_only
 async def delete(request: HttpRequest) -> HttpResponseBase:
     data = parse_checked(request.body, schema.OLLAMA_DELETE)
     name = data.get("model", data.get("name"))

@@ -8,6 +8,9 @@ prompt, or /api/chat with no messages, loads the model and generates nothing; wi
 Here such a request goes, as the client sent it, to every enabled Ollama server that has
 the model (not to one chosen server: a model loaded on two servers is unloaded from both),
 and the loaded-models cache of each is dropped so /api/ps shows the change at once.
+An unload takes the model away from every client: the operator's alone (403 for a client
+key). A load is what any request for the model does first: a client key may ask for it for a
+model it may use.
 OpenAI-compatible servers cannot load or unload on request; they are not contacted. The
 request takes no slot (it generates nothing) and records no tokens.
 """
@@ -22,9 +25,11 @@ from typing import Any
 from django.conf import settings
 from django.http import HttpResponse
 
+from routing.auth.principal import Principal, require_model
 from routing.core.errors import ApiError
 from routing.fleet import caches, candidates
 from routing.fleet.candidates import Candidate
+from routing.protocols.common.decorators import refuse_unless_operator
 from routing.protocols.common.parsing import with_model
 from routing.protocols.translate import now
 from routing.upstream import client, failures
@@ -96,10 +101,15 @@ def reply(path: str, model: str, *, unload: bool, stream: bool) -> HttpResponse:
 
 
 async def load_or_unload(
-    path: str, model: str, body: bytes, data: dict[str, Any], stream: bool
+    path: str, model: str, body: bytes, data: dict[str, Any], stream: bool, principal: Principal
 ) -> HttpResponse:
-    """Answer a load/unload request (see the module docstring). Errors: 404/503 as for any
-    routed request when no server has the model; 502 naming the servers that failed."""
+    """Answer a load/unload request (see the module docstring) for `principal`. Errors: 403 when
+    a client key asks for an unload (operator only) or a load of a model it may not use; 404/503
+    as for any routed request when no server has the model; 502 naming the servers that failed."""
+    if is_unload(data):
+        refuse_unless_operator(principal, "unloading a model")
+    else:
+        require_model(principal, model)
     lookup = await candidates.candidates_for(model)
     if not lookup.candidates:
         if lookup.failing_with_model:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponseBase
 
 from routing.auth.principal import principal_of
@@ -20,6 +21,7 @@ from routing.fleet import candidates
 from routing.fleet.candidates import Candidate
 from routing.protocols import translate
 from routing.protocols.common import recovery, schema
+from routing.protocols.common.affinity import affinity_key
 from routing.protocols.common.decorators import methods
 from routing.protocols.common.parsing import optional_bool, parse_object, require_model, with_model
 from routing.protocols.common.relays import OllamaStream, no_counts, ollama_body
@@ -67,10 +69,15 @@ class _Routed:
         return planned
 
 
-async def _forward(request: HttpRequest, plan: _Routed, model: str) -> HttpResponseBase:
+async def _forward(
+    request: HttpRequest, plan: _Routed, model: str, affinity: str | None = None
+) -> HttpResponseBase:
     """Forward, and name the load-time options an OpenAI-compatible server did not get
-    (`X-Router-Ignored: num_ctx,num_gpu`; translate.SERVER_OPTIONS) on its reply."""
-    response = await proxy.forward(request.path, model=model, plan=plan, principal=principal_of(request))
+    (`X-Router-Ignored: num_ctx,num_gpu`; translate.SERVER_OPTIONS) on its reply.
+    affinity: the conversation's key (routing/protocols/common/affinity.py), None: none."""
+    response = await proxy.forward(
+        request.path, model=model, plan=plan, principal=principal_of(request), affinity=affinity
+    )
     ignored = translate.ignored_options(plan.data) if plan.translated else ""
     if ignored:
         response[translate.IGNORED_HEADER] = ignored
@@ -99,9 +106,10 @@ async def _generation(request: HttpRequest, path: str, spec: schema.Obj) -> Http
     data, model = _checked(request, spec)
     stream = optional_bool(data, "stream", True)
     if loading.is_load_request(path, data):
-        return await loading.load_or_unload(path, model, request.body, data, stream)
+        return await loading.load_or_unload(path, model, request.body, data, stream, principal_of(request))
     await _refuse_untranslatable(path, model, data)
-    return await _forward(request, _Routed(path, request.body, data, stream), model)
+    affinity = affinity_key(request, data, path) if settings.ROUTER_AFFINITY else None
+    return await _forward(request, _Routed(path, request.body, data, stream), model, affinity)
 
 
 @methods("POST")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
 
 from routing.auth.principal import principal_of
@@ -19,6 +20,7 @@ from routing.engine.attempt import Attempt
 from routing.fleet import candidates
 from routing.fleet.candidates import Candidate
 from routing.protocols.common import recovery, schema
+from routing.protocols.common.affinity import affinity_key
 from routing.protocols.common.decorators import methods
 from routing.protocols.common.parsing import optional_bool, parse_object, require_model
 from routing.protocols.common.relays import OpenAIStream, openai_body
@@ -72,12 +74,16 @@ async def _route(request: HttpRequest, suffix: str, spec: schema.Obj) -> HttpRes
     data = parse_object(request.body)
     model = require_model(data)
     schema.check(spec, data)
-    stream = optional_bool(data, "stream", False) if suffix != "/embeddings" else False
+    generation = suffix != "/embeddings"
+    stream = optional_bool(data, "stream", False) if generation else False
+    keyed = generation and settings.ROUTER_AFFINITY
+    affinity = affinity_key(request, data, "/v1" + suffix) if keyed else None
     return await proxy.forward(
         request.path,
         model=model,
         plan=_plan(suffix, request.body, data, stream),
         principal=principal_of(request),
+        affinity=affinity,
     )
 
 
@@ -96,12 +102,16 @@ async def embeddings(request: HttpRequest) -> HttpResponseBase:
     return await _route(request, "/embeddings", schema.OPENAI_EMBEDDINGS)
 
 
-async def _model_objects() -> list[dict[str, Any]]:
+async def _model_objects(request: HttpRequest) -> list[dict[str, Any]]:
     """Every model the enabled endpoints advertise, once each (by `model_key`), and the aliases
     that can be served (routing/fleet/candidates.py `listing`), as OpenAI's model object:
-    {"id", "object": "model", "created", "owned_by"} (OpenAI API reference, Models)."""
+    {"id", "object": "model", "created", "owned_by"} (OpenAI API reference, Models); only those
+    the caller's key may use (all for the operator and an open router; an alias by its name)."""
+    may_use = principal_of(request).may_use
     data: list[dict[str, Any]] = []
     for item in await candidates.listing():
+        if not may_use(item.name):
+            continue
         ep, entry = item.endpoint, item.entry
         data.append(
             {
@@ -116,16 +126,17 @@ async def _model_objects() -> list[dict[str, Any]]:
 
 @methods("GET")
 async def models(request: HttpRequest) -> HttpResponseBase:
-    return JsonResponse({"object": "list", "data": await _model_objects()})
+    return JsonResponse({"object": "list", "data": await _model_objects(request)})
 
 
 @methods("GET")
 async def model(request: HttpRequest, model_id: str) -> HttpResponseBase:
     """GET /v1/models/{model_id}: one model object, matched in any spelling the lists show
     (`llama3` is `llama3:latest`; ids may hold '/' and ':'). Raises ApiError 404 with code
-    `model_not_found` (OpenAI's code for an unknown model) when no enabled endpoint has it."""
+    `model_not_found` (OpenAI's code for an unknown model) when no enabled endpoint has it, or
+    the caller's key may not use it (as OpenAI answers for a model the account cannot see)."""
     wanted = model_key(model_id)
-    for found in await _model_objects():
+    for found in await _model_objects(request):
         if model_key(found["id"]) == wanted:
             return JsonResponse(found)
     raise ApiError(404, f"The model '{model_id}' does not exist", code="model_not_found")

@@ -175,3 +175,86 @@ async def test_redis_unreachable_falls_back_to_this_process(settings):
     with pytest.raises(ApiError):
         await q.admit(p)
     assert time.monotonic() - started < 10
+
+
+@pytest.fixture
+def two_processes(settings) -> tuple[Quotas, Quotas]:
+    """Two routers' quota fronts on one Redis (each with its own owner name and pending releases)."""
+    if not _redis_answers():
+        pytest.skip("no Redis at 127.0.0.1:6379")
+    settings.REDIS_URL = REDIS
+    return Quotas(), Quotas()
+
+
+@pytest.mark.asyncio
+async def test_redis_a_place_given_back_rides_on_the_next_admission(two_processes, monkeypatch):
+    here, there = two_processes
+    monkeypatch.setattr(quotas_module, "RELEASE_EVERY", 3600.0)  # no timed flush: only an admission sends it
+    p, other = key(concurrency=1), key(rpm=100)
+    try:
+        (await here.admit(p)).release()
+        assert (await there.usage(p)).concurrent == 1  # not sent yet: the other process still counts it
+        (await here.admit(other)).release()  # any key's admission carries it
+        assert (await there.usage(p)).concurrent == 0
+        (await here.admit(p)).release()
+        (await here.admit(p)).release()  # this process never waits for its own releases
+        assert (await here.usage(p)).concurrent == 0  # reading the usage sends what is pending first
+    finally:
+        for task in list(here.redis._background):
+            task.cancel()
+        await here.redis.drained()
+
+
+@pytest.mark.asyncio
+async def test_redis_places_given_back_reach_redis_without_another_admission(two_processes):
+    here, there = two_processes
+    p = key(concurrency=2)
+    first, second = await here.admit(p), await there.admit(p)
+    with pytest.raises(ApiError):
+        await there.admit(p)
+    first.release()
+    await settle(here)  # within RELEASE_EVERY, in one pipeline
+    assert (await there.usage(p)).concurrent == 1
+    (await there.admit(p)).release()
+    second.release()
+    await settle(there)
+
+
+@pytest.mark.asyncio
+async def test_redis_two_processes_never_exceed_the_concurrency_limit_together(two_processes):
+    here, there = two_processes
+    p = key(concurrency=3)
+
+    async def one(q: Quotas) -> bool:
+        try:
+            await q.admit(p)
+        except ApiError:
+            return False
+        return True
+
+    results = await asyncio.gather(*(one(q) for _ in range(15) for q in (here, there)))
+    assert sum(results) == 3
+
+
+@pytest.mark.asyncio
+async def test_redis_an_admission_cancelled_on_its_way_gives_its_place_back(two_processes):
+    here, there = two_processes
+    p = key(concurrency=1)
+    asked = asyncio.ensure_future(here.admit(p))
+    await asyncio.sleep(0)  # asked: it goes to Redis with the next call, whatever happens to its request
+    asked.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asked
+    await settle(here)
+    assert (await there.usage(p)).concurrent == 0
+    (await there.admit(p)).release()
+    await settle(there)
+
+
+@pytest.mark.asyncio
+async def test_redis_admissions_of_one_turn_are_counted_in_order(two_processes):
+    here, _ = two_processes
+    p = key(rpm=4)
+    results = await asyncio.gather(*(here.admit(p) for _ in range(6)), return_exceptions=True)
+    assert [isinstance(r, QuotaExceeded) for r in results] == [False] * 4 + [True] * 2
+    assert (await here.usage(p)).requests_minute == 4

@@ -20,7 +20,9 @@ TABLE = {p for p in PATTERNS if "<" not in p}
 def test_every_path_of_the_route_table_is_its_own_label() -> None:
     assert {"/api/chat", "/v1/models", "/health", "/metrics", "/api/usage", "/api/stats.csv"} <= TABLE
     assert {"/v1/rerank", "/rerank", "/api/ps_details"} <= TABLE
-    assert len(TABLE) == 30  # 23 client API routes (19 + /api/me, /api/ps_details, 2 rerank) + 7 statistics
+    assert {"/v1/messages", "/v1/messages/count_tokens"} <= TABLE
+    # 25 client API routes (19 + /api/me, /api/ps_details, 2 rerank, 2 Anthropic) + 7 statistics
+    assert len(TABLE) == 32
     assert PATTERNS - TABLE == {"/v1/models/<path:model_id>"}  # the one prefix route
     assert set(HANDLER.views) == TABLE
     for path in TABLE:

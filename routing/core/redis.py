@@ -1,0 +1,62 @@
+"""The Redis clients of the router, from settings.REDIS_URL (only used when it is set).
+
+`async_client()`: one redis.asyncio client per running event loop and URL, shared by the
+quota counters (routing/auth/quotas.py) and the cluster slots (routing/engine/cluster.py). An
+asyncio client's connections belong to the loop that opened them, so a client is never shared
+between loops; it is dropped with its loop (weak reference).
+`sync_client()`: one blocking client per URL for threads without a loop (key reloads, the
+admin, management commands); its connection pool is thread-safe.
+
+Both use the same timeouts: SOCKET_TIMEOUT seconds to connect and for each reply, so a Redis
+that stops answering fails a call quickly (the callers fall back to this process's own limits).
+redis-py is imported only when a client is first asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from typing import Any
+
+from django.conf import settings
+
+SOCKET_TIMEOUT = 2.0  # seconds, to connect and to wait for each reply
+
+_async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = weakref.WeakKeyDictionary()
+_sync: dict[str, Any] = {}
+_sync_lock = threading.Lock()
+
+
+def async_client() -> Any:
+    """The redis.asyncio.Redis of the running loop for settings.REDIS_URL (created on first use).
+    Raises RuntimeError outside a running loop."""
+    loop = asyncio.get_running_loop()
+    url = settings.REDIS_URL
+    by_url = _async.get(loop)
+    if by_url is None:
+        by_url = _async[loop] = {}
+    client = by_url.get(url)
+    if client is None:
+        import redis.asyncio as aioredis  # only with REDIS_URL
+
+        client = by_url[url] = aioredis.Redis.from_url(
+            url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT
+        )
+    return client
+
+
+def sync_client() -> Any:
+    """The blocking redis.Redis for settings.REDIS_URL (created on first use, then shared)."""
+    url = settings.REDIS_URL
+    client = _sync.get(url)
+    if client is None:
+        import redis  # only with REDIS_URL
+
+        with _sync_lock:
+            client = _sync.get(url)
+            if client is None:
+                client = _sync[url] = redis.Redis.from_url(
+                    url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT
+                )
+    return client
