@@ -10,6 +10,10 @@ and unmetered choices, go straight to the base.
 
 Invariants:
 - Never over the cap: metered, it returns only a candidate with a free slot (as the base does).
+- Within a tier: the remembered endpoint is kept (or waited for) only while no candidate of a
+  lower tier (`EndpointInfo.tier`, 0 first) has a free slot. Tiers are the operator's order of
+  where work goes (a GPU box before a CPU box, local before paid): a conversation that spilled
+  to tier 1 comes back to tier 0 as soon as a slot there is free, and is remembered there.
 - The wait: while the remembered endpoint is full (and enabled), a metered pick declines the
   other free candidates (returns None) for `hold` seconds after the request first asked
   (`Ask.since`). The board serves later waiters past such a waiter and asks again when its
@@ -175,6 +179,8 @@ class Affinity:
             for cand in candidates:
                 if cand.endpoint.id != remembered:
                     continue
+                if _lower_tier_free(cand, candidates, load, ask.model):
+                    break  # affinity within a tier: a free slot of a better tier wins
                 if load.has_free_slot(cand, ask.model):
                     if entry.holder is ask:
                         entry.holder = None
@@ -215,3 +221,12 @@ class Affinity:
         self.inbox.clear()
         if self.outbox is not None:
             self.outbox.clear()
+
+
+def _lower_tier_free(cand: Candidate, candidates: Sequence[Candidate], load: Load, model: str) -> bool:
+    """Whether a candidate of a lower tier than `cand`'s has a free slot for `model`. O(n); no
+    work when `cand` is in tier 0 (the common case)."""
+    tier = cand.endpoint.tier
+    if tier == 0:
+        return False
+    return any(c.endpoint.tier < tier and load.has_free_slot(c, model) for c in candidates)

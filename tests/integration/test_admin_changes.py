@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import httpx
 from django.contrib.auth import get_user_model
 
-CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+_TURN = itertools.count()
+
+
+def chat() -> dict[str, object]:
+    """A new conversation each time: prompt-cache affinity (which keeps a conversation on its
+    server) stays out of what these tests watch, the choice among servers."""
+    return {
+        "model": "llama3",
+        "messages": [{"role": "user", "content": f"hi {next(_TURN)}"}],
+        "stream": False,
+    }
 
 
 def _admin_session(url: str) -> httpx.Client:
@@ -38,7 +49,7 @@ def test_it_applies_an_admin_change_to_the_next_request(fakes, endpoint, router)
     # A long reload interval: only the admin's own notification can explain a prompt change.
     server = router(ROUTER_REGISTRY_RELOAD="600")
     api = httpx.Client(base_url=server.url, timeout=10)
-    assert api.post("/api/chat", json=CHAT).headers["x-router-endpoint"] == "loaded-one"
+    assert api.post("/api/chat", json=chat()).headers["x-router-endpoint"] == "loaded-one"
 
     admin = _admin_session(server.url)
     token = _csrf(admin, "/admin/routing/endpoint/")
@@ -47,7 +58,7 @@ def test_it_applies_an_admin_change_to_the_next_request(fakes, endpoint, router)
         data={"action": "disable", "_selected_action": [str(preferred.id)], "csrfmiddlewaretoken": token},
     )
     assert reply.status_code == 302
-    assert api.post("/api/chat", json=CHAT).headers["x-router-endpoint"] == "other-one"
+    assert api.post("/api/chat", json=chat()).headers["x-router-endpoint"] == "other-one"
     assert [m["name"] for m in api.get("/api/tags").json()["models"]] == ["llama3:latest"]
 
     token = _csrf(admin, f"/admin/routing/endpoint/{preferred.id}/change/")
@@ -63,13 +74,13 @@ def test_it_applies_an_admin_change_to_the_next_request(fakes, endpoint, router)
         "csrfmiddlewaretoken": token,
     }
     assert admin.post(f"/admin/routing/endpoint/{preferred.id}/change/", data=data).status_code == 302
-    assert api.post("/api/chat", json=CHAT).headers["x-router-endpoint"] == "renamed"
+    assert api.post("/api/chat", json=chat()).headers["x-router-endpoint"] == "renamed"
 
     # A higher tier: the loaded server is passed over for the other from the next request on.
     data["csrfmiddlewaretoken"] = _csrf(admin, f"/admin/routing/endpoint/{preferred.id}/change/")
     data["tier"] = "1"
     assert admin.post(f"/admin/routing/endpoint/{preferred.id}/change/", data=data).status_code == 302
-    assert api.post("/api/chat", json=CHAT).headers["x-router-endpoint"] == "other-one"
+    assert api.post("/api/chat", json=chat()).headers["x-router-endpoint"] == "other-one"
 
 
 def test_it_keeps_endpoint_state_fresh_in_the_background(fakes, endpoint, router):

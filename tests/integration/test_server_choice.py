@@ -8,6 +8,7 @@ model loaded (so only the tier keeps requests off it)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import Counter
 
 import httpx
@@ -15,7 +16,13 @@ import httpx
 from tests.conftest import wait_until
 from tests.integration.helpers import in_flight
 
-CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hello"}]}
+_TURN = itertools.count()
+
+
+def chat(**extra: object) -> dict[str, object]:
+    """A new conversation each time, so prompt-cache affinity (which keeps one conversation on
+    its server, within its tier) stays out of the base choice these tests watch."""
+    return {"model": "llama3", "messages": [{"role": "user", "content": f"hello {next(_TURN)}"}], **extra}
 
 
 def test_requests_fill_tier_zero_then_spill_to_tier_one_and_come_back(fakes, endpoint, router):
@@ -25,16 +32,16 @@ def test_requests_fill_tier_zero_then_spill_to_tier_one_and_come_back(fakes, end
     endpoint(cpu.url, name="cpu", max_concurrent_connections=4, tier=1)
     server = router()
     with httpx.Client(base_url=server.url, timeout=30) as client:
-        with client.stream("POST", "/api/chat", json=CHAT) as first:
+        with client.stream("POST", "/api/chat", json=chat()) as first:
             assert first.headers["x-router-endpoint"] == "gpu"
             wait_until(lambda: in_flight(server.url) == 1)
-            with client.stream("POST", "/api/chat", json=CHAT) as second:
+            with client.stream("POST", "/api/chat", json=chat()) as second:
                 assert second.headers["x-router-endpoint"] == "cpu"  # tier 0 is full
                 second.read()
             first.read()
         wait_until(lambda: in_flight(server.url) == 0)
         for _ in range(3):  # one at a time: tier 0 again, every time
-            reply = client.post("/api/chat", json={**CHAT, "stream": False})
+            reply = client.post("/api/chat", json=chat(stream=False))
             assert reply.status_code == 200 and reply.headers["x-router-endpoint"] == "gpu"
 
 
@@ -49,7 +56,7 @@ def test_concurrent_requests_take_every_tier_zero_slot_before_tier_one(fakes, en
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
 
             async def one() -> str:
-                reply = await client.post("/api/chat", json={**CHAT, "stream": False})
+                reply = await client.post("/api/chat", json=chat(stream=False))
                 assert reply.status_code == 200
                 return reply.headers["x-router-endpoint"]
 
@@ -73,13 +80,14 @@ def test_one_request_at_a_time_goes_to_the_server_quicker_to_its_first_byte(fake
     endpoint(fast.url, name="fast", max_concurrent_connections=4)
     endpoint(slow.url, name="slow", max_concurrent_connections=4)
     server = router()
-    body = {**CHAT, "stream": False}
     with httpx.Client(base_url=server.url, timeout=30) as client:
         served: set[str] = set()
         for _ in range(40):  # each try picks the unmeasured one at 1/2: both within 40 tries
-            served.add(client.post("/api/chat", json=body).headers["x-router-endpoint"])
+            served.add(client.post("/api/chat", json=chat(stream=False)).headers["x-router-endpoint"])
             if served == {"fast", "slow"}:
                 break
         assert served == {"fast", "slow"}
-        after = [client.post("/api/chat", json=body).headers["x-router-endpoint"] for _ in range(10)]
+        after = [
+            client.post("/api/chat", json=chat(stream=False)).headers["x-router-endpoint"] for _ in range(10)
+        ]
     assert after == ["fast"] * 10

@@ -24,8 +24,9 @@ from routing.fleet.registry import EndpointInfo
 MODEL = "m:latest"
 
 
-def ep(id: int, limit: int) -> EndpointInfo:
+def ep(id: int, limit: int, tier: int = 0) -> EndpointInfo:
     return EndpointInfo(
+        tier=tier,
         id=id,
         name=f"ep{id}",
         url=f"http://127.0.0.1:{9000 + id}",
@@ -36,8 +37,8 @@ def ep(id: int, limit: int) -> EndpointInfo:
     )
 
 
-def cand(id: int, limit: int = 2, loaded: bool = False) -> Candidate:
-    return Candidate(ep(id, limit), MODEL, loaded)
+def cand(id: int, limit: int = 2, loaded: bool = False, tier: int = 0) -> Candidate:
+    return Candidate(ep(id, limit, tier), MODEL, loaded)
 
 
 def load(active: dict[tuple[int, str], int] | None = None, limits: dict[int, int] | None = None) -> Load:
@@ -154,6 +155,24 @@ def test_a_full_remembered_server_is_waited_for_within_the_hold_then_left() -> N
     # a disabled server (limit 0) is not waited for
     strategy.memory.put(memory_key(MODEL, "d"), 2, now=time.monotonic())
     assert chosen(strategy, Ask(MODEL, "d"), [cand(1), cand(2)], load(limits={2: 0})) == 1
+
+
+def test_affinity_stays_within_a_tier_a_conversation_that_spilled_comes_back_to_tier_zero() -> None:
+    strategy = Affinity(TieredLeastBusy(), wait=30)
+    gpu, cpu = cand(1, limit=1, tier=0), cand(2, limit=4, tier=1)
+    # tier 0 full: the conversation spills to tier 1 and is remembered there
+    assert chosen(strategy, Ask(MODEL, "c"), [gpu, cpu], load({(1, MODEL): 1})) == 2
+    # tier 0 free again: tier wins over the remembered tier-1 server, and the memory follows
+    assert chosen(strategy, Ask(MODEL, "c"), [gpu, cpu], load()) == 1
+    assert strategy.memory.get(memory_key(MODEL, "c"), time.monotonic()) == 1
+    # remembered on a full tier-1 server while tier 0 has a free slot: no wait, tier 0 now
+    strategy.memory.put(memory_key(MODEL, "d"), 2, now=time.monotonic())
+    assert chosen(strategy, Ask(MODEL, "d"), [gpu, cpu], load({(2, MODEL): 4})) == 1
+    # within tier 1 (tier 0 full), the remembered one is kept over a freer tier-1 server
+    other = cand(3, limit=4, tier=1)
+    strategy.memory.put(memory_key(MODEL, "e"), 2, now=time.monotonic())
+    busy = load({(1, MODEL): 1, (2, MODEL): 3})
+    assert all(chosen(strategy, Ask(MODEL, "e"), [gpu, cpu, other], busy) == 2 for _ in range(10))
 
 
 @given(
