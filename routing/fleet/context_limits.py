@@ -2,7 +2,7 @@
 
 Learned from a server's "prompt too long" error (llama.cpp's `n_ctx`, vLLM's "maximum context
 length is N tokens"), so that later conversations for that server and model are trimmed before
-they are sent (routing/protocols/common/context.py). One lock, held for a dict operation, never
+they are sent (routing/protocols/common/recovery.py). One lock, held for a dict operation, never
 across I/O; an endpoint's entries are forgotten when it changes (caches.invalidate_endpoint).
 """
 

@@ -19,6 +19,7 @@ upstream request and named in the reply's `X-Router-Ignored` header (`ignored_fi
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from routing.core.errors import ApiError
@@ -228,7 +229,23 @@ def check_count(data: dict[str, Any]) -> None:
     _check_semantics(data)
 
 
+# A header value is ASCII without control characters (Django refuses CR and LF, a 500): a
+# field name that is not a plain token is named "?" and the value is cut at IGNORED_MAX bytes.
+_TOKEN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+IGNORED_MAX = 512
+
+
 def ignored_fields(data: dict[str, Any]) -> str:
     """The set top-level fields the router does not translate ("context_management,container"),
-    as the value of the reply's `X-Router-Ignored` header; "" when none."""
-    return ",".join(name for name, value in data.items() if name not in KNOWN and value is not None)
+    as the value of the reply's `X-Router-Ignored` header; "" when none. A name that is not a
+    token of at most 64 letters, digits, `_`, `.`, `-` is shown as "?"; the value is at most
+    IGNORED_MAX characters, ending in ",..." when cut."""
+    names = [
+        name if _TOKEN.fullmatch(name) else "?"
+        for name, value in data.items()
+        if name not in KNOWN and value is not None
+    ]
+    value = ",".join(names)
+    if len(value) > IGNORED_MAX:
+        value = value[: IGNORED_MAX - 4].rsplit(",", 1)[0] + ",..."
+    return value

@@ -151,3 +151,17 @@ def test_fields_it_does_not_know_are_named_not_refused() -> None:
     shapes.check_messages(data)
     assert shapes.ignored_fields(data) == "container,context_management"
     assert shapes.ignored_fields(body(service_tier="auto", speed="fast")) == ""
+
+
+def test_ignored_field_names_that_are_not_tokens_are_shown_as_a_question_mark() -> None:
+    # A name with CR/LF once reached the header as is: Django refused it, the client got a 500.
+    data = body(**{"a\r\nX-Evil: 1": 1, "caf\u00e9": 2, "ok_name": 3})
+    assert shapes.ignored_fields(data) == "?,?,ok_name"
+
+
+def test_the_ignored_header_is_bounded() -> None:
+    data = body(**{f"field{i:04d}": 1 for i in range(1000)})
+    value = shapes.ignored_fields(data)
+    assert len(value) <= shapes.IGNORED_MAX
+    assert value.startswith("field0000,field0001,") and value.endswith(",...")
+    assert "field0999" not in value
