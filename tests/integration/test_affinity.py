@@ -126,3 +126,16 @@ def test_two_router_processes_share_what_they_remember_through_redis(fakes, endp
         wait_until(lambda: bool(shared.keys("nomyo:affinity:llama3*")))
         assert {chat(two.url, messages) for messages in conversation[1:]} == {first}
         shared.flushdb()
+
+
+def test_the_turns_of_an_anthropic_conversation_reach_one_server(fakes, endpoint, router):
+    # /v1/messages was routed without an affinity key: Claude Code's turns were spread.
+    two_servers(fakes, endpoint)
+    url = router().url
+    served = set()
+    for messages in turns("tell me about tides", 12):
+        body = {"model": "llama3", "max_tokens": 5, "system": SYSTEM["content"], "messages": messages[1:]}
+        reply = httpx.post(url + "/v1/messages", json=body, timeout=30)
+        assert reply.status_code == 200, reply.text
+        served.add(reply.headers["X-Router-Endpoint"])
+    assert len(served) == 1  # without affinity, one server alone for 12 turns has odds 2 ** -11

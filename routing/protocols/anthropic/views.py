@@ -8,7 +8,9 @@ re-sent without it to a server that refuses it), an Ollama server its /api/chat.
 back as Anthropic's (replies.py, events.py), counted from the server's own usage. A
 conversation too long for the server's context is trimmed and images a model cannot see are
 dropped, as on the other chat routes (common/recovery.py: `X-Router-Trimmed`,
-`X-Router-Images-Dropped`).
+`X-Router-Images-Dropped`). Turns of one conversation go to the server that holds its prefix
+in cache (prompt-cache affinity, keyed by `X-Session-Id`, `metadata.user_id` or the system
+prompt and opening messages: common/affinity.py).
 
 Headers: `x-api-key` is a key like `Authorization: Bearer` (routing/auth/keys.py);
 `anthropic-version` and `anthropic-beta` are accepted and not needed (one API version is
@@ -30,6 +32,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponseBase
 
 from routing.auth.principal import principal_of
@@ -39,6 +42,7 @@ from routing.fleet.candidates import Candidate
 from routing.protocols.anthropic import convert, replies, shapes
 from routing.protocols.anthropic.events import FromOllama, FromOpenAI
 from routing.protocols.common import recovery
+from routing.protocols.common.affinity import affinity_key
 from routing.protocols.common.decorators import methods
 from routing.protocols.common.parsing import optional_bool, parse_object, require_model
 
@@ -103,7 +107,16 @@ class _Planner:
 
 
 async def _route(request: HttpRequest, data: dict[str, Any], plan: _Planner) -> HttpResponseBase:
-    response = await proxy.forward(request.path, model=plan.model, plan=plan, principal=principal_of(request))
+    # Prompt-cache affinity for generations (count_tokens is a one-token request whose count
+    # Ollama lowers by what it has cached: it is placed without affinity).
+    keyed = not plan.count and settings.ROUTER_AFFINITY
+    response = await proxy.forward(
+        request.path,
+        model=plan.model,
+        plan=plan,
+        principal=principal_of(request),
+        affinity=affinity_key(request, data, "/v1/messages") if keyed else None,
+    )
     ignored = ",".join(filter(None, [shapes.ignored_fields(data), *plan.ignored]))
     if ignored:
         response[IGNORED_HEADER] = ignored
