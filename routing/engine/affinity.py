@@ -27,6 +27,10 @@ Invariants:
   calls with its lock held (so it needs no lock of its own). What crosses that boundary (an
   entry read from Redis by routing/engine/affinity_shared.py, an entry to write there) passes
   through two bounded `collections.deque`s, whose append and popleft are thread-safe.
+- Within the tier: the remembered endpoint is kept (or waited for) only when no candidate of
+  a lower tier has a free slot. A conversation that spilled to tier 1 while tier 0 was full
+  comes back to tier 0 as soon as it has room, as any request does (the operator's tiers say
+  where work should go: a local GPU box before a paid API), and the memory follows it.
 - Bounded: at most `max_entries` entries, the least recently used dropped first; an entry not
   used for `ttl` seconds is forgotten.
 """
@@ -132,6 +136,12 @@ class AffinityMap:
         self._entries.clear()
 
 
+def _free_tier(candidates: Sequence[Candidate], load: Load, model: str) -> int | None:
+    """The lowest tier among the candidates with a free slot for `model`; None: all full."""
+    tiers = [c.endpoint.tier for c in candidates if load.has_free_slot(c, model)]
+    return min(tiers) if tiers else None
+
+
 class Affinity:
     """The affinity wrapper around `base` (see the module docstring)."""
 
@@ -172,9 +182,12 @@ class Affinity:
         entry = memory.entry(key, now)
         if entry is not None:
             remembered = entry.endpoint
+            top = _free_tier(candidates, load, ask.model)
             for cand in candidates:
                 if cand.endpoint.id != remembered:
                     continue
+                if top is not None and cand.endpoint.tier > top:
+                    break  # a lower tier has room: the tier comes first (it spilled here)
                 if load.has_free_slot(cand, ask.model):
                     if entry.holder is ask:
                         entry.holder = None

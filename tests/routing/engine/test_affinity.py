@@ -24,7 +24,7 @@ from routing.fleet.registry import EndpointInfo
 MODEL = "m:latest"
 
 
-def ep(id: int, limit: int) -> EndpointInfo:
+def ep(id: int, limit: int, tier: int = 0) -> EndpointInfo:
     return EndpointInfo(
         id=id,
         name=f"ep{id}",
@@ -33,11 +33,12 @@ def ep(id: int, limit: int) -> EndpointInfo:
         api_key="",
         enabled=True,
         limit=limit,
+        tier=tier,
     )
 
 
-def cand(id: int, limit: int = 2, loaded: bool = False) -> Candidate:
-    return Candidate(ep(id, limit), MODEL, loaded)
+def cand(id: int, limit: int = 2, loaded: bool = False, tier: int = 0) -> Candidate:
+    return Candidate(ep(id, limit, tier), MODEL, loaded)
 
 
 def load(active: dict[tuple[int, str], int] | None = None, limits: dict[int, int] | None = None) -> Load:
@@ -351,3 +352,20 @@ def test_it_counts_its_choices_for_metrics() -> None:
     assert chosen(strategy, waiting, cands, full) is None  # the same wait, not counted again
     assert chosen(strategy, Ask(MODEL, "c", since=time.monotonic() - 60), cands, full) == 2  # moved
     assert strategy.counts == {"kept": 1, "moved": 1, "new": 1, "waited": 1}
+
+
+def test_a_conversation_that_spilled_to_a_higher_tier_comes_back_when_the_lower_has_room() -> None:
+    # The remembered server once won over the tiers: a conversation that spilled to tier 1 (a
+    # paid API) while tier 0 was full stayed there for its whole life.
+    strategy = Affinity(TieredLeastBusy(), wait=30)
+    gpu, paid = cand(1, limit=1, tier=0), cand(2, limit=4, tier=1)
+    key = memory_key(MODEL, "c")
+    strategy.memory.put(key, 2, now=time.monotonic())
+    assert chosen(strategy, Ask(MODEL, "c"), [gpu, paid], load()) == 1  # not waited for, not kept
+    assert strategy.memory.get(key, time.monotonic()) == 1
+    # tier 0 full: the remembered tier-1 server is kept
+    strategy.memory.put(key, 2, now=time.monotonic())
+    assert chosen(strategy, Ask(MODEL, "c"), [gpu, paid], load({(1, MODEL): 1})) == 2
+    # remembered on tier 0, which is full: waited for, not left for tier 1 at once
+    strategy.memory.put(memory_key(MODEL, "d"), 1, now=time.monotonic())
+    assert chosen(strategy, Ask(MODEL, "d"), [gpu, paid], load({(1, MODEL): 1})) is None
