@@ -165,3 +165,27 @@ def test_the_ignored_header_is_bounded() -> None:
     assert len(value) <= shapes.IGNORED_MAX
     assert value.startswith("field0000,field0001,") and value.endswith(",...")
     assert "field0999" not in value
+
+
+def test_a_tool_result_must_answer_a_tool_use_of_the_message_before() -> None:
+    call = {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}
+
+    def result(tool_use_id: str) -> dict[str, Any]:
+        return {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": tool_use_id, "content": "ok"}],
+        }
+
+    ask = {"role": "user", "content": "go"}
+    shapes.check_messages(body(messages=[ask, {"role": "assistant", "content": [call]}, result("toolu_1")]))
+    alone = refused(body(messages=[result("toolu_1")]))
+    assert alone.startswith("'messages[0].content[0].tool_use_id'") and "answers no tool_use" in alone
+    wrong = refused(body(messages=[ask, {"role": "assistant", "content": [call]}, result("toolu_2")]))
+    assert "messages[2].content[0].tool_use_id" in wrong
+    later = [
+        ask,
+        {"role": "assistant", "content": [call]},
+        result("toolu_1"),
+        {"role": "assistant", "content": "x"},
+    ]
+    assert "messages[4]" in refused(body(messages=[*later, result("toolu_1")]), count=False)
