@@ -139,3 +139,17 @@ def test_the_turns_of_an_anthropic_conversation_reach_one_server(fakes, endpoint
         assert reply.status_code == 200, reply.text
         served.add(reply.headers["X-Router-Endpoint"])
     assert len(served) == 1  # without affinity, one server alone for 12 turns has odds 2 ** -11
+
+
+def test_the_memory_stays_bounded_whatever_sessions_clients_send(fakes, endpoint, router):
+    two_servers(fakes, endpoint)
+    server = router(ROUTER_AFFINITY_MAX="20")
+    sessions = ["x" * 5000, "\u00e9t\u00e9 \u2603", *(f"session-{i}" for i in range(60))]
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for session in sessions:
+            headers = [(b"X-Session-Id", session.encode())]
+            body = {"model": "llama3", "stream": False, "messages": [{"role": "user", "content": "hi"}]}
+            assert http.post("/api/chat", json=body, headers=headers).status_code == 200
+        metrics = http.get("/metrics").text
+    remembered = [line for line in metrics.splitlines() if line.startswith("router_affinity_remembered")]
+    assert remembered and float(remembered[0].rsplit(" ", 1)[1]) == 20
