@@ -28,10 +28,12 @@ class ContextLimits:
         return self._limits.get((endpoint_id, model))  # a dict read is atomic: no lock needed
 
     def snapshot(self) -> dict[tuple[int, str], int]:
+        """A copy: (endpoint id, backend model name) -> context size in tokens."""
         with self._lock:
             return dict(self._limits)
 
     def forget(self, endpoint_id: int | None = None) -> None:
+        """Forget one endpoint's sizes (it changed), or all of them (None: tests)."""
         with self._lock:
             if endpoint_id is None:
                 self._limits.clear()
