@@ -73,15 +73,19 @@ def test_one_request_at_a_time_goes_to_the_server_quicker_to_its_first_byte(fake
     endpoint(fast.url, name="fast", max_concurrent_connections=4)
     endpoint(slow.url, name="slow", max_concurrent_connections=4)
     server = router()
-    body = {**CHAT, "stream": False}
+
+    def body(i: int) -> dict[str, object]:
+        # A new conversation each time: the same one would stay on its first server (affinity).
+        return {"model": "llama3", "stream": False, "messages": [{"role": "user", "content": f"hello {i}"}]}
+
     with httpx.Client(base_url=server.url, timeout=30) as client:
         served: set[str] = set()
-        for _ in range(40):  # each try picks the unmeasured one at 1/2: both within 40 tries
-            served.add(client.post("/api/chat", json=body).headers["x-router-endpoint"])
+        for i in range(40):  # each try picks the unmeasured one at 1/2: both within 40 tries
+            served.add(client.post("/api/chat", json=body(i)).headers["x-router-endpoint"])
             if served == {"fast", "slow"}:
                 break
         assert served == {"fast", "slow"}
-        after = [client.post("/api/chat", json=body).headers["x-router-endpoint"] for _ in range(10)]
+        after = [client.post("/api/chat", json=body(100 + i)).headers["x-router-endpoint"] for i in range(10)]
     assert after == ["fast"] * 10
 
 
