@@ -224,7 +224,7 @@ def test_a_known_context_does_not_trim_a_conversation_for_the_size_of_its_image(
     settings.ROUTER_CONTEXT_TRIM = True
     context_limits.learn(4242, "qwen", 8192)
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 400_000}}
-    last = {"role": "user", "content": [{"type": "text", "text": "and this?"}, image]}
+    last: dict[str, object] = {"role": "user", "content": [{"type": "text", "text": "and this?"}, image]}
     messages = [_msg("system"), *[_msg(r) for r in ("user", "assistant") * 4], last]
     attempt = recovery.guard(_attempt(messages), _candidate())
     assert "X-Router-Trimmed" not in attempt.reply_headers
