@@ -10,10 +10,6 @@ and unmetered choices, go straight to the base.
 
 Invariants:
 - Never over the cap: metered, it returns only a candidate with a free slot (as the base does).
-- Within a tier: the remembered endpoint is kept (or waited for) only while no candidate of a
-  lower tier (`EndpointInfo.tier`, 0 first) has a free slot. Tiers are the operator's order of
-  where work goes (a GPU box before a CPU box, local before paid): a conversation that spilled
-  to tier 1 comes back to tier 0 as soon as a slot there is free, and is remembered there.
 - The wait: while the remembered endpoint is full (and enabled), a metered pick declines the
   other free candidates (returns None) for `hold` seconds after the request first asked
   (`Ask.since`). The board serves later waiters past such a waiter and asks again when its
@@ -31,6 +27,10 @@ Invariants:
   calls with its lock held (so it needs no lock of its own). What crosses that boundary (an
   entry read from Redis by routing/engine/affinity_shared.py, an entry to write there) passes
   through two bounded `collections.deque`s, whose append and popleft are thread-safe.
+- Within the tier: the remembered endpoint is kept (or waited for) only when no candidate of
+  a lower tier has a free slot. A conversation that spilled to tier 1 while tier 0 was full
+  comes back to tier 0 as soon as it has room, as any request does (the operator's tiers say
+  where work should go: a local GPU box before a paid API), and the memory follows it.
 - Bounded: at most `max_entries` entries, the least recently used dropped first; an entry not
   used for `ttl` seconds is forgotten.
 """
@@ -136,6 +136,12 @@ class AffinityMap:
         self._entries.clear()
 
 
+def _free_tier(candidates: Sequence[Candidate], load: Load, model: str) -> int | None:
+    """The lowest tier among the candidates with a free slot for `model`; None: all full."""
+    tiers = [c.endpoint.tier for c in candidates if load.has_free_slot(c, model)]
+    return min(tiers) if tiers else None
+
+
 class Affinity:
     """The affinity wrapper around `base` (see the module docstring)."""
 
@@ -176,11 +182,12 @@ class Affinity:
         entry = memory.entry(key, now)
         if entry is not None:
             remembered = entry.endpoint
+            top = _free_tier(candidates, load, ask.model)
             for cand in candidates:
                 if cand.endpoint.id != remembered:
                     continue
-                if _lower_tier_free(cand, candidates, load, ask.model):
-                    break  # affinity within a tier: a free slot of a better tier wins
+                if top is not None and cand.endpoint.tier > top:
+                    break  # a lower tier has room: the tier comes first (it spilled here)
                 if load.has_free_slot(cand, ask.model):
                     if entry.holder is ask:
                         entry.holder = None
@@ -221,12 +228,3 @@ class Affinity:
         self.inbox.clear()
         if self.outbox is not None:
             self.outbox.clear()
-
-
-def _lower_tier_free(cand: Candidate, candidates: Sequence[Candidate], load: Load, model: str) -> bool:
-    """Whether a candidate of a lower tier than `cand`'s has a free slot for `model`. O(n); no
-    work when `cand` is in tier 0 (the common case)."""
-    tier = cand.endpoint.tier
-    if tier == 0:
-        return False
-    return any(c.endpoint.tier < tier and load.has_free_slot(c, model) for c in candidates)

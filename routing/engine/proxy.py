@@ -663,6 +663,13 @@ class ProxyStream:
             reason = failures.midstream_reason(exc)
             health.server_failed(self.lease.endpoint, reason, strong=False)
             yield self.relay.error_chunk(f"upstream {self.lease.endpoint.name}: {reason}")
+        except Exception:
+            # A reply the relay could not translate (a shape no server should send): the
+            # client gets the protocol's error ending, as for a cut stream. Unhandled, the
+            # exception left the client's connection open with no end (it waited to its timeout).
+            self.finished = False
+            log.exception("malformed stream from %s on %s", self.lease.endpoint.name, self.path)
+            yield self.relay.error_chunk(f"malformed reply from upstream {self.lease.endpoint.name}")
         finally:
             self.close()
 

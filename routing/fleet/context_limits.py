@@ -2,7 +2,7 @@
 
 Learned from a server's "prompt too long" error (llama.cpp's `n_ctx`, vLLM's "maximum context
 length is N tokens"), so that later conversations for that server and model are trimmed before
-they are sent (routing/protocols/common/context.py). One lock, held for a dict operation, never
+they are sent (routing/protocols/common/recovery.py). One lock, held for a dict operation, never
 across I/O; an endpoint's entries are forgotten when it changes (caches.invalidate_endpoint).
 """
 
@@ -28,10 +28,12 @@ class ContextLimits:
         return self._limits.get((endpoint_id, model))  # a dict read is atomic: no lock needed
 
     def snapshot(self) -> dict[tuple[int, str], int]:
+        """A copy: (endpoint id, backend model name) -> context size in tokens."""
         with self._lock:
             return dict(self._limits)
 
     def forget(self, endpoint_id: int | None = None) -> None:
+        """Forget one endpoint's sizes (it changed), or all of them (None: tests)."""
         with self._lock:
             if endpoint_id is None:
                 self._limits.clear()

@@ -126,3 +126,30 @@ def test_two_router_processes_share_what_they_remember_through_redis(fakes, endp
         wait_until(lambda: bool(shared.keys("nomyo:affinity:llama3*")))
         assert {chat(two.url, messages) for messages in conversation[1:]} == {first}
         shared.flushdb()
+
+
+def test_the_turns_of_an_anthropic_conversation_reach_one_server(fakes, endpoint, router):
+    # /v1/messages was routed without an affinity key: Claude Code's turns were spread.
+    two_servers(fakes, endpoint)
+    url = router().url
+    served = set()
+    for messages in turns("tell me about tides", 12):
+        body = {"model": "llama3", "max_tokens": 5, "system": SYSTEM["content"], "messages": messages[1:]}
+        reply = httpx.post(url + "/v1/messages", json=body, timeout=30)
+        assert reply.status_code == 200, reply.text
+        served.add(reply.headers["X-Router-Endpoint"])
+    assert len(served) == 1  # without affinity, one server alone for 12 turns has odds 2 ** -11
+
+
+def test_the_memory_stays_bounded_whatever_sessions_clients_send(fakes, endpoint, router):
+    two_servers(fakes, endpoint)
+    server = router(ROUTER_AFFINITY_MAX="20")
+    sessions = ["x" * 5000, "\u00e9t\u00e9 \u2603", *(f"session-{i}" for i in range(60))]
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for session in sessions:
+            headers = [(b"X-Session-Id", session.encode())]
+            body = {"model": "llama3", "stream": False, "messages": [{"role": "user", "content": "hi"}]}
+            assert http.post("/api/chat", json=body, headers=headers).status_code == 200
+        metrics = http.get("/metrics").text
+    remembered = [line for line in metrics.splitlines() if line.startswith("router_affinity_remembered")]
+    assert remembered and float(remembered[0].rsplit(" ", 1)[1]) == 20

@@ -457,3 +457,15 @@ def test_a_full_fleet_is_an_overloaded_error_with_retry_after(fakes, endpoint, r
     assert busy.value.response.headers["retry-after"] == "5"
     holding.close()
     wait_until(lambda: in_flight(server.url) == 0, timeout=10)
+
+
+def test_an_unknown_field_named_with_a_line_break_is_no_500(fakes, endpoint, router):
+    # The ignored field's name went into X-Router-Ignored as is; Django refused the CR/LF: a 500.
+    fake = fakes(kind="openai", models=["qwen-coder"], tokens=1)
+    endpoint(fake.url + "/v1", kind="openai")
+    server = router()
+    body = {"model": "qwen-coder", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+    reply = httpx.post(server.url + "/v1/messages", json={**body, "a\r\nX-Evil: 1": 1}, timeout=10)
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["X-Router-Ignored"] == "?" and "X-Evil" not in reply.headers
+    assert in_flight(server.url) == 0

@@ -278,17 +278,31 @@ def listed(http: httpx.Client, headers: dict[str, str]) -> dict[str, set[str]]:
     }
 
 
-def test_the_lists_show_a_key_only_the_models_it_may_use(fleet, router):
+def ps_details(http: httpx.Client, headers: dict[str, str]) -> set[str]:
+    reply = http.get("/api/ps_details", headers=headers)
+    assert reply.status_code == 200, reply.text
+    return {m["name"] for m in reply.json()["models"]}
+
+
+def test_the_lists_show_a_key_only_the_models_it_may_use(fakes, endpoint, fleet, router):
+    llama_cpp = fakes(kind="openai", models=["qwen-coder"])
+    endpoint(llama_cpp.url + "/v1", name="llama-cpp", kind="openai")
     key = make_key("llamas", "--models", "llama3*")
     server = router(ROUTER_API_KEY=OPERATOR)
     with httpx.Client(base_url=server.url, timeout=30) as http:
+        # /api/ps_details once listed every loaded model, and its server, to any key
+        assert ps_details(http, bearer(key)) == {"llama3:latest"}
+        assert ps_details(http, OP) == {"llama3:latest", "qwen2:7b", "qwen-coder"}
+        http.get("/api/tags", headers=OP)  # the lists below know the OpenAI-compatible server too
         assert listed(http, bearer(key)) == {
             "tags": {"llama3:latest", "llama3.1:8b"},
             "ps": {"llama3:latest"},
             "v1": {"llama3:latest", "llama3.1:8b"},
         }
         everything = {"llama3:latest", "llama3.1:8b", "qwen2:7b"}
-        assert listed(http, OP) == {"tags": everything, "ps": {"llama3:latest", "qwen2:7b"}, "v1": everything}
+        listed_all = listed(http, OP)
+        assert listed_all["ps"] == {"llama3:latest", "qwen2:7b"}
+        assert listed_all["tags"] == listed_all["v1"] == {*everything, "qwen-coder"}
         # one model: a model the key may not use is as absent as one nobody has
         assert http.get("/v1/models/llama3.1:8b", headers=bearer(key)).json()["id"] == "llama3.1:8b"
         hidden = http.get("/v1/models/qwen2:7b", headers=bearer(key))

@@ -178,3 +178,61 @@ def test_a_server_that_refuses_stream_options_still_gets_the_trimmed_conversatio
         (False, True),  # served: trimmed before sending, without the field
     ]
     assert in_flight(server.url) == 0
+
+
+def _anthropic_long() -> list[dict[str, str]]:
+    return [m for m in LONG if m["role"] != "system"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_messages_are_trimmed_and_images_dropped_like_the_other_chat_routes(
+    fakes, endpoint, router, stream
+):
+    # /v1/messages once passed a server's "too long" and "cannot see images" back to the
+    # client: the recovery hook was only on the OpenAI and Ollama chat routes.
+    llama_cpp = fakes(kind="openai", models=["qwen"], n_ctx=N_CTX, vision=False)
+    ollama_fake = fakes(kind="ollama", models=["llama3:latest"], n_ctx=N_CTX, vision=False)
+    endpoint(llama_cpp.url + "/v1", name="small-ctx", kind="openai", max_concurrent_connections=1)
+    endpoint(ollama_fake.url, name="ollama", max_concurrent_connections=1)
+    server = router()
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+    for model, fake, path in [
+        ("qwen", llama_cpp, "/v1/chat/completions"),
+        ("llama3", ollama_fake, "/api/chat"),
+    ]:
+        base = {"model": model, "max_tokens": 5, "stream": stream, "system": SYSTEM["content"]}
+        reply = httpx.post(
+            server.url + "/v1/messages", json={**base, "messages": _anthropic_long()}, timeout=10
+        )
+        assert reply.status_code == 200, (model, reply.text)
+        assert int(reply.headers["X-Router-Trimmed"]) > 0
+        first, second = fake.stats.bodies_for(path)[-2:]
+        assert first["messages"][0] == SYSTEM and len(second["messages"]) < len(first["messages"])
+        assert second["messages"][0] == SYSTEM and second["messages"][-1] == LAST
+
+        seen = [{"type": "text", "text": "what is this"}, image]
+        reply = httpx.post(
+            server.url + "/v1/messages",
+            json={**base, "messages": [{"role": "user", "content": seen}]},
+            timeout=10,
+        )
+        assert reply.status_code == 200, (model, reply.text)
+        assert reply.headers["X-Router-Images-Dropped"] == "1"
+    assert in_flight(server.url) == 0
+
+
+def test_a_prompt_that_cannot_be_trimmed_is_the_servers_refusal_sent_once(fakes, endpoint, router):
+    llama_cpp = fakes(kind="openai", models=["qwen"], n_ctx=N_CTX)
+    endpoint(llama_cpp.url + "/v1", name="small-ctx", kind="openai", max_concurrent_connections=1)
+    server = router()
+    huge = {"role": "user", "content": "word " * 200}
+    for _ in range(2):  # the second time the context is known and the router trims first
+        reply = httpx.post(
+            server.url + "/v1/messages",
+            json={"model": "qwen", "max_tokens": 5, "system": "terse", "messages": [huge]},
+            timeout=10,
+        )
+        assert reply.status_code == 400
+        assert reply.json()["type"] == "error" and "context" in reply.json()["error"]["message"]
+    assert len(llama_cpp.stats.bodies_for("/v1/chat/completions")) == 2  # once each, no retry loop
+    assert in_flight(server.url) == 0

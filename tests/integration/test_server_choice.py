@@ -91,3 +91,24 @@ def test_one_request_at_a_time_goes_to_the_server_quicker_to_its_first_byte(fake
             client.post("/api/chat", json=chat(stream=False)).headers["x-router-endpoint"] for _ in range(10)
         ]
     assert after == ["fast"] * 10
+
+
+def test_a_conversation_that_spilled_to_tier_one_comes_back_to_tier_zero(fakes, endpoint, router):
+    # Affinity once kept a conversation on the tier it spilled to (a CPU box, a paid API) for
+    # its whole life, though tier 0 had room again from its next turn on.
+    gpu = fakes(kind="ollama", models=["llama3:latest"], tokens=20, delay=0.05)
+    cpu = fakes(kind="ollama", models=["llama3:latest"], loaded=["llama3:latest"], tokens=2)
+    endpoint(gpu.url, name="gpu", max_concurrent_connections=1, tier=0)
+    endpoint(cpu.url, name="cpu", max_concurrent_connections=4, tier=1)
+    server = router()
+    turn = chat(stream=False)
+    with httpx.Client(base_url=server.url, timeout=30, headers={"X-Session-Id": "conv-1"}) as client:
+        with client.stream("POST", "/api/chat", json=chat(), headers={"X-Session-Id": "other"}) as busy:
+            assert busy.headers["x-router-endpoint"] == "gpu"
+            first = client.post("/api/chat", json=turn)
+            assert first.headers["x-router-endpoint"] == "cpu"  # tier 0 is full: spilled
+            busy.read()
+        wait_until(lambda: in_flight(server.url) == 0)
+        for _ in range(3):
+            reply = client.post("/api/chat", json=turn)
+            assert reply.status_code == 200 and reply.headers["x-router-endpoint"] == "gpu"

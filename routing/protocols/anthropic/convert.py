@@ -37,6 +37,7 @@ EFFORT_STEPS = ((4096, "low"), (16384, "medium"))
 
 
 def system_text(data: dict[str, Any]) -> str:
+    """`system` as one string: the string, or the text blocks joined by a blank line; "" when absent."""
     system = data.get("system")
     if isinstance(system, str):
         return system
@@ -149,6 +150,9 @@ def _openai_assistant(content: str | list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def openai_messages(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chat-completions `messages` of a request: the system message first, then each
+    message as the module docstring maps it (a user message with tool results may become
+    several: the `tool` messages, then the rest of its text and images)."""
     out: list[dict[str, Any]] = []
     system = system_text(data)
     if system:
@@ -284,6 +288,8 @@ def _ollama_assistant(content: str | list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def ollama_messages(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The /api/chat `messages` of a request, as openai_messages (tool results name their
+    tool, found by the tool_use id they answer)."""
     out: list[dict[str, Any]] = []
     system = system_text(data)
     if system:

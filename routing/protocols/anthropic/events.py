@@ -230,7 +230,8 @@ class FromOpenAI:
             content = delta.get("content")
             if content:
                 out += self.writer.text(text(content))
-            for call in delta.get("tool_calls") or ():
+            calls = delta.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
                 if isinstance(call, dict):
                     out += self._tool_delta(call)
         if choice.get("finish_reason"):
@@ -326,7 +327,8 @@ class FromOllama:
                 out.append(self.writer.thinking(text(said["thinking"])))
             if said.get("content"):
                 out.append(self.writer.text(text(said["content"])))
-            for call in said.get("tool_calls") or ():
+            calls = said.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
                 fn = call.get("function") if isinstance(call, dict) else None
                 if not isinstance(fn, dict):
                     continue

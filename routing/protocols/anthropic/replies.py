@@ -122,7 +122,8 @@ def from_openai(model: str, stops: list[str], *, keep_thinking: bool) -> BodyRea
         said = choice.get("message")
         said = said if isinstance(said, dict) else {}
         calls = []
-        for call in said.get("tool_calls") or ():
+        listed = said.get("tool_calls")
+        for call in listed if isinstance(listed, list) else ():
             fn = call.get("function") if isinstance(call, dict) else None
             if isinstance(fn, dict):
                 calls.append(
@@ -153,7 +154,8 @@ def from_ollama(model: str, *, keep_thinking: bool) -> BodyReader:
             raise ValueError("not a chat reply")
         counts = ollama_counts(obj)
         calls = []
-        for call in said.get("tool_calls") or ():
+        listed = said.get("tool_calls")
+        for call in listed if isinstance(listed, list) else ():
             fn = call.get("function") if isinstance(call, dict) else None
             if isinstance(fn, dict):
                 calls.append(

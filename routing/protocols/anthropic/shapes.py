@@ -7,7 +7,9 @@ bodies they accepted and never raises.
 
 What is refused here, before any server is asked (the router cannot honour it on an
 OpenAI-compatible or Ollama server, and says so rather than dropping it): content blocks
-other than text, image, tool_use, tool_result, thinking and redacted_thinking; an image
+other than text, image, tool_use, tool_result, thinking and redacted_thinking; a tool_result
+whose `tool_use_id` names no tool_use block of the message just before (Anthropic refuses it
+too; a server's chat template may fail on a result without its call); an image
 whose source is not base64 (a `url` source would be fetched by some servers and not by
 others); an image inside a tool_result; tools other than client tools (`type` absent or
 "custom": Anthropic's server tools such as web_search run on Anthropic's side).
@@ -19,6 +21,7 @@ upstream request and named in the reply's `X-Router-Ignored` header (`ignored_fi
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from routing.core.errors import ApiError
@@ -187,13 +190,24 @@ def _check_semantics(data: dict[str, Any]) -> None:
     messages = data.get("messages")
     if not messages:
         raise _bad("messages", "is required (a non-empty list)")
+    calls: set[str] = set()  # the tool_use ids of the message before, which results answer
     for m, message in enumerate(messages):
         content = message.get("content")
         if content is None:
             raise _bad(f"messages[{m}].content", "is required")
+        asked: set[str] = set()
         if isinstance(content, list):
             for b, block in enumerate(content):
-                _check_block(block, message["role"], f"messages[{m}].content[{b}]")
+                path = f"messages[{m}].content[{b}]"
+                _check_block(block, message["role"], path)
+                if block["type"] == "tool_use":
+                    asked.add(block["id"])
+                elif block["type"] == "tool_result" and block["tool_use_id"] not in calls:
+                    raise _bad(
+                        f"{path}.tool_use_id",
+                        f"{block['tool_use_id'][:64]!r} answers no tool_use block of the message before",
+                    )
+        calls = asked
     for t, tool in enumerate(data.get("tools") or ()):
         if tool.get("type") not in (None, "custom"):
             raise _bad(
@@ -228,7 +242,23 @@ def check_count(data: dict[str, Any]) -> None:
     _check_semantics(data)
 
 
+# A header value is ASCII without control characters (Django refuses CR and LF, a 500): a
+# field name that is not a plain token is named "?" and the value is cut at IGNORED_MAX bytes.
+_TOKEN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+IGNORED_MAX = 512
+
+
 def ignored_fields(data: dict[str, Any]) -> str:
     """The set top-level fields the router does not translate ("context_management,container"),
-    as the value of the reply's `X-Router-Ignored` header; "" when none."""
-    return ",".join(name for name, value in data.items() if name not in KNOWN and value is not None)
+    as the value of the reply's `X-Router-Ignored` header; "" when none. A name that is not a
+    token of at most 64 letters, digits, `_`, `.`, `-` is shown as "?"; the value is at most
+    IGNORED_MAX characters, ending in ",..." when cut."""
+    names = [
+        name if _TOKEN.fullmatch(name) else "?"
+        for name, value in data.items()
+        if name not in KNOWN and value is not None
+    ]
+    value = ",".join(names)
+    if len(value) > IGNORED_MAX:
+        value = value[: IGNORED_MAX - 4].rsplit(",", 1)[0] + ",..."
+    return value

@@ -5,7 +5,12 @@ Same selection, slots, queue, failover and accounting as every routed request
 no slot taken), then each candidate gets the request translated for its kind (convert.py):
 an OpenAI-compatible server its /chat/completions (streamed with `stream_options.include_usage`,
 re-sent without it to a server that refuses it), an Ollama server its /api/chat. Replies come
-back as Anthropic's (replies.py, events.py), counted from the server's own usage.
+back as Anthropic's (replies.py, events.py), counted from the server's own usage. A
+conversation too long for the server's context is trimmed and images a model cannot see are
+dropped, as on the other chat routes (common/recovery.py: `X-Router-Trimmed`,
+`X-Router-Images-Dropped`). Turns of one conversation go to the server that holds its prefix
+in cache (prompt-cache affinity, keyed by `X-Session-Id`, `metadata.user_id` or the system
+prompt and opening messages: common/affinity.py).
 
 Headers: `x-api-key` is a key like `Authorization: Bearer` (routing/auth/keys.py);
 `anthropic-version` and `anthropic-beta` are accepted and not needed (one API version is
@@ -27,6 +32,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponseBase
 
 from routing.auth.principal import principal_of
@@ -35,6 +41,8 @@ from routing.engine.attempt import Attempt
 from routing.fleet.candidates import Candidate
 from routing.protocols.anthropic import convert, replies, shapes
 from routing.protocols.anthropic.events import FromOllama, FromOpenAI
+from routing.protocols.common import recovery
+from routing.protocols.common.affinity import affinity_key
 from routing.protocols.common.decorators import methods
 from routing.protocols.common.parsing import optional_bool, parse_object, require_model
 
@@ -62,7 +70,7 @@ class _Planner:
             if self.count:
                 self.ignored = []
             body = convert.ollama_request(self.data, cand.backend_model, stream=self.stream, max_tokens=limit)
-            return Attempt(
+            attempt = Attempt(
                 url=cand.endpoint.url + "/api/chat",
                 body=json.dumps(body).encode(),
                 relay=lambda: FromOllama(self.model, keep_thinking=self.keep_thinking),
@@ -71,13 +79,14 @@ class _Planner:
                 else replies.from_ollama(self.model, keep_thinking=self.keep_thinking),
                 stream=self.stream,
             )
+            return self._guarded(attempt, cand)
         self.ignored = []
         request = convert.openai_request(self.data, cand.backend_model, stream=self.stream, max_tokens=limit)
 
         def without_stream_options() -> bytes:  # for a server that refuses the field (proxy.forward)
             return json.dumps({k: v for k, v in request.items() if k != "stream_options"}).encode()
 
-        return Attempt(
+        attempt = Attempt(
             url=cand.endpoint.openai_base + "/chat/completions",
             body=json.dumps(request).encode(),
             relay=lambda: FromOpenAI(self.model, self.stops, keep_thinking=self.keep_thinking),
@@ -87,10 +96,27 @@ class _Planner:
             stream=self.stream,
             fallback_body=without_stream_options if self.stream else None,
         )
+        return self._guarded(attempt, cand)
+
+    def _guarded(self, attempt: Attempt, cand: Candidate) -> Attempt:
+        """The attempt, with the chat routes' recovery (a conversation too long for the
+        server's context trimmed, images a model cannot see dropped: common/recovery.py) on
+        /v1/messages; count_tokens gets the server's refusal as is (trimming would count a
+        different conversation)."""
+        return attempt if self.count else recovery.guard(attempt, cand)
 
 
 async def _route(request: HttpRequest, data: dict[str, Any], plan: _Planner) -> HttpResponseBase:
-    response = await proxy.forward(request.path, model=plan.model, plan=plan, principal=principal_of(request))
+    # Prompt-cache affinity for generations (count_tokens is a one-token request whose count
+    # Ollama lowers by what it has cached: it is placed without affinity).
+    keyed = not plan.count and settings.ROUTER_AFFINITY
+    response = await proxy.forward(
+        request.path,
+        model=plan.model,
+        plan=plan,
+        principal=principal_of(request),
+        affinity=affinity_key(request, data, "/v1/messages") if keyed else None,
+    )
     ignored = ",".join(filter(None, [shapes.ignored_fields(data), *plan.ignored]))
     if ignored:
         response[IGNORED_HEADER] = ignored

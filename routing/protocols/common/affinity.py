@@ -4,13 +4,16 @@ affinity (routing/engine/affinity.py keeps key -> server per model).
 In order, the first that the request has:
 1. an `X-Session-Id` header (the client names its conversation);
 2. the OpenAI `user` field (a string; OpenAI API reference: "a unique identifier representing
-   your end-user");
+   your end-user"), on /v1/messages Anthropic's `metadata.user_id` (Claude Code puts its
+   session in it);
 3. a hash of the prompt's stable prefix, the part that every later turn repeats unchanged:
    - chat (`/api/chat`, `/v1/chat/completions`): the messages up to and including the first
      `user` message (the system prompt and the opening question). Turn k+1's messages start
      with turn k's, so every turn of a conversation has the same key; two conversations
      differ as soon as their opening differs (the same system prompt and the same opening
      question are, for the server's cache, the same prefix anyway);
+   - Anthropic's `/v1/messages`: its top-level `system` (a string or text blocks), then the
+     messages as for chat (text blocks are read as OpenAI's text parts);
    - `/api/generate`: `system` and the first PROMPT_CHARS characters of `prompt`; with a
      `context` (a continuation, whose prompt is only the new turn) `system` and the first
      PROMPT_TOKENS tokens of `context` instead. A conversation whose first prompt is shorter
@@ -115,15 +118,24 @@ def _prompt_prefix(parts: list[str], prompt: Any) -> bool:
 
 def affinity_key(request: HttpRequest, data: dict[str, Any], path: str) -> str | None:
     """The key of a request to `path` (one of /api/chat, /api/generate, /v1/chat/completions,
-    /v1/completions) with the parsed, checked body `data`; None when it has nothing to key on."""
+    /v1/completions, /v1/messages) with the parsed, checked body `data`; None when it has
+    nothing to key on."""
     session = session_of(request)
     if session:
         return _digest("s:", session[:MAX_TEXT].encode("utf-8", "surrogatepass"))
-    user = data.get("user")
+    anthropic = path == "/v1/messages"
+    if anthropic:
+        metadata = data.get("metadata")
+        user = metadata.get("user_id") if isinstance(metadata, dict) else None
+    else:
+        user = data.get("user")
     if isinstance(user, str) and user:
         return _digest("u:", user[:MAX_TEXT].encode("utf-8", "surrogatepass"))
     parts: list[str] = []
-    if path.endswith("/chat") or path.endswith("/chat/completions"):
+    if anthropic:
+        _text(parts, data.get("system"))
+        found = _chat_prefix(parts, data.get("messages"))
+    elif path.endswith("/chat") or path.endswith("/chat/completions"):
         found = _chat_prefix(parts, data.get("messages"))
     elif path == "/api/generate":
         system = data.get("system")

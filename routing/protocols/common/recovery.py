@@ -18,7 +18,8 @@ The oldest non-system messages are dropped until the estimate fits: system messa
 latest user message and everything after it are kept; an assistant message with tool calls
 and the tool results that follow it go together; the first message kept after the system
 ones is a user message (chat templates require it). Tokens are estimated as 4 characters of
-a message's JSON each (cheap, and on the high side for English text); when the server said
+a message's JSON each (cheap, and on the high side for English text), an image IMAGE_TOKENS
+whatever the size of its data; when the server said
 how many tokens the prompt had, the estimate is scaled by it. The target is 3/4 of the
 context, leaving 1/4 for the reply. A context size the server gave is remembered per
 (endpoint, model) (routing/fleet/context_limits.py) and later conversations for it are trimmed
@@ -53,6 +54,9 @@ TRIMMED_HEADER = "X-Router-Trimmed"
 IMAGES_DROPPED_HEADER = "X-Router-Images-Dropped"
 CHARS_PER_TOKEN = 4
 PROMPT_SHARE = 0.75  # of the context, for the prompt; the rest is left for the reply
+# Tokens counted per image: about what a vision encoder spends on one (Qwen2-VL ~1,000 for a
+# 1024-px image, LLaVA 576, Gemma 3 256); on the high side, as the text estimate is.
+IMAGE_TOKENS = 1024
 
 _VLLM_LIMIT = re.compile(r"maximum context length is (\d+) tokens")
 _VLLM_PROMPT = re.compile(r"(\d+) (?:in the messages|input tokens)")
@@ -118,9 +122,36 @@ def refuses_images(body: bytes) -> bool:
     return any(words in _error_of(body)[1] for words in _IMAGE_WORDS)
 
 
+def _image_chars(message: Any) -> tuple[int, int]:
+    """(how many images a message carries, the characters of their data in its JSON): OpenAI
+    `image_url` / `input_image` parts, Ollama `images`."""
+    if not isinstance(message, dict):
+        return 0, 0
+    count = chars = 0
+    images = message.get("images")
+    if isinstance(images, list):
+        for image in images:
+            if isinstance(image, str):
+                count, chars = count + 1, chars + len(image)
+    content = message.get("content")
+    if isinstance(content, list):
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") not in _IMAGE_PARTS:
+                continue
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if isinstance(url, str):
+                count, chars = count + 1, chars + len(url)
+    return count, chars
+
+
 def estimate(message: Any) -> int:
-    """Estimated tokens of one message: CHARS_PER_TOKEN characters of its JSON each."""
-    return len(json.dumps(message, ensure_ascii=False)) // CHARS_PER_TOKEN + 1
+    """Estimated tokens of one message: CHARS_PER_TOKEN characters of its JSON each, except
+    an image, which counts IMAGE_TOKENS whatever its size (its base64 data is no text: a 1 MB
+    screenshot is not 250,000 tokens, and counting it so trimmed every earlier message)."""
+    images, image_chars = _image_chars(message)
+    text = len(json.dumps(message, ensure_ascii=False)) - image_chars
+    return text // CHARS_PER_TOKEN + images * IMAGE_TOKENS + 1
 
 
 def _groups(messages: list[Any]) -> list[list[int]]:
@@ -208,7 +239,9 @@ class Guard:
 
     def pretrim(self, attempt: Attempt) -> None:
         """Trim before sending when the context is known and the body may not fit (the body's
-        length bounds the estimate: the JSON parse happens only then)."""
+        length bounds the estimate of its text: the JSON parse happens only then; a small body
+        whose images alone would pass the budget is sent as is, and the server's refusal, if
+        any, trims it)."""
         n_ctx = context_limits.get(self.endpoint_id, self.model)
         if n_ctx is None or len(attempt.body) // CHARS_PER_TOKEN <= _budget(n_ctx):
             return

@@ -121,18 +121,24 @@ async def ps_details(request: HttpRequest) -> HttpResponseBase:
     `llama_status_args`, `llama_status_preset`, and `context_length` when a server told the
     router its context (routing/fleet/context_limits.py; NOMYO asks llama.cpp's /props, which
     this does not). Read from the caches (/api/ps for Ollama, the model lists for the others),
-    refreshed as /api/ps and /v1/models refresh them."""
+    refreshed as /api/ps and /v1/models refresh them. As those lists, only the models the
+    caller's key may use."""
+    may_use = principal_of(request).may_use
     endpoints = [ep for ep in await registry.enabled() if not breakers.is_open(ep.id)]
     ollama = [ep for ep in endpoints if ep.is_ollama]
     models: list[dict[str, Any]] = []
     for ep, found in zip(ollama, await candidates.gather_loaded(ollama), strict=True):
-        models.extend({**entry, "endpoint": ep.url, "endpoint_name": ep.name} for entry in found.entries)
+        models.extend(
+            {**entry, "endpoint": ep.url, "endpoint_name": ep.name}
+            for entry, name in zip(found.entries, found.names, strict=True)
+            if may_use(name)
+        )
     others = tuple(ep for ep in endpoints if not ep.is_ollama)
     for ep, listed in await candidates.gather_advertised(others):
         if listed is None:
             continue
         for entry, name in zip(listed.entries, listed.names, strict=True):
-            if _loaded_on_openai(entry):
+            if _loaded_on_openai(entry) and may_use(name):
                 models.append(_openai_details(ep, entry, name))
     return JsonResponse({"models": models})
 

@@ -69,6 +69,7 @@ def _text(value: str | dict[str, Any]) -> str:
 
 
 def not_served(model: str) -> ApiError:
+    """The 501 (code `rerank_not_supported`) for a model no candidate serves reranking for."""
     return ApiError(
         501,
         f"no server serves reranking for model '{model}' (Ollama has no rerank API; a llama.cpp "
@@ -164,6 +165,9 @@ def _planner(model: str, data: dict[str, Any]) -> attempt.Planner:
 
 @methods("POST")
 async def rerank(request: HttpRequest) -> HttpResponseBase:
+    """POST /v1/rerank and /rerank: the reply of the module docstring. Raises ApiError 400 (a
+    malformed body, before any slot is taken), 404 (no server has the model), 501 (none serves
+    reranking for it), 502 (a reply that is not a rerank result), and what forward raises."""
     data = parse_object(request.body)
     model = require_model(data)
     schema.check(RERANK, data)

@@ -26,7 +26,6 @@ MODEL = "m:latest"
 
 def ep(id: int, limit: int, tier: int = 0) -> EndpointInfo:
     return EndpointInfo(
-        tier=tier,
         id=id,
         name=f"ep{id}",
         url=f"http://127.0.0.1:{9000 + id}",
@@ -34,6 +33,7 @@ def ep(id: int, limit: int, tier: int = 0) -> EndpointInfo:
         api_key="",
         enabled=True,
         limit=limit,
+        tier=tier,
     )
 
 
@@ -155,24 +155,6 @@ def test_a_full_remembered_server_is_waited_for_within_the_hold_then_left() -> N
     # a disabled server (limit 0) is not waited for
     strategy.memory.put(memory_key(MODEL, "d"), 2, now=time.monotonic())
     assert chosen(strategy, Ask(MODEL, "d"), [cand(1), cand(2)], load(limits={2: 0})) == 1
-
-
-def test_affinity_stays_within_a_tier_a_conversation_that_spilled_comes_back_to_tier_zero() -> None:
-    strategy = Affinity(TieredLeastBusy(), wait=30)
-    gpu, cpu = cand(1, limit=1, tier=0), cand(2, limit=4, tier=1)
-    # tier 0 full: the conversation spills to tier 1 and is remembered there
-    assert chosen(strategy, Ask(MODEL, "c"), [gpu, cpu], load({(1, MODEL): 1})) == 2
-    # tier 0 free again: tier wins over the remembered tier-1 server, and the memory follows
-    assert chosen(strategy, Ask(MODEL, "c"), [gpu, cpu], load()) == 1
-    assert strategy.memory.get(memory_key(MODEL, "c"), time.monotonic()) == 1
-    # remembered on a full tier-1 server while tier 0 has a free slot: no wait, tier 0 now
-    strategy.memory.put(memory_key(MODEL, "d"), 2, now=time.monotonic())
-    assert chosen(strategy, Ask(MODEL, "d"), [gpu, cpu], load({(2, MODEL): 4})) == 1
-    # within tier 1 (tier 0 full), the remembered one is kept over a freer tier-1 server
-    other = cand(3, limit=4, tier=1)
-    strategy.memory.put(memory_key(MODEL, "e"), 2, now=time.monotonic())
-    busy = load({(1, MODEL): 1, (2, MODEL): 3})
-    assert all(chosen(strategy, Ask(MODEL, "e"), [gpu, cpu, other], busy) == 2 for _ in range(10))
 
 
 @given(
@@ -370,3 +352,20 @@ def test_it_counts_its_choices_for_metrics() -> None:
     assert chosen(strategy, waiting, cands, full) is None  # the same wait, not counted again
     assert chosen(strategy, Ask(MODEL, "c", since=time.monotonic() - 60), cands, full) == 2  # moved
     assert strategy.counts == {"kept": 1, "moved": 1, "new": 1, "waited": 1}
+
+
+def test_a_conversation_that_spilled_to_a_higher_tier_comes_back_when_the_lower_has_room() -> None:
+    # The remembered server once won over the tiers: a conversation that spilled to tier 1 (a
+    # paid API) while tier 0 was full stayed there for its whole life.
+    strategy = Affinity(TieredLeastBusy(), wait=30)
+    gpu, paid = cand(1, limit=1, tier=0), cand(2, limit=4, tier=1)
+    key = memory_key(MODEL, "c")
+    strategy.memory.put(key, 2, now=time.monotonic())
+    assert chosen(strategy, Ask(MODEL, "c"), [gpu, paid], load()) == 1  # not waited for, not kept
+    assert strategy.memory.get(key, time.monotonic()) == 1
+    # tier 0 full: the remembered tier-1 server is kept
+    strategy.memory.put(key, 2, now=time.monotonic())
+    assert chosen(strategy, Ask(MODEL, "c"), [gpu, paid], load({(1, MODEL): 1})) == 2
+    # remembered on tier 0, which is full: waited for, not left for tier 1 at once
+    strategy.memory.put(memory_key(MODEL, "d"), 1, now=time.monotonic())
+    assert chosen(strategy, Ask(MODEL, "d"), [gpu, paid], load({(1, MODEL): 1})) is None

@@ -257,3 +257,40 @@ async def test_every_candidate_failing_is_a_502_with_the_last_reason(book: Book,
     assert breakers.is_open(9_251) and breakers.is_open(9_252)
     assert book.entries == []
     await settled()
+
+
+class Breaking(OllamaStream):
+    """A relay that cannot translate the second chunk it is fed (a bug, or a shape no server
+    should send)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fed = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        self.fed += 1
+        if self.fed > 1:
+            raise TypeError("'int' object is not iterable")
+        return super().feed(chunk)
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db
+async def test_a_relay_that_raises_ends_the_stream_with_an_error_and_gives_the_slot_back(
+    book: Book, fakes: Callable[..., ThreadedFake], monkeypatch
+):
+    # The exception once left the stream: the client's connection stayed open with no end.
+    server = fakes(models=[MODEL], tokens=20, delay=0.01)
+    use(monkeypatch, endpoint(server.url, 9_231))
+
+    def plan(cand: Candidate) -> Attempt:
+        attempt = ollama_plan(cand)
+        attempt.body = attempt.body.replace(b'"stream": false', b'"stream": true')
+        attempt.stream, attempt.relay = True, Breaking
+        return attempt
+
+    response = await forward(plan)
+    last = (await drained(response)).strip().splitlines()[-1]
+    assert "malformed reply from upstream ep9231" in json.loads(last)["error"]
+    assert book.entries == [("incomplete", server.url)]
+    await settled()

@@ -112,3 +112,34 @@ def test_keys_are_bounded_whatever_the_client_sends() -> None:
         affinity_key(request(), {"messages": [{"role": "user", "content": "\ud800 alone"}]}, "/api/chat"),
     ]
     assert all(k is not None and len(k) == 34 for k in keys)
+
+
+def _anthropic_turns(opening: str, n: int) -> list[list[dict[str, Any]]]:
+    messages: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "text", "text": opening}]}]
+    out = [list(messages)]
+    for k in range(1, n):
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": f"answer {k}"}]})
+        messages.append({"role": "user", "content": f"more {k}"})
+        out.append(list(messages))
+    return out
+
+
+def test_anthropic_messages_are_keyed_by_system_and_opening_then_by_metadata_user_id() -> None:
+    # /v1/messages was routed without any affinity key: Claude Code's turns were spread.
+    path = "/v1/messages"
+    system = [{"type": "text", "text": "You are Claude Code."}]
+    a = {
+        affinity_key(request(path), {"system": system, "messages": m}, path)
+        for m in _anthropic_turns("fix", 5)
+    }
+    b = {
+        affinity_key(request(path), {"system": system, "messages": m}, path)
+        for m in _anthropic_turns("add", 5)
+    }
+    other = affinity_key(request(path), {"system": "other", "messages": _anthropic_turns("fix", 1)[0]}, path)
+    assert len(a) == 1 and len(b) == 1 and a != b and other not in a
+    assert str(next(iter(a))).startswith("p:")
+    body = {"messages": _anthropic_turns("fix", 1)[0], "metadata": {"user_id": "session-7"}}
+    by_user = affinity_key(request(path), body, path)
+    assert by_user is not None and by_user.startswith("u:")
+    assert by_user == affinity_key(request(path), {**body, "messages": _anthropic_turns("x", 3)[2]}, path)

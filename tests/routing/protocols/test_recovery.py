@@ -200,3 +200,32 @@ def test_the_settings_turn_each_fix_off(clean_limits, settings):
     assert attempt.recover is not None
     assert attempt.recover(attempt, 400, LLAMA_CPP) is None
     assert attempt.recover(attempt, 400, b'{"error":"image input is not supported"}') is None
+
+
+def test_an_image_counts_as_a_fixed_number_of_tokens_not_its_base64_length():
+    screenshot = "A" * 400_000  # 300 KB of PNG, base64
+    openai = {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "what is wrong here"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + screenshot}},
+        ],
+    }
+    ollama = {"role": "user", "content": "what is wrong here", "images": [screenshot, screenshot]}
+    text_only = recovery.estimate({"role": "user", "content": "what is wrong here"})
+    assert recovery.estimate(openai) <= text_only + recovery.IMAGE_TOKENS + 30
+    assert recovery.estimate(ollama) <= text_only + 2 * recovery.IMAGE_TOKENS + 30
+    assert recovery.estimate(ollama) > 2 * recovery.IMAGE_TOKENS
+
+
+def test_a_known_context_does_not_trim_a_conversation_for_the_size_of_its_image(clean_limits, settings):
+    # A 300 KB screenshot once counted as 100,000 tokens: once a server's context was known,
+    # every conversation with an image lost all its earlier messages before it was sent.
+    settings.ROUTER_CONTEXT_TRIM = True
+    context_limits.learn(4242, "qwen", 8192)
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 400_000}}
+    last: dict[str, object] = {"role": "user", "content": [{"type": "text", "text": "and this?"}, image]}
+    messages = [_msg("system"), *[_msg(r) for r in ("user", "assistant") * 4], last]
+    attempt = recovery.guard(_attempt(messages), _candidate())
+    assert "X-Router-Trimmed" not in attempt.reply_headers
+    assert json.loads(attempt.body)["messages"] == messages

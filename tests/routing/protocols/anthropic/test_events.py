@@ -310,3 +310,20 @@ def test_any_split_of_an_upstream_stream_gives_the_same_events(kind: str, cuts: 
     pieces = [raw[a:b] for a, b in itertools.pairwise(points)]
     assert run(pieces) == run([raw])
     assert run([raw])[-1][0] == "message_stop"
+
+
+def test_tool_calls_that_are_not_a_list_are_no_tool_calls() -> None:
+    # `"tool_calls": 5` raised TypeError in the relay (the client's stream never ended) and in
+    # the whole reply (a 502 for a reply whose text was fine).
+    relay = FromOpenAI("m", [], keep_thinking=True)
+    out = relay.feed(sse(delta(content="hi", tool_calls=5), finish("stop"), USAGE)) + relay.finish()
+    names = [name for name, _ in events(out)]
+    assert names[-1] == "message_stop" and "error" not in names
+    ollama = FromOllama("m", keep_thinking=True)
+    line = {"message": {"content": "hi", "tool_calls": 5}, "done": True, "done_reason": "stop"}
+    assert [n for n, _ in events(ollama.feed(json.dumps(line).encode() + b"\n"))][-1] == "message_stop"
+    whole = {"choices": [{"message": {"content": "hi", "tool_calls": 5}, "finish_reason": "stop"}]}
+    body, _ = replies.from_openai("m", [], keep_thinking=True)(json.dumps(whole).encode())
+    assert json.loads(body)["content"] == [{"type": "text", "text": "hi"}]
+    body, _ = replies.from_ollama("m", keep_thinking=True)(json.dumps(line).encode())
+    assert json.loads(body)["content"] == [{"type": "text", "text": "hi"}]

@@ -151,3 +151,41 @@ def test_fields_it_does_not_know_are_named_not_refused() -> None:
     shapes.check_messages(data)
     assert shapes.ignored_fields(data) == "container,context_management"
     assert shapes.ignored_fields(body(service_tier="auto", speed="fast")) == ""
+
+
+def test_ignored_field_names_that_are_not_tokens_are_shown_as_a_question_mark() -> None:
+    # A name with CR/LF once reached the header as is: Django refused it, the client got a 500.
+    data = body(**{"a\r\nX-Evil: 1": 1, "caf\u00e9": 2, "ok_name": 3})
+    assert shapes.ignored_fields(data) == "?,?,ok_name"
+
+
+def test_the_ignored_header_is_bounded() -> None:
+    data = body(**{f"field{i:04d}": 1 for i in range(1000)})
+    value = shapes.ignored_fields(data)
+    assert len(value) <= shapes.IGNORED_MAX
+    assert value.startswith("field0000,field0001,") and value.endswith(",...")
+    assert "field0999" not in value
+
+
+def test_a_tool_result_must_answer_a_tool_use_of_the_message_before() -> None:
+    call = {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}
+
+    def result(tool_use_id: str) -> dict[str, Any]:
+        return {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": tool_use_id, "content": "ok"}],
+        }
+
+    ask = {"role": "user", "content": "go"}
+    shapes.check_messages(body(messages=[ask, {"role": "assistant", "content": [call]}, result("toolu_1")]))
+    alone = refused(body(messages=[result("toolu_1")]))
+    assert alone.startswith("'messages[0].content[0].tool_use_id'") and "answers no tool_use" in alone
+    wrong = refused(body(messages=[ask, {"role": "assistant", "content": [call]}, result("toolu_2")]))
+    assert "messages[2].content[0].tool_use_id" in wrong
+    later = [
+        ask,
+        {"role": "assistant", "content": [call]},
+        result("toolu_1"),
+        {"role": "assistant", "content": "x"},
+    ]
+    assert "messages[4]" in refused(body(messages=[*later, result("toolu_1")]), count=False)
