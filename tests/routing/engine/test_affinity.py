@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from functools import partial
 
 import pytest
 from hypothesis import given
@@ -19,26 +20,9 @@ from routing.engine.board import Board
 from routing.engine.fair_queue import FairQueue
 from routing.engine.selection import Ask, Load, TieredLeastBusy
 from routing.fleet.candidates import Candidate
-from routing.fleet.registry import EndpointInfo
+from tests.routing.fleet.factories import MODEL, candidate
 
-MODEL = "m:latest"
-
-
-def ep(id: int, limit: int, tier: int = 0) -> EndpointInfo:
-    return EndpointInfo(
-        id=id,
-        name=f"ep{id}",
-        url=f"http://127.0.0.1:{9000 + id}",
-        kind="ollama",
-        api_key="",
-        enabled=True,
-        limit=limit,
-        tier=tier,
-    )
-
-
-def cand(id: int, limit: int = 2, loaded: bool = False, tier: int = 0) -> Candidate:
-    return Candidate(ep(id, limit, tier), MODEL, loaded)
+cand = partial(candidate, limit=2)  # two slots unless told
 
 
 def load(active: dict[tuple[int, str], int] | None = None, limits: dict[int, int] | None = None) -> Load:

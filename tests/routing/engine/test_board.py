@@ -7,47 +7,31 @@ import asyncio
 import pytest
 
 from routing.engine.board import Board, Lease, QueueFull, QueueTimeout
-from routing.fleet.candidates import Candidate
-from routing.fleet.registry import EndpointInfo
-
-
-def ep(id: int, limit: int = 1) -> EndpointInfo:
-    return EndpointInfo(
-        id=id,
-        name=f"ep{id}",
-        url=f"http://127.0.0.1:{9000 + id}",
-        kind="ollama",
-        api_key="",
-        enabled=True,
-        limit=limit,
-    )
-
-
-def cand(id: int, limit: int = 1, loaded: bool = False) -> Candidate:
-    return Candidate(ep(id, limit), "m:latest", loaded)
+from tests.routing.fleet.factories import candidate as cand
 
 
 def test_it_prefers_an_endpoint_where_the_model_is_loaded():
     board = Board()
     for _ in range(20):
-        lease = board.try_acquire("m:latest", [cand(1, 4), cand(2, 4, loaded=True), cand(3, 4)])
+        cands = [cand(1, limit=4), cand(2, limit=4, loaded=True), cand(3, limit=4)]
+        lease = board.try_acquire("m:latest", cands)
         assert lease is not None and lease.endpoint.id == 2
         lease.release()
 
 
 def test_it_prefers_the_least_busy_endpoint_for_the_model():
     board = Board()
-    first = board.try_acquire("m:latest", [cand(1, 4, loaded=True)])
+    first = board.try_acquire("m:latest", [cand(1, limit=4, loaded=True)])
     assert first is not None
-    lease = board.try_acquire("m:latest", [cand(1, 4, loaded=True), cand(2, 4, loaded=True)])
+    lease = board.try_acquire("m:latest", [cand(1, limit=4, loaded=True), cand(2, limit=4, loaded=True)])
     assert lease is not None and lease.endpoint.id == 2
 
 
 def test_it_prefers_the_least_busy_endpoint_overall_on_a_tie():
     board = Board()
-    other = board.try_acquire("other:latest", [Candidate(ep(1, 4), "other:latest", False)])
+    other = board.try_acquire("other:latest", [cand(1, limit=4, model="other:latest")])
     assert other is not None
-    lease = board.try_acquire("m:latest", [cand(1, 4), cand(2, 4)])
+    lease = board.try_acquire("m:latest", [cand(1, limit=4), cand(2, limit=4)])
     assert lease is not None and lease.endpoint.id == 2
 
 
@@ -55,7 +39,7 @@ def test_it_breaks_ties_at_random():
     board = Board()
     chosen = set()
     for _ in range(200):
-        lease = board.try_acquire("m:latest", [cand(1, 4), cand(2, 4), cand(3, 4)])
+        lease = board.try_acquire("m:latest", [cand(1, limit=4), cand(2, limit=4), cand(3, limit=4)])
         assert lease is not None
         chosen.add(lease.endpoint.id)
         lease.release()
@@ -64,22 +48,22 @@ def test_it_breaks_ties_at_random():
 
 def test_it_never_reserves_past_the_limit():
     board = Board()
-    leases = [board.try_acquire("m:latest", [cand(1, 2)]) for _ in range(3)]
+    leases = [board.try_acquire("m:latest", [cand(1, limit=2)]) for _ in range(3)]
     assert leases[0] is not None and leases[1] is not None and leases[2] is None
     assert board.active() == {(1, "m:latest"): 2}
 
 
 def test_it_counts_slots_per_model_on_the_same_endpoint():
     board = Board()
-    a = board.try_acquire("a:latest", [Candidate(ep(1, 1), "a", False)])
-    b = board.try_acquire("b:latest", [Candidate(ep(1, 1), "b", False)])
+    a = board.try_acquire("a:latest", [cand(1, limit=1, model="a")])
+    b = board.try_acquire("b:latest", [cand(1, limit=1, model="b")])
     assert a is not None and b is not None
     assert board.active() == {(1, "a:latest"): 1, (1, "b:latest"): 1}
 
 
 def test_it_releases_a_lease_only_once():
     board = Board()
-    lease = board.try_acquire("m:latest", [cand(1, 2)])
+    lease = board.try_acquire("m:latest", [cand(1, limit=2)])
     assert lease is not None
     lease.release()
     lease.release()
@@ -172,7 +156,7 @@ async def test_it_keeps_forty_requests_within_a_limit_of_two():
 
     async def request() -> None:
         nonlocal in_flight, peak
-        lease = await board.acquire("m:latest", [cand(1, 2)], timeout=10, queue_max=100)
+        lease = await board.acquire("m:latest", [cand(1, limit=2)], timeout=10, queue_max=100)
         try:
             in_flight += 1
             peak = max(peak, in_flight)
@@ -189,9 +173,9 @@ async def test_it_keeps_forty_requests_within_a_limit_of_two():
 @pytest.mark.asyncio
 async def test_it_gives_queued_requests_the_slots_of_a_raised_limit():
     board = Board()
-    held = board.try_acquire("m:latest", [cand(1, 1)])
+    held = board.try_acquire("m:latest", [cand(1, limit=1)])
     assert held is not None
-    waiter = asyncio.create_task(board.acquire("m:latest", [cand(1, 1)], timeout=5, queue_max=10))
+    waiter = asyncio.create_task(board.acquire("m:latest", [cand(1, limit=1)], timeout=5, queue_max=10))
     await asyncio.sleep(0.01)
     assert not waiter.done()
     board.set_limits({1: 2})  # the admin raised the limit
@@ -204,9 +188,9 @@ async def test_it_gives_queued_requests_the_slots_of_a_raised_limit():
 def test_it_gives_no_new_slot_on_a_disabled_endpoint():
     board = Board()
     board.set_limits({1: 0, 2: 1})
-    lease = board.try_acquire("m:latest", [cand(1, 4), cand(2, 1)])
+    lease = board.try_acquire("m:latest", [cand(1, limit=4), cand(2, limit=1)])
     assert lease is not None and lease.endpoint.id == 2
-    assert board.try_acquire("m:latest", [cand(1, 4)]) is None
+    assert board.try_acquire("m:latest", [cand(1, limit=4)]) is None
 
 
 # -- the queue's order with clients and priorities (routing/engine/fair_queue.py) -------------

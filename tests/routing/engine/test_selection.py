@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from functools import partial
 
 import pytest
 from hypothesis import given
@@ -15,26 +16,12 @@ from hypothesis import strategies as st
 from routing.engine.board import Board
 from routing.engine.selection import Ask, Load, TieredLeastBusy
 from routing.fleet.candidates import Candidate
-from routing.fleet.registry import EndpointInfo
+from tests.routing.fleet.factories import MODEL, candidate
 
-MODEL = "m:latest"
 RULE = TieredLeastBusy()
 
 
-def ep(id: int, limit: int = 1) -> EndpointInfo:
-    return EndpointInfo(
-        id=id,
-        name=f"ep{id}",
-        url=f"http://127.0.0.1:{9000 + id}",
-        kind="ollama",
-        api_key="",
-        enabled=True,
-        limit=limit,
-    )
-
-
-def cand(id: int, limit: int = 4, loaded: bool = False) -> Candidate:
-    return Candidate(ep(id, limit), MODEL, loaded)
+cand = partial(candidate, limit=4)  # four slots unless told
 
 
 def load(
@@ -136,8 +123,8 @@ def test_unmetered_uses_the_same_rule_as_metered() -> None:
     rule in `unmetered` looked only at the endpoint's total)."""
     board = Board()
     held = board.try_acquire(MODEL, [cand(1, limit=1)])
-    other = board.try_acquire("o:latest", [Candidate(ep(2, 4), "o:latest", False)])
-    other2 = board.try_acquire("o:latest", [Candidate(ep(2, 4), "o:latest", False)])
+    other = board.try_acquire("o:latest", [candidate(2, limit=4, model="o:latest")])
+    other2 = board.try_acquire("o:latest", [candidate(2, limit=4, model="o:latest")])
     assert held is not None and other is not None and other2 is not None
     for _ in range(20):  # ep1: 1 for the model, 1 overall; ep2: 0 for the model, 2 overall
         assert board.unmetered(MODEL, [cand(1), cand(2)]).endpoint.id == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Sequence
+from functools import partial
 
 import pytest
 from hypothesis import given
@@ -18,25 +19,12 @@ from hypothesis import strategies as st
 from routing.engine.board import Board, Lease
 from routing.engine.selection import LATENCY_SLACK, LATENCY_TOLERANCE, Ask, Load, TieredLeastBusy, rank
 from routing.fleet.candidates import Candidate
-from routing.fleet.registry import EndpointInfo
+from tests.routing.fleet.factories import MODEL, candidate
 
-MODEL = "m:latest"
 RULE = TieredLeastBusy()
 
 
-def cand(id: int, *, tier: int = 0, weight: int = 1, limit: int = 4, loaded: bool = False) -> Candidate:
-    ep = EndpointInfo(
-        id=id,
-        name=f"ep{id}",
-        url=f"http://127.0.0.1:{9000 + id}",
-        kind="ollama",
-        api_key="",
-        enabled=True,
-        limit=limit,
-        tier=tier,
-        weight=weight,
-    )
-    return Candidate(ep, MODEL, loaded)
+cand = partial(candidate, limit=4)  # four slots unless told
 
 
 def load(

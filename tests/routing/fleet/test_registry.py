@@ -20,20 +20,9 @@ from routing.fleet.candidates import Candidate
 from routing.fleet.probes import EMPTY
 from routing.fleet.registry import EndpointInfo, Registry, registry
 from routing.models import Endpoint
+from tests.routing.fleet.factories import endpoint_info
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
-
-
-def info(id: int, limit: int = 1, enabled: bool = True) -> EndpointInfo:
-    return EndpointInfo(
-        id=id,
-        name=f"ep{id}",
-        url=f"http://ep{id}:11434",
-        kind="ollama",
-        api_key="",
-        enabled=enabled,
-        limit=limit,
-    )
 
 
 class Database:
@@ -57,7 +46,7 @@ class Database:
 
 @pytest.fixture
 def database(monkeypatch: pytest.MonkeyPatch) -> Iterator[Database]:
-    db = Database(info(1), info(2, enabled=False))
+    db = Database(endpoint_info(1), endpoint_info(2, enabled=False))
     monkeypatch.setattr(registry_module, "load_endpoints", db)
     yield db
 
@@ -68,8 +57,8 @@ async def test_concurrent_callers_share_one_read(database: Database) -> None:
     database.delay = 0.05
     results = await asyncio.gather(*(reg.all() for _ in range(20)))
     assert database.reads == 1
-    assert all(r == (info(1), info(2, enabled=False)) for r in results)
-    assert await reg.enabled() == (info(1),)
+    assert all(r == (endpoint_info(1), endpoint_info(2, enabled=False)) for r in results)
+    assert await reg.enabled() == (endpoint_info(1),)
     assert database.reads == 1  # fresh: no second read
 
 
@@ -77,12 +66,12 @@ async def test_concurrent_callers_share_one_read(database: Database) -> None:
 async def test_invalidate_makes_the_next_call_read_again(database: Database) -> None:
     reg = Registry()
     await reg.all()
-    database.rows = (info(1, limit=3),)
+    database.rows = (endpoint_info(1, limit=3),)
     assert await reg.all() != database.rows  # still the fresh copy
     reg.invalidate()
-    assert await reg.all() == (info(1, limit=3),)
+    assert await reg.all() == (endpoint_info(1, limit=3),)
     assert database.reads == 2
-    assert reg.cached() == (info(1, limit=3),)
+    assert reg.cached() == (endpoint_info(1, limit=3),)
 
 
 @pytest.mark.asyncio
