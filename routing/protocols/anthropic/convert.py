@@ -95,6 +95,47 @@ def _format(data: dict[str, Any]) -> dict[str, Any] | None:
     return fmt["schema"] if isinstance(fmt, dict) else None
 
 
+def _system_messages(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The first `system` message of both targets, or none when the request has no system text."""
+    system = system_text(data)
+    return [{"role": "system", "content": system}] if system else []
+
+
+def _sampling(data: dict[str, Any], max_tokens: int | None, limit_name: str) -> dict[str, Any]:
+    """The output limit (`max_tokens` over the request's, under `limit_name`), `temperature`,
+    `top_p`, `top_k` and `stop` (from `stop_sequences`), each only when set: the same for both
+    targets but for the limit's name (OpenAI `max_tokens`, Ollama `options.num_predict`)."""
+    out: dict[str, Any] = {}
+    limit = max_tokens if max_tokens is not None else data.get("max_tokens")
+    if limit is not None:
+        out[limit_name] = limit
+    for name in ("temperature", "top_p", "top_k"):
+        if data.get(name) is not None:
+            out[name] = data[name]
+    if data.get("stop_sequences"):
+        out["stop"] = data["stop_sequences"]
+    return out
+
+
+def _assistant_parts(
+    content: str | list[dict[str, Any]],
+) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    """An assistant message's text pieces, thinking pieces and tool_use blocks, in order
+    (redacted_thinking left out)."""
+    text: list[str] = []
+    thinking: list[str] = []
+    uses: list[dict[str, Any]] = []
+    for block in _blocks(content):
+        kind = block["type"]
+        if kind == "text":
+            text.append(block["text"])
+        elif kind == "thinking":
+            thinking.append(block["thinking"])
+        elif kind == "tool_use":
+            uses.append(block)
+    return text, thinking, uses
+
+
 # --------------------------------------------------------------------------- OpenAI
 
 
@@ -123,24 +164,15 @@ def _openai_user(content: str | list[dict[str, Any]], out: list[dict[str, Any]])
 
 
 def _openai_assistant(content: str | list[dict[str, Any]]) -> dict[str, Any]:
-    text: list[str] = []
-    thinking: list[str] = []
-    calls: list[dict[str, Any]] = []
-    for block in _blocks(content):
-        kind = block["type"]
-        if kind == "text":
-            text.append(block["text"])
-        elif kind == "thinking":
-            thinking.append(block["thinking"])
-        elif kind == "tool_use":
-            arguments = json.dumps(block["input"])
-            calls.append(
-                {
-                    "id": block["id"],
-                    "type": "function",
-                    "function": {"name": block["name"], "arguments": arguments},
-                }
-            )
+    text, thinking, uses = _assistant_parts(content)
+    calls = [
+        {
+            "id": block["id"],
+            "type": "function",
+            "function": {"name": block["name"], "arguments": json.dumps(block["input"])},
+        }
+        for block in uses
+    ]
     message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text or not calls else None}
     if thinking:
         message["reasoning_content"] = "".join(thinking)
@@ -153,10 +185,7 @@ def openai_messages(data: dict[str, Any]) -> list[dict[str, Any]]:
     """The chat-completions `messages` of a request: the system message first, then each
     message as the module docstring maps it (a user message with tool results may become
     several: the `tool` messages, then the rest of its text and images)."""
-    out: list[dict[str, Any]] = []
-    system = system_text(data)
-    if system:
-        out.append({"role": "system", "content": system})
+    out = _system_messages(data)
     for message in data["messages"]:
         if message["role"] == "user":
             _openai_user(message["content"], out)
@@ -180,14 +209,7 @@ def openai_request(
     body: dict[str, Any] = {"model": model, "messages": openai_messages(data), "stream": stream}
     if stream:
         body["stream_options"] = {"include_usage": True}
-    limit = max_tokens if max_tokens is not None else data.get("max_tokens")
-    if limit is not None:
-        body["max_tokens"] = limit
-    for name in ("temperature", "top_p", "top_k"):
-        if data.get(name) is not None:
-            body[name] = data[name]
-    if data.get("stop_sequences"):
-        body["stop"] = data["stop_sequences"]
+    body.update(_sampling(data, max_tokens, "max_tokens"))
     tools = data.get("tools")
     choice = data.get("tool_choice") or {}
     if tools:
@@ -266,19 +288,11 @@ def _ollama_user(
 
 
 def _ollama_assistant(content: str | list[dict[str, Any]]) -> dict[str, Any]:
-    text: list[str] = []
-    thinking: list[str] = []
-    calls: list[dict[str, Any]] = []
-    for block in _blocks(content):
-        kind = block["type"]
-        if kind == "text":
-            text.append(block["text"])
-        elif kind == "thinking":
-            thinking.append(block["thinking"])
-        elif kind == "tool_use":
-            calls.append(
-                {"id": block["id"], "function": {"name": block["name"], "arguments": block["input"]}}
-            )
+    text, thinking, uses = _assistant_parts(content)
+    calls = [
+        {"id": block["id"], "function": {"name": block["name"], "arguments": block["input"]}}
+        for block in uses
+    ]
     message: dict[str, Any] = {"role": "assistant", "content": "".join(text)}
     if thinking:
         message["thinking"] = "".join(thinking)
@@ -290,10 +304,7 @@ def _ollama_assistant(content: str | list[dict[str, Any]]) -> dict[str, Any]:
 def ollama_messages(data: dict[str, Any]) -> list[dict[str, Any]]:
     """The /api/chat `messages` of a request, as openai_messages (tool results name their
     tool, found by the tool_use id they answer)."""
-    out: list[dict[str, Any]] = []
-    system = system_text(data)
-    if system:
-        out.append({"role": "system", "content": system})
+    out = _system_messages(data)
     names = _tool_names(data["messages"])
     for message in data["messages"]:
         if message["role"] == "user":
@@ -308,15 +319,7 @@ def ollama_request(
 ) -> dict[str, Any]:
     """The /api/chat body for `model` (the server's name); `max_tokens` as in openai_request."""
     body: dict[str, Any] = {"model": model, "messages": ollama_messages(data), "stream": stream}
-    options: dict[str, Any] = {}
-    limit = max_tokens if max_tokens is not None else data.get("max_tokens")
-    if limit is not None:
-        options["num_predict"] = limit
-    for name in ("temperature", "top_p", "top_k"):
-        if data.get(name) is not None:
-            options[name] = data[name]
-    if data.get("stop_sequences"):
-        options["stop"] = data["stop_sequences"]
+    options = _sampling(data, max_tokens, "num_predict")
     if options:
         body["options"] = options
     tools = data.get("tools")

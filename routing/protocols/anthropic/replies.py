@@ -108,6 +108,25 @@ def _load(body: bytes) -> Any:
         return None
 
 
+def _tool_uses(listed: Any) -> list[dict[str, Any]]:
+    """A reply message's `tool_calls` (OpenAI's and Ollama's alike: `id`, `function.name`,
+    `function.arguments` as JSON text or an object) as Anthropic tool_use blocks; a call
+    without a `function` object is left out, a missing id is made up."""
+    calls: list[dict[str, Any]] = []
+    for call in listed if isinstance(listed, list) else ():
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict):
+            calls.append(
+                {
+                    "type": "tool_use",
+                    "id": text(call.get("id")) or tool_id(),
+                    "name": text(fn.get("name")),
+                    "input": arguments(fn.get("arguments")),
+                }
+            )
+    return calls
+
+
 def from_openai(model: str, stops: list[str], *, keep_thinking: bool) -> BodyReader:
     """A whole chat-completion reply -> an Anthropic message. Raises ValueError on a body that
     is not a chat completion (the engine answers 502)."""
@@ -121,19 +140,7 @@ def from_openai(model: str, stops: list[str], *, keep_thinking: bool) -> BodyRea
         counts = openai_counts(obj)
         said = choice.get("message")
         said = said if isinstance(said, dict) else {}
-        calls = []
-        listed = said.get("tool_calls")
-        for call in listed if isinstance(listed, list) else ():
-            fn = call.get("function") if isinstance(call, dict) else None
-            if isinstance(fn, dict):
-                calls.append(
-                    {
-                        "type": "tool_use",
-                        "id": text(call.get("id")) or tool_id(),
-                        "name": text(fn.get("name")),
-                        "input": arguments(fn.get("arguments")),
-                    }
-                )
+        calls = _tool_uses(said.get("tool_calls"))
         thinking = text(said.get("reasoning_content")) or text(said.get("reasoning"))
         content = _content(thinking, text(said.get("content")), calls, keep_thinking)
         reason = stop_reason(
@@ -153,19 +160,7 @@ def from_ollama(model: str, *, keep_thinking: bool) -> BodyReader:
         if not isinstance(said, dict):
             raise ValueError("not a chat reply")
         counts = ollama_counts(obj)
-        calls = []
-        listed = said.get("tool_calls")
-        for call in listed if isinstance(listed, list) else ():
-            fn = call.get("function") if isinstance(call, dict) else None
-            if isinstance(fn, dict):
-                calls.append(
-                    {
-                        "type": "tool_use",
-                        "id": text(call.get("id")) or tool_id(),
-                        "name": text(fn.get("name")),
-                        "input": arguments(fn.get("arguments")),
-                    }
-                )
+        calls = _tool_uses(said.get("tool_calls"))
         content = _content(text(said.get("thinking")), text(said.get("content")), calls, keep_thinking)
         reason = stop_reason(obj.get("done_reason"), tools=bool(calls), matched=None, stops=[])
         return json.dumps(message(model, content, reason, counts)).encode(), counts

@@ -154,32 +154,38 @@ def _check_tool_result(block: dict[str, Any], path: str) -> None:
             )
 
 
+# The block types only one role may send: type -> (that role, the error when another sends it).
+_ONE_ROLE: dict[str, tuple[str, str]] = {
+    "image": ("user", "an image block is only valid in a user message"),
+    "tool_use": ("assistant", "a tool_use block is only valid in an assistant message"),
+    "tool_result": ("user", "a tool_result block is only valid in a user message"),
+    "thinking": ("assistant", "a thinking block is only valid in an assistant message"),
+    "redacted_thinking": ("assistant", "a redacted_thinking block is only valid in an assistant message"),
+}
+
+
 def _check_block(block: dict[str, Any], role: str, path: str) -> None:
     kind = block.get("type")
+    if isinstance(kind, str) and kind in _ONE_ROLE and role != _ONE_ROLE[kind][0]:
+        raise _bad(path, _ONE_ROLE[kind][1])
     if kind == "text":
         if not isinstance(block.get("text"), str):
             raise _bad(f"{path}.text", "must be a string")
     elif kind == "image":
-        if role != "user":
-            raise _bad(path, "an image block is only valid in a user message")
         _check_image(block, path)
     elif kind == "tool_use":
-        if role != "assistant":
-            raise _bad(path, "a tool_use block is only valid in an assistant message")
         for name in ("id", "name"):
             if not isinstance(block.get(name), str) or not block[name]:
                 raise _bad(f"{path}.{name}", "must be a non-empty string")
         if not isinstance(block.get("input"), dict):
             raise _bad(f"{path}.input", "must be an object")
     elif kind == "tool_result":
-        if role != "user":
-            raise _bad(path, "a tool_result block is only valid in a user message")
         _check_tool_result(block, path)
-    elif kind in ("thinking", "redacted_thinking"):
-        if role != "assistant":
-            raise _bad(path, f"a {kind} block is only valid in an assistant message")
-        if kind == "thinking" and not isinstance(block.get("thinking"), str):
+    elif kind == "thinking":
+        if not isinstance(block.get("thinking"), str):
             raise _bad(f"{path}.thinking", "must be a string")
+    elif kind == "redacted_thinking":
+        pass  # opaque; left out of the history (convert.py)
     elif isinstance(kind, str):
         raise _bad(f"{path}.type", f"'{kind}' is not supported by this router")
     else:

@@ -112,6 +112,16 @@ def test_it_names_the_first_wrong_field(data: dict[str, Any], message: str) -> N
         ("assistant", {"type": "image", "source": {}}, "'messages[0].content[0]' an image block"),
         (
             "user",
+            {"type": "thinking", "thinking": "x", "signature": "s"},
+            "'messages[0].content[0]' a thinking block is only valid in an assistant message",
+        ),
+        (
+            "user",
+            {"type": "redacted_thinking", "data": "x"},
+            "'messages[0].content[0]' a redacted_thinking block is only valid in an assistant message",
+        ),
+        (
+            "user",
             {"type": "image", "source": {"type": "url", "url": "http://x"}},
             "'messages[0].content[0].source.type' must be 'base64'",
         ),
