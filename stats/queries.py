@@ -433,17 +433,8 @@ def csv_daily_rows(
     if client is not None:
         qs = qs.filter(client=client)
     ordered = qs.order_by("day", "endpoint", "model", "client", "requested_model")
+    # the CSV columns, the day in place of the timestamp
     return [
         (day_start(day), endpoint, m, inp, out, tot, req, who, asked)
-        for day, endpoint, m, inp, out, tot, req, who, asked in ordered.values_list(
-            "day",
-            "endpoint",
-            "model",
-            "input_tokens",
-            "output_tokens",
-            "total_tokens",
-            "requests",
-            "client",
-            "requested_model",
-        )
+        for day, endpoint, m, inp, out, tot, req, who, asked in ordered.values_list("day", *CSV_FIELDS[1:])
     ]
