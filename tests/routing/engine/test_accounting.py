@@ -13,7 +13,7 @@ import pytest
 
 from bench.fake_backend import ThreadedFake
 from routing.auth.principal import ANONYMOUS, OPERATOR, Principal
-from routing.engine import accounting, proxy
+from routing.engine import proxy
 from routing.engine.accounting import Counts, MetricsSink, Sinks
 from routing.engine.attempt import Attempt
 from routing.engine.board import board
@@ -24,6 +24,8 @@ from routing.fleet.registry import EndpointInfo
 from routing.observability import metrics
 from routing.protocols.common.relays import OllamaStream, no_counts, ollama_body
 from routing.upstream import client
+from tests.routing.engine.sinks import install_only
+from tests.routing.fleet.factories import endpoint_info
 
 MODEL = "llama3:latest"
 
@@ -107,9 +109,7 @@ def test_the_metrics_sink_counts_tokens_and_nothing_for_an_incomplete_request(mo
 def book(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[Any, ...]]]:
     """Only a recording sink is installed while the test runs."""
     log: list[tuple[Any, ...]] = []
-    only = Sinks()
-    only.install(Book("book", log))
-    monkeypatch.setattr(accounting.sinks, "_sinks", only.installed)
+    install_only(monkeypatch, Book("book", log))
     board.clear()
     breakers.forget()
     yield log
@@ -118,7 +118,7 @@ def book(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[Any, ...]]]:
 
 
 def use(monkeypatch: pytest.MonkeyPatch, url: str) -> EndpointInfo:
-    ep = EndpointInfo(id=9_101, name="acct", url=url, kind="ollama", api_key="", enabled=True, limit=2)
+    ep = endpoint_info(9_101, url=url, limit=2)
 
     async def lookup(model: str) -> candidates.Lookup:
         return candidates.Lookup([Candidate(ep, MODEL, True)], reachable=1)

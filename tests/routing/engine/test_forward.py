@@ -22,8 +22,8 @@ import pytest
 from bench.fake_backend import ThreadedFake
 from routing.auth.principal import ANONYMOUS, Principal
 from routing.core.errors import ApiError
-from routing.engine import accounting, proxy
-from routing.engine.accounting import Counts, Sinks
+from routing.engine import proxy
+from routing.engine.accounting import Counts
 from routing.engine.attempt import Attempt
 from routing.engine.board import board
 from routing.fleet import candidates
@@ -34,6 +34,8 @@ from routing.fleet.registry import EndpointInfo
 from routing.protocols.common.relays import OllamaStream, OpenAIStream, ollama_body, openai_body
 from routing.upstream import client
 from tests.conftest import free_port
+from tests.routing.engine.sinks import install_only
+from tests.routing.fleet.factories import endpoint_info
 
 MODEL = "llama3:latest"
 
@@ -55,9 +57,7 @@ class Book:
 def book(monkeypatch: pytest.MonkeyPatch, settings) -> Iterator[Book]:
     settings.REDIS_URL = ""
     kept = Book()
-    only = Sinks()
-    only.install(kept)
-    monkeypatch.setattr(accounting.sinks, "_sinks", only.installed)
+    install_only(monkeypatch, kept)
     board.clear()
     breakers.forget()
     refusals.forget()
@@ -68,7 +68,7 @@ def book(monkeypatch: pytest.MonkeyPatch, settings) -> Iterator[Book]:
 
 
 def endpoint(url: str, ep_id: int, kind: str = "ollama") -> EndpointInfo:
-    return EndpointInfo(id=ep_id, name=f"ep{ep_id}", url=url, kind=kind, api_key="", enabled=True, limit=1)
+    return endpoint_info(ep_id, url=url, kind=kind)
 
 
 def use(monkeypatch: pytest.MonkeyPatch, *eps: EndpointInfo) -> None:

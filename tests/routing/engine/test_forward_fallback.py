@@ -22,17 +22,19 @@ import pytest
 from bench.fake_backend import ThreadedFake
 from routing.auth.principal import ANONYMOUS, Principal
 from routing.core.errors import ApiError
-from routing.engine import accounting, proxy
-from routing.engine.accounting import Counts, Sinks
+from routing.engine import proxy
+from routing.engine.accounting import Counts
 from routing.engine.attempt import Attempt
 from routing.engine.board import board
 from routing.fleet import candidates, routes
 from routing.fleet.breaker import breakers
 from routing.fleet.candidates import Candidate
-from routing.fleet.registry import EndpointInfo, registry
+from routing.fleet.registry import registry
 from routing.protocols.common.relays import OllamaStream, ollama_body
 from routing.upstream import client
 from tests.conftest import free_port
+from tests.routing.engine.sinks import install_only
+from tests.routing.fleet.factories import candidate
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db]
 
@@ -56,20 +58,12 @@ class Book:
 def book(monkeypatch: pytest.MonkeyPatch, settings) -> Iterator[Book]:
     settings.REDIS_URL = ""
     kept = Book()
-    only = Sinks()
-    only.install(kept)
-    monkeypatch.setattr(accounting.sinks, "_sinks", only.installed)
+    install_only(monkeypatch, kept)
     board.clear()
     breakers.forget()
     yield kept
     board.clear()
     breakers.forget()
-
-
-def endpoint(url: str, ep_id: int, limit: int = 1) -> EndpointInfo:
-    return EndpointInfo(
-        id=ep_id, name=f"ep{ep_id}", url=url, kind="ollama", api_key="", enabled=True, limit=limit
-    )
 
 
 def fleet(
@@ -117,7 +111,7 @@ async def settled() -> None:
 
 
 def cand(fake_url: str, ep_id: int, name: str, *, limit: int = 1, loaded: bool = False) -> Candidate:
-    return Candidate(endpoint(fake_url, ep_id, limit), name, loaded)
+    return candidate(ep_id, url=fake_url, model=name, limit=limit, loaded=loaded)
 
 
 async def test_an_alias_reaches_a_server_under_its_own_name_and_names_the_real_model(

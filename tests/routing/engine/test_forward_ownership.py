@@ -23,10 +23,10 @@ from routing.engine.cluster import cluster
 from routing.fleet import candidates
 from routing.fleet.breaker import breakers
 from routing.fleet.candidates import Candidate
-from routing.fleet.registry import EndpointInfo
 from routing.protocols.common.relays import OllamaStream, ollama_body
 from routing.upstream import client
 from tests.integration.test_cluster import _redis_answers
+from tests.routing.fleet import factories
 
 MODEL = "llama3:latest"
 EP_ID = 9_001
@@ -48,10 +48,7 @@ def mode(request, settings) -> Iterator[str]:
 
 
 def candidate(url: str, limit: int = 2, ep_id: int = EP_ID) -> Candidate:
-    ep = EndpointInfo(
-        id=ep_id, name=f"ep{ep_id}", url=url, kind="ollama", api_key="", enabled=True, limit=limit
-    )
-    return Candidate(ep, MODEL, True)
+    return factories.candidate(ep_id, url=url, model=MODEL, limit=limit, loaded=True)
 
 
 def use_candidates(monkeypatch: pytest.MonkeyPatch, *cands: Candidate) -> None:

@@ -45,6 +45,7 @@ def candidate(
     limit: int = 1,
     tier: int = 0,
     weight: int = 1,
+    url: str | None = None,
 ) -> Candidate:
     """`model` on `endpoint_info(id, ...)`, `loaded` when the endpoint has it in memory."""
-    return Candidate(endpoint_info(id, limit=limit, tier=tier, weight=weight), model, loaded)
+    return Candidate(endpoint_info(id, limit=limit, tier=tier, weight=weight, url=url), model, loaded)
