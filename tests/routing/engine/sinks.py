@@ -1,12 +1,14 @@
-"""Test helper: the accounting sinks (routing/engine/accounting.py) replaced, for one test,
-by the given ones alone."""
+"""Test helpers for the accounting sinks (routing/engine/accounting.py): `install_only` puts
+the given sinks in place of the installed ones for one test; `Book` is a sink that writes down
+what it was told (the `book` fixture of conftest.py installs one)."""
 
 from __future__ import annotations
 
 import pytest
 
+from routing.auth.principal import Principal
 from routing.engine import accounting
-from routing.engine.accounting import AccountingSink, Sinks
+from routing.engine.accounting import AccountingSink, Counts, Sinks
 
 
 def install_only(monkeypatch: pytest.MonkeyPatch, *sinks: AccountingSink) -> None:
@@ -15,3 +17,19 @@ def install_only(monkeypatch: pytest.MonkeyPatch, *sinks: AccountingSink) -> Non
     for sink in sinks:
         only.install(sink)
     monkeypatch.setattr(accounting.sinks, "_sinks", only.installed)
+
+
+class Book:
+    """What the sinks were told: (kind, endpoint url, real model, requested), kind "record" or
+    "incomplete"."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, str, str, str]] = []
+
+    def record(
+        self, principal: Principal, endpoint: str, model: str, counts: Counts, *, requested: str = ""
+    ) -> None:
+        self.entries.append(("record", endpoint, model, requested))
+
+    def incomplete(self, principal: Principal, endpoint: str, model: str, *, requested: str = "") -> None:
+        self.entries.append(("incomplete", endpoint, model, requested))

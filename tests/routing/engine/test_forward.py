@@ -14,16 +14,15 @@ and on every one of these paths the slot comes back.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from bench.fake_backend import ThreadedFake
-from routing.auth.principal import ANONYMOUS, Principal
+from routing.auth.principal import ANONYMOUS
 from routing.core.errors import ApiError
 from routing.engine import proxy
-from routing.engine.accounting import Counts
 from routing.engine.attempt import Attempt
 from routing.engine.board import board
 from routing.fleet import candidates
@@ -34,37 +33,10 @@ from routing.fleet.registry import EndpointInfo
 from routing.protocols.common.relays import OllamaStream, OpenAIStream, ollama_body, openai_body
 from routing.upstream import client
 from tests.conftest import free_port
-from tests.routing.engine.sinks import install_only
+from tests.routing.engine.sinks import Book
 from tests.routing.fleet.factories import endpoint_info
 
 MODEL = "llama3:latest"
-
-
-class Book:
-    def __init__(self) -> None:
-        self.entries: list[tuple[str, str]] = []
-
-    def record(
-        self, principal: Principal, endpoint: str, model: str, counts: Counts, *, requested: str = ""
-    ) -> None:
-        self.entries.append(("record", endpoint))
-
-    def incomplete(self, principal: Principal, endpoint: str, model: str, *, requested: str = "") -> None:
-        self.entries.append(("incomplete", endpoint))
-
-
-@pytest.fixture
-def book(monkeypatch: pytest.MonkeyPatch, settings) -> Iterator[Book]:
-    settings.REDIS_URL = ""
-    kept = Book()
-    install_only(monkeypatch, kept)
-    board.clear()
-    breakers.forget()
-    refusals.forget()
-    yield kept
-    board.clear()
-    breakers.forget()
-    refusals.forget()
 
 
 def endpoint(url: str, ep_id: int, kind: str = "ollama") -> EndpointInfo:
@@ -149,7 +121,7 @@ async def test_a_server_that_did_not_take_the_work_fails_over(
         assert breakers.view(9_201).state is State.CLOSED  # one 503: weak evidence
     else:
         assert breakers.is_open(9_201)  # refused: strong evidence, out of rotation at once
-    assert book.entries == [("record", good.url)]  # counted once, on the server that answered
+    assert book.entries == [("record", good.url, MODEL, "")]  # counted once, on the server that answered
     await settled()
 
 
@@ -203,7 +175,7 @@ async def test_no_first_byte_in_time_is_a_504_never_resent(
     assert caught.value.headers == {"X-Router-Endpoint": "ep9231"}
     assert other.stats.total_requests() == 0
     assert breakers.view(9_231).state is State.CLOSED  # once: weak evidence
-    assert book.entries == [("incomplete", slow.url)]
+    assert book.entries == [("incomplete", slow.url, MODEL, "")]
     with pytest.raises(ApiError):  # a second request stalls too: out of rotation
         await forward(ollama_plan)
     assert breakers.view(9_231).state is State.OPEN and other.stats.total_requests() == 0
@@ -292,5 +264,5 @@ async def test_a_relay_that_raises_ends_the_stream_with_an_error_and_gives_the_s
     response = await forward(plan)
     last = (await drained(response)).strip().splitlines()[-1]
     assert "malformed reply from upstream ep9231" in json.loads(last)["error"]
-    assert book.entries == [("incomplete", server.url)]
+    assert book.entries == [("incomplete", server.url, MODEL, "")]
     await settled()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -23,7 +23,6 @@ from bench.fake_backend import ThreadedFake
 from routing.auth.principal import ANONYMOUS, Principal
 from routing.core.errors import ApiError
 from routing.engine import proxy
-from routing.engine.accounting import Counts
 from routing.engine.attempt import Attempt
 from routing.engine.board import board
 from routing.fleet import candidates, routes
@@ -33,37 +32,10 @@ from routing.fleet.registry import registry
 from routing.protocols.common.relays import OllamaStream, ollama_body
 from routing.upstream import client
 from tests.conftest import free_port
-from tests.routing.engine.sinks import install_only
+from tests.routing.engine.sinks import Book
 from tests.routing.fleet.factories import candidate
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db]
-
-
-class Book:
-    """What the sinks were told: (kind, endpoint url, real model, requested)."""
-
-    def __init__(self) -> None:
-        self.entries: list[tuple[str, str, str, str]] = []
-
-    def record(
-        self, principal: Principal, endpoint: str, model: str, counts: Counts, *, requested: str = ""
-    ) -> None:
-        self.entries.append(("record", endpoint, model, requested))
-
-    def incomplete(self, principal: Principal, endpoint: str, model: str, *, requested: str = "") -> None:
-        self.entries.append(("incomplete", endpoint, model, requested))
-
-
-@pytest.fixture
-def book(monkeypatch: pytest.MonkeyPatch, settings) -> Iterator[Book]:
-    settings.REDIS_URL = ""
-    kept = Book()
-    install_only(monkeypatch, kept)
-    board.clear()
-    breakers.forget()
-    yield kept
-    board.clear()
-    breakers.forget()
 
 
 def fleet(
