@@ -82,6 +82,14 @@ async def settled() -> None:
     await client.close_client()
 
 
+async def until_queued(n: int) -> None:
+    """Wait (two seconds at most) for `n` requests to be in the board's queues."""
+    for _ in range(200):
+        if board.queued_total() == n:
+            return
+        await asyncio.sleep(0.01)
+
+
 def cand(fake_url: str, ep_id: int, name: str, *, limit: int = 1, loaded: bool = False) -> Candidate:
     return candidate(ep_id, url=fake_url, model=name, limit=limit, loaded=loaded)
 
@@ -146,10 +154,7 @@ async def test_an_alias_waits_in_every_targets_queue_and_takes_the_first_free_sl
     held_a, held_b = board.try_acquire(a.key, [a]), board.try_acquire(b.key, [b])
     assert held_a is not None and held_b is not None
     waiting = asyncio.ensure_future(forward("gpt-oss"))
-    for _ in range(200):
-        if board.queued_total() == 2:
-            break
-        await asyncio.sleep(0.01)
+    await until_queued(2)
     assert board.queued() == {a.key: 1, b.key: 1}
     held_b.release()  # the second target's server frees first
     response = await waiting
@@ -169,10 +174,7 @@ async def test_cancelling_an_alias_waiting_in_several_queues_leaves_nothing_behi
     held_a, held_b = board.try_acquire(a.key, [a]), board.try_acquire(b.key, [b])
     assert held_a is not None and held_b is not None
     waiting = asyncio.ensure_future(forward("m"))
-    for _ in range(200):
-        if board.queued_total() == 2:
-            break
-        await asyncio.sleep(0.01)
+    await until_queued(2)
     held_a.release()  # granted to the waiter in the same instant as it is cancelled
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
