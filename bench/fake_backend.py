@@ -826,6 +826,28 @@ class FakeBackend:
 
     # -- the generation engine (stats, delays, faults) --
 
+    async def _serve_json(
+        self,
+        request: web.BaseRequest,
+        model: str,
+        reply: Any,
+        *,
+        prompt_tokens: int,
+        openai_errors: bool,
+    ) -> web.StreamResponse:
+        """`_serve` for a whole JSON reply that generates nothing (embeddings, rerank, ...):
+        one token delay, `prompt_tokens` reported, no completion tokens."""
+        return await self._serve(
+            request,
+            model,
+            content_type=_JSON,
+            chunks=None,
+            final=_jb(reply),
+            steps=1,
+            reported=(prompt_tokens, 0),
+            openai_errors=openai_errors,
+        )
+
     async def _serve(
         self,
         request: web.BaseRequest,
@@ -1263,16 +1285,7 @@ class FakeBackend:
             "load_duration": counts["load_duration"],
             "prompt_eval_count": words,
         }
-        return await self._serve(
-            request,
-            model,
-            content_type=_JSON,
-            chunks=None,
-            final=_jb(reply),
-            steps=1,
-            reported=(words, 0),
-            openai_errors=False,
-        )
+        return await self._serve_json(request, model, reply, prompt_tokens=words, openai_errors=False)
 
     async def _ol_embeddings(self, request: web.BaseRequest, body: _Body) -> web.StreamResponse:
         checked = self._ol_check_model(body)
@@ -1282,16 +1295,7 @@ class FakeBackend:
         prompt = body.get("prompt")
         text = prompt if isinstance(prompt, str) else ""
         reply = {"embedding": _embedding(text) if text else []}
-        return await self._serve(
-            request,
-            model,
-            content_type=_JSON,
-            chunks=None,
-            final=_jb(reply),
-            steps=1,
-            reported=(0, 0),
-            openai_errors=False,
-        )
+        return await self._serve_json(request, model, reply, prompt_tokens=0, openai_errors=False)
 
     # -- OpenAI-compatible (llama.cpp server, or Ollama's /v1) --
 
@@ -1470,16 +1474,7 @@ class FakeBackend:
             "model": name,
             "usage": {"prompt_tokens": words, "total_tokens": words},
         }
-        return await self._serve(
-            request,
-            model,
-            content_type=_JSON,
-            chunks=None,
-            final=_jb(reply),
-            steps=1,
-            reported=(words, 0),
-            openai_errors=True,
-        )
+        return await self._serve_json(request, model, reply, prompt_tokens=words, openai_errors=True)
 
     # -- context size, vision and rerank (the router's recovery and rerank routes) --
 
@@ -1555,16 +1550,7 @@ class FakeBackend:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             "results": results,
         }
-        return await self._serve(
-            request,
-            model,
-            content_type=_JSON,
-            chunks=None,
-            final=_jb(reply),
-            steps=1,
-            reported=(tokens, 0),
-            openai_errors=True,
-        )
+        return await self._serve_json(request, model, reply, prompt_tokens=tokens, openai_errors=True)
 
 
 def _has_images(body: _Body) -> bool:
