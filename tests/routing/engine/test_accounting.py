@@ -4,7 +4,6 @@ idempotent; the forwarding path reports a reply's counts, or an incomplete reque
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,8 +21,8 @@ from routing.fleet.breaker import breakers
 from routing.fleet.candidates import Candidate
 from routing.fleet.registry import EndpointInfo
 from routing.observability import metrics
-from routing.protocols.common.relays import OllamaStream, no_counts, ollama_body
 from routing.upstream import client
+from tests.routing.engine.attempts import ollama_chat
 from tests.routing.engine.sinks import install_only
 from tests.routing.fleet.factories import endpoint_info
 
@@ -129,15 +128,7 @@ def use(monkeypatch: pytest.MonkeyPatch, url: str) -> EndpointInfo:
 
 def plan(stream: bool, *, counted: bool = True) -> Callable[[Candidate], Attempt]:
     def build(cand: Candidate) -> Attempt:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
-        return Attempt(
-            url=cand.endpoint.url + "/api/chat",
-            body=json.dumps(body).encode(),
-            relay=OllamaStream,
-            read_body=ollama_body if counted else no_counts,
-            stream=stream,
-            counted=counted,
-        )
+        return ollama_chat(cand, MODEL, stream=stream, counted=counted)
 
     return build
 

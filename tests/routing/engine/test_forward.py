@@ -30,9 +30,10 @@ from routing.fleet.breaker import State, breakers
 from routing.fleet.candidates import Candidate
 from routing.fleet.refusals import refusals
 from routing.fleet.registry import EndpointInfo
-from routing.protocols.common.relays import OllamaStream, OpenAIStream, ollama_body, openai_body
+from routing.protocols.common.relays import OllamaStream, OpenAIStream, openai_body
 from routing.upstream import client
 from tests.conftest import free_port
+from tests.routing.engine.attempts import ollama_chat
 from tests.routing.engine.sinks import Book
 from tests.routing.fleet.factories import endpoint_info
 
@@ -55,14 +56,7 @@ def use(monkeypatch: pytest.MonkeyPatch, *eps: EndpointInfo) -> None:
 
 
 def ollama_plan(cand: Candidate) -> Attempt:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": False}
-    return Attempt(
-        url=cand.endpoint.url + "/api/chat",
-        body=json.dumps(body).encode(),
-        relay=OllamaStream,
-        read_body=ollama_body,
-        stream=False,
-    )
+    return ollama_chat(cand, MODEL)
 
 
 def openai_plan(cand: Candidate) -> Attempt:

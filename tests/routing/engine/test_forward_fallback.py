@@ -29,9 +29,9 @@ from routing.fleet import candidates, routes
 from routing.fleet.breaker import breakers
 from routing.fleet.candidates import Candidate
 from routing.fleet.registry import registry
-from routing.protocols.common.relays import OllamaStream, ollama_body
 from routing.upstream import client
 from tests.conftest import free_port
+from tests.routing.engine.attempts import ollama_chat
 from tests.routing.engine.sinks import Book
 from tests.routing.fleet.factories import candidate
 
@@ -62,14 +62,7 @@ def fleet(
 
 def plan(cand: Candidate) -> Attempt:
     """An Ollama chat for the candidate's own name of the model (as the views build it)."""
-    body = {"model": cand.backend_model, "messages": [{"role": "user", "content": "hi"}], "stream": False}
-    return Attempt(
-        url=cand.endpoint.url + "/api/chat",
-        body=json.dumps(body).encode(),
-        relay=OllamaStream,
-        read_body=ollama_body,
-        stream=False,
-    )
+    return ollama_chat(cand, cand.backend_model)
 
 
 async def forward(model: str, principal: Principal = ANONYMOUS) -> Any:
