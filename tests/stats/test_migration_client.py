@@ -6,26 +6,16 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 
 import pytest
-from django.db import connection
-from django.db.migrations.executor import MigrationExecutor
+
+from tests.stats.migrating import migrate_to_latest, token_models
 
 BEFORE = [("stats", "0001_initial")]
 AFTER = [("stats", "0002_token_client")]
 
 
-def migrate(targets: list[tuple[str, str]]) -> MigrationExecutor:
-    executor = MigrationExecutor(connection)
-    executor.loader.build_graph()
-    executor.migrate(targets)
-    return executor
-
-
 @pytest.mark.django_db(transaction=True)
 def test_existing_rows_keep_their_totals_and_become_anonymous():
-    old = migrate(BEFORE).loader.project_state(BEFORE).apps
-    total, series, daily = (
-        old.get_model("stats", n) for n in ("TokenTotal", "TokenTimeSeries", "TokenDaily")
-    )
+    total, series, daily = token_models(BEFORE)
     total.objects.create(
         endpoint="http://a",
         model="m",
@@ -58,10 +48,7 @@ def test_existing_rows_keep_their_totals_and_become_anonymous():
         requests=9,
     )
     try:
-        new = migrate(AFTER).loader.project_state(AFTER).apps
-        total, series, daily = (
-            new.get_model("stats", n) for n in ("TokenTotal", "TokenTimeSeries", "TokenDaily")
-        )
+        total, series, daily = token_models(AFTER)
         assert sorted(
             total.objects.values_list("endpoint", "client", "total_tokens", "requests", "incomplete")
         ) == [
@@ -79,7 +66,6 @@ def test_existing_rows_keep_their_totals_and_become_anonymous():
         # and back: 0001's unique keys hold again once the per-client rows are gone
         total.objects.filter(client="team").delete()
         series.objects.filter(client="team").delete()
-        old = migrate(BEFORE).loader.project_state(BEFORE).apps
-        assert old.get_model("stats", "TokenTotal").objects.count() == 2
+        assert token_models(BEFORE)[0].objects.count() == 2
     finally:
-        migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
+        migrate_to_latest()

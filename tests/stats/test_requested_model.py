@@ -8,8 +8,6 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
-from django.db import connection
-from django.db.migrations.executor import MigrationExecutor
 
 from routing.auth.principal import ANONYMOUS
 from routing.engine.accounting import Counts
@@ -17,25 +15,16 @@ from stats import queries
 from stats.models import TokenDaily, TokenTimeSeries, TokenTotal
 from stats.recorder import recorder
 from stats.rollup import roll_up
+from tests.stats.migrating import migrate_to_latest, token_models
 
 BEFORE = [("stats", "0002_token_client")]
 AFTER = [("stats", "0003_requested_model")]
 EP = "http://a:11434"
 
 
-def migrate(targets: list[tuple[str, str]]) -> MigrationExecutor:
-    executor = MigrationExecutor(connection)
-    executor.loader.build_graph()
-    executor.migrate(targets)
-    return executor
-
-
 @pytest.mark.django_db(transaction=True)
 def test_existing_rows_keep_their_totals_with_a_blank_requested_model():
-    old = migrate(BEFORE).loader.project_state(BEFORE).apps
-    total, series, daily = (
-        old.get_model("stats", n) for n in ("TokenTotal", "TokenTimeSeries", "TokenDaily")
-    )
+    total, series, daily = token_models(BEFORE)
     total.objects.create(
         endpoint=EP, model="m", client="team", input_tokens=3, output_tokens=4, total_tokens=7, requests=2
     )
@@ -43,10 +32,7 @@ def test_existing_rows_keep_their_totals_with_a_blank_requested_model():
     series.objects.create(endpoint=EP, model="m", timestamp=minute, total_tokens=7, requests=2)
     daily.objects.create(endpoint=EP, model="m", day=date(2025, 12, 1), total_tokens=150, requests=9)
     try:
-        new = migrate(AFTER).loader.project_state(AFTER).apps
-        total, series, daily = (
-            new.get_model("stats", n) for n in ("TokenTotal", "TokenTimeSeries", "TokenDaily")
-        )
+        total, series, daily = token_models(AFTER)
         assert list(total.objects.values_list("client", "requested_model", "total_tokens", "requests")) == [
             ("team", "", 7, 2)
         ]
@@ -58,12 +44,9 @@ def test_existing_rows_keep_their_totals_with_a_blank_requested_model():
         )
         assert total.objects.filter(endpoint=EP, model="m", client="team").count() == 2
         total.objects.filter(requested_model="alias:latest").delete()
-        assert (
-            migrate(BEFORE).loader.project_state(BEFORE).apps.get_model("stats", "TokenTotal").objects.count()
-            == 1
-        )
+        assert token_models(BEFORE)[0].objects.count() == 1
     finally:
-        migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
+        migrate_to_latest()
 
 
 @pytest.fixture
