@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from routing.engine.affinity import Affinity, AffinityMap, memory_key
-from routing.engine.board import Board
+from routing.engine.board import Board, Lease
 from routing.engine.fair_queue import FairQueue
 from routing.engine.selection import Ask, Load, TieredLeastBusy
 from routing.fleet.candidates import Candidate
@@ -198,15 +198,28 @@ def _board(wait: float) -> tuple[Board, Affinity]:
     return Board(strategy), strategy
 
 
+def _server_1_busy(board: Board, strategy: Affinity, cands: Sequence[Candidate]) -> Lease:
+    """Another conversation holds server 1 (`cands[0]`, one slot), where conversation "c" was
+    served last. Returns the other conversation's lease."""
+    other = board.try_acquire(MODEL, [cands[0]])
+    assert other is not None
+    strategy.memory.put(memory_key(MODEL, "c"), 1, now=time.monotonic())
+    return other
+
+
+async def _queued_c(board: Board, cands: list[Candidate]) -> asyncio.Task[Lease]:
+    """Conversation "c" asks, and is in the queue once this returns (its server is full)."""
+    waiter = asyncio.create_task(board.acquire(MODEL, cands, timeout=60, queue_max=10, affinity="c"))
+    await asyncio.sleep(0)
+    return waiter
+
+
 @pytest.mark.asyncio
 async def test_a_waiter_gets_its_own_server_when_a_slot_frees_there_within_the_wait() -> None:
     board, strategy = _board(wait=60)
     cands = [cand(1, limit=1), cand(2, limit=1)]
-    other = board.try_acquire(MODEL, [cands[0]])  # another conversation holds server 1
-    assert other is not None
-    strategy.memory.put(memory_key(MODEL, "c"), 1, now=time.monotonic())
-    waiter = asyncio.create_task(board.acquire(MODEL, cands, timeout=60, queue_max=10, affinity="c"))
-    await asyncio.sleep(0)
+    other = _server_1_busy(board, strategy, cands)
+    waiter = await _queued_c(board, cands)
     assert board.queued() == {MODEL: 1} and board.active_for(2) == 0  # 2 is free, not taken
     other.release()
     lease = await asyncio.wait_for(waiter, 5)
@@ -218,11 +231,8 @@ async def test_a_waiter_gets_its_own_server_when_a_slot_frees_there_within_the_w
 async def test_a_held_waiter_does_not_hold_up_requests_that_a_free_server_can_take() -> None:
     board, strategy = _board(wait=60)
     cands = [cand(1, limit=1), cand(2, limit=1)]
-    blocker = board.try_acquire(MODEL, [cands[0]])
-    assert blocker is not None
-    strategy.memory.put(memory_key(MODEL, "c"), 1, now=time.monotonic())
-    held = asyncio.create_task(board.acquire(MODEL, cands, timeout=60, queue_max=10, affinity="c"))
-    await asyncio.sleep(0)
+    blocker = _server_1_busy(board, strategy, cands)
+    held = await _queued_c(board, cands)
     assert board.queued() == {MODEL: 1}
     # a later request, with no key, is not queued behind it: server 2 is free
     later = await asyncio.wait_for(board.acquire(MODEL, cands, timeout=60, queue_max=10), 1)
@@ -241,9 +251,7 @@ async def test_after_the_wait_a_waiter_takes_another_free_server_and_the_memory_
     wait = 0.2
     board, strategy = _board(wait=wait)
     cands = [cand(1, limit=1), cand(2, limit=1)]
-    blocker = board.try_acquire(MODEL, [cands[0]])
-    assert blocker is not None
-    strategy.memory.put(memory_key(MODEL, "c"), 1, now=time.monotonic())
+    blocker = _server_1_busy(board, strategy, cands)
     asked = time.monotonic()
     lease = await asyncio.wait_for(board.acquire(MODEL, cands, timeout=60, queue_max=10, affinity="c"), 5)
     assert time.monotonic() - asked >= wait  # it never goes elsewhere before its wait is over
@@ -261,8 +269,7 @@ async def test_a_waiter_whose_wait_is_over_is_served_in_its_turn_like_any_other(
     one, two = board.try_acquire(MODEL, [cands[0]]), board.try_acquire(MODEL, [cands[1]])
     assert one is not None and two is not None
     strategy.memory.put(memory_key(MODEL, "c"), 1, now=time.monotonic())
-    waiter = asyncio.create_task(board.acquire(MODEL, cands, timeout=60, queue_max=10, affinity="c"))
-    await asyncio.sleep(0)
+    waiter = await _queued_c(board, cands)
     later = asyncio.create_task(board.acquire(MODEL, cands, timeout=60, queue_max=10))
     await asyncio.sleep(0.1)  # the waiter's wait (0.05 s) is over; everything is still full
     assert board.queued() == {MODEL: 2}
@@ -298,11 +305,8 @@ async def test_requests_of_one_key_at_the_same_time_are_spread_not_queued_for_on
 async def test_only_one_request_of_a_key_waits_for_its_server() -> None:
     board, strategy = _board(wait=60)
     cands = [cand(1, limit=1), cand(2, limit=2)]
-    blocker = board.try_acquire(MODEL, [cands[0]])  # another conversation fills server 1
-    assert blocker is not None
-    strategy.memory.put(memory_key(MODEL, "c"), 1, now=time.monotonic())
-    waiter = asyncio.create_task(board.acquire(MODEL, cands, timeout=60, queue_max=10, affinity="c"))
-    await asyncio.sleep(0)
+    blocker = _server_1_busy(board, strategy, cands)
+    waiter = await _queued_c(board, cands)
     assert board.queued() == {MODEL: 1}
     second = await asyncio.wait_for(board.acquire(MODEL, cands, timeout=60, queue_max=10, affinity="c"), 1)
     assert second.endpoint.id == 2 and not waiter.done()
@@ -311,11 +315,8 @@ async def test_only_one_request_of_a_key_waits_for_its_server() -> None:
     first = await asyncio.wait_for(waiter, 5)
     first.release()
     # the next turn, alone again, may wait once more
-    blocker = board.try_acquire(MODEL, [cands[0]])
-    assert blocker is not None
-    strategy.memory.put(memory_key(MODEL, "c"), 1, now=time.monotonic())
-    again = asyncio.create_task(board.acquire(MODEL, cands, timeout=60, queue_max=10, affinity="c"))
-    await asyncio.sleep(0)
+    blocker = _server_1_busy(board, strategy, cands)
+    again = await _queued_c(board, cands)
     assert board.queued() == {MODEL: 1}
     blocker.release()
     lease = await asyncio.wait_for(again, 5)
