@@ -22,7 +22,6 @@ request (`/proc/PID/stat`), which other load disturbs far less than throughput.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -78,9 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             fakes = start_fast_fakes(tokens=args.tokens, delay=0, log_dir=log_dir)
             started += fakes.values()
-            db = f"sqlite:///{log_dir}/ab.sqlite3"
-            procs.manage("migrate", "--noinput", "-v", "0", database_url=db)
-            procs.dbtool("endpoints", json.dumps(fast_fake_endpoints(fakes)), database_url=db)
+            db = procs.fleet_database(log_dir / "ab.sqlite3", fast_fake_endpoints(fakes))
             env = {"REDIS_URL": args.redis} if args.redis else {}
             auth = {"A": "", "B": ""}
             if args.key:

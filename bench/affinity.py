@@ -188,10 +188,8 @@ def run(log_dir: Path, opts: argparse.Namespace) -> dict[str, Any]:
             )
             started.append(fake)
             _post(fake.url + "/_fake/config", {"prefill": opts.prefill, "prefix_cache": opts.cache})
-        db = f"sqlite:///{log_dir}/affinity.sqlite3"
-        procs.manage("migrate", "--noinput", "-v", "0", database_url=db)
         spec = [{"name": f.name, "url": f.url, "kind": "ollama", "limit": opts.cap} for f in started]
-        procs.dbtool("endpoints", json.dumps(spec), database_url=db)
+        db = procs.fleet_database(log_dir / "affinity.sqlite3", spec)
         runs = [_one_run(mode, started, db, log_dir, opts) for mode in ("off", "on")]
     finally:
         for proc in reversed(started):

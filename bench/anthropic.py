@@ -57,9 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             fakes = start_fast_fakes(tokens=args.tokens, delay=0, log_dir=log_dir)
             started += fakes.values()
-            db = f"sqlite:///{log_dir}/bench.sqlite3"
-            procs.manage("migrate", "--noinput", "-v", "0", database_url=db)
-            procs.dbtool("endpoints", json.dumps(fast_fake_endpoints(fakes)), database_url=db)
+            db = procs.fleet_database(log_dir / "bench.sqlite3", fast_fake_endpoints(fakes))
             router = procs.start_router("daphne", database_url=db, log_dir=log_dir)
             started.append(router)
             cases = [(kind, stream) for kind in ("ollama", "openai") for stream in (True, False)]

@@ -10,7 +10,6 @@ measured alone), and how long the flood takes in all (fairness must not cost thr
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import statistics
 import time
@@ -71,10 +70,8 @@ def run(
             "fake-fair", kind="ollama", models=[MODEL], tokens=10, delay=0.01, log_dir=log_dir
         )
         started.append(fake)
-        db = f"sqlite:///{log_dir}/fairness.sqlite3"
-        procs.manage("migrate", "--noinput", "-v", "0", database_url=db)
         spec = [{"name": "fake-fair", "url": fake.url, "kind": "ollama", "limit": limit}]
-        procs.dbtool("endpoints", json.dumps(spec), database_url=db)
+        db = procs.fleet_database(log_dir / "fairness.sqlite3", spec)
         flood_key, single_key = _key("flood", db), _key("single", db)
         router = procs.start_router(
             server,

@@ -3,6 +3,7 @@ can be stopped with everything it started; plus /proc readings (RSS, CPU time)."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -200,6 +202,15 @@ def dbtool(*args: str, database_url: str) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"bench.dbtool {args[0]} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     return proc.stdout
+
+
+def fleet_database(path: Path, endpoints: list[dict[str, Any]]) -> str:
+    """A SQLite database at `path`, migrated, with `endpoints` registered (bench/dbtool.py
+    `endpoints` rows: name, url, kind, limit); its DATABASE_URL."""
+    url = f"sqlite:///{path}"
+    manage("migrate", "--noinput", "-v", "0", database_url=url)
+    dbtool("endpoints", json.dumps(endpoints), database_url=url)
+    return url
 
 
 @dataclass
