@@ -198,6 +198,19 @@ def recovering(hook: attempt.Recover, *, stream: bool) -> attempt.Planner:
     return plan
 
 
+def with_image(plan: attempt.Planner) -> attempt.Planner:
+    """`plan`, with an image on the first message of every attempt's body."""
+
+    def planned(cand: Candidate) -> attempt.Attempt:
+        made = plan(cand)
+        data = json.loads(made.body)
+        data["messages"][0]["images"] = ["aGk="]
+        made.body = json.dumps(data).encode()
+        return made
+
+    return planned
+
+
 @pytest.mark.asyncio
 @pytest.mark.django_db
 @pytest.mark.parametrize("stream", [False, True])
@@ -213,15 +226,7 @@ async def test_a_retry_on_the_same_server_keeps_the_one_slot_and_gives_it_back(
     def hook(_: attempt.Attempt, status: int, body: bytes) -> attempt.Retry | None:
         return attempt.Retry(plain.encode(), {"X-Test": "retried"}) if status == 500 else None
 
-    base = recovering(hook, stream=stream)
-
-    def plan(cand: Candidate) -> attempt.Attempt:
-        planned = base(cand)
-        with_image = json.loads(planned.body)
-        with_image["messages"][0]["images"] = ["aGk="]
-        planned.body = json.dumps(with_image).encode()
-        return planned
-
+    plan = with_image(recovering(hook, stream=stream))
     for _ in range(3):  # with limit 1, a leaked slot would make the second wait and fail
         response = await asyncio.wait_for(forward(plan), 5)
         assert response.status_code == 200 and response["X-Test"] == "retried"
@@ -243,16 +248,6 @@ async def test_a_refusal_passes_to_the_next_server_and_the_last_one_s_error_is_r
 
     def hook(_: attempt.Attempt, status: int, body: bytes) -> attempt.Refuse | None:
         return attempt.Refuse(no) if status == 500 else None
-
-    def with_image(plan: attempt.Planner) -> attempt.Planner:
-        def planned(cand: Candidate) -> attempt.Attempt:
-            made = plan(cand)
-            data = json.loads(made.body)
-            data["messages"][0]["images"] = ["aGk="]
-            made.body = json.dumps(data).encode()
-            return made
-
-        return planned
 
     use_candidates(
         monkeypatch, candidate(refusing.url, limit=1), candidate(serving.url, limit=1, ep_id=EP_ID + 1)
