@@ -195,32 +195,43 @@ def test_a_revoked_key_is_refused_without_a_restart(served, router):
 
 def test_fair_queueing_one_request_of_another_key_is_served_at_the_next_free_slot(fakes, endpoint, router):
     """The headline: key A floods 50 requests on a one-slot model, key B sends one. B is served as
-    soon as the slot frees, before A's 49 other queued requests."""
-    fake = fakes(kind="ollama", models=["llama3:latest"], tokens=5, first_byte_delay=0.15)
+    soon as the slot frees, before A's 49 other queued requests.
+
+    A's first request holds the slot for 2 s (the fake delays only a body with "hold in it"), so
+    A's other 49 are all queued before B comes however slow the machine is; the rest answer at
+    once, so the flood drains in moments."""
+    fake = fakes(
+        kind="ollama", models=["llama3:latest"], tokens=5, first_byte_delay=2.0, fault_match="hold in it"
+    )
     endpoint(fake.url, max_concurrent_connections=1)
     flood, single = make_key("flood"), make_key("single")
     server = router(ROUTER_API_KEY=OPERATOR, ROUTER_QUEUE_TIMEOUT="120")
     finished: list[str] = []
+    holding = {**CHAT, "messages": [{"role": "user", "content": "hold in it"}]}
 
     async def run() -> None:
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
 
-            async def one(key: str, who: str) -> None:
-                reply = await http.post("/api/chat", json=CHAT, headers=bearer(key))
+            async def one(key: str, who: str, body: dict[str, Any] = CHAT) -> None:
+                reply = await http.post("/api/chat", json=body, headers=bearer(key))
                 assert reply.status_code == 200
                 finished.append(who)
 
-            floods = [asyncio.create_task(one(flood, f"A{i}")) for i in range(50)]
+            first = asyncio.create_task(one(flood, "A0", holding))
             deadline = time.monotonic() + 30
-            while await asyncio.to_thread(metric, server.url, "router_queued") < 49:
+            while await asyncio.to_thread(metric, server.url, "router_in_flight") < 1:
                 assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            floods = [asyncio.create_task(one(flood, f"A{i}")) for i in range(1, 50)]
+            while await asyncio.to_thread(metric, server.url, "router_queued") < 49:
+                assert time.monotonic() < deadline and not first.done()
                 await asyncio.sleep(0.05)
             await one(single, "B")
-            await asyncio.gather(*floods)
+            await asyncio.gather(first, *floods)
 
     asyncio.run(run())
     assert len(finished) == 51
-    assert finished.index("B") <= 1, finished[:5]  # only the request in service when B came is ahead
+    assert finished.index("A0") == 0 and finished.index("B") == 1, finished[:5]
 
 
 @pytest.mark.skipif(not _redis_answers(), reason="no Redis at 127.0.0.1:6379 (CI starts one)")
