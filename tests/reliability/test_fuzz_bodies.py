@@ -108,6 +108,17 @@ BASES: dict[str, tuple[str, dict[str, Any]]] = {
         "POST",
         {"query": "a b", "documents": ["a", {"text": "b"}], "top_n": 1, "return_documents": True},
     ),
+    "/v1/messages": (
+        "POST",
+        {
+            "max_tokens": 3,
+            "system": [{"type": "text", "text": "x"}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}],
+            "stop_sequences": ["x"],
+            "stream": False,
+        },
+    ),
+    "/v1/messages/count_tokens": ("POST", {"messages": [{"role": "user", "content": "a"}], "system": "x"}),
     "/api/pull": ("POST", {"insecure": False, "stream": False}),
     "/api/push": ("POST", {"insecure": False, "stream": False}),
     "/api/create": ("POST", {"from": "llama3", "system": "x", "parameters": {"a": 1}, "stream": False}),
@@ -239,6 +250,10 @@ def check_reply(response: httpx.Response, path: str) -> None:
         return
     body = response.json()
     assert isinstance(body, dict) and "error" in body, body
+    if path.startswith("/v1/messages"):  # Anthropic's shape, the server's refusals rewritten too
+        assert set(body) == {"type", "error"} and body["type"] == "error", body
+        assert set(body["error"]) == {"type", "message"} and body["error"]["message"], body
+        return
     if response.headers.get("x-router-endpoint"):
         return  # the server's own refusal, passed on
     assert set(body) == {"error"}, body
