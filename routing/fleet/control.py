@@ -18,7 +18,8 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from routing.auth import client_keys
+from routing.auth import client_keys, quota_redis
+from routing.auth.quotas import quotas
 from routing.core import redis
 from routing.fleet import caches
 from routing.fleet.registry import registry
@@ -37,14 +38,28 @@ def broadcast_sync(endpoint_ids: list[int] | None) -> None:
 def keys_changed() -> None:
     """A ClientKey was created, changed or deleted (admin, commands; blocking or in a loop): this
     process reloads its key copy before the next request; with REDIS_URL the Redis generation is
-    bumped (every process checks it before admitting a keyed request) and the others are told."""
+    bumped (every process checks it before admitting a keyed request through Redis), the others
+    are told, and, called from a thread that may block, it returns once no process can admit
+    from a lease under the old keys (routing/auth/quota_redis.py, `confirm_generation`: at once
+    normally, FENCE seconds at most)."""
     client_keys.key_store.invalidate()
+    generation = None
     if settings.REDIS_URL:
+        quotas.redis.close_fast_path()
         try:
-            redis.sync_client().incr(client_keys.REDIS_GENERATION)
+            generation = int(redis.sync_client().incr(client_keys.REDIS_GENERATION))
         except Exception:
             log.warning("could not bump the key generation in Redis", exc_info=True)
     _send({"type": "keys.changed", "origin": ORIGIN})
+    if generation is not None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # a thread that may block (admin, commands): wait for the processes
+            try:
+                if not quota_redis.confirm_generation(generation):
+                    log.warning("a router process did not confirm the key change; its leases closed anyway")
+            except Exception:
+                log.warning("could not wait for the key change's confirmations", exc_info=True)
 
 
 def _send(message: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from calendar import timegm
 
 import pytest
 
+from routing.auth import quota_redis
 from routing.auth import quotas as quotas_module
 from routing.auth.principal import ANONYMOUS, OPERATOR, Principal
 from routing.auth.quotas import QuotaExceeded, Quotas, StaleKeys, Usage, Windows
@@ -189,7 +190,7 @@ def two_processes(settings) -> tuple[Quotas, Quotas]:
 @pytest.mark.asyncio
 async def test_redis_a_place_given_back_rides_on_the_next_admission(two_processes, monkeypatch):
     here, there = two_processes
-    monkeypatch.setattr(quotas_module, "RELEASE_EVERY", 3600.0)  # no timed flush: only an admission sends it
+    monkeypatch.setattr(quota_redis, "RELEASE_EVERY", 3600.0)  # no timed flush: only an admission sends it
     p, other = key(concurrency=1), key(rpm=100)
     try:
         (await here.admit(p)).release()

@@ -1,0 +1,698 @@
+"""Limits of client keys in Redis, shared by every router process, with leases.
+
+Counters per key id, under PREFIX (windows of routing/auth/quota_base.py):
+- `req:<minute>`: requests of this minute, admitted or leased (below);
+- `tok:<minute>`, `day:<day>`, `month:<month>`: tokens charged;
+- `inflight`: concurrency places, a sorted set of members scored by their expiry (LEASE s
+  ahead), so the places of a process that dies expire.
+
+Slow path, one round trip. The admissions asked for in one turn of the event loop go to Redis as
+one EVALSHA of `_ADMIT`, with the places given back since the last one. The script removes those
+places, checks the key generation (routing/auth/client_keys.py) and every limit, and counts the
+request and takes its place, atomically. While this process's fast path is open (below) it also
+asks for a lease: when at least LEASE_SHARE requests per minute (or places) are left, the script
+counts 1/LEASE_SHARE of what is left (at most LEASE_MAX) as this process's, in the same step.
+
+Fast path, no round trip. A request of a key this process holds a lease for is admitted from it
+when the lease has a request left (rpm) and a free place (concurrency), the token totals this
+process knows are under their limits ("is anything left?"), and the fast path is open: the key
+copy the caller was authenticated with has the key generation that this process read from
+Redis less than FENCE seconds ago (monotonic time, from when the read was sent).
+
+The sync tick, every SYNC_EVERY seconds while this process has leases, charges or keyed
+requests, is one pipeline. It reads the generation and writes this process's confirmation
+(CONFIRMED: owner -> "<generation> <UNIX time the fast path stays open until>"). It writes the
+token charges and the requests counted from leases; INCRBY returns the totals, which the fast
+path checks next. It reads the totals of the other leased keys, and gives back what leases did
+not need.
+
+Invariants:
+- No limit is passed. A lease is counted in Redis when granted, and a process admits from a
+  lease only what it was granted.
+- A lease costs other processes at most what it holds unused. Each tick gives back the part not
+  touched since the last one (the low-water mark). Everything goes back after LEASE_IDLE seconds
+  without a request of the key, or on a new key generation. A lease is at most 1/LEASE_SHARE of
+  what was left when granted, so near a limit every admission is exact, one round trip each.
+- A key change takes effect on the next request in every process. `confirm_generation`
+  (routing/fleet/control.py calls it after bumping the generation) returns when every process
+  whose fast path may be open has confirmed the new generation, or after FENCE seconds, when
+  every such fast path has closed. A request after that goes through the slow path, whose
+  script refuses a stale key copy (StaleKeys: the caller reloads and authenticates again).
+- Token charges are written within SYNC_EVERY seconds. So a token limit may be passed by what is
+  charged in that moment, as it may be by the request that crosses it.
+- Only the event loop's thread touches the leases, asks and pending writes, so they need no
+  lock. `close_fast_path` may be called from any thread: it sets one float.
+
+If Redis is unreachable, the slow path returns None and the front (routing/auth/quotas.py)
+admits on this process's own counters instead of refusing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from routing.auth.principal import Principal
+from routing.auth.quota_base import Admission, QuotaExceeded, StaleKeys, Usage, Windows, refusal
+from routing.core import redis
+
+log = logging.getLogger("routing.quotas")
+
+PREFIX = "nomyo:quota"
+CONFIRMED = "nomyo:keys:confirmed"  # hash: owner -> "<generation> <fast path open until, UNIX s>"
+LEASE = 900.0  # seconds a concurrency place lives in Redis unless renewed
+RENEW_EVERY = LEASE / 3  # seconds between renewals of the places a lease holds
+RELEASE_EVERY = 0.02  # seconds an exact place given back waits for an admission to ride on, at most
+SYNC_EVERY = 0.1  # seconds between sync ticks (token charges, confirmations, leases given back)
+FENCE = 2.0  # seconds the fast path stays open after a read of the key generation was sent
+LEASE_SHARE = 16  # a lease is at most 1/LEASE_SHARE of what is left of a limit
+LEASE_MAX = 64  # requests or places in one lease, at most
+LEASE_IDLE = 1.0  # seconds without a request before a key's lease goes back whole
+CLOCK_SKEW = 1.0  # seconds of clock difference between hosts `confirm_generation` allows for
+LIMITS_SENT = ("rpm", "tpm", "daily_tokens", "monthly_tokens", "concurrency")  # the script's order
+
+# KEYS: the generation; then 5 per admission: requests/minute, tokens/minute, tokens/day,
+#       tokens/month, concurrency set; then the concurrency set of each place given back
+# ARGV: number of admissions, now, lease, minute ttl, lease share; then 8 per admission: known
+#       generation ('' skips the check), rpm, tpm, daily, monthly, concurrency (0: none), member,
+#       lease wanted (0: none); then the member of each place given back
+# Returns 8 numbers per admission: status; requests, tokens this minute, day, month and places
+# in flight before it; requests and places leased (0: none, the request counted alone; else n,
+# the request's own included, its place being <member>:1 and the others <member>:2..n).
+# Status 0 admitted, 1 refused (nothing counted), -1 stale keys (nothing counted).
+_ADMIT = """
+local n = tonumber(ARGV[1])
+local now = tonumber(ARGV[2])
+local lease = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])
+local share = tonumber(ARGV[5])
+for j = 1, #KEYS - 1 - 5 * n do redis.call('ZREM', KEYS[1 + 5 * n + j], ARGV[5 + 8 * n + j]) end
+local generation = tonumber(redis.call('GET', KEYS[1]) or '0')
+local out = {}
+for a = 0, n - 1 do
+  local k = 1 + 5 * a
+  local v = 5 + 8 * a
+  if ARGV[v + 1] ~= '' and generation ~= tonumber(ARGV[v + 1]) then
+    for _, x in ipairs({-1, 0, 0, 0, 0, 0, 0, 0}) do out[#out + 1] = x end
+  else
+    redis.call('ZREMRANGEBYSCORE', KEYS[k + 5], '-inf', now)
+    local used = {
+      tonumber(redis.call('GET', KEYS[k + 1]) or '0'), tonumber(redis.call('GET', KEYS[k + 2]) or '0'),
+      tonumber(redis.call('GET', KEYS[k + 3]) or '0'), tonumber(redis.call('GET', KEYS[k + 4]) or '0'),
+      redis.call('ZCARD', KEYS[k + 5])}
+    local status = 0
+    for i = 1, 5 do
+      local limit = tonumber(ARGV[v + 1 + i])
+      if limit > 0 and used[i] >= limit then status = 1 end
+    end
+    local want = tonumber(ARGV[v + 8])
+    local leased = {0, 0}
+    if status == 0 then
+      local rpm = tonumber(ARGV[v + 2])
+      local requests = 1
+      if want > 0 and rpm > 0 and rpm - used[1] >= share then
+        requests = math.min(want, math.floor((rpm - used[1]) / share))
+        leased[1] = requests
+      end
+      redis.call('INCRBY', KEYS[k + 1], requests)
+      redis.call('EXPIRE', KEYS[k + 1], ttl)
+      local places = tonumber(ARGV[v + 6])
+      if places > 0 then
+        local take = 1
+        if want > 0 and places - used[5] >= share then
+          take = math.min(want, math.floor((places - used[5]) / share))
+          leased[2] = take
+        end
+        for i = 1, take do redis.call('ZADD', KEYS[k + 5], now + lease, ARGV[v + 7] .. ':' .. i) end
+        redis.call('EXPIRE', KEYS[k + 5], math.ceil(lease) + 60)
+      end
+    end
+    out[#out + 1] = status
+    for i = 1, 5 do out[#out + 1] = used[i] end
+    out[#out + 1] = leased[1]
+    out[#out + 1] = leased[2]
+  end
+end
+return out
+"""
+_ADMIT_SHA = hashlib.sha1(_ADMIT.encode()).hexdigest()  # Redis names a script by its SHA-1
+REPLY = 8  # numbers per admission in the script's reply
+
+
+@dataclass(slots=True)
+class _Ask:
+    """One admission waiting for the next call to Redis: its 5 keys and 8 arguments as sent, the
+    set its places go to (None: the key has no concurrency limit), its reply (REPLY numbers, or
+    the error of the call), and whether it asked for a lease."""
+
+    keys: tuple[bytes, ...]
+    args: tuple[bytes, ...]
+    place_set: bytes | None
+    member: bytes
+    reply: asyncio.Future[list[int]]
+    wanted: bool
+
+
+@dataclass(slots=True)
+class _Lease:
+    """What this process holds of one key's limits, granted under key generation `generation`
+    in the minute `minute`. `limits`: the key's (rpm, tpm, daily, monthly, concurrency), None for
+    none. `requests`: requests of `minute` left to admit (rpm keys); `counted`: requests admitted
+    from the lease of a key without rpm, not yet written. `free`: places held and not in use;
+    `held`: every place held (free or in use). `totals`: the latest known requests of the minute
+    and tokens of the minute, day and month in Redis, this process's unwritten charges added.
+    `low_requests`, `low_free`: the fewest left since the last tick (what was not needed)."""
+
+    principal: Principal
+    generation: int
+    minute: int
+    day: int
+    month: int
+    limits: tuple[int | None, ...]
+    place_set: bytes
+    requests: int = 0
+    counted: int = 0
+    free: list[bytes] = field(default_factory=list)
+    held: set[bytes] = field(default_factory=set)
+    totals: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    low_requests: int = 0
+    low_free: int = 0
+    used_at: float = 0.0  # monotonic
+
+
+class RedisCounters:
+    """The counters in Redis with this process's leases (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._background: set[asyncio.Task[None]] = set()
+        self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._serial = itertools.count()
+        self._charges: dict[int, int] = {}  # key id -> tokens not written yet
+        self._asks: list[_Ask] = []  # admissions of this turn of the loop, not sent yet
+        self._freed: list[tuple[bytes, bytes]] = []  # places given back, not sent yet
+        self._leases: dict[int, _Lease] = {}  # key id -> its lease
+        self._returns: list[tuple[bytes, int]] = []  # (requests key, n) leased requests to give back
+        # key id -> (principal, minute, its key names, its limits), encoded as sent: encoding
+        # about 16 arguments per request was a third of the Redis path's CPU
+        self._encoded: dict[int, tuple[Principal, int, tuple[bytes, ...], tuple[bytes, ...]]] = {}
+        self._freeing: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._generation: int | None = None  # the key generation the latest tick read
+        self._open_until = 0.0  # monotonic: the fast path is open before this
+        self._asked_at = 0.0  # monotonic: the latest keyed admission (keeps the ticker running)
+        self._renewed_at = time.monotonic()
+        self._closing = False
+        self._again = False  # the next tick comes at once (a new generation to confirm)
+        self._failing = False  # the latest tick failed (logged once until one succeeds)
+
+    @staticmethod
+    def keys(key_id: int, w: Windows) -> list[str]:
+        base = f"{PREFIX}:{key_id}"
+        return [
+            f"{base}:req:{w.minute}",
+            f"{base}:tok:{w.minute}",
+            f"{base}:day:{w.day}",
+            f"{base}:month:{w.month}",
+            f"{base}:inflight",
+        ]
+
+    def close_fast_path(self) -> None:
+        """Any thread: admit nothing from leases until a tick reads the key generation again."""
+        self._open_until = 0.0
+
+    def fast_path_open(self, generation: int | None) -> bool:
+        if generation is None or generation != self._generation:
+            return False
+        return time.monotonic() < self._open_until
+
+    async def admit(self, principal: Principal, now: float, generation: int | None) -> Admission | None:
+        """The admission, or None when Redis could not be asked (the caller falls back). Raises
+        QuotaExceeded (429) or StaleKeys. From this process's lease when it can (no round trip),
+        else in the next call to Redis, with the other admissions of this turn of the loop."""
+        w = Windows.at(now)
+        mono = time.monotonic()
+        self._asked_at = mono
+        self._tick_soon()
+        lease = self._leases.get(principal.key_id)
+        if lease is not None and lease.principal is principal and lease.minute == w.minute:
+            if generation == self._generation == lease.generation and mono < self._open_until:
+                admitted = self._from_lease(lease, w, mono)
+                if admitted is not None:
+                    return admitted
+        keys, limits = self._encode(principal, w)
+        member = f"{self.owner}:{next(self._serial)}".encode()
+        loop = asyncio.get_running_loop()
+        wanted = self.fast_path_open(generation)
+        known = b"" if generation is None else str(generation).encode()
+        ask = _Ask(
+            keys,
+            (known, *limits, member, b"%d" % LEASE_MAX if wanted else b"0"),
+            keys[4] if limits[4] != b"0" else None,
+            member,
+            loop.create_future(),
+            wanted,
+        )
+        self._asks.append(ask)
+        if len(self._asks) == 1:
+            loop.call_soon(self._send_asks)
+        try:
+            status, *values = await ask.reply  # cancelled: `_send` gives back what was taken for it
+        except Exception:
+            log.warning("could not check quotas in Redis; using this process's counters", exc_info=True)
+            return None
+        if status == -1:
+            raise StaleKeys()
+        used = Usage(*values[:5])
+        if status == 1:
+            refused = refusal(principal, used, w)
+            if refused is None:  # the counts moved between the script and now: say which was hit
+                refused = QuotaExceeded(
+                    principal,
+                    "concurrency",
+                    "over a limit; retry",
+                    code="rate_limit_exceeded",
+                    retry_after=1,
+                    headers={},
+                )
+            raise refused
+        after = Usage(used.requests_minute + 1, used.tokens_minute, used.tokens_day, used.tokens_month)
+        release = self._granted(principal, w, generation, ask, values)
+        return Admission((principal, after, w), release)
+
+    def _from_lease(self, lease: _Lease, w: Windows, mono: float) -> Admission | None:
+        """Admit from `lease` (no round trip), or None when it has nothing for this request.
+        Raises QuotaExceeded when the token totals it knows are over a limit."""
+        rpm, tpm, daily, monthly, concurrency = lease.limits
+        totals = lease.totals
+        if rpm is not None and lease.requests <= 0:
+            return None
+        if concurrency is not None and not lease.free:
+            return None
+        if (
+            (tpm is not None and totals[1] >= tpm)
+            or (daily is not None and totals[2] >= daily)
+            or (monthly is not None and totals[3] >= monthly)
+        ):  # over for certain: tokens only grow within a window, and these are at most that
+            used = Usage(totals[0] - lease.requests, totals[1], totals[2], totals[3])
+            refused = refusal(lease.principal, used, w)
+            if refused is not None:
+                raise refused
+            return None
+        lease.used_at = mono
+        if rpm is not None:
+            lease.requests -= 1
+            if lease.requests < lease.low_requests:
+                lease.low_requests = lease.requests
+        else:
+            lease.counted += 1
+            totals[0] += 1
+        after = Usage(totals[0] - lease.requests, totals[1], totals[2], totals[3])
+        if concurrency is None:
+            return Admission((lease.principal, after, w))
+        member = lease.free.pop()
+        if len(lease.free) < lease.low_free:
+            lease.low_free = len(lease.free)
+        return Admission((lease.principal, after, w), lambda: self._give_back(lease, member))
+
+    def _granted(
+        self, principal: Principal, w: Windows, generation: int | None, ask: _Ask, values: list[int]
+    ) -> Callable[[], None] | None:
+        """Take in what the script granted `ask` (values: its reply after the status): a lease is
+        kept when the fast path is still open for `generation`, else given back at once. Returns
+        the release of the request's own place (None: no place)."""
+        requests, places = values[5], values[6]
+        members = [ask.member + b":%d" % i for i in range(1, places + 1)]
+        own = members[0] if members else ask.member + b":1"
+        lease: _Lease | None = None
+        if ask.wanted:
+            lease = self._lease_for(principal, w, generation, ask.keys[4])
+            if lease is None:  # the fast path closed meanwhile: nothing is kept
+                if requests > 1:
+                    self._returns.append((ask.keys[0], requests - 1))
+                self._freed.extend((ask.keys[4], m) for m in members[1:])
+            else:
+                if requests:
+                    lease.requests += requests - 1
+                lease.totals[0] = max(lease.totals[0], values[0] + max(1, requests))
+                for i in (1, 2, 3):
+                    lease.totals[i] = max(lease.totals[i], values[i])
+                lease.held.update(members)
+                lease.free.extend(members[1:])
+                lease.used_at = time.monotonic()
+        if ask.place_set is None:
+            return None
+        if lease is not None and places:
+            kept = lease
+            return lambda: self._give_back(kept, own)
+        place = (ask.place_set, own)
+        return lambda: self._free(*place)
+
+    def _lease_for(
+        self, principal: Principal, w: Windows, generation: int | None, place_set: bytes
+    ) -> _Lease | None:
+        """The lease of `principal` to add a grant to (made when needed), or None when the fast
+        path is closed for `generation`."""
+        if not self.fast_path_open(generation):
+            return None
+        assert generation is not None
+        lease = self._leases.get(principal.key_id)
+        if lease is not None and lease.principal is principal and lease.minute == w.minute:
+            return lease
+        if lease is not None:
+            self._drop(lease)
+        limits = tuple(principal.limit(name) for name in ("rpm", "tpm", "daily_tokens", "monthly_tokens"))
+        lease = _Lease(
+            principal,
+            generation,
+            w.minute,
+            w.day,
+            w.month,
+            (*limits, principal.limit("concurrency")),
+            place_set,
+        )
+        self._leases[principal.key_id] = lease
+        return lease
+
+    def _give_back(self, lease: _Lease, member: bytes) -> None:
+        """A request admitted with a leased place ended: the place goes back to the lease, or to
+        Redis when the lease was dropped meanwhile."""
+        if self._leases.get(lease.principal.key_id) is lease and member in lease.held:
+            lease.free.append(member)
+        else:
+            lease.held.discard(member)
+            self._free(lease.place_set, member)
+
+    def _drop(self, lease: _Lease) -> None:
+        """Give back what `lease` holds unused; its places in use go back when their requests end."""
+        if self._leases.get(lease.principal.key_id) is lease:
+            del self._leases[lease.principal.key_id]
+        self._return_requests(lease, lease.requests)
+        self._return_places(lease, len(lease.free))
+        if lease.counted and lease.minute == Windows.at(time.time()).minute:
+            self._returns.append((self._request_key(lease), -lease.counted))  # counted: added
+        lease.counted = 0
+
+    def _request_key(self, lease: _Lease) -> bytes:
+        return f"{PREFIX}:{lease.principal.key_id}:req:{lease.minute}".encode()
+
+    def _return_requests(self, lease: _Lease, n: int) -> None:
+        n = min(n, lease.requests)
+        if n > 0:
+            lease.requests -= n
+            if lease.minute == Windows.at(time.time()).minute:  # a past minute's count expires alone
+                self._returns.append((self._request_key(lease), n))
+
+    def _return_places(self, lease: _Lease, n: int) -> None:
+        for _ in range(min(n, len(lease.free))):
+            member = lease.free.pop()
+            lease.held.discard(member)
+            self._freed.append((lease.place_set, member))
+
+    def _encode(self, principal: Principal, w: Windows) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+        """The key's 5 key names in the windows `w` and its limits in LIMITS_SENT order (0: none),
+        as bytes; the same until the minute or the principal (reloaded keys) changes."""
+        cached = self._encoded.get(principal.key_id)
+        if cached is not None and cached[0] is principal and cached[1] == w.minute:
+            return cached[2], cached[3]
+        names = tuple(name.encode() for name in self.keys(principal.key_id, w))
+        limits = tuple(str(principal.limit(name) or 0).encode() for name in LIMITS_SENT)
+        self._encoded[principal.key_id] = (principal, w.minute, names, limits)
+        return names, limits
+
+    def _send_asks(self) -> None:
+        asks, self._asks = self._asks, []
+        freed, self._freed = self._freed, []
+        self._spawn(self._send(asks, freed))
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _send(self, asks: list[_Ask], freed: list[tuple[bytes, bytes]]) -> None:
+        """One call for `asks` and the places `freed`; each ask gets its REPLY numbers or the
+        error. An ask whose request went away meanwhile gives back what it was given."""
+        from routing.auth.client_keys import REDIS_GENERATION
+
+        keys: list[bytes | str] = [REDIS_GENERATION]
+        args: list[object] = [len(asks), time.time(), LEASE, 120, LEASE_SHARE]
+        for ask in asks:
+            keys += ask.keys
+            args += ask.args
+        keys += (key for key, _ in freed)
+        args += (member for _, member in freed)
+        try:
+            got = [int(v) for v in await _evalsha(redis.async_client(), keys, args)]
+        except Exception as exc:
+            if freed:  # perhaps not removed: sent again (removing twice is harmless)
+                self._freed[:0] = freed
+                self._free_later()
+            for ask in asks:
+                if not ask.reply.done():
+                    ask.reply.set_exception(exc)
+            return
+        for i, ask in enumerate(asks):
+            reply = got[REPLY * i : REPLY * i + REPLY]
+            if not ask.reply.done():
+                ask.reply.set_result(reply)
+            elif reply[0] == 0:  # admitted, nobody waiting: give back all it was granted
+                if reply[6] > 1:
+                    self._returns.append((ask.keys[0], reply[6] - 1))
+                    self._tick_soon()
+                if ask.place_set is not None:
+                    for i in range(1, max(1, reply[7]) + 1):
+                        self._free(ask.place_set, ask.member + b":%d" % i)
+
+    def _free(self, key: bytes, member: bytes) -> None:
+        """Give a place back: it goes to Redis with the next admission, or with the others given
+        back within RELEASE_EVERY seconds, in one pipeline."""
+        self._freed.append((key, member))
+        self._free_later()
+
+    def _free_later(self) -> None:
+        if self._freeing is None or self._freeing.done():
+            try:
+                self._freeing = self._spawn(self._free_soon())
+            except RuntimeError:
+                self._freed.clear()  # no loop: the places expire by themselves
+                return
+
+    async def _free_soon(self) -> None:
+        await asyncio.sleep(RELEASE_EVERY)
+        freed, self._freed = self._freed, []
+        if not freed:  # every one went with an admission
+            return
+        try:
+            pipe = redis.async_client().pipeline(transaction=False)
+            for key, member in freed:
+                pipe.zrem(key, member)
+            await pipe.execute()
+        except Exception:
+            log.warning("could not free %d places in Redis; they expire in %ss", len(freed), LEASE)
+
+    def charge(self, key_id: int, tokens: int, now: float) -> None:
+        """Add `tokens` to the key's windows in Redis: written by the next sync tick, for every
+        key in one pipeline (one round trip per tick, not per request)."""
+        self._charges[key_id] = self._charges.get(key_id, 0) + tokens
+        lease = self._leases.get(key_id)
+        if lease is not None:
+            for i in (1, 2, 3):
+                lease.totals[i] += tokens
+        self._tick_soon()
+
+    def _tick_soon(self) -> None:
+        """Make sure the sync ticks run (started on the running loop; none without one)."""
+        ticker = self._ticker
+        if ticker is not None and not ticker.done():
+            try:
+                if ticker.get_loop() is asyncio.get_running_loop():
+                    return
+            except RuntimeError:
+                return
+        try:
+            self._ticker = self._spawn(self._tick_loop())
+        except RuntimeError:
+            self._charges.clear()  # no loop (a test's thread): nothing can be sent
+            self._ticker = None
+
+    def _busy(self) -> bool:
+        recent = not self._closing and time.monotonic() - self._asked_at < LEASE_IDLE
+        return bool(self._leases or self._charges or self._returns or recent)
+
+    async def _tick_loop(self) -> None:
+        while True:
+            again, self._again = self._again, False
+            await asyncio.sleep(0 if self._closing or again else SYNC_EVERY)
+            await self._tick()
+            if not self._busy():
+                return
+
+    async def _tick(self) -> None:
+        """One sync tick: one pipeline (see the module docstring)."""
+        from routing.auth.client_keys import REDIS_GENERATION
+
+        mono = time.monotonic()
+        idle_before = mono - LEASE_IDLE
+        for lease in list(self._leases.values()):
+            if self._closing or lease.used_at < idle_before or self._generation != lease.generation:
+                self._drop(lease)
+            else:  # what was not needed since the last tick goes back
+                self._return_requests(lease, lease.low_requests)
+                self._return_places(lease, lease.low_free)
+                lease.low_requests, lease.low_free = lease.requests, len(lease.free)
+        w = Windows.at(time.time())
+        charges, self._charges = self._charges, {}
+        returns, self._returns = self._returns, []
+        freed, self._freed = self._freed, []
+        sent = time.monotonic()
+        open_until = time.time() + FENCE  # read after `sent`: never earlier than the real close
+        pipe = redis.async_client().pipeline(transaction=False)
+        pipe.get(REDIS_GENERATION)
+        pipe.hset(CONFIRMED, self.owner, f"{self._generation or 0} {open_until:.3f}")
+        pipe.expire(CONFIRMED, 3600)
+        for key, n in returns:
+            pipe.decrby(key, n)
+            pipe.expire(key, 120)
+        for key, member in freed:
+            pipe.zrem(key, member)
+        ttls = (120, int(w.day_left) + 3600, int(w.month_left) + 3600)
+        read: list[tuple[_Lease, int, int]] = []  # (lease, key id, first reply index)
+        counted = []
+        for lease in self._leases.values():
+            if lease.counted and lease.minute == w.minute:
+                counted.append((lease, lease.counted))
+                pipe.incrby(self._request_key(lease), lease.counted)
+                pipe.expire(self._request_key(lease), 120)
+                lease.counted = 0
+        for key_id, tokens in charges.items():
+            names = self.keys(key_id, w)
+            charged = self._leases.get(key_id)
+            if charged is not None:
+                read.append((charged, key_id, len(pipe.command_stack)))
+                pipe.get(names[0])
+            for name, ttl in zip(names[1:4], ttls, strict=True):
+                pipe.incrby(name, tokens)
+                pipe.expire(name, ttl)
+        for key_id, lease in self._leases.items():
+            if key_id not in charges and lease.minute == w.minute:
+                read.append((lease, key_id, len(pipe.command_stack)))
+                pipe.mget(self.keys(key_id, w)[:4])
+        renew = mono - self._renewed_at >= RENEW_EVERY
+        if renew:
+            self._renewed_at = mono
+            expiry = time.time() + LEASE
+            for lease in self._leases.values():
+                if lease.held:
+                    pipe.zadd(lease.place_set, dict.fromkeys(lease.held, expiry), xx=True)
+        try:
+            got = await pipe.execute()
+        except Exception:
+            if not self._failing:
+                self._failing = True
+                log.warning("the quota sync with Redis failed; retrying every %ss", SYNC_EVERY, exc_info=True)
+            self._returns[:0] = returns
+            self._freed[:0] = freed
+            for key_id, tokens in charges.items():
+                self._charges[key_id] = self._charges.get(key_id, 0) + tokens
+            for lease, n in counted:
+                lease.counted += n
+            return
+        self._failing = False
+        generation = int(got[0] or 0)
+        if generation != self._generation:
+            self._generation = generation  # leases of another generation go back next tick,
+            self._again = True  # which comes at once and confirms the new generation
+        else:
+            self._open_until = sent + FENCE
+        for lease, key_id, at in read:
+            if self._leases.get(key_id) is not lease:
+                continue
+            if key_id in charges:
+                values = [got[at], got[at + 1], got[at + 3], got[at + 5]]
+            else:
+                values = got[at]
+            pending = self._charges.get(key_id, 0)  # charged during the round trip
+            totals = [int(v or 0) for v in values]
+            lease.totals[0] = totals[0] + lease.counted
+            for i in (1, 2, 3):
+                lease.totals[i] = totals[i] + pending
+
+    async def usage(self, key_id: int, now: float) -> Usage:
+        """The key's usage in Redis, after the places this process gave back (sent first); the
+        requests this process holds leased and unused are not counted as used."""
+        w = Windows.at(now)
+        keys = self.keys(key_id, w)
+        freed, self._freed = self._freed, []
+        pipe = redis.async_client().pipeline(transaction=False)
+        for place, member in freed:
+            pipe.zrem(place, member)
+        for key in keys[:4]:
+            pipe.get(key)
+        pipe.zcount(keys[4], now, "+inf")
+        try:
+            got = await pipe.execute()
+        except Exception:
+            self._freed[:0] = freed
+            self._free_later()
+            raise
+        values = [int(v or 0) for v in got[len(freed) :]]
+        lease = self._leases.get(key_id)
+        if lease is not None and lease.minute == w.minute:
+            returning = sum(n for k, n in self._returns if k == keys[0].encode())  # leased, not yet back
+            values[0] += lease.counted - lease.requests - returning
+            values[4] -= len(lease.free)
+        return Usage(*values)
+
+    async def drained(self) -> None:
+        """Give back every lease and write everything pending; wait for it (tests, shutdown)."""
+        self._closing = True
+        try:
+            while self._background:
+                await asyncio.gather(*list(self._background), return_exceptions=True)
+        finally:
+            self._closing = False
+
+
+def confirm_generation(generation: int, timeout: float = FENCE) -> bool:
+    """Blocking: wait until no router process can admit from a lease under a key generation older
+    than `generation` (just bumped in Redis): each process in CONFIRMED has confirmed it, or
+    the time its fast path stays open has passed. Returns False when that took `timeout`
+    seconds (FENCE: by then every such fast path has closed, whatever the hash says)."""
+    client = redis.sync_client()
+    deadline = time.monotonic() + timeout
+    while True:
+        now = time.time()
+        waiting = []
+        for owner, value in client.hgetall(CONFIRMED).items():
+            seen, _, until = value.decode().partition(" ")
+            if float(until or 0) + CLOCK_SKEW < now:
+                if float(until or 0) + 3600 < now:
+                    client.hdel(CONFIRMED, owner)  # a process gone long ago
+                continue
+            if int(seen or 0) < generation:
+                waiting.append(owner)
+        if not waiting:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+
+
+async def _evalsha(client: Any, keys: list[bytes | str], args: list[object]) -> Any:
+    """The admission script by its SHA-1; loaded first when this Redis does not know it yet."""
+    from redis.exceptions import NoScriptError
+
+    try:
+        return await client.evalsha(_ADMIT_SHA, len(keys), *keys, *args)
+    except NoScriptError:
+        await client.script_load(_ADMIT)
+        return await client.evalsha(_ADMIT_SHA, len(keys), *keys, *args)

@@ -1,0 +1,224 @@
+"""Leases of the Redis counters (routing/auth/quota_redis.py): most admissions need no round trip,
+no limit is passed by two processes together, what a lease did not use goes back, and a key
+change closes every process's fast path before `confirm_generation` returns."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+
+from routing.auth import quota_redis
+from routing.auth.client_keys import REDIS_GENERATION
+from routing.auth.principal import Principal
+from routing.auth.quotas import QuotaExceeded, Quotas, StaleKeys
+from tests.integration.test_cluster import _redis_answers
+
+REDIS = "redis://127.0.0.1:6379/6"
+
+
+def key(**limits: int) -> Principal:
+    return Principal("k", "key", limits=tuple(limits.items()), key_id=random.randrange(1, 2**40))
+
+
+@pytest.fixture
+def generation(settings) -> int:
+    """This Redis's key generation (the fast path needs the caller's copy to carry it)."""
+    if not _redis_answers():
+        pytest.skip("no Redis at 127.0.0.1:6379")
+    settings.REDIS_URL = REDIS
+    import redis
+
+    client = redis.Redis.from_url(REDIS)
+    client.delete(quota_redis.CONFIRMED)
+    return int(client.get(REDIS_GENERATION) or 0)
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list[int]:
+    """The number of admissions in each admission script call."""
+    seen: list[int] = []
+    real = quota_redis._evalsha
+
+    async def counting(client, keys, args):
+        seen.append(int(args[0]))
+        return await real(client, keys, args)
+
+    monkeypatch.setattr(quota_redis, "_evalsha", counting)
+    return seen
+
+
+async def open_fast_path(q: Quotas, p: Principal, generation: int) -> None:
+    """One admission through Redis starts the sync ticks; the fast path opens at the first."""
+    (await q.admit(p, generation)).release()
+    for _ in range(100):
+        if q.redis.fast_path_open(generation):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the fast path did not open")
+
+
+@pytest.mark.asyncio
+async def test_most_admissions_take_no_round_trip(generation, calls):
+    q = Quotas()
+    p = key(rpm=10**6, tpm=10**9, daily_tokens=10**9, monthly_tokens=10**9, concurrency=10**5)
+    await open_fast_path(q, p, generation)
+    calls.clear()
+    for _ in range(640):
+        admitted = await q.admit(p, generation)
+        q.charge(p, 10)
+        admitted.release()
+    assert sum(calls) <= 640 // quota_redis.LEASE_MAX + 2  # a lease of LEASE_MAX per round trip
+    await q.redis.drained()
+    used = await q.usage(p)
+    assert used.requests_minute == 641  # leased and unused requests went back
+    assert used.tokens_minute == used.tokens_day == 6400
+    assert used.concurrent == 0
+
+
+@pytest.mark.asyncio
+async def test_a_key_without_rpm_or_concurrency_is_counted_from_its_lease(generation, calls):
+    q = Quotas()
+    p = key(tpm=10**9)
+    await open_fast_path(q, p, generation)
+    calls.clear()
+    for _ in range(50):
+        (await q.admit(p, generation)).release()
+    assert sum(calls) <= 1
+    await q.redis.drained()
+    assert (await q.usage(p)).requests_minute == 51
+
+
+@pytest.mark.asyncio
+async def test_two_processes_with_leases_never_pass_a_limit_and_give_back_what_they_did_not_use(generation):
+    here, there = Quotas(), Quotas()
+    p = key(rpm=400, concurrency=10**4)
+    await open_fast_path(here, p, generation)
+    await open_fast_path(there, p, generation)
+    admitted = 2
+
+    async def one(q: Quotas) -> bool:
+        try:
+            (await q.admit(p, generation)).release()
+        except QuotaExceeded:
+            return False
+        return True
+
+    for _ in range(3):  # in bursts, as load comes
+        results = await asyncio.gather(*(one(q) for _ in range(100) for q in (here, there)))
+        admitted += sum(results)
+    assert admitted <= 400
+    await here.redis.drained()
+    await there.redis.drained()
+    assert (await there.usage(p)).requests_minute == admitted  # no lease left counted
+    while await one(random.choice((here, there))):  # near the limit each one is exact
+        admitted += 1
+    assert admitted == 400
+    await here.redis.drained()
+    await there.redis.drained()
+
+
+@pytest.mark.asyncio
+async def test_leased_places_never_exceed_the_concurrency_limit_across_processes(generation):
+    here, there = Quotas(), Quotas()
+    limit = 80
+    p = key(concurrency=limit)
+    await open_fast_path(here, p, generation)
+    await open_fast_path(there, p, generation)
+    held = []
+    for _ in range(3 * limit):
+        q = random.choice((here, there))
+        try:
+            held.append(await q.admit(p, generation))
+        except QuotaExceeded:
+            pass
+    assert len(held) <= limit
+    assert (await here.usage(p)).concurrent == len(held)  # held places, not the unused leased ones
+    for admission in held:
+        admission.release()
+    await here.redis.drained()
+    await there.redis.drained()
+    assert (await here.usage(p)).concurrent == 0
+
+
+@pytest.mark.asyncio
+async def test_a_lease_goes_back_after_its_key_is_idle(generation, monkeypatch):
+    monkeypatch.setattr(quota_redis, "LEASE_IDLE", 0.3)
+    q = Quotas()
+    p = key(rpm=10**6, concurrency=10**4)
+    await open_fast_path(q, p, generation)
+    (await q.admit(p, generation)).release()
+    for _ in range(200):
+        if not q.redis._leases:
+            break
+        await asyncio.sleep(0.01)
+    assert not q.redis._leases
+    import redis
+
+    client = redis.Redis.from_url(REDIS)
+    keys = quota_redis.RedisCounters.keys(p.key_id, quota_redis.Windows.at(time.time()))
+    for _ in range(100):  # the tick that dropped it sends the returns with it
+        if int(client.get(keys[0]) or 0) == 2 and client.zcard(keys[4]) == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert int(client.get(keys[0]) or 0) == 2 and client.zcard(keys[4]) == 0
+    await q.redis.drained()
+
+
+@pytest.mark.asyncio
+async def test_tokens_over_a_limit_are_refused_from_the_lease_at_once(generation):
+    q = Quotas()
+    p = key(tpm=1000, rpm=10**6)
+    await open_fast_path(q, p, generation)
+    (await q.admit(p, generation)).release()
+    q.charge(p, 1000)  # not written to Redis yet: this process knows it all the same
+    with pytest.raises(QuotaExceeded) as refused:
+        await q.admit(p, generation)
+    assert refused.value.limit == "tpm"
+    await q.redis.drained()
+
+
+@pytest.mark.asyncio
+async def test_a_key_change_closes_the_fast_path_in_every_process_before_it_returns(generation):
+    import redis
+
+    here, there = Quotas(), Quotas()
+    p = key(rpm=10**6, concurrency=10**4)
+    await open_fast_path(here, p, generation)
+    await open_fast_path(there, p, generation)
+    (await there.admit(p, generation)).release()  # from the lease
+    client = redis.Redis.from_url(REDIS)
+    bumped = int(client.incr(REDIS_GENERATION))
+    started = time.monotonic()
+    confirmed = await asyncio.to_thread(quota_redis.confirm_generation, bumped)
+    assert confirmed and time.monotonic() - started < quota_redis.FENCE  # the ticks confirmed it
+    for q in (here, there):  # a copy of the keys from before the change is refused at once
+        assert not q.redis.fast_path_open(generation)
+        with pytest.raises(StaleKeys):
+            await q.admit(p, generation)
+    (await here.admit(p, bumped)).release()  # a reloaded copy is admitted
+    await here.redis.drained()
+    await there.redis.drained()
+
+
+@pytest.mark.asyncio
+async def test_a_process_that_stops_ticking_is_waited_for_until_its_fast_path_has_closed(generation):
+    import redis
+
+    q = Quotas()
+    p = key(rpm=10**6)
+    await open_fast_path(q, p, generation)
+    client = redis.Redis.from_url(REDIS)
+    bumped = int(client.incr(REDIS_GENERATION))
+    started = time.monotonic()
+    # The loop is blocked here: no tick runs, so nothing confirms the new generation.
+    confirmed = quota_redis.confirm_generation(bumped, timeout=quota_redis.FENCE + 1)
+    waited = time.monotonic() - started
+    assert not q.redis.fast_path_open(generation)  # closed on its own by the time it returned
+    assert 0.5 < waited <= quota_redis.FENCE + 1.5
+    assert confirmed  # its claim ran out within FENCE: nobody is left to wait for
+    with pytest.raises(StaleKeys):
+        await q.admit(p, generation)
+    await q.redis.drained()
