@@ -45,6 +45,11 @@ def measure(redis_url: str, concurrency: bool) -> float:
     if concurrency:
         limits.append(("concurrency", 100_000))
     principal = Principal("bench", "key", limits=tuple(limits), key_id=random.randrange(1, 2**40))
+    generation = None  # the key generation a router's key copy carries (what lets leases be used)
+    if redis_url:
+        import redis
+
+        generation = int(redis.Redis.from_url(redis_url).get("nomyo:keys:generation") or 0)
 
     async def run(quotas: Quotas, requests: int) -> None:
         rnd = random.Random(7)
@@ -52,7 +57,7 @@ def measure(redis_url: str, concurrency: bool) -> float:
         async def one_client() -> None:
             for _ in range(requests // TASKS):
                 await asyncio.sleep(rnd.random() * 0.002)
-                admission = await quotas.admit(principal)
+                admission = await quotas.admit(principal, generation)
                 await asyncio.sleep(rnd.random() * 0.004)
                 quotas.charge(principal, 40)
                 admission.release()

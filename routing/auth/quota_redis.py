@@ -76,6 +76,7 @@ FENCE = 2.0  # seconds the fast path stays open after a read of the key generati
 LEASE_SHARE = 16  # a lease is at most 1/LEASE_SHARE of what is left of a limit
 LEASE_MAX = 64  # requests or places in one lease, at most
 LEASE_IDLE = 1.0  # seconds without a request before a key's lease goes back whole
+PLENTY = LEASE_SHARE * LEASE_MAX  # this much left of a limit: a lease keeps what it did not use
 CLOCK_SKEW = 1.0  # seconds of clock difference between hosts `confirm_generation` allows for
 LIMITS_SENT = ("rpm", "tpm", "daily_tokens", "monthly_tokens", "concurrency")  # the script's order
 
@@ -185,6 +186,7 @@ class _Lease:
     totals: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
     low_requests: int = 0
     low_free: int = 0
+    in_flight: int = 0  # the latest known places taken in Redis (every process's, leased ones too)
     used_at: float = 0.0  # monotonic
 
 
@@ -342,6 +344,7 @@ class RedisCounters:
                 if requests:
                     lease.requests += requests - 1
                 lease.totals[0] = max(lease.totals[0], values[0] + max(1, requests))
+                lease.in_flight = values[4] + max(1, places)
                 for i in (1, 2, 3):
                     lease.totals[i] = max(lease.totals[i], values[i])
                 lease.held.update(members)
@@ -469,8 +472,8 @@ class RedisCounters:
                     self._returns.append((ask.keys[0], reply[6] - 1))
                     self._tick_soon()
                 if ask.place_set is not None:
-                    for i in range(1, max(1, reply[7]) + 1):
-                        self._free(ask.place_set, ask.member + b":%d" % i)
+                    for j in range(1, max(1, reply[7]) + 1):
+                        self._free(ask.place_set, ask.member + b":%d" % j)
 
     def _free(self, key: bytes, member: bytes) -> None:
         """Give a place back: it goes to Redis with the next admission, or with the others given
@@ -493,8 +496,7 @@ class RedisCounters:
             return
         try:
             pipe = redis.async_client().pipeline(transaction=False)
-            for key, member in freed:
-                pipe.zrem(key, member)
+            _zrem_grouped(pipe, freed)
             await pipe.execute()
         except Exception:
             log.warning("could not free %d places in Redis; they expire in %ss", len(freed), LEASE)
@@ -511,18 +513,15 @@ class RedisCounters:
 
     def _tick_soon(self) -> None:
         """Make sure the sync ticks run (started on the running loop; none without one)."""
-        ticker = self._ticker
-        if ticker is not None and not ticker.done():
-            try:
-                if ticker.get_loop() is asyncio.get_running_loop():
-                    return
-            except RuntimeError:
-                return
         try:
-            self._ticker = self._spawn(self._tick_loop())
+            loop = asyncio.get_running_loop()
         except RuntimeError:
-            self._charges.clear()  # no loop (a test's thread): nothing can be sent
-            self._ticker = None
+            if self._ticker is None:
+                self._charges.clear()  # no loop (a test's thread): nothing can be sent
+            return
+        ticker = self._ticker
+        if ticker is None or ticker.done() or ticker.get_loop() is not loop:
+            self._ticker = self._spawn(self._tick_loop())
 
     def _busy(self) -> bool:
         recent = not self._closing and time.monotonic() - self._asked_at < LEASE_IDLE
@@ -532,12 +531,28 @@ class RedisCounters:
         while True:
             again, self._again = self._again, False
             await asyncio.sleep(0 if self._closing or again else SYNC_EVERY)
-            await self._tick()
+            try:
+                sent = await self._tick()
+            except Exception:
+                sent = False
+            if not sent:
+                if not self._failing:
+                    self._failing = True
+                    log.warning("the quota sync with Redis failed; retrying", exc_info=True)
+                if self._closing:  # shutting down without Redis: what is pending is lost
+                    self._leases.clear()
+                    self._charges.clear()
+                    self._returns.clear()
+                    return
+                await asyncio.sleep(SYNC_EVERY)
+            else:
+                self._failing = False
             if not self._busy():
                 return
 
-    async def _tick(self) -> None:
-        """One sync tick: one pipeline (see the module docstring)."""
+    async def _tick(self) -> bool:
+        """One sync tick: one pipeline (see the module docstring). False when Redis failed (what
+        was to be written waits for the next tick)."""
         from routing.auth.client_keys import REDIS_GENERATION
 
         mono = time.monotonic()
@@ -545,9 +560,12 @@ class RedisCounters:
         for lease in list(self._leases.values()):
             if self._closing or lease.used_at < idle_before or self._generation != lease.generation:
                 self._drop(lease)
-            else:  # what was not needed since the last tick goes back
-                self._return_requests(lease, lease.low_requests)
-                self._return_places(lease, lease.low_free)
+            else:  # what was not needed since the last tick goes back, unless nobody could miss it
+                rpm, _, _, _, concurrency = lease.limits
+                if rpm is not None and rpm - lease.totals[0] < PLENTY:
+                    self._return_requests(lease, lease.low_requests)
+                if concurrency is not None and concurrency - lease.in_flight < PLENTY:
+                    self._return_places(lease, lease.low_free)
                 lease.low_requests, lease.low_free = lease.requests, len(lease.free)
         w = Windows.at(time.time())
         charges, self._charges = self._charges, {}
@@ -562,8 +580,7 @@ class RedisCounters:
         for key, n in returns:
             pipe.decrby(key, n)
             pipe.expire(key, 120)
-        for key, member in freed:
-            pipe.zrem(key, member)
+        _zrem_grouped(pipe, freed)
         ttls = (120, int(w.day_left) + 3600, int(w.month_left) + 3600)
         read: list[tuple[_Lease, int, int]] = []  # (lease, key id, first reply index)
         counted = []
@@ -586,6 +603,9 @@ class RedisCounters:
             if key_id not in charges and lease.minute == w.minute:
                 read.append((lease, key_id, len(pipe.command_stack)))
                 pipe.mget(self.keys(key_id, w)[:4])
+        places_read = [(lease, len(pipe.command_stack)) for lease in self._leases.values() if lease.held]
+        for lease, _ in places_read:
+            pipe.zcard(lease.place_set)
         renew = mono - self._renewed_at >= RENEW_EVERY
         if renew:
             self._renewed_at = mono
@@ -596,17 +616,13 @@ class RedisCounters:
         try:
             got = await pipe.execute()
         except Exception:
-            if not self._failing:
-                self._failing = True
-                log.warning("the quota sync with Redis failed; retrying every %ss", SYNC_EVERY, exc_info=True)
             self._returns[:0] = returns
             self._freed[:0] = freed
             for key_id, tokens in charges.items():
                 self._charges[key_id] = self._charges.get(key_id, 0) + tokens
             for lease, n in counted:
                 lease.counted += n
-            return
-        self._failing = False
+            return False
         generation = int(got[0] or 0)
         if generation != self._generation:
             self._generation = generation  # leases of another generation go back next tick,
@@ -625,6 +641,9 @@ class RedisCounters:
             lease.totals[0] = totals[0] + lease.counted
             for i in (1, 2, 3):
                 lease.totals[i] = totals[i] + pending
+        for lease, at in places_read:
+            lease.in_flight = int(got[at])
+        return True
 
     async def usage(self, key_id: int, now: float) -> Usage:
         """The key's usage in Redis, after the places this process gave back (sent first); the
@@ -633,8 +652,7 @@ class RedisCounters:
         keys = self.keys(key_id, w)
         freed, self._freed = self._freed, []
         pipe = redis.async_client().pipeline(transaction=False)
-        for place, member in freed:
-            pipe.zrem(place, member)
+        _zrem_grouped(pipe, freed)
         for key in keys[:4]:
             pipe.get(key)
         pipe.zcount(keys[4], now, "+inf")
@@ -644,7 +662,7 @@ class RedisCounters:
             self._freed[:0] = freed
             self._free_later()
             raise
-        values = [int(v or 0) for v in got[len(freed) :]]
+        values = [int(v or 0) for v in got[-5:]]
         lease = self._leases.get(key_id)
         if lease is not None and lease.minute == w.minute:
             returning = sum(n for k, n in self._returns if k == keys[0].encode())  # leased, not yet back
@@ -655,11 +673,21 @@ class RedisCounters:
     async def drained(self) -> None:
         """Give back every lease and write everything pending; wait for it (tests, shutdown)."""
         self._closing = True
+        self._tick_soon()
         try:
             while self._background:
                 await asyncio.gather(*list(self._background), return_exceptions=True)
         finally:
             self._closing = False
+
+
+def _zrem_grouped(pipe: Any, places: list[tuple[bytes, bytes]]) -> None:
+    """Queue on `pipe` one ZREM per set for `places` ((set, member) pairs)."""
+    by_set: dict[bytes, list[bytes]] = {}
+    for key, member in places:
+        by_set.setdefault(key, []).append(member)
+    for key, members in by_set.items():
+        pipe.zrem(key, *members)
 
 
 def confirm_generation(generation: int, timeout: float = FENCE) -> bool:

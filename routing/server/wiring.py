@@ -15,7 +15,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from routing.auth.client_keys import key_store
-from routing.auth.quotas import quota_sink
+from routing.auth.quotas import quota_sink, quotas
 from routing.engine.accounting import metrics_sink, sinks
 from routing.engine.affinity import Affinity
 from routing.engine.affinity_shared import shared_affinity
@@ -54,6 +54,12 @@ async def flush_last_used() -> None:
         log.warning("could not write the client keys' last use", exc_info=True)
 
 
+async def give_back_leases() -> None:
+    """At shutdown, with REDIS_URL: what this process leased of client keys' limits goes back."""
+    if settings.REDIS_URL:
+        await asyncio.wait_for(quotas.redis.drained(), timeout=5)
+
+
 def install_affinity() -> None:
     """Prompt-cache affinity (ROUTER_AFFINITY, on by default) around the board's current strategy,
     shared through Redis when REDIS_URL is set. Call it after any change of the base strategy."""
@@ -76,5 +82,6 @@ def install() -> None:
     sinks.install(quota_sink)  # client keys' token limits, charged with the real usage
     lifecycle.background(write_last_used)
     lifecycle.on_shutdown(flush_last_used)
+    lifecycle.on_shutdown(give_back_leases)
     registry.reloaded.connect(_limits_follow)
     registry.reloaded.connect(_caches_follow)
