@@ -63,8 +63,11 @@ from typing import Any
 from routing.auth.principal import Principal
 from routing.auth.quota_base import Admission, QuotaExceeded, StaleKeys, Usage, Windows, refusal
 from routing.core import redis
+from routing.observability import metrics
 
 log = logging.getLogger("routing.quotas")
+_BY_LEASE = metrics.quota_admissions.labels("lease")
+_BY_REDIS = metrics.quota_admissions.labels("redis")
 
 PREFIX = "nomyo:quota"
 CONFIRMED = "nomyo:keys:confirmed"  # hash: owner -> "<generation> <fast path open until, UNIX s>"
@@ -248,6 +251,7 @@ class RedisCounters:
             if generation == self._generation == lease.generation and mono < self._open_until:
                 admitted = self._from_lease(lease, w, mono)
                 if admitted is not None:
+                    _BY_LEASE.inc()
                     return admitted
         keys, limits = self._encode(principal, w)
         member = f"{self.owner}:{next(self._serial)}".encode()
@@ -285,6 +289,7 @@ class RedisCounters:
                     headers={},
                 )
             raise refused
+        _BY_REDIS.inc()
         after = Usage(used.requests_minute + 1, used.tokens_minute, used.tokens_day, used.tokens_month)
         release = self._granted(principal, w, generation, ask, values)
         return Admission((principal, after, w), release)
@@ -532,13 +537,14 @@ class RedisCounters:
             again, self._again = self._again, False
             await asyncio.sleep(0 if self._closing or again else SYNC_EVERY)
             try:
-                sent = await self._tick()
-            except Exception:
-                sent = False
-            if not sent:
+                await self._tick()
+                failed: Exception | None = None
+            except Exception as exc:
+                failed = exc
+            if failed is not None:
                 if not self._failing:
                     self._failing = True
-                    log.warning("the quota sync with Redis failed; retrying", exc_info=True)
+                    log.warning("the quota sync with Redis failed; retrying", exc_info=failed)
                 if self._closing:  # shutting down without Redis: what is pending is lost
                     self._leases.clear()
                     self._charges.clear()
@@ -550,9 +556,9 @@ class RedisCounters:
             if not self._busy():
                 return
 
-    async def _tick(self) -> bool:
-        """One sync tick: one pipeline (see the module docstring). False when Redis failed (what
-        was to be written waits for the next tick)."""
+    async def _tick(self) -> None:
+        """One sync tick: one pipeline (see the module docstring). Raises what Redis raised; what
+        was to be written then waits for the next tick."""
         from routing.auth.client_keys import REDIS_GENERATION
 
         mono = time.monotonic()
@@ -622,7 +628,7 @@ class RedisCounters:
                 self._charges[key_id] = self._charges.get(key_id, 0) + tokens
             for lease, n in counted:
                 lease.counted += n
-            return False
+            raise
         generation = int(got[0] or 0)
         if generation != self._generation:
             self._generation = generation  # leases of another generation go back next tick,
@@ -643,7 +649,6 @@ class RedisCounters:
                 lease.totals[i] = totals[i] + pending
         for lease, at in places_read:
             lease.in_flight = int(got[at])
-        return True
 
     async def usage(self, key_id: int, now: float) -> Usage:
         """The key's usage in Redis, after the places this process gave back (sent first); the
@@ -673,7 +678,8 @@ class RedisCounters:
     async def drained(self) -> None:
         """Give back every lease and write everything pending; wait for it (tests, shutdown)."""
         self._closing = True
-        self._tick_soon()
+        if self._leases or self._charges or self._returns:
+            self._tick_soon()
         try:
             while self._background:
                 await asyncio.gather(*list(self._background), return_exceptions=True)

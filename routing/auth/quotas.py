@@ -42,6 +42,7 @@ from routing.auth.quota_base import (
 )
 from routing.auth.quota_redis import RedisCounters
 from routing.core import redis
+from routing.observability import metrics
 
 __all__ = [
     "NOTHING_TAKEN",
@@ -59,6 +60,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("routing.quotas")
+_BY_LOCAL = metrics.quota_admissions.labels("local")
 
 
 class Quotas:
@@ -78,7 +80,9 @@ class Quotas:
             admitted = await self.redis.admit(principal, now, generation)
             if admitted is not None:
                 return admitted
-        return self.local.admit(principal, now)
+        admitted = self.local.admit(principal, now)
+        _BY_LOCAL.inc()
+        return admitted
 
     def charge(self, principal: Principal, tokens: int) -> None:
         """Count `tokens` (prompt + completion) against the key's minute, day and month."""

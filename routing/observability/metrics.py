@@ -105,6 +105,13 @@ client_tokens = Counter(
     ["client", "direction"],
     registry=_OWN,
 )
+quota_admissions = Counter(
+    "router_quota_admissions",
+    "Client-key admissions by how they were decided: lease (this process's lease, no round trip), "
+    "redis (one call to Redis), local (this process's counters: no REDIS_URL, or Redis unreachable).",
+    ["path"],
+    registry=_OWN,
+)
 rate_limited = Counter(
     "router_client_rate_limited",
     "Requests refused with 429 by a client key's limit: rpm, tpm, concurrency, daily_tokens, monthly_tokens.",

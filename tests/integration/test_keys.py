@@ -239,7 +239,8 @@ def test_two_router_processes_share_limits_and_see_a_revocation_on_the_next_requ
     db = str(8 + uuid.uuid4().int % 7)  # a Redis database of its own, away from other tests
     settings.REDIS_URL = f"redis://127.0.0.1:6379/{db}"  # the commands here bump the key generation there
     shared = make_key("shared", "--rpm", "3")
-    leaving = make_key("leaving")
+    # Limits far away: both processes admit it from leases, with no round trip to Redis.
+    leaving = make_key("leaving", "--rpm", "100000", "--concurrency", "1000", "--tpm", "100000000")
     # The safety-net reload is far away: only the Redis generation can make the change seen.
     env = {"REDIS_URL": settings.REDIS_URL, "ROUTER_API_KEY": OPERATOR, "ROUTER_REGISTRY_RELOAD": "120"}
     a, b = router(**env), router(**env)
@@ -250,7 +251,10 @@ def test_two_router_processes_share_limits_and_see_a_revocation_on_the_next_requ
         ]
         assert statuses == [200, 200, 200, 429]  # 3 per minute across both processes
         for url in (a.url, b.url):
-            assert http.post(url + "/api/chat", json=CHAT, headers=bearer(leaving)).status_code == 200
+            deadline = time.monotonic() + 20
+            while metric(url, "router_quota_admissions_total", path="lease") < 5:
+                assert http.post(url + "/api/chat", json=CHAT, headers=bearer(leaving)).status_code == 200
+                assert time.monotonic() < deadline, "no admission from a lease"
         call_command("client_key_revoke", "leaving", stdout=io.StringIO())
         for url in (a.url, b.url):  # at once, no waiting
             refused = http.post(url + "/v1/chat/completions", json=OPENAI_CHAT, headers=bearer(leaving))
