@@ -43,6 +43,7 @@ from routing.server.lifecycle import lifecycle
 from routing.status.serving import serving
 
 log = logging.getLogger("routing.access")
+STREAM_FAILED = b'{"error":"internal router error during the stream; see the router\'s log"}\n'
 
 PROXY_PREFIXES = ("/api/", "/v1/")
 PROXY_PATHS = frozenset({"/health", "/metrics", "/api", "/v1", "/rerank"})
@@ -358,8 +359,17 @@ class ProxyHandler:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         elif isinstance(response, StreamingHttpResponse):
-            async for chunk in response:  # type: ignore[attr-defined]
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            try:
+                async for chunk in response:  # type: ignore[attr-defined]
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except (Disconnected, OSError):
+                raise
+            except Exception:
+                # After the headers no status can say it: the stream ends with an error line
+                # (the shape of Ollama's streamed errors, the only such streams here) and is closed.
+                log.exception("a stream failed after its headers (request %s)", request_id)
+                await send({"type": "http.response.body", "body": STREAM_FAILED, "more_body": False})
+                return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         else:
             assert isinstance(response, HttpResponse)

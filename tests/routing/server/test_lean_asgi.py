@@ -72,3 +72,26 @@ def test_paths_under_the_apis_with_extra_leading_slashes_are_the_lean_handlers(
 def test_other_double_slash_paths_stay_djangos() -> None:
     for path in ["//admin/", "//", "//dashboard/", "//apix", "//v1x", "//health"]:
         assert not lean_asgi.is_proxy_path(path), path
+
+
+def test_a_stream_that_fails_after_its_headers_ends_with_an_error_line_and_is_closed() -> None:
+    import asyncio
+    import json
+
+    from django.http import StreamingHttpResponse
+
+    async def lines():
+        yield b'{"status":"pulling"}\n'
+        raise RuntimeError("a bug in the middle of a stream")
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    response = StreamingHttpResponse(lines(), content_type="application/x-ndjson")
+    asyncio.run(HANDLER._send(send, response, "r1"))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    assert [m["body"] for m in sent[1:]] == [b'{"status":"pulling"}\n', lean_asgi.STREAM_FAILED]
+    assert sent[-1]["more_body"] is False  # the reply is finished: the connection is not left open
+    assert "error" in json.loads(lean_asgi.STREAM_FAILED)
