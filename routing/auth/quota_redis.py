@@ -38,6 +38,9 @@ Invariants:
   whose fast path may be open has confirmed the new generation, or after FENCE seconds, when
   every such fast path has closed. A request after that goes through the slow path, whose
   script refuses a stale key copy (StaleKeys: the caller reloads and authenticates again).
+- A tick that fails may have run in Redis (a reply lost): what it sends again is only what
+  cannot pass a limit if counted twice (token charges, requests added, places removed). The
+  requests it gave back are not given back again: they stay counted until their minute ends.
 - Token charges are written within SYNC_EVERY seconds. So a token limit may be passed by what is
   charged in that moment, as it may be by the request that crosses it.
 - Only the event loop's thread touches the leases, asks and pending writes, so they need no
@@ -621,8 +624,8 @@ class RedisCounters:
                     pipe.zadd(lease.place_set, dict.fromkeys(lease.held, expiry), xx=True)
         try:
             got = await pipe.execute()
-        except Exception:
-            self._returns[:0] = returns
+        except Exception:  # the commands may have run: only what is safe twice is sent again
+            self._returns[:0] = [(key, n) for key, n in returns if n < 0]  # additions, not give-backs
             self._freed[:0] = freed
             for key_id, tokens in charges.items():
                 self._charges[key_id] = self._charges.get(key_id, 0) + tokens

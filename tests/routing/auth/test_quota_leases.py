@@ -222,3 +222,58 @@ async def test_a_process_that_stops_ticking_is_waited_for_until_its_fast_path_ha
     with pytest.raises(StaleKeys):
         await q.admit(p, generation)
     await q.redis.drained()
+
+
+def fail_after_running(monkeypatch, command: bytes | str, times: int = 1) -> list[int]:
+    """Make the next `times` pipelines holding `command` run in Redis, then raise as if the reply
+    was lost (a timeout after the commands were sent). Returns the count of such failures."""
+    from redis.asyncio.client import Pipeline
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    real = Pipeline.execute
+    failed: list[int] = []
+
+    async def execute(self, raise_on_error: bool = True):
+        names = {str(args[0]).upper() for args, _ in self.command_stack}
+        got = await real(self, raise_on_error)
+        if str(command).upper() in names and len(failed) < times:
+            failed.append(1)
+            raise RedisTimeout("reply lost")
+        return got
+
+    monkeypatch.setattr(Pipeline, "execute", execute)
+    return failed
+
+
+@pytest.mark.asyncio
+async def test_a_tick_whose_reply_was_lost_does_not_give_leased_requests_back_twice(generation, monkeypatch):
+    """A give-back (DECRBY) that may have run is not sent again: sent twice, it would uncount
+    requests that were admitted, and two processes together would pass the rpm."""
+    monkeypatch.setattr(quota_redis, "LEASE_IDLE", 0.3)
+    here, there = Quotas(), Quotas()
+    rpm = 1024
+    p = key(rpm=rpm)
+    await open_fast_path(here, p, generation)
+    (await here.admit(p, generation)).release()  # through Redis with a lease of LEASE_MAX
+    assert here.redis._leases[p.key_id].requests > 50
+    failed = fail_after_running(monkeypatch, "DECRBY")
+    for _ in range(300):  # idle: the lease goes back, the tick's reply is lost, the next tick runs
+        if failed and not here.redis._leases and not here.redis._returns:
+            break
+        await asyncio.sleep(0.01)
+    assert failed and not here.redis._leases
+    await here.redis.drained()
+    import redis
+
+    client = redis.Redis.from_url(REDIS)
+    keys = quota_redis.RedisCounters.keys(p.key_id, quota_redis.Windows.at(time.time()))
+    assert int(client.get(keys[0]) or 0) == 2  # the two admitted requests, no fewer
+    admitted = 2
+    for _ in range(rpm + 100):
+        try:
+            (await there.admit(p, generation)).release()
+        except QuotaExceeded:
+            break
+        admitted += 1
+    assert admitted <= rpm
+    await there.redis.drained()
