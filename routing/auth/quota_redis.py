@@ -38,6 +38,8 @@ Invariants:
   whose fast path may be open has confirmed the new generation, or after FENCE seconds, when
   every such fast path has closed. A request after that goes through the slow path, whose
   script refuses a stale key copy (StaleKeys: the caller reloads and authenticates again).
+- A place given back is removed from Redis: a call that fails keeps it for the next one (the
+  sync ticks run while places wait), so a place does not outlive an outage of Redis by LEASE s.
 - A tick that fails may have run in Redis (a reply lost): what it sends again is only what
   cannot pass a limit if counted twice (token charges, requests added, places removed). The
   requests it gave back are not given back again: they stay counted until their minute ends.
@@ -506,8 +508,9 @@ class RedisCounters:
             pipe = redis.async_client().pipeline(transaction=False)
             _zrem_grouped(pipe, freed)
             await pipe.execute()
-        except Exception:
-            log.warning("could not free %d places in Redis; they expire in %ss", len(freed), LEASE)
+        except Exception:  # kept: the sync ticks send them again until Redis answers
+            self._freed[:0] = freed
+            self._tick_soon()
 
     def charge(self, key_id: int, tokens: int, now: float) -> None:
         """Add `tokens` to the key's windows in Redis: written by the next sync tick, for every
@@ -533,7 +536,7 @@ class RedisCounters:
 
     def _busy(self) -> bool:
         recent = not self._closing and time.monotonic() - self._asked_at < LEASE_IDLE
-        return bool(self._leases or self._charges or self._returns or recent)
+        return bool(self._leases or self._charges or self._returns or self._freed or recent)
 
     async def _tick_loop(self) -> None:
         while True:
@@ -552,6 +555,7 @@ class RedisCounters:
                     self._leases.clear()
                     self._charges.clear()
                     self._returns.clear()
+                    self._freed.clear()  # they expire after LEASE seconds
                     return
                 await asyncio.sleep(SYNC_EVERY)
             else:
@@ -564,6 +568,7 @@ class RedisCounters:
         was to be written then waits for the next tick."""
         from routing.auth.client_keys import REDIS_GENERATION
 
+        pipe = redis.async_client().pipeline(transaction=False)  # raises before anything is taken
         mono = time.monotonic()
         idle_before = mono - LEASE_IDLE
         for lease in list(self._leases.values()):
@@ -582,7 +587,6 @@ class RedisCounters:
         freed, self._freed = self._freed, []
         sent = time.monotonic()
         open_until = time.time() + FENCE  # read after `sent`: never earlier than the real close
-        pipe = redis.async_client().pipeline(transaction=False)
         pipe.get(REDIS_GENERATION)
         pipe.hset(CONFIRMED, self.owner, f"{self._generation or 0} {open_until:.3f}")
         pipe.expire(CONFIRMED, 3600)

@@ -277,3 +277,61 @@ async def test_a_tick_whose_reply_was_lost_does_not_give_leased_requests_back_tw
         admitted += 1
     assert admitted <= rpm
     await there.redis.drained()
+
+
+def redis_away(monkeypatch) -> None:
+    """Every call to Redis from the loop fails (as when it is unreachable) until undone."""
+    from redis.exceptions import ConnectionError as RedisDown
+
+    from routing.core import redis as core_redis
+
+    def unreachable():
+        raise RedisDown("Redis is away")
+
+    monkeypatch.setattr(core_redis, "async_client", unreachable)
+
+
+@pytest.mark.asyncio
+async def test_places_given_back_while_redis_is_away_are_removed_when_it_is_back(generation, monkeypatch):
+    """A place given back during an outage is not left in Redis for LEASE seconds, where it would
+    refuse the key's requests in every process after Redis came back."""
+    import redis
+
+    q, other = Quotas(), Quotas()
+    p = key(concurrency=3)
+    held = [await q.admit(p, generation) for _ in range(3)]
+    with monkeypatch.context() as away:
+        redis_away(away)
+        for admission in held:
+            admission.release()
+        await asyncio.sleep(0.3)  # the release's pipeline and a tick or two fail meanwhile
+    client = redis.Redis.from_url(REDIS)
+    place_set = quota_redis.RedisCounters.keys(p.key_id, quota_redis.Windows.at(time.time()))[4]
+    for _ in range(100):  # Redis is back: the places go without waiting for this process's next request
+        if client.zcard(place_set) == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert client.zcard(place_set) == 0
+    again = [await other.admit(p, generation) for _ in range(3)]  # another process: all 3 free
+    for admission in again:
+        admission.release()
+    await q.redis.drained()
+    await other.redis.drained()
+    assert client.zcard(place_set) == 0
+
+
+@pytest.mark.asyncio
+async def test_tokens_charged_while_redis_is_away_are_written_when_it_is_back(generation, monkeypatch):
+    q = Quotas()
+    p = key(tpm=10**6)
+    (await q.admit(p, generation)).release()
+    with monkeypatch.context() as away:
+        redis_away(away)
+        q.charge(p, 70)
+        await asyncio.sleep(0.35)  # ticks fail meanwhile
+    for _ in range(100):
+        if not q.redis._charges:
+            break
+        await asyncio.sleep(0.01)
+    await q.redis.drained()
+    assert (await q.usage(p)).tokens_minute == 70
