@@ -38,6 +38,8 @@ Invariants:
   whose fast path may be open has confirmed the new generation, or after FENCE seconds, when
   every such fast path has closed. A request after that goes through the slow path, whose
   script refuses a stale key copy (StaleKeys: the caller reloads and authenticates again).
+- A request cancelled while its admission is asked keeps nothing but its count: what the
+  script granted it (its place, a lease) goes back, whether the reply came before or after.
 - A place given back is removed from Redis: a call that fails keeps it for the next one (the
   sync ticks run while places wait), so a place does not outlive an outage of Redis by LEASE s.
 - A tick that fails may have run in Redis (a reply lost): what it sends again is only what
@@ -275,7 +277,11 @@ class RedisCounters:
         if len(self._asks) == 1:
             loop.call_soon(self._send_asks)
         try:
-            status, *values = await ask.reply  # cancelled: `_send` gives back what was taken for it
+            status, *values = await ask.reply  # cancelled before the reply: `_send` gives back
+        except asyncio.CancelledError:  # cancelled once the reply was in: give it back here
+            if ask.reply.done() and not ask.reply.cancelled() and ask.reply.exception() is None:
+                self._give_back_reply(ask, ask.reply.result())
+            raise
         except Exception:
             log.warning("could not check quotas in Redis; using this process's counters", exc_info=True)
             return None
@@ -477,13 +483,20 @@ class RedisCounters:
             reply = got[REPLY * i : REPLY * i + REPLY]
             if not ask.reply.done():
                 ask.reply.set_result(reply)
-            elif reply[0] == 0:  # admitted, nobody waiting: give back all it was granted
-                if reply[6] > 1:
-                    self._returns.append((ask.keys[0], reply[6] - 1))
-                    self._tick_soon()
-                if ask.place_set is not None:
-                    for j in range(1, max(1, reply[7]) + 1):
-                        self._free(ask.place_set, ask.member + b":%d" % j)
+            else:
+                self._give_back_reply(ask, reply)
+
+    def _give_back_reply(self, ask: _Ask, reply: list[int]) -> None:
+        """The request of `ask` went away: give back all the script granted it (its own request
+        stays counted, as one cut short)."""
+        if reply[0] != 0:
+            return
+        if reply[6] > 1:
+            self._returns.append((ask.keys[0], reply[6] - 1))
+            self._tick_soon()
+        if ask.place_set is not None:
+            for j in range(1, max(1, reply[7]) + 1):
+                self._free(ask.place_set, ask.member + b":%d" % j)
 
     def _free(self, key: bytes, member: bytes) -> None:
         """Give a place back: it goes to Redis with the next admission, or with the others given

@@ -335,3 +335,35 @@ async def test_tokens_charged_while_redis_is_away_are_written_when_it_is_back(ge
         await asyncio.sleep(0.01)
     await q.redis.drained()
     assert (await q.usage(p)).tokens_minute == 70
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("leased", [False, True])
+async def test_a_request_cancelled_as_its_reply_arrives_keeps_nothing(generation, monkeypatch, leased):
+    """The reply is set, then the request is cancelled before it runs again (a client gone in
+    the same turn of the loop): what the script granted it goes back, its place and any lease."""
+    import redis
+
+    q = Quotas()
+    p = key(rpm=10**6, concurrency=10**4)
+    if leased:
+        await open_fast_path(q, p, generation)
+        q.redis._leases.clear()  # the next admission asks Redis for a lease
+    real = quota_redis._evalsha
+    waiting: list[asyncio.Task] = []
+
+    async def reply_then_cancel(client, keys, args):
+        got = await real(client, keys, args)
+        asyncio.get_running_loop().call_soon(waiting[0].cancel)  # runs before the request's wake-up
+        return got
+
+    monkeypatch.setattr(quota_redis, "_evalsha", reply_then_cancel)
+    waiting.append(asyncio.ensure_future(q.admit(p, generation)))
+    with pytest.raises(asyncio.CancelledError):
+        await waiting[0]
+    monkeypatch.setattr(quota_redis, "_evalsha", real)
+    await q.redis.drained()
+    client = redis.Redis.from_url(REDIS)
+    keys = quota_redis.RedisCounters.keys(p.key_id, quota_redis.Windows.at(time.time()))
+    assert client.zcard(keys[4]) == 0
+    assert int(client.get(keys[0]) or 0) == (2 if leased else 1)  # counted, as a request cut short
