@@ -42,6 +42,8 @@ Invariants:
   script granted it (its place, a lease) goes back, whether the reply came before or after.
 - A place given back is removed from Redis: a call that fails keeps it for the next one (the
   sync ticks run while places wait), so a place does not outlive an outage of Redis by LEASE s.
+  So are the places an admission call that failed may have taken (its reply lost; while fewer
+  than DOUBT_MAX places wait); the requests it may have counted stay counted for their minute.
 - A tick that fails may have run in Redis (a reply lost): what it sends again is only what
   cannot pass a limit if counted twice (token charges, requests added, places removed). The
   requests it gave back are not given back again: they stay counted until their minute ends.
@@ -87,6 +89,7 @@ LEASE_SHARE = 16  # a lease is at most 1/LEASE_SHARE of what is left of a limit
 LEASE_MAX = 64  # requests or places in one lease, at most
 LEASE_IDLE = 1.0  # seconds without a request before a key's lease goes back whole
 PLENTY = LEASE_SHARE * LEASE_MAX  # this much left of a limit: a lease keeps what it did not use
+DOUBT_MAX = 10_000  # places waiting to be given back, beyond which those in doubt are left to expire
 CLOCK_SKEW = 1.0  # seconds of clock difference between hosts `confirm_generation` allows for
 LIMITS_SENT = ("rpm", "tpm", "daily_tokens", "monthly_tokens", "concurrency")  # the script's order
 
@@ -472,8 +475,14 @@ class RedisCounters:
         try:
             got = [int(v) for v in await _evalsha(redis.async_client(), keys, args)]
         except Exception as exc:
-            if freed:  # perhaps not removed: sent again (removing twice is harmless)
-                self._freed[:0] = freed
+            # perhaps not removed: sent again (removing twice is harmless); and the places the
+            # script may have taken for the asks (its reply lost), while not too many wait
+            self._freed[:0] = freed
+            for ask in asks:
+                if ask.place_set is not None and len(self._freed) < DOUBT_MAX:
+                    for j in range(1, (LEASE_MAX if ask.wanted else 1) + 1):
+                        self._freed.append((ask.place_set, ask.member + b":%d" % j))
+            if self._freed:
                 self._free_later()
             for ask in asks:
                 if not ask.reply.done():

@@ -367,3 +367,36 @@ async def test_a_request_cancelled_as_its_reply_arrives_keeps_nothing(generation
     keys = quota_redis.RedisCounters.keys(p.key_id, quota_redis.Windows.at(time.time()))
     assert client.zcard(keys[4]) == 0
     assert int(client.get(keys[0]) or 0) == (2 if leased else 1)  # counted, as a request cut short
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("leased", [False, True])
+async def test_places_taken_are_given_back_when_the_reply_was_lost(generation, monkeypatch, leased):
+    """The script ran but its reply did not come (a timeout): the request is admitted on this
+    process's counters, and the places the script took for it (and a lease) go back to Redis
+    rather than refusing the key's requests in every process for LEASE seconds."""
+    import redis
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    q = Quotas()
+    p = key(concurrency=10**4 if leased else 3)
+    if leased:
+        await open_fast_path(q, p, generation)
+        q.redis._leases.clear()
+    real = quota_redis._evalsha
+
+    async def reply_lost(client, keys, args):
+        await real(client, keys, args)
+        raise RedisTimeout("Timeout reading from socket")
+
+    monkeypatch.setattr(quota_redis, "_evalsha", reply_lost)
+    (await q.admit(p, generation)).release()  # admitted on this process's counters
+    monkeypatch.setattr(quota_redis, "_evalsha", real)
+    client = redis.Redis.from_url(REDIS)
+    place_set = quota_redis.RedisCounters.keys(p.key_id, quota_redis.Windows.at(time.time()))[4]
+    for _ in range(100):
+        if client.zcard(place_set) == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert client.zcard(place_set) == 0
+    await q.redis.drained()
