@@ -227,6 +227,7 @@ class RedisCounters:
         self._closing = False
         self._again = False  # the next tick comes at once (a new generation to confirm)
         self._failing = False  # the latest tick failed (logged once until one succeeds)
+        self._asks_failing = False  # the latest admission call failed (logged once, likewise)
 
     @staticmethod
     def keys(key_id: int, w: Windows) -> list[str]:
@@ -285,8 +286,7 @@ class RedisCounters:
             if ask.reply.done() and not ask.reply.cancelled() and ask.reply.exception() is None:
                 self._give_back_reply(ask, ask.reply.result())
             raise
-        except Exception:
-            log.warning("could not check quotas in Redis; using this process's counters", exc_info=True)
+        except Exception:  # logged by `_send`, once until a call succeeds
             return None
         if status == -1:
             raise StaleKeys()
@@ -475,6 +475,9 @@ class RedisCounters:
         try:
             got = [int(v) for v in await _evalsha(redis.async_client(), keys, args)]
         except Exception as exc:
+            if not self._asks_failing:
+                self._asks_failing = True
+                log.warning("could not check quotas in Redis; using this process's counters", exc_info=exc)
             # perhaps not removed: sent again (removing twice is harmless); and the places the
             # script may have taken for the asks (its reply lost), while not too many wait
             self._freed[:0] = freed
@@ -488,6 +491,7 @@ class RedisCounters:
                 if not ask.reply.done():
                     ask.reply.set_exception(exc)
             return
+        self._asks_failing = False
         for i, ask in enumerate(asks):
             reply = got[REPLY * i : REPLY * i + REPLY]
             if not ask.reply.done():

@@ -400,3 +400,31 @@ async def test_places_taken_are_given_back_when_the_reply_was_lost(generation, m
         await asyncio.sleep(0.01)
     assert client.zcard(place_set) == 0
     await q.redis.drained()
+
+
+@pytest.mark.asyncio
+async def test_redis_away_is_logged_once_and_used_again_when_back(generation, monkeypatch, caplog):
+    import logging
+
+    import redis
+
+    q = Quotas()
+    p = key(rpm=10**6, concurrency=100)
+    with monkeypatch.context() as away, caplog.at_level(logging.WARNING, logger="routing.quotas"):
+        redis_away(away)
+        for _ in range(50):  # admitted on this process's counters
+            (await q.admit(p, generation)).release()
+        await asyncio.sleep(0.3)
+    assert len(caplog.records) <= 2  # one for the admissions, one for the ticks: not one per request
+    assert q.local.usage(p.key_id, time.time()).requests_minute == 50
+    (await q.admit(p, generation)).release()  # Redis is back: counted there
+    await q.redis.drained()
+    keys = quota_redis.RedisCounters.keys(p.key_id, quota_redis.Windows.at(time.time()))
+    client = redis.Redis.from_url(REDIS)
+    assert int(client.get(keys[0]) or 0) == 1 and client.zcard(keys[4]) == 0
+    caplog.clear()
+    with monkeypatch.context() as away, caplog.at_level(logging.WARNING, logger="routing.quotas"):
+        redis_away(away)
+        (await q.admit(p, generation)).release()
+    assert caplog.records  # a new outage is logged again
+    await q.redis.drained()
