@@ -709,13 +709,14 @@ class RedisCounters:
         return Usage(*values)
 
     async def drained(self) -> None:
-        """Give back every lease and write everything pending; wait for it (tests, shutdown)."""
+        """Give back every lease and write everything pending; wait for it (tests, shutdown).
+        Cancelled (a shutdown's timeout), it cancels none of the calls requests wait on."""
         self._closing = True
         if self._leases or self._charges or self._returns:
             self._tick_soon()
         try:
             while self._background:
-                await asyncio.gather(*list(self._background), return_exceptions=True)
+                await asyncio.wait(list(self._background))
         finally:
             self._closing = False
 

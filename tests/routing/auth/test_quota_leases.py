@@ -480,3 +480,25 @@ async def test_a_request_refused_as_stale_is_not_admitted_with_a_copy_from_befor
     finally:
         key_store.clear()
         await keys.quotas.redis.drained()
+
+
+@pytest.mark.asyncio
+async def test_drained_cut_short_leaves_no_request_waiting_forever(generation, monkeypatch):
+    """Shutdown waits for `drained` a few seconds at most (routing/server/wiring.py): cutting it
+    short does not cancel the call a request waits on, which would leave it waiting forever."""
+    real = quota_redis._evalsha
+
+    async def slow(client, keys, args):
+        await asyncio.sleep(0.3)
+        return await real(client, keys, args)
+
+    monkeypatch.setattr(quota_redis, "_evalsha", slow)
+    q = Quotas()
+    p = key(rpm=100, concurrency=5)
+    request = asyncio.ensure_future(q.admit(p, generation))
+    await asyncio.sleep(0.05)  # its call to Redis is on its way
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(q.redis.drained(), timeout=0.1)
+    (await asyncio.wait_for(request, timeout=3)).release()
+    await q.redis.drained()
+    assert (await q.usage(p)).concurrent == 0
