@@ -502,3 +502,71 @@ async def test_drained_cut_short_leaves_no_request_waiting_forever(generation, m
     (await asyncio.wait_for(request, timeout=3)).release()
     await q.redis.drained()
     assert (await q.usage(p)).concurrent == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("seed", range(2))
+async def test_a_flaky_redis_under_load_leaks_no_place_and_raises_nothing(generation, monkeypatch, seed):
+    """Two processes under load while a fifth of the calls to Redis fail, before or after they
+    ran, and some requests are cancelled: no error escapes, and once Redis answers again every
+    place is back."""
+    import redis
+    from redis.asyncio.client import Pipeline
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    rnd = random.Random(seed)
+    procs = [Quotas(), Quotas()]
+    p = key(rpm=10**5, concurrency=40, tpm=10**9)
+    for q in procs:
+        await open_fast_path(q, p, generation)
+    flaky = [True]
+    real_eval, real_execute = quota_redis._evalsha, Pipeline.execute
+
+    async def run_flaky(call):
+        if flaky[0] and rnd.random() < 0.2:
+            if rnd.random() < 0.5:
+                raise RedisTimeout("before it ran")
+            await call()
+            raise RedisTimeout("after it ran")
+        return await call()
+
+    async def evalsha(client, keys, args):
+        return await run_flaky(lambda: real_eval(client, keys, args))
+
+    async def execute(self, raise_on_error=True):
+        return await run_flaky(lambda: real_execute(self, raise_on_error))
+
+    monkeypatch.setattr(quota_redis, "_evalsha", evalsha)
+    monkeypatch.setattr(Pipeline, "execute", execute)
+
+    async def one(q: Quotas) -> None:
+        try:
+            admitted = await q.admit(p, generation)
+        except QuotaExceeded:
+            return
+        try:
+            await asyncio.sleep(rnd.random() * 0.02)
+            q.charge(p, 10)
+        finally:
+            admitted.release()
+
+    tasks = []
+    for i in range(1500):
+        tasks.append(asyncio.ensure_future(one(rnd.choice(procs))))
+        if rnd.random() < 0.1:
+            await asyncio.sleep(0)
+            tasks[-1].cancel()
+        if i % 100 == 0:
+            await asyncio.sleep(0.05)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert not [r for r in results if r is not None and not isinstance(r, asyncio.CancelledError)]
+    flaky[0] = False
+    for q in procs:
+        await q.redis.drained()
+    client = redis.Redis.from_url(REDIS)
+    place_set = quota_redis.RedisCounters.keys(p.key_id, quota_redis.Windows.at(time.time()))[4]
+    for _ in range(100):
+        if client.zcard(place_set) == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert client.zcard(place_set) == 0
