@@ -47,6 +47,8 @@ Invariants:
 - A tick that fails may have run in Redis (a reply lost): what it sends again is only what
   cannot pass a limit if counted twice (token charges, requests added, places removed). The
   requests it gave back are not given back again: they stay counted until their minute ends.
+- Nothing is given back to a Redis whose key generation went back (restarted without its data):
+  what leases held was counted in what it lost, and would uncount requests admitted since.
 - Token charges are written within SYNC_EVERY seconds. So a token limit may be passed by what is
   charged in that moment, as it may be by the request that crosses it.
 - Only the event loop's thread touches the leases, asks and pending writes, so they need no
@@ -663,6 +665,10 @@ class RedisCounters:
                 lease.counted += n
             raise
         generation = int(got[0] or 0)
+        if generation < (self._generation or 0):  # Redis lost its data: nothing leased is counted
+            self._returns = [(key, n) for key, n in self._returns if n < 0]
+            for lease in self._leases.values():
+                lease.requests = 0
         if generation != self._generation:
             self._generation = generation  # leases of another generation go back next tick,
             self._again = True  # which comes at once and confirms the new generation

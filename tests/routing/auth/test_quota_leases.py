@@ -570,3 +570,37 @@ async def test_a_flaky_redis_under_load_leaks_no_place_and_raises_nothing(genera
             break
         await asyncio.sleep(0.02)
     assert client.zcard(place_set) == 0
+
+
+@pytest.mark.asyncio
+async def test_leases_are_not_given_back_to_a_redis_that_lost_its_data(generation, monkeypatch):
+    """Redis restarted empty (its key generation went back): the leases of this process were
+    counted in the data it lost, so giving them back would uncount the requests admitted since,
+    and the rpm would be passed by what the leases held."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS)
+    before = int(client.incr(REDIS_GENERATION))  # a generation a restart can lose
+    here, there = Quotas(), Quotas()
+    rpm = 1024
+    p = key(rpm=rpm)
+    await open_fast_path(here, p, before)
+    (await here.admit(p, before)).release()  # a lease of 63 requests
+    assert here.redis._leases[p.key_id].requests > 50
+    keys = quota_redis.RedisCounters.keys(p.key_id, quota_redis.Windows.at(time.time()))
+    client.delete(keys[0], REDIS_GENERATION)  # the restart: its data is gone
+    for _ in range(100):  # a tick sees generation 0 and drops the lease
+        if not here.redis._leases and not here.redis._returns:
+            break
+        await asyncio.sleep(0.01)
+    await here.redis.drained()
+    assert int(client.get(keys[0]) or 0) >= 0
+    admitted = 0
+    for _ in range(rpm + 100):  # a process with a copy of the keys loaded after the restart
+        try:
+            (await there.admit(p, 0)).release()
+        except QuotaExceeded:
+            break
+        admitted += 1
+    assert admitted <= rpm
+    await there.redis.drained()
