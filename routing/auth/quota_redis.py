@@ -38,6 +38,17 @@ Invariants:
   whose fast path may be open has confirmed the new generation, or after FENCE seconds, when
   every such fast path has closed. A request after that goes through the slow path, whose
   script refuses a stale key copy (StaleKeys: the caller reloads and authenticates again).
+- A request cancelled while its admission is asked keeps nothing but its count: what the
+  script granted it (its place, a lease) goes back, whether the reply came before or after.
+- A place given back is removed from Redis: a call that fails keeps it for the next one (the
+  sync ticks run while places wait), so a place does not outlive an outage of Redis by LEASE s.
+  So are the places an admission call that failed may have taken (its reply lost; while fewer
+  than DOUBT_MAX places wait); the requests it may have counted stay counted for their minute.
+- A tick that fails may have run in Redis (a reply lost): what it sends again is only what
+  cannot pass a limit if counted twice (token charges, requests added, places removed). The
+  requests it gave back are not given back again: they stay counted until their minute ends.
+- Nothing is given back to a Redis whose key generation went back (restarted without its data):
+  what leases held was counted in what it lost, and would uncount requests admitted since.
 - Token charges are written within SYNC_EVERY seconds. So a token limit may be passed by what is
   charged in that moment, as it may be by the request that crosses it.
 - Only the event loop's thread touches the leases, asks and pending writes, so they need no
@@ -80,6 +91,7 @@ LEASE_SHARE = 16  # a lease is at most 1/LEASE_SHARE of what is left of a limit
 LEASE_MAX = 64  # requests or places in one lease, at most
 LEASE_IDLE = 1.0  # seconds without a request before a key's lease goes back whole
 PLENTY = LEASE_SHARE * LEASE_MAX  # this much left of a limit: a lease keeps what it did not use
+DOUBT_MAX = 10_000  # places waiting to be given back, beyond which those in doubt are left to expire
 CLOCK_SKEW = 1.0  # seconds of clock difference between hosts `confirm_generation` allows for
 LIMITS_SENT = ("rpm", "tpm", "daily_tokens", "monthly_tokens", "concurrency")  # the script's order
 
@@ -217,6 +229,7 @@ class RedisCounters:
         self._closing = False
         self._again = False  # the next tick comes at once (a new generation to confirm)
         self._failing = False  # the latest tick failed (logged once until one succeeds)
+        self._asks_failing = False  # the latest admission call failed (logged once, likewise)
 
     @staticmethod
     def keys(key_id: int, w: Windows) -> list[str]:
@@ -270,9 +283,12 @@ class RedisCounters:
         if len(self._asks) == 1:
             loop.call_soon(self._send_asks)
         try:
-            status, *values = await ask.reply  # cancelled: `_send` gives back what was taken for it
-        except Exception:
-            log.warning("could not check quotas in Redis; using this process's counters", exc_info=True)
+            status, *values = await ask.reply  # cancelled before the reply: `_send` gives back
+        except asyncio.CancelledError:  # cancelled once the reply was in: give it back here
+            if ask.reply.done() and not ask.reply.cancelled() and ask.reply.exception() is None:
+                self._give_back_reply(ask, ask.reply.result())
+            raise
+        except Exception:  # logged by `_send`, once until a call succeeds
             return None
         if status == -1:
             raise StaleKeys()
@@ -461,24 +477,41 @@ class RedisCounters:
         try:
             got = [int(v) for v in await _evalsha(redis.async_client(), keys, args)]
         except Exception as exc:
-            if freed:  # perhaps not removed: sent again (removing twice is harmless)
-                self._freed[:0] = freed
+            if not self._asks_failing:
+                self._asks_failing = True
+                log.warning("could not check quotas in Redis; using this process's counters", exc_info=exc)
+            # perhaps not removed: sent again (removing twice is harmless); and the places the
+            # script may have taken for the asks (its reply lost), while not too many wait
+            self._freed[:0] = freed
+            for ask in asks:
+                if ask.place_set is not None and len(self._freed) < DOUBT_MAX:
+                    for j in range(1, (LEASE_MAX if ask.wanted else 1) + 1):
+                        self._freed.append((ask.place_set, ask.member + b":%d" % j))
+            if self._freed:
                 self._free_later()
             for ask in asks:
                 if not ask.reply.done():
                     ask.reply.set_exception(exc)
             return
+        self._asks_failing = False
         for i, ask in enumerate(asks):
             reply = got[REPLY * i : REPLY * i + REPLY]
             if not ask.reply.done():
                 ask.reply.set_result(reply)
-            elif reply[0] == 0:  # admitted, nobody waiting: give back all it was granted
-                if reply[6] > 1:
-                    self._returns.append((ask.keys[0], reply[6] - 1))
-                    self._tick_soon()
-                if ask.place_set is not None:
-                    for j in range(1, max(1, reply[7]) + 1):
-                        self._free(ask.place_set, ask.member + b":%d" % j)
+            else:
+                self._give_back_reply(ask, reply)
+
+    def _give_back_reply(self, ask: _Ask, reply: list[int]) -> None:
+        """The request of `ask` went away: give back all the script granted it (its own request
+        stays counted, as one cut short)."""
+        if reply[0] != 0:
+            return
+        if reply[6] > 1:
+            self._returns.append((ask.keys[0], reply[6] - 1))
+            self._tick_soon()
+        if ask.place_set is not None:
+            for j in range(1, max(1, reply[7]) + 1):
+                self._free(ask.place_set, ask.member + b":%d" % j)
 
     def _free(self, key: bytes, member: bytes) -> None:
         """Give a place back: it goes to Redis with the next admission, or with the others given
@@ -503,8 +536,9 @@ class RedisCounters:
             pipe = redis.async_client().pipeline(transaction=False)
             _zrem_grouped(pipe, freed)
             await pipe.execute()
-        except Exception:
-            log.warning("could not free %d places in Redis; they expire in %ss", len(freed), LEASE)
+        except Exception:  # kept: the sync ticks send them again until Redis answers
+            self._freed[:0] = freed
+            self._tick_soon()
 
     def charge(self, key_id: int, tokens: int, now: float) -> None:
         """Add `tokens` to the key's windows in Redis: written by the next sync tick, for every
@@ -530,7 +564,7 @@ class RedisCounters:
 
     def _busy(self) -> bool:
         recent = not self._closing and time.monotonic() - self._asked_at < LEASE_IDLE
-        return bool(self._leases or self._charges or self._returns or recent)
+        return bool(self._leases or self._charges or self._returns or self._freed or recent)
 
     async def _tick_loop(self) -> None:
         while True:
@@ -549,6 +583,7 @@ class RedisCounters:
                     self._leases.clear()
                     self._charges.clear()
                     self._returns.clear()
+                    self._freed.clear()  # they expire after LEASE seconds
                     return
                 await asyncio.sleep(SYNC_EVERY)
             else:
@@ -561,6 +596,7 @@ class RedisCounters:
         was to be written then waits for the next tick."""
         from routing.auth.client_keys import REDIS_GENERATION
 
+        pipe = redis.async_client().pipeline(transaction=False)  # raises before anything is taken
         mono = time.monotonic()
         idle_before = mono - LEASE_IDLE
         for lease in list(self._leases.values()):
@@ -579,7 +615,6 @@ class RedisCounters:
         freed, self._freed = self._freed, []
         sent = time.monotonic()
         open_until = time.time() + FENCE  # read after `sent`: never earlier than the real close
-        pipe = redis.async_client().pipeline(transaction=False)
         pipe.get(REDIS_GENERATION)
         pipe.hset(CONFIRMED, self.owner, f"{self._generation or 0} {open_until:.3f}")
         pipe.expire(CONFIRMED, 3600)
@@ -621,8 +656,8 @@ class RedisCounters:
                     pipe.zadd(lease.place_set, dict.fromkeys(lease.held, expiry), xx=True)
         try:
             got = await pipe.execute()
-        except Exception:
-            self._returns[:0] = returns
+        except Exception:  # the commands may have run: only what is safe twice is sent again
+            self._returns[:0] = [(key, n) for key, n in returns if n < 0]  # additions, not give-backs
             self._freed[:0] = freed
             for key_id, tokens in charges.items():
                 self._charges[key_id] = self._charges.get(key_id, 0) + tokens
@@ -630,6 +665,10 @@ class RedisCounters:
                 lease.counted += n
             raise
         generation = int(got[0] or 0)
+        if generation < (self._generation or 0):  # Redis lost its data: nothing leased is counted
+            self._returns = [(key, n) for key, n in self._returns if n < 0]
+            for lease in self._leases.values():
+                lease.requests = 0
         if generation != self._generation:
             self._generation = generation  # leases of another generation go back next tick,
             self._again = True  # which comes at once and confirms the new generation
@@ -676,13 +715,14 @@ class RedisCounters:
         return Usage(*values)
 
     async def drained(self) -> None:
-        """Give back every lease and write everything pending; wait for it (tests, shutdown)."""
+        """Give back every lease and write everything pending; wait for it (tests, shutdown).
+        Cancelled (a shutdown's timeout), it cancels none of the calls requests wait on."""
         self._closing = True
         if self._leases or self._charges or self._returns:
             self._tick_soon()
         try:
             while self._background:
-                await asyncio.gather(*list(self._background), return_exceptions=True)
+                await asyncio.wait(list(self._background))
         finally:
             self._closing = False
 

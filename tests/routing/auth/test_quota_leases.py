@@ -222,3 +222,385 @@ async def test_a_process_that_stops_ticking_is_waited_for_until_its_fast_path_ha
     with pytest.raises(StaleKeys):
         await q.admit(p, generation)
     await q.redis.drained()
+
+
+def fail_after_running(monkeypatch, command: bytes | str, times: int = 1) -> list[int]:
+    """Make the next `times` pipelines holding `command` run in Redis, then raise as if the reply
+    was lost (a timeout after the commands were sent). Returns the count of such failures."""
+    from redis.asyncio.client import Pipeline
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    real = Pipeline.execute
+    failed: list[int] = []
+
+    async def execute(self, raise_on_error: bool = True):
+        names = {str(args[0]).upper() for args, _ in self.command_stack}
+        got = await real(self, raise_on_error)
+        if str(command).upper() in names and len(failed) < times:
+            failed.append(1)
+            raise RedisTimeout("reply lost")
+        return got
+
+    monkeypatch.setattr(Pipeline, "execute", execute)
+    return failed
+
+
+@pytest.mark.asyncio
+async def test_a_tick_whose_reply_was_lost_does_not_give_leased_requests_back_twice(generation, monkeypatch):
+    """A give-back (DECRBY) that may have run is not sent again: sent twice, it would uncount
+    requests that were admitted, and two processes together would pass the rpm."""
+    monkeypatch.setattr(quota_redis, "LEASE_IDLE", 0.3)
+    here, there = Quotas(), Quotas()
+    rpm = 1024
+    p = key(rpm=rpm)
+    await open_fast_path(here, p, generation)
+    (await here.admit(p, generation)).release()  # through Redis with a lease of LEASE_MAX
+    assert here.redis._leases[p.key_id].requests > 50
+    failed = fail_after_running(monkeypatch, "DECRBY")
+    for _ in range(300):  # idle: the lease goes back, the tick's reply is lost, the next tick runs
+        if failed and not here.redis._leases and not here.redis._returns:
+            break
+        await asyncio.sleep(0.01)
+    assert failed and not here.redis._leases
+    await here.redis.drained()
+    import redis
+
+    client = redis.Redis.from_url(REDIS)
+    keys = quota_redis.RedisCounters.keys(p.key_id, quota_redis.Windows.at(time.time()))
+    assert int(client.get(keys[0]) or 0) == 2  # the two admitted requests, no fewer
+    admitted = 2
+    for _ in range(rpm + 100):
+        try:
+            (await there.admit(p, generation)).release()
+        except QuotaExceeded:
+            break
+        admitted += 1
+    assert admitted <= rpm
+    await there.redis.drained()
+
+
+def redis_away(monkeypatch) -> None:
+    """Every call to Redis from the loop fails (as when it is unreachable) until undone."""
+    from redis.exceptions import ConnectionError as RedisDown
+
+    from routing.core import redis as core_redis
+
+    def unreachable():
+        raise RedisDown("Redis is away")
+
+    monkeypatch.setattr(core_redis, "async_client", unreachable)
+
+
+@pytest.mark.asyncio
+async def test_places_given_back_while_redis_is_away_are_removed_when_it_is_back(generation, monkeypatch):
+    """A place given back during an outage is not left in Redis for LEASE seconds, where it would
+    refuse the key's requests in every process after Redis came back."""
+    import redis
+
+    q, other = Quotas(), Quotas()
+    p = key(concurrency=3)
+    held = [await q.admit(p, generation) for _ in range(3)]
+    with monkeypatch.context() as away:
+        redis_away(away)
+        for admission in held:
+            admission.release()
+        await asyncio.sleep(0.3)  # the release's pipeline and a tick or two fail meanwhile
+    client = redis.Redis.from_url(REDIS)
+    place_set = quota_redis.RedisCounters.keys(p.key_id, quota_redis.Windows.at(time.time()))[4]
+    for _ in range(100):  # Redis is back: the places go without waiting for this process's next request
+        if client.zcard(place_set) == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert client.zcard(place_set) == 0
+    again = [await other.admit(p, generation) for _ in range(3)]  # another process: all 3 free
+    for admission in again:
+        admission.release()
+    await q.redis.drained()
+    await other.redis.drained()
+    assert client.zcard(place_set) == 0
+
+
+@pytest.mark.asyncio
+async def test_tokens_charged_while_redis_is_away_are_written_when_it_is_back(generation, monkeypatch):
+    q = Quotas()
+    p = key(tpm=10**6)
+    (await q.admit(p, generation)).release()
+    with monkeypatch.context() as away:
+        redis_away(away)
+        q.charge(p, 70)
+        await asyncio.sleep(0.35)  # ticks fail meanwhile
+    for _ in range(100):
+        if not q.redis._charges:
+            break
+        await asyncio.sleep(0.01)
+    await q.redis.drained()
+    assert (await q.usage(p)).tokens_minute == 70
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("leased", [False, True])
+async def test_a_request_cancelled_as_its_reply_arrives_keeps_nothing(generation, monkeypatch, leased):
+    """The reply is set, then the request is cancelled before it runs again (a client gone in
+    the same turn of the loop): what the script granted it goes back, its place and any lease."""
+    import redis
+
+    q = Quotas()
+    p = key(rpm=10**6, concurrency=10**4)
+    if leased:
+        await open_fast_path(q, p, generation)
+        q.redis._leases.clear()  # the next admission asks Redis for a lease
+    real = quota_redis._evalsha
+    waiting: list[asyncio.Task] = []
+
+    async def reply_then_cancel(client, keys, args):
+        got = await real(client, keys, args)
+        asyncio.get_running_loop().call_soon(waiting[0].cancel)  # runs before the request's wake-up
+        return got
+
+    monkeypatch.setattr(quota_redis, "_evalsha", reply_then_cancel)
+    waiting.append(asyncio.ensure_future(q.admit(p, generation)))
+    with pytest.raises(asyncio.CancelledError):
+        await waiting[0]
+    monkeypatch.setattr(quota_redis, "_evalsha", real)
+    await q.redis.drained()
+    client = redis.Redis.from_url(REDIS)
+    keys = quota_redis.RedisCounters.keys(p.key_id, quota_redis.Windows.at(time.time()))
+    assert client.zcard(keys[4]) == 0
+    assert int(client.get(keys[0]) or 0) == (2 if leased else 1)  # counted, as a request cut short
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("leased", [False, True])
+async def test_places_taken_are_given_back_when_the_reply_was_lost(generation, monkeypatch, leased):
+    """The script ran but its reply did not come (a timeout): the request is admitted on this
+    process's counters, and the places the script took for it (and a lease) go back to Redis
+    rather than refusing the key's requests in every process for LEASE seconds."""
+    import redis
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    q = Quotas()
+    p = key(concurrency=10**4 if leased else 3)
+    if leased:
+        await open_fast_path(q, p, generation)
+        q.redis._leases.clear()
+    real = quota_redis._evalsha
+
+    async def reply_lost(client, keys, args):
+        await real(client, keys, args)
+        raise RedisTimeout("Timeout reading from socket")
+
+    monkeypatch.setattr(quota_redis, "_evalsha", reply_lost)
+    (await q.admit(p, generation)).release()  # admitted on this process's counters
+    monkeypatch.setattr(quota_redis, "_evalsha", real)
+    client = redis.Redis.from_url(REDIS)
+    place_set = quota_redis.RedisCounters.keys(p.key_id, quota_redis.Windows.at(time.time()))[4]
+    for _ in range(100):
+        if client.zcard(place_set) == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert client.zcard(place_set) == 0
+    await q.redis.drained()
+
+
+@pytest.mark.asyncio
+async def test_redis_away_is_logged_once_and_used_again_when_back(generation, monkeypatch, caplog):
+    import logging
+
+    import redis
+
+    q = Quotas()
+    p = key(rpm=10**6, concurrency=100)
+    with monkeypatch.context() as away, caplog.at_level(logging.WARNING, logger="routing.quotas"):
+        redis_away(away)
+        for _ in range(50):  # admitted on this process's counters
+            (await q.admit(p, generation)).release()
+        await asyncio.sleep(0.3)
+    assert len(caplog.records) <= 2  # one for the admissions, one for the ticks: not one per request
+    assert q.local.usage(p.key_id, time.time()).requests_minute == 50
+    (await q.admit(p, generation)).release()  # Redis is back: counted there
+    await q.redis.drained()
+    keys = quota_redis.RedisCounters.keys(p.key_id, quota_redis.Windows.at(time.time()))
+    client = redis.Redis.from_url(REDIS)
+    assert int(client.get(keys[0]) or 0) == 1 and client.zcard(keys[4]) == 0
+    caplog.clear()
+    with monkeypatch.context() as away, caplog.at_level(logging.WARNING, logger="routing.quotas"):
+        redis_away(away)
+        (await q.admit(p, generation)).release()
+    assert caplog.records  # a new outage is logged again
+    await q.redis.drained()
+
+
+@pytest.mark.asyncio
+@pytest.mark.xfail(
+    strict=True,
+    reason="routing/auth/keys.py: after StaleKeys, authenticate joins a reload started before the "
+    "change, and the retry passes no generation, so the stale copy is admitted (not fixed here)",
+)
+async def test_a_request_refused_as_stale_is_not_admitted_with_a_copy_from_before_the_change(
+    generation, settings, monkeypatch
+):
+    import threading
+
+    import redis
+
+    from routing.auth import client_keys, keys
+    from routing.auth.client_keys import KeyRecord, hash_key, key_store, new_key
+    from routing.core.errors import ApiError
+
+    settings.ROUTER_API_KEY = "operator-secret"
+    settings.ROUTER_REGISTRY_RELOAD = 10**9
+    token = new_key()
+    p = Principal("leaving", "key", limits=(("rpm", 10**6),), key_id=random.randrange(1, 2**40))
+    key_store._by_hash = {hash_key(token): KeyRecord(p, True, None)}
+    key_store.redis_generation = generation
+    key_store._loaded_generation = key_store._generation
+    key_store._loaded_at = time.monotonic()
+    release = threading.Event()
+
+    def stale_load():  # a reload that read the generation and the table before the revocation
+        release.wait(5)
+        return {hash_key(token): KeyRecord(p, True, None)}, generation
+
+    try:
+        redis.Redis.from_url(REDIS).incr(REDIS_GENERATION)  # the revocation: the table says disabled
+        request = asyncio.ensure_future(keys.admit_request(f"Bearer {token}", None))
+        await asyncio.sleep(0)  # authenticated with the old copy; its admission goes to Redis
+        monkeypatch.setattr(client_keys, "load_keys", stale_load)
+        key_store.invalidate()  # an earlier change's reload, still reading
+        reload = asyncio.ensure_future(key_store.ensure_fresh())
+        await asyncio.sleep(0.05)
+        release.set()
+        await reload
+        try:
+            (await request)[1].release()
+            admitted = True
+        except ApiError:
+            admitted = False
+        assert not admitted
+    finally:
+        key_store.clear()
+        await keys.quotas.redis.drained()
+
+
+@pytest.mark.asyncio
+async def test_drained_cut_short_leaves_no_request_waiting_forever(generation, monkeypatch):
+    """Shutdown waits for `drained` a few seconds at most (routing/server/wiring.py): cutting it
+    short does not cancel the call a request waits on, which would leave it waiting forever."""
+    real = quota_redis._evalsha
+
+    async def slow(client, keys, args):
+        await asyncio.sleep(0.3)
+        return await real(client, keys, args)
+
+    monkeypatch.setattr(quota_redis, "_evalsha", slow)
+    q = Quotas()
+    p = key(rpm=100, concurrency=5)
+    request = asyncio.ensure_future(q.admit(p, generation))
+    await asyncio.sleep(0.05)  # its call to Redis is on its way
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(q.redis.drained(), timeout=0.1)
+    (await asyncio.wait_for(request, timeout=3)).release()
+    await q.redis.drained()
+    assert (await q.usage(p)).concurrent == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("seed", range(2))
+async def test_a_flaky_redis_under_load_leaks_no_place_and_raises_nothing(generation, monkeypatch, seed):
+    """Two processes under load while a fifth of the calls to Redis fail, before or after they
+    ran, and some requests are cancelled: no error escapes, and once Redis answers again every
+    place is back."""
+    import redis
+    from redis.asyncio.client import Pipeline
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    rnd = random.Random(seed)
+    procs = [Quotas(), Quotas()]
+    p = key(rpm=10**5, concurrency=40, tpm=10**9)
+    for q in procs:
+        await open_fast_path(q, p, generation)
+    flaky = [True]
+    real_eval, real_execute = quota_redis._evalsha, Pipeline.execute
+
+    async def run_flaky(call):
+        if flaky[0] and rnd.random() < 0.2:
+            if rnd.random() < 0.5:
+                raise RedisTimeout("before it ran")
+            await call()
+            raise RedisTimeout("after it ran")
+        return await call()
+
+    async def evalsha(client, keys, args):
+        return await run_flaky(lambda: real_eval(client, keys, args))
+
+    async def execute(self, raise_on_error=True):
+        return await run_flaky(lambda: real_execute(self, raise_on_error))
+
+    monkeypatch.setattr(quota_redis, "_evalsha", evalsha)
+    monkeypatch.setattr(Pipeline, "execute", execute)
+
+    async def one(q: Quotas) -> None:
+        try:
+            admitted = await q.admit(p, generation)
+        except QuotaExceeded:
+            return
+        try:
+            await asyncio.sleep(rnd.random() * 0.02)
+            q.charge(p, 10)
+        finally:
+            admitted.release()
+
+    tasks = []
+    for i in range(1500):
+        tasks.append(asyncio.ensure_future(one(rnd.choice(procs))))
+        if rnd.random() < 0.1:
+            await asyncio.sleep(0)
+            tasks[-1].cancel()
+        if i % 100 == 0:
+            await asyncio.sleep(0.05)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert not [r for r in results if r is not None and not isinstance(r, asyncio.CancelledError)]
+    flaky[0] = False
+    for q in procs:
+        await q.redis.drained()
+    client = redis.Redis.from_url(REDIS)
+    place_set = quota_redis.RedisCounters.keys(p.key_id, quota_redis.Windows.at(time.time()))[4]
+    for _ in range(100):
+        if client.zcard(place_set) == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert client.zcard(place_set) == 0
+
+
+@pytest.mark.asyncio
+async def test_leases_are_not_given_back_to_a_redis_that_lost_its_data(generation, monkeypatch):
+    """Redis restarted empty (its key generation went back): the leases of this process were
+    counted in the data it lost, so giving them back would uncount the requests admitted since,
+    and the rpm would be passed by what the leases held."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS)
+    before = int(client.incr(REDIS_GENERATION))  # a generation a restart can lose
+    here, there = Quotas(), Quotas()
+    rpm = 1024
+    p = key(rpm=rpm)
+    await open_fast_path(here, p, before)
+    (await here.admit(p, before)).release()  # a lease of 63 requests
+    assert here.redis._leases[p.key_id].requests > 50
+    keys = quota_redis.RedisCounters.keys(p.key_id, quota_redis.Windows.at(time.time()))
+    client.delete(keys[0], REDIS_GENERATION)  # the restart: its data is gone
+    for _ in range(100):  # a tick sees generation 0 and drops the lease
+        if not here.redis._leases and not here.redis._returns:
+            break
+        await asyncio.sleep(0.01)
+    await here.redis.drained()
+    assert int(client.get(keys[0]) or 0) >= 0
+    admitted = 0
+    for _ in range(rpm + 100):  # a process with a copy of the keys loaded after the restart
+        try:
+            (await there.admit(p, 0)).release()
+        except QuotaExceeded:
+            break
+        admitted += 1
+    assert admitted <= rpm
+    await there.redis.drained()
