@@ -89,6 +89,7 @@ class KeyStore:
         self._loaded_generation = 0
         self._loaded_at = 0.0
         self._reload: asyncio.Task[None] | None = None
+        self._reload_for = 0  # the generation the reload in flight loads for
         self.redis_generation: int | None = None  # the Redis counter the copy was loaded under
         self._used: dict[int, float] = {}  # key id -> UNIX time last used, not yet written
 
@@ -104,14 +105,22 @@ class KeyStore:
 
     async def ensure_fresh(self) -> None:
         """Reload the copy if a change was announced or it is older than ROUTER_REGISTRY_RELOAD.
-        One reload in flight per process; a database outage keeps the last copy."""
+        One reload in flight per process and change: a reload started before the latest change
+        (it may have read the table before it) is not joined, a new one is started. A database
+        outage keeps the last copy."""
         if self.fresh():
             return
         with self._lock:
             task = self._reload
-            if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
+            if (
+                task is None
+                or task.done()
+                or self._reload_for != self._generation
+                or task.get_loop() is not asyncio.get_running_loop()
+            ):
                 task = asyncio.get_running_loop().create_task(self._load(self._generation))
                 self._reload = task
+                self._reload_for = self._generation
         await asyncio.shield(task)
 
     async def _load(self, generation: int) -> None:
@@ -120,8 +129,9 @@ class KeyStore:
         except Exception:
             with self._lock:
                 first = self._loaded_generation == 0
-                self._loaded_generation = generation
-                self._loaded_at = time.monotonic()
+                if generation > self._loaded_generation:
+                    self._loaded_generation = generation
+                    self._loaded_at = time.monotonic()
             if first:
                 log.exception("could not load the client keys; retrying on the next request")
                 with self._lock:
@@ -130,10 +140,16 @@ class KeyStore:
             log.warning("could not reload the client keys; keeping the last copy", exc_info=True)
             return
         with self._lock:
+            if generation < self._loaded_generation:
+                return  # a reload started later, for a later change, already put its copy in
             self._by_hash = by_hash
             self.redis_generation = redis_generation
             self._loaded_generation = generation
             self._loaded_at = time.monotonic()
+            if redis_generation is None and settings.REDIS_URL:
+                # Redis did not say which generation this copy is of: nothing can tell it is
+                # stale, so it is read again within a second instead of ROUTER_REGISTRY_RELOAD.
+                self._loaded_at -= max(0.0, settings.ROUTER_REGISTRY_RELOAD - 1.0)
 
     def defined(self) -> bool:
         """Whether any client key exists (enabled or not): then a request without a key is refused."""

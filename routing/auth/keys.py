@@ -112,7 +112,8 @@ async def admit_request(authorization: str | None, api_key: str | None) -> tuple
 
     With REDIS_URL a key change made in another process is seen here before anything is counted:
     the quota check carries the generation of the key copy (StaleKeys), and the copy is reloaded
-    and the caller authenticated again."""
+    and the caller authenticated again; a copy still stale after that is a 503 (retry), never an
+    admission."""
     principal = await authenticate(authorization, api_key)
     if principal.kind != "key":
         return principal, NOTHING_TAKEN
@@ -124,7 +125,10 @@ async def admit_request(authorization: str | None, api_key: str | None) -> tuple
             principal = await authenticate(authorization, api_key)
             if principal.kind != "key":
                 return principal, NOTHING_TAKEN
-            admission = await quotas.admit(principal, None)  # once: a newer change waits for the next
+            try:
+                admission = await quotas.admit(principal, key_store.redis_generation)
+            except StaleKeys:  # changed again meanwhile: never admitted on a copy known stale
+                raise ApiError(503, "the client keys are changing; retry", retry_after=1) from None
     except QuotaExceeded as refused:
         metrics.rate_limited.labels(principal.name, refused.limit).inc()
         raise

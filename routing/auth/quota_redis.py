@@ -615,9 +615,11 @@ class RedisCounters:
         freed, self._freed = self._freed, []
         sent = time.monotonic()
         open_until = time.time() + FENCE  # read after `sent`: never earlier than the real close
-        pipe.get(REDIS_GENERATION)
+        # The claim goes before the read: a change counted after the read finds the claim there
+        # and waits for it (a change counted before it is what the read returns).
         pipe.hset(CONFIRMED, self.owner, f"{self._generation or 0} {open_until:.3f}")
         pipe.expire(CONFIRMED, 3600)
+        pipe.get(REDIS_GENERATION)
         for key, n in returns:
             pipe.decrby(key, n)
             pipe.expire(key, 120)
@@ -664,7 +666,7 @@ class RedisCounters:
             for lease, n in counted:
                 lease.counted += n
             raise
-        generation = int(got[0] or 0)
+        generation = int(got[2] or 0)
         if generation < (self._generation or 0):  # Redis lost its data: nothing leased is counted
             self._returns = [(key, n) for key, n in self._returns if n < 0]
             for lease in self._leases.values():

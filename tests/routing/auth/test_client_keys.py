@@ -134,3 +134,50 @@ def test_an_expired_key_is_refused():
     record = client_keys.record_of(ClientKey.objects.get(name="old"))
     assert record.refusal(2e9) == "the key 'old' has expired"
     assert hash_key(key) == ClientKey.objects.get(name="old").key_hash
+
+
+@pytest.mark.asyncio
+async def test_a_reload_started_before_a_change_is_not_joined_nor_put_in_after_a_later_one(monkeypatch):
+    import asyncio
+    import threading
+
+    from routing.auth.client_keys import KeyRecord
+    from routing.auth.principal import Principal
+
+    store = KeyStore()
+    before = {"old": KeyRecord(Principal("old", "key", key_id=1), True, None)}
+    after = {"new": KeyRecord(Principal("new", "key", key_id=1), False, None)}
+    slow = threading.Event()
+    loads = []
+
+    def load():
+        loads.append(len(loads))
+        if len(loads) == 1:  # the first reload read the table before the change, and is slow
+            slow.wait(5)
+            return before, 1
+        return after, 2
+
+    monkeypatch.setattr(client_keys, "load_keys", load)
+    first = asyncio.ensure_future(store.ensure_fresh())
+    await asyncio.sleep(0.05)
+    store.invalidate()  # the change
+    await store.ensure_fresh()  # a new reload, not the one in flight
+    assert store._by_hash is after and store.redis_generation == 2
+    slow.set()
+    await first
+    assert store._by_hash is after and store.redis_generation == 2  # the older copy is not put in
+    assert len(loads) == 2
+
+
+@pytest.mark.asyncio
+async def test_a_copy_whose_redis_generation_could_not_be_read_is_reloaded_within_a_second(
+    monkeypatch, settings
+):
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+    settings.ROUTER_REGISTRY_RELOAD = 120
+    store = KeyStore()
+    monkeypatch.setattr(client_keys, "load_keys", lambda: ({}, None))
+    await store.ensure_fresh()
+    assert store.fresh()
+    store._loaded_at -= 1.1
+    assert not store.fresh()  # not 120 s: nothing could tell this copy is stale

@@ -431,11 +431,6 @@ async def test_redis_away_is_logged_once_and_used_again_when_back(generation, mo
 
 
 @pytest.mark.asyncio
-@pytest.mark.xfail(
-    strict=True,
-    reason="routing/auth/keys.py: after StaleKeys, authenticate joins a reload started before the "
-    "change, and the retry passes no generation, so the stale copy is admitted (not fixed here)",
-)
 async def test_a_request_refused_as_stale_is_not_admitted_with_a_copy_from_before_the_change(
     generation, settings, monkeypatch
 ):
