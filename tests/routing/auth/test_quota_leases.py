@@ -50,6 +50,19 @@ def calls(monkeypatch) -> list[int]:
     return seen
 
 
+async def no_place_left(p: Principal, pause: float = 0.01) -> None:
+    """Wait (100 pauses at most) until none of `p`'s concurrency places is left in Redis."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS)
+    place_set = quota_redis.RedisCounters.keys(p.key_id, quota_redis.Windows.at(time.time()))[4]
+    for _ in range(100):
+        if client.zcard(place_set) == 0:
+            break
+        await asyncio.sleep(pause)
+    assert client.zcard(place_set) == 0
+
+
 async def open_fast_path(q: Quotas, p: Principal, generation: int) -> None:
     """One admission through Redis starts the sync ticks; the fast path opens at the first."""
     (await q.admit(p, generation)).release()
@@ -375,7 +388,6 @@ async def test_places_taken_are_given_back_when_the_reply_was_lost(generation, m
     """The script ran but its reply did not come (a timeout): the request is admitted on this
     process's counters, and the places the script took for it (and a lease) go back to Redis
     rather than refusing the key's requests in every process for LEASE seconds."""
-    import redis
     from redis.exceptions import TimeoutError as RedisTimeout
 
     q = Quotas()
@@ -392,13 +404,7 @@ async def test_places_taken_are_given_back_when_the_reply_was_lost(generation, m
     monkeypatch.setattr(quota_redis, "_evalsha", reply_lost)
     (await q.admit(p, generation)).release()  # admitted on this process's counters
     monkeypatch.setattr(quota_redis, "_evalsha", real)
-    client = redis.Redis.from_url(REDIS)
-    place_set = quota_redis.RedisCounters.keys(p.key_id, quota_redis.Windows.at(time.time()))[4]
-    for _ in range(100):
-        if client.zcard(place_set) == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert client.zcard(place_set) == 0
+    await no_place_left(p)
     await q.redis.drained()
 
 
@@ -505,7 +511,6 @@ async def test_a_flaky_redis_under_load_leaks_no_place_and_raises_nothing(genera
     """Two processes under load while a fifth of the calls to Redis fail, before or after they
     ran, and some requests are cancelled: no error escapes, and once Redis answers again every
     place is back."""
-    import redis
     from redis.asyncio.client import Pipeline
     from redis.exceptions import TimeoutError as RedisTimeout
 
@@ -558,13 +563,7 @@ async def test_a_flaky_redis_under_load_leaks_no_place_and_raises_nothing(genera
     flaky[0] = False
     for q in procs:
         await q.redis.drained()
-    client = redis.Redis.from_url(REDIS)
-    place_set = quota_redis.RedisCounters.keys(p.key_id, quota_redis.Windows.at(time.time()))[4]
-    for _ in range(100):
-        if client.zcard(place_set) == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert client.zcard(place_set) == 0
+    await no_place_left(p, pause=0.02)
 
 
 @pytest.mark.asyncio
