@@ -85,14 +85,15 @@ class Quotas:
         return admitted
 
     def charge(self, principal: Principal, tokens: int) -> None:
-        """Count `tokens` (prompt + completion) against the key's minute, day and month."""
+        """Count `tokens` (prompt + completion) against the key's minute, day and month. With
+        REDIS_URL they are counted in this process too, so that while Redis is away the
+        fallback's token limits know at least this process's own use."""
         if principal.kind != "key" or tokens <= 0:
             return
         now = time.time()
         if settings.REDIS_URL:
             self.redis.charge(principal.key_id, tokens, now)
-        else:
-            self.local.charge(principal.key_id, tokens, now)
+        self.local.charge(principal.key_id, tokens, now)
 
     async def usage(self, principal: Principal) -> Usage:
         """What the key used in the current windows (zeros for the operator and anonymous)."""

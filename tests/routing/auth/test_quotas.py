@@ -259,3 +259,17 @@ async def test_redis_admissions_of_one_turn_are_counted_in_order(two_processes):
     results = await asyncio.gather(*(here.admit(p) for _ in range(6)), return_exceptions=True)
     assert [isinstance(r, QuotaExceeded) for r in results] == [False] * 4 + [True] * 2
     assert (await here.usage(p)).requests_minute == 4
+
+
+@pytest.mark.asyncio
+async def test_redis_unreachable_the_fallback_knows_the_tokens_this_process_charged(settings):
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there
+    q = Quotas()
+    p = key(tpm=100)
+    (await q.admit(p)).release()
+    q.charge(p, 100)  # the reply's usage: not written to Redis, counted here all the same
+    with pytest.raises(QuotaExceeded) as refused:
+        await q.admit(p)
+    assert refused.value.limit == "tpm"
+    q.redis._charges.clear()  # nothing will ever reach a Redis that is not there
+    await q.redis.drained()
