@@ -6,11 +6,11 @@
     .venv/bin/python -m bench.ab --key [--redis URL]  # A: the operator key, B: a client key (this tree)
     .venv/bin/python -m bench.ab --key --a-client-key --a OLD --redis URL  # OLD vs this tree, one key
 
-With --key both routers are this tree (unless --a is given) with one router key and one client key
-whose every limit is set (high enough never to refuse): A's requests carry the router key (no
-key lookup, no limits), B's the client key (lookup, admission, the quota sink, metrics by
-client). The B/A CPU column is then the cost of client keys and quotas per request; with --redis
-the counters live in Redis (one Lua call per request, a pipelined charge after it).
+With --key, A and B are one router of this tree (two routers when --a is given) with one router
+key and one client key whose every limit is set (high enough never to refuse): A's requests
+carry the router key (no key lookup, no limits), B's the client key (lookup, admission, the
+quota sink, metrics by client). The B/A CPU column is then the cost of client keys and quotas
+per request; with --redis the counters live in Redis (leases: routing/auth/quota_redis.py).
 
 On a shared machine a before/after pair of whole benchmark runs minutes apart measures the
 neighbours as much as the change. Here both routers run at once against the same fake
@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                     auth["A"] = auth["B"]
             routers = {}
             for name, tree in (("A", tree_a), ("B", args.b)):
+                if name == "B" and args.key and tree_a == args.b:
+                    routers["B"] = routers["A"]  # one router: only the key differs between A and B
+                    continue
                 routers[name] = procs.start_router(
                     args.server,
                     database_url=db,
@@ -128,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'scenario':22s} {'direct':>8s} | {'A req/s':>8s} {'ratio':>6s} {'CPU ms':>7s} |"
                 f" {'B req/s':>8s} {'ratio':>6s} {'CPU ms':>7s} | B/A CPU"
             )
+            spreads = []
             for sc in scenarios:
                 direct = statistics.mean(r[0] for r in runs[(sc.key, "direct")])
                 cols = []
@@ -141,7 +145,15 @@ def main(argv: list[str] | None = None) -> int:
                         f"{rps:8.0f} {rps / direct:6.3f} {cpus[name]:7.2f}"
                         + (f" FAILURES {fails}" if fails else "")
                     )
-                print(f"{sc.key:22s} {direct:8.0f} | " + " | ".join(cols) + f" | {cpus['B'] / cpus['A']:.3f}")
+                # B/A: the median of each round's ratio (A and B measured back to back, so a
+                # change of the machine's speed between rounds cancels), with the rounds' range.
+                paired = sorted(
+                    b[2] / a[2] for a, b in zip(runs[(sc.key, "A")], runs[(sc.key, "B")], strict=True)
+                )
+                spreads.append(f"{sc.key}: rounds' B/A {paired[0]:.3f}-{paired[-1]:.3f}")
+                ratio = statistics.median(paired)
+                print(f"{sc.key:22s} {direct:8.0f} | " + " | ".join(cols) + f" | {ratio:.3f}")
+            print("\n".join(spreads))
         finally:
             for proc in reversed(started):
                 proc.stop()
