@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 auth["B"] = bench_client_key(db, concurrency=not args.no_concurrency)
                 if args.a_client_key:
                     auth["A"] = auth["B"]
-            routers = {}
+            routers: dict[str, procs.Proc] = {}
             for name, tree in (("A", tree_a), ("B", args.b)):
                 if name == "B" and args.key and tree_a == args.b:
                     routers["B"] = routers["A"]  # one router: only the key differs between A and B

@@ -148,7 +148,7 @@ async def test_a_reload_started_before_a_change_is_not_joined_nor_put_in_after_a
     before = {"old": KeyRecord(Principal("old", "key", key_id=1), True, None)}
     after = {"new": KeyRecord(Principal("new", "key", key_id=1), False, None)}
     slow = threading.Event()
-    loads = []
+    loads: list[int] = []
 
     def load():
         loads.append(len(loads))
