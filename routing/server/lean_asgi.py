@@ -359,17 +359,20 @@ class ProxyHandler:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         elif isinstance(response, StreamingHttpResponse):
-            try:
-                async for chunk in response:  # type: ignore[attr-defined]
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except (Disconnected, OSError):
-                raise
-            except Exception:
-                # After the headers no status can say it: the stream ends with an error line
-                # (the shape of Ollama's streamed errors, the only such streams here) and is closed.
-                log.exception("a stream failed after its headers (request %s)", request_id)
-                await send({"type": "http.response.body", "body": STREAM_FAILED, "more_body": False})
-                return
+            chunks = aiter(response)  # type: ignore[call-overload]
+            while True:
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except Exception:
+                    # The view's stream failed after the headers, where no status can say it: it
+                    # ends with an error line (the shape of Ollama's streamed errors, the only
+                    # such streams here) and is closed. What `send` raises is not caught here.
+                    log.exception("a stream failed after its headers (request %s)", request_id)
+                    await send({"type": "http.response.body", "body": STREAM_FAILED, "more_body": False})
+                    return
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         else:
             assert isinstance(response, HttpResponse)

@@ -95,3 +95,29 @@ def test_a_stream_that_fails_after_its_headers_ends_with_an_error_line_and_is_cl
     assert [m["body"] for m in sent[1:]] == [b'{"status":"pulling"}\n', lean_asgi.STREAM_FAILED]
     assert sent[-1]["more_body"] is False  # the reply is finished: the connection is not left open
     assert "error" in json.loads(lean_asgi.STREAM_FAILED)
+
+
+def test_what_send_raises_during_a_stream_is_not_taken_for_the_streams_failure() -> None:
+    import asyncio
+
+    import pytest
+    from django.http import StreamingHttpResponse
+
+    class Stop(Exception):  # as the HEAD front ends a reply after its head (routing/server/front.py)
+        pass
+
+    async def lines():
+        yield b"a\n"
+        yield b"b\n"
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body":
+            raise Stop()
+
+    response = StreamingHttpResponse(lines(), content_type="application/x-ndjson")
+    with pytest.raises(Stop):
+        asyncio.run(HANDLER._send(send, response, "r2"))
+    assert [m.get("body") for m in sent[1:]] == [b"a\n"]  # no error line was added
