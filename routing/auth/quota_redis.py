@@ -93,7 +93,7 @@ LEASE_IDLE = 1.0  # seconds without a request before a key's lease goes back who
 PLENTY = LEASE_SHARE * LEASE_MAX  # this much left of a limit: a lease keeps what it did not use
 DOUBT_MAX = 10_000  # places waiting to be given back, beyond which those in doubt are left to expire
 CLOCK_SKEW = 1.0  # seconds of clock difference between hosts `confirm_generation` allows for
-LIMITS_SENT = ("rpm", "tpm", "daily_tokens", "monthly_tokens", "concurrency")  # the script's order
+LIMITS_SENT = ("rpm", "tpm", "daily_tokens", "monthly_tokens", "concurrency")  # script, _Lease.limits
 
 # KEYS: the generation; then 5 per admission: requests/minute, tokens/minute, tokens/day,
 #       tokens/month, concurrency set; then the concurrency set of each place given back
@@ -358,9 +358,7 @@ class RedisCounters:
         if ask.wanted:
             lease = self._lease_for(principal, w, generation, ask.keys[4])
             if lease is None:  # the fast path closed meanwhile: nothing is kept
-                if requests > 1:
-                    self._returns.append((ask.keys[0], requests - 1))
-                self._freed.extend((ask.keys[4], m) for m in members[1:])
+                self._give_back_grant(ask, requests, places, own_too=False)
             else:
                 if requests:
                     lease.requests += requests - 1
@@ -392,16 +390,8 @@ class RedisCounters:
             return lease
         if lease is not None:
             self._drop(lease)
-        limits = tuple(principal.limit(name) for name in ("rpm", "tpm", "daily_tokens", "monthly_tokens"))
-        lease = _Lease(
-            principal,
-            generation,
-            w.minute,
-            w.day,
-            w.month,
-            (*limits, principal.limit("concurrency")),
-            place_set,
-        )
+        limits = tuple(principal.limit(name) for name in LIMITS_SENT)
+        lease = _Lease(principal, generation, w.minute, w.day, w.month, limits, place_set)
         self._leases[principal.key_id] = lease
         return lease
 
@@ -504,13 +494,17 @@ class RedisCounters:
     def _give_back_reply(self, ask: _Ask, reply: list[int]) -> None:
         """The request of `ask` went away: give back all the script granted it (its own request
         stays counted, as one cut short)."""
-        if reply[0] != 0:
-            return
-        if reply[6] > 1:
-            self._returns.append((ask.keys[0], reply[6] - 1))
+        if reply[0] == 0:
+            self._give_back_grant(ask, reply[6], reply[7], own_too=True)
+
+    def _give_back_grant(self, ask: _Ask, requests: int, places: int, *, own_too: bool) -> None:
+        """Give back what the script granted `ask` beyond its own request: the leased requests
+        (`requests` - 1) and places (<member>:2..n), and its own place too when `own_too`."""
+        if requests > 1:
+            self._returns.append((ask.keys[0], requests - 1))
             self._tick_soon()
         if ask.place_set is not None:
-            for j in range(1, max(1, reply[7]) + 1):
+            for j in range(1 if own_too else 2, max(1, places) + 1):
                 self._free(ask.place_set, ask.member + b":%d" % j)
 
     def _free(self, key: bytes, member: bytes) -> None:
