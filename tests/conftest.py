@@ -5,6 +5,7 @@
   process on a free loopback port, against the test database; stops it at the end.
 - `endpoint`: registers an endpoint in the test database (committed, so the router
   process sees it).
+- `clear_of_minute_edge`: waits out the end of a UTC minute before a test counts per minute.
 """
 
 from __future__ import annotations
@@ -149,6 +150,16 @@ def router(transactional_db: None, tmp_path: Path) -> Iterator[Callable[..., Rou
     for proc in started:
         proc.stop()
         print(f"--- router log ({proc.url}) ---\n{proc.log()[-20000:]}")  # shown when a test fails
+
+
+def clear_of_minute_edge(margin: float = 5.0) -> None:
+    """Wait, when fewer than `margin` seconds are left of this UTC minute, until the next one has
+    begun. Per-minute limits (rpm, tpm) count in calendar minutes: requests that straddle two
+    minutes see their count start again, which is right for the router and wrong for a test that
+    expects its third request to be over a limit of 3."""
+    left = 60 - time.time() % 60
+    if left < margin:
+        time.sleep(left + 0.05)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> None:

@@ -4,7 +4,9 @@ Counters per key id, under PREFIX (windows of routing/auth/quota_base.py):
 - `req:<minute>`: requests of this minute, admitted or leased (below);
 - `tok:<minute>`, `day:<day>`, `month:<month>`: tokens charged;
 - `inflight`: concurrency places, a sorted set of members scored by their expiry (LEASE s
-  ahead), so the places of a process that dies expire.
+  ahead). A process renews every place it holds every RENEW_EVERY s (its requests in flight,
+  however long, and its leases), so the places of a process that dies expire within LEASE s
+  instead of blocking its keys, as the cluster slots do (routing/engine/cluster.py).
 
 Slow path, one round trip. The admissions asked for in one turn of the event loop go to Redis as
 one EVALSHA of `_ADMIT`, with the places given back since the last one. The script removes those
@@ -82,8 +84,8 @@ _BY_REDIS = metrics.quota_admissions.labels("redis")
 
 PREFIX = "nomyo:quota"
 CONFIRMED = "nomyo:keys:confirmed"  # hash: owner -> "<generation> <fast path open until, UNIX s>"
-LEASE = 900.0  # seconds a concurrency place lives in Redis unless renewed
-RENEW_EVERY = LEASE / 3  # seconds between renewals of the places a lease holds
+LEASE = 30.0  # seconds a concurrency place lives in Redis unless renewed
+RENEW_EVERY = 10.0  # seconds between renewals of the places this process holds
 RELEASE_EVERY = 0.02  # seconds an exact place given back waits for an admission to ride on, at most
 SYNC_EVERY = 0.1  # seconds between sync ticks (token charges, confirmations, leases given back)
 FENCE = 2.0  # seconds the fast path stays open after a read of the key generation was sent
@@ -225,7 +227,8 @@ class RedisCounters:
         self._generation: int | None = None  # the key generation the latest tick read
         self._open_until = 0.0  # monotonic: the fast path is open before this
         self._asked_at = 0.0  # monotonic: the latest keyed admission (keeps the ticker running)
-        self._renewed_at = time.monotonic()
+        self._places: dict[bytes, bytes] = {}  # member -> its set: every place held in Redis
+        self._renewer: asyncio.Task[None] | None = None
         self._closing = False
         self._again = False  # the next tick comes at once (a new generation to confirm)
         self._failing = False  # the latest tick failed (logged once until one succeeds)
@@ -354,6 +357,8 @@ class RedisCounters:
         requests, places = values[5], values[6]
         members = [ask.member + b":%d" % i for i in range(1, places + 1)]
         own = members[0] if members else ask.member + b":1"
+        if ask.place_set is not None:
+            self._hold(ask.place_set, members or [own])
         lease: _Lease | None = None
         if ask.wanted:
             lease = self._lease_for(principal, w, generation, ask.keys[4])
@@ -395,6 +400,36 @@ class RedisCounters:
         self._leases[principal.key_id] = lease
         return lease
 
+    def _hold(self, place_set: bytes, members: list[bytes]) -> None:
+        """Places now in Redis for this process: renewed until given back (`_free`)."""
+        for member in members:
+            self._places[member] = place_set
+        if self._renewer is None or self._renewer.done():
+            self._renewer = self._spawn(self._renew())
+
+    async def _renew(self) -> None:
+        """Every RENEW_EVERY s while this process holds places: push their expiry LEASE s ahead
+        (ZADD XX: a place given back meanwhile is not added again). A failure is logged and the
+        next round tries again; a place not renewed for LEASE s expires."""
+        while self._places:
+            await asyncio.sleep(RENEW_EVERY)
+            if not self._places:
+                return
+            expiry = time.time() + LEASE
+            by_set: dict[bytes, dict[bytes, float]] = {}
+            for member, place_set in self._places.items():
+                by_set.setdefault(place_set, {})[member] = expiry
+            try:
+                pipe = redis.async_client().pipeline(transaction=False)
+                for place_set, members in by_set.items():
+                    pipe.zadd(place_set, members, xx=True)
+                await pipe.execute()
+            except Exception:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError() from None  # the client swallowed our cancel
+                log.warning("could not renew the quota places this process holds", exc_info=True)
+
     def _give_back(self, lease: _Lease, member: bytes) -> None:
         """A request admitted with a leased place ended: the place goes back to the lease, or to
         Redis when the lease was dropped meanwhile."""
@@ -428,6 +463,7 @@ class RedisCounters:
         for _ in range(min(n, len(lease.free))):
             member = lease.free.pop()
             lease.held.discard(member)
+            self._places.pop(member, None)
             self._freed.append((lease.place_set, member))
 
     def _encode(self, principal: Principal, w: Windows) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
@@ -510,6 +546,7 @@ class RedisCounters:
     def _free(self, key: bytes, member: bytes) -> None:
         """Give a place back: it goes to Redis with the next admission, or with the others given
         back within RELEASE_EVERY seconds, in one pipeline."""
+        self._places.pop(member, None)
         self._freed.append((key, member))
         self._free_later()
 
@@ -643,13 +680,6 @@ class RedisCounters:
         places_read = [(lease, len(pipe.command_stack)) for lease in self._leases.values() if lease.held]
         for lease, _ in places_read:
             pipe.zcard(lease.place_set)
-        renew = mono - self._renewed_at >= RENEW_EVERY
-        if renew:
-            self._renewed_at = mono
-            expiry = time.time() + LEASE
-            for lease in self._leases.values():
-                if lease.held:
-                    pipe.zadd(lease.place_set, dict.fromkeys(lease.held, expiry), xx=True)
         try:
             got = await pipe.execute()
         except Exception:  # the commands may have run: only what is safe twice is sent again
@@ -716,9 +746,9 @@ class RedisCounters:
         self._closing = True
         if self._leases or self._charges or self._returns:
             self._tick_soon()
-        try:
-            while self._background:
-                await asyncio.wait(list(self._background))
+        try:  # not the renewer: it runs while requests hold places, and they may outlive this
+            while waiting := [task for task in self._background if task is not self._renewer]:
+                await asyncio.wait(waiting)
         finally:
             self._closing = False
 

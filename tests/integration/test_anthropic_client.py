@@ -14,7 +14,7 @@ import anthropic
 import httpx
 import pytest
 
-from tests.conftest import wait_until
+from tests.conftest import clear_of_minute_edge, wait_until
 from tests.integration.helpers import in_flight
 from tests.integration.test_keys import make_key
 from tests.reliability.support import RawRequest, Totals, wait_db_totals
@@ -358,6 +358,7 @@ def test_keys_quotas_and_x_api_key(fakes, endpoint, router):
     key = make_key("claude-code", "--rpm", "1")
     server = router(ROUTER_API_KEY="operator-key")
     client: Any = anthropic.Anthropic(base_url=server.url, api_key=key, max_retries=0)
+    clear_of_minute_edge()
     hello = [{"role": "user", "content": "x"}]
     assert client.messages.create(model="llama3", max_tokens=5, messages=hello).usage.output_tokens == 2
     with pytest.raises(anthropic.RateLimitError) as limited:

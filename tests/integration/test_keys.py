@@ -17,7 +17,7 @@ from django.core.management import call_command
 
 from routing.models import ClientKey
 from stats.models import TokenTotal
-from tests.conftest import wait_until
+from tests.conftest import clear_of_minute_edge, wait_until
 from tests.integration.test_cluster import _redis_answers
 
 OPERATOR = "op-secret"
@@ -93,6 +93,7 @@ def test_each_status_in_each_protocols_shape(served, router):
 def test_requests_per_minute_429_with_retry_after_and_ratelimit_headers(served, router):
     key = make_key("rpm2", "--rpm", "2")
     server = router(ROUTER_API_KEY=OPERATOR)
+    clear_of_minute_edge()
     with httpx.Client(base_url=server.url, timeout=30, headers=bearer(key)) as http:
         first = http.post("/v1/chat/completions", json=OPENAI_CHAT)
         assert first.status_code == 200
@@ -137,6 +138,7 @@ def test_concurrency_limit_and_its_release(fakes, endpoint, router):
 def test_token_limits_are_charged_with_real_usage(served, router):
     key = make_key("small", "--daily-tokens", "4", "--tpm", "1000", "--monthly-tokens", "1000")
     server = router()
+    clear_of_minute_edge()
     with httpx.Client(base_url=server.url, timeout=30, headers=bearer(key)) as http:
         assert http.post("/api/chat", json=CHAT).status_code == 200  # 4 completion + prompt tokens
         wait_until(lambda: http.get("/api/me").json()["usage"]["tokens_today"] > 0)
@@ -244,6 +246,7 @@ def test_two_router_processes_share_limits_and_see_a_revocation_on_the_next_requ
     # The safety-net reload is far away: only the Redis generation can make the change seen.
     env = {"REDIS_URL": settings.REDIS_URL, "ROUTER_API_KEY": OPERATOR, "ROUTER_REGISTRY_RELOAD": "120"}
     a, b = router(**env), router(**env)
+    clear_of_minute_edge()
     with httpx.Client(timeout=30) as http:
         statuses = [
             http.post(url + "/api/chat", json=CHAT, headers=bearer(shared)).status_code
@@ -385,6 +388,7 @@ def test_the_access_line_of_a_refusal_names_the_key(served, router):
     gone = make_key("gone")
     ClientKey.objects.filter(name="gone").update(enabled=False)
     server = router(ROUTER_API_KEY=OPERATOR)
+    clear_of_minute_edge()
     cases = [
         ("ok", bearer(once), 200, "once"),
         ("over", bearer(once), 429, "once"),

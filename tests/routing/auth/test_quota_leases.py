@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from typing import Any
 
 import pytest
 
@@ -598,3 +599,57 @@ async def test_leases_are_not_given_back_to_a_redis_that_lost_its_data(generatio
         admitted += 1
     assert admitted <= rpm
     await there.redis.drained()
+
+
+def places_alive(p: Principal) -> list[Any]:
+    """`p`'s concurrency places in Redis that have not expired (an expired one stays in the set
+    until the next admission removes it, and counts for nothing)."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS)
+    place_set = quota_redis.RedisCounters.keys(p.key_id, quota_redis.Windows.at(time.time()))[4]
+    return list(client.zrangebyscore(place_set, time.time(), "+inf"))
+
+
+@pytest.mark.asyncio
+async def test_places_of_a_dead_process_expire_while_a_living_ones_are_renewed(generation, monkeypatch):
+    monkeypatch.setattr(quota_redis, "LEASE", 0.6)
+    monkeypatch.setattr(quota_redis, "RENEW_EVERY", 0.15)
+    living, dead = Quotas(), Quotas()
+    p = key(concurrency=2)  # too small to lease: each place is exact
+    long_request = await living.admit(p)
+    await dead.admit(p)  # never released: its process dies below
+    with pytest.raises(QuotaExceeded):
+        await living.admit(p)
+    renewer = dead.redis._renewer
+    assert renewer is not None
+    renewer.cancel()  # the dead process renews nothing any more
+    await asyncio.sleep(1.5)  # 2.5 lifetimes of a place
+    assert len(places_alive(p)) == 1  # the living one's, renewed
+    again = await living.admit(p)  # the dead one's place expired: free again
+    with pytest.raises(QuotaExceeded):  # the long request's place still counts
+        await living.admit(p)
+    long_request.release()
+    again.release()
+    await no_place_left(p)
+    await living.redis.drained()
+    await asyncio.sleep(0.3)
+    assert living.redis._renewer is not None and living.redis._renewer.done()  # nothing left to renew
+
+
+@pytest.mark.asyncio
+async def test_a_leased_place_in_use_is_renewed_after_its_lease_was_dropped(generation, monkeypatch):
+    monkeypatch.setattr(quota_redis, "LEASE", 0.6)
+    monkeypatch.setattr(quota_redis, "RENEW_EVERY", 0.15)
+    monkeypatch.setattr(quota_redis, "LEASE_IDLE", 0.2)
+    q = Quotas()
+    p = key(concurrency=10**4)
+    await open_fast_path(q, p, generation)
+    held = await q.admit(p, generation)  # from the lease
+    assert q.redis._leases
+    await asyncio.sleep(1.5)  # the lease is dropped (idle) and its unused places go back
+    assert not q.redis._leases
+    assert len(places_alive(p)) == 1  # the one in use, renewed
+    held.release()
+    await no_place_left(p)
+    await q.redis.drained()
