@@ -415,19 +415,9 @@ class RedisCounters:
             await asyncio.sleep(RENEW_EVERY)
             if not self._places:
                 return
-            expiry = time.time() + LEASE
-            by_set: dict[bytes, dict[bytes, float]] = {}
-            for member, place_set in self._places.items():
-                by_set.setdefault(place_set, {})[member] = expiry
             try:
-                pipe = redis.async_client().pipeline(transaction=False)
-                for place_set, members in by_set.items():
-                    pipe.zadd(place_set, members, xx=True)
-                await pipe.execute()
+                await redis.renew(dict(self._places), time.time() + LEASE)
             except Exception:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise asyncio.CancelledError() from None  # the client swallowed our cancel
                 log.warning("could not renew the quota places this process holds", exc_info=True)
 
     def _give_back(self, lease: _Lease, member: bytes) -> None:

@@ -6,6 +6,8 @@ asyncio client's connections belong to the loop that opened them, so a client is
 between loops; it is dropped with its loop (weak reference).
 `sync_client()`: one blocking client per URL for threads without a loop (key reloads, the
 admin, management commands); its connection pool is thread-safe.
+`renew()`: pushes the expiry of members of sorted sets scored by their expiry (the cluster
+slots' claims, the quota places), which is how both let the holdings of a dead process expire.
 
 Both use the same timeouts: SOCKET_TIMEOUT seconds to connect and for each reply, so a Redis
 that stops answering fails a call quickly (the callers fall back to this process's own limits).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 from django.conf import settings
@@ -60,3 +63,23 @@ def sync_client() -> Any:
                     url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT
                 )
     return client
+
+
+async def renew(members: Mapping[Any, Any], expiry: float) -> None:
+    """Set the score of each member (member -> the sorted set it is in; str or bytes) to `expiry`
+    (UNIX s), in one pipeline of one ZADD XX per set: a member removed meanwhile is not added
+    back. Raises what Redis raised, or CancelledError when cancelled (redis-py may turn a
+    cancellation during a call into another error)."""
+    by_set: dict[Any, dict[Any, float]] = {}
+    for member, key in members.items():
+        by_set.setdefault(key, {})[member] = expiry
+    try:
+        pipe = async_client().pipeline(transaction=False)
+        for key, scored in by_set.items():
+            pipe.zadd(key, scored, xx=True)
+        await pipe.execute()
+    except Exception:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError() from None
+        raise

@@ -97,16 +97,9 @@ class ClusterSlots:
     async def _renew(self) -> None:
         while self._held:
             await asyncio.sleep(RENEW_EVERY)
-            expiry = time.time() + LEASE
             try:
-                pipe = redis.async_client().pipeline(transaction=False)
-                for member, key in list(self._held.items()):
-                    pipe.zadd(key, {member: expiry}, xx=True)
-                await pipe.execute()
+                await redis.renew(dict(self._held), time.time() + LEASE)
             except Exception:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise asyncio.CancelledError() from None  # the client swallowed our cancel
                 log.warning("could not renew cluster slot leases", exc_info=True)
 
     def held(self) -> int:
