@@ -11,6 +11,10 @@ Which waiter is next is the queue discipline of routing/engine/fair_queue.py: hi
 priority first (aged by ROUTER_PRIORITY_AGING), then turns between clients, then arrival
 order. The board stamps a client each time it gets a slot (`_served`), the turns' measure.
 
+ROUTER_QUEUE_MAX bounds the requests waiting, not the entries in queues: an alias whose
+targets are different real models waits in each of their queues at once (routing/engine/
+proxy.py `_acquire_any`), under one `request` token, and counts once (`_waiting`).
+
 A strategy with a `hold` (prompt-cache affinity, routing/engine/affinity.py) may decline free
 slots for a waiter for up to `hold` seconds after it first asked (it waits for its own server).
 Such a waiter keeps its place: the next waiters in the queue's order are served past it, and
@@ -80,6 +84,7 @@ class _Waiter:
     candidates: list[Candidate]
     future: asyncio.Future[Lease]
     client: str
+    request: object  # the request it waits for (one request may wait in several queues)
 
 
 def _hold_of(strategy: SelectionStrategy) -> float:
@@ -114,7 +119,7 @@ class Board:
         self._active: dict[Slot, int] = {}
         self._per_endpoint: dict[int, int] = {}
         self._queues: dict[str, FairQueue[_Waiter]] = {}
-        self._queued = 0
+        self._waiting: dict[object, int] = {}  # request token -> queues it waits in
         # client name -> tick of its latest slot (turns between clients, fair_queue.py)
         self._served: dict[str, int] = {}
         self._ticks = itertools.count()
@@ -190,17 +195,20 @@ class Board:
         affinity: str | None = None,
         client: str = "",
         priority: int = NORMAL,
+        request: object | None = None,
     ) -> Lease:
         """A slot on one of `candidates` for `model`, now or after waiting in the model's queue
         for at most `timeout` seconds. client: the principal's name; priority: 0 high, 1 normal,
-        2 low (the queue's order: fair_queue.py). QueueFull when `queue_max` requests already
-        wait, QueueTimeout when the wait runs out."""
+        2 low (the queue's order: fair_queue.py). request: a token the same for every queue one
+        request waits in at once (None: this call alone). QueueFull when `queue_max` other
+        requests already wait, QueueTimeout when the wait runs out."""
         ask = Ask(model, affinity)
         lease = self._try_acquire(ask, candidates, client)
         if lease is not None:
             return lease
         future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(ask, candidates, future, client)
+        token = object() if request is None else request
+        waiter = _Waiter(ask, candidates, future, client, token)
         entry: Entry[_Waiter] | None = None
         with self._lock:
             # Re-check under the lock: a slot may have freed since try_acquire.
@@ -210,12 +218,12 @@ class Board:
                 if cand is not None:
                     lease = self._reserve(ask, cand, client)
             if lease is None:
-                if self._queued >= queue_max:
+                if token not in self._waiting and len(self._waiting) >= queue_max:
                     raise QueueFull()
                 if queue is None:
                     queue = self._queues[model] = FairQueue(settings.ROUTER_PRIORITY_AGING)
                 entry = queue.push(waiter, client, priority, time.monotonic())
-                self._queued += 1
+                self._waiting[token] = self._waiting.get(token, 0) + 1
                 if self._hold:  # waiters ahead may be holding out for their own server
                     self._serve_waiters(model)
         self.changed.send()
@@ -248,7 +256,7 @@ class Board:
         with self._lock:
             queue = self._queues.get(model)
             if queue is not None and queue.remove(entry):
-                self._queued -= 1
+                self._left(entry.item)
                 if not queue:
                     del self._queues[model]
             fut = entry.item.future
@@ -307,7 +315,7 @@ class Board:
             waiter = entry.item
             if waiter.future.done():  # timed out or cancelled, leaving
                 queue.remove(entry)
-                self._queued -= 1
+                self._left(waiter)
                 continue
             cand = self._strategy.pick(waiter.ask, waiter.candidates, self._load, metered=True)
             if cand is None:
@@ -318,10 +326,18 @@ class Board:
                     continue
                 break
             queue.remove(entry)
-            self._queued -= 1
+            self._left(waiter)
             waiter.future.set_result(self._reserve(waiter.ask, cand, waiter.client))
         if queue is not None and not queue:
             del self._queues[model]
+
+    def _left(self, waiter: _Waiter) -> None:
+        """`waiter` left its queue (lock held): its request counts while it waits in another."""
+        n = self._waiting.get(waiter.request, 0) - 1
+        if n > 0:
+            self._waiting[waiter.request] = n
+        else:
+            self._waiting.pop(waiter.request, None)
 
     def apply_endpoints(self, endpoints: Iterable[EndpointInfo]) -> None:
         """The registry reloaded: each endpoint's current limit (0 when disabled)."""
@@ -360,8 +376,9 @@ class Board:
             return {model: len(q) for model, q in self._queues.items()}
 
     def queued_total(self) -> int:
+        """Requests waiting (one that waits in several queues counts once)."""
         with self._lock:
-            return self._queued
+            return len(self._waiting)
 
     def clear(self) -> None:
         with self._lock:
@@ -372,7 +389,7 @@ class Board:
                 for entry in queue:
                     entry.item.future.cancel()
             self._queues.clear()
-            self._queued = 0
+            self._waiting.clear()
             self._served.clear()
             self._limits.clear()
             self._first_byte.clear()

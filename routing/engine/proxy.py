@@ -366,8 +366,10 @@ async def _acquire_any(
             if lease is not None:
                 metrics.queue_wait(0.0)
                 return lease
+    request = object()  # one request in every queue it waits in (ROUTER_QUEUE_MAX counts it once)
     tasks = [
-        asyncio.ensure_future(_acquire(key, model, group, principal, wait, affinity)) for key, group in order
+        asyncio.ensure_future(_acquire(key, model, group, principal, wait, affinity, request))
+        for key, group in order
     ]
     winner: Lease | None = None
     try:
@@ -390,7 +392,13 @@ async def _acquire_any(
 
 
 async def _acquire(
-    key: str, model: str, candidates: list[Candidate], principal: Principal, wait: float, affinity: str | None
+    key: str,
+    model: str,
+    candidates: list[Candidate],
+    principal: Principal,
+    wait: float,
+    affinity: str | None,
+    request: object | None = None,
 ) -> Lease:
     waited = time.perf_counter()
     deadline = waited + wait
@@ -405,9 +413,10 @@ async def _acquire(
             client=principal.name,
             priority=principal.priority,
             affinity=affinity,
+            request=request,
         )
         if cluster.enabled():
-            lease = await _claim_in_cluster(lease, key, candidates, deadline, principal, affinity)
+            lease = await _claim_in_cluster(lease, key, candidates, deadline, principal, affinity, request)
         if affinity is not None and shared_affinity.enabled:
             shared_affinity.flush()  # what the pick remembered, to Redis in the background
         metrics.queue_wait(time.perf_counter() - waited)
@@ -427,6 +436,7 @@ async def _claim_in_cluster(
     deadline: float,
     principal: Principal,
     affinity: str | None = None,
+    request: object | None = None,
 ) -> Lease:
     """Also hold the slot across router processes; try other candidates, then wait.
     Owns `lease` (and each later one) until it returns it: any exception releases it."""
@@ -461,6 +471,7 @@ async def _claim_in_cluster(
                 client=principal.name,
                 priority=principal.priority,
                 affinity=affinity,
+                request=request,
             )
     except BaseException:
         lease.release()  # idempotent: a lease already given back stays given back

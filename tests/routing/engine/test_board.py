@@ -135,6 +135,30 @@ async def test_it_refuses_at_once_when_the_queue_is_full():
 
 
 @pytest.mark.asyncio
+async def test_one_request_waiting_in_several_queues_counts_once_until_it_leaves_the_last():
+    board = Board()
+    a, b = cand(1, model="a:latest"), cand(2, model="b:latest")
+    held = [board.try_acquire("a:latest", [a]), board.try_acquire("b:latest", [b])]
+    request = object()
+    in_a = asyncio.create_task(board.acquire("a:latest", [a], timeout=5, queue_max=1, request=request))
+    in_b = asyncio.create_task(board.acquire("b:latest", [b], timeout=5, queue_max=1, request=request))
+    await asyncio.sleep(0.01)
+    assert board.queued() == {"a:latest": 1, "b:latest": 1} and board.queued_total() == 1
+    with pytest.raises(QueueFull):  # another request: the one place is taken
+        await board.acquire("b:latest", [b], timeout=5, queue_max=1)
+    in_a.cancel()
+    await asyncio.gather(in_a, return_exceptions=True)
+    assert board.queued_total() == 1  # still waiting in b's queue
+    with pytest.raises(QueueFull):
+        await board.acquire("a:latest", [a], timeout=5, queue_max=1)
+    held[1].release()  # type: ignore[union-attr]
+    (await in_b).release()
+    assert board.queued_total() == 0
+    held[0].release()  # type: ignore[union-attr]
+    assert board.active() == {}
+
+
+@pytest.mark.asyncio
 async def test_it_leaks_no_slot_when_a_waiter_is_cancelled_as_its_slot_arrives():
     board = Board()
     held = board.try_acquire("m:latest", [cand(1)])

@@ -76,11 +76,13 @@ async def settled() -> None:
 
 
 async def until_queued(n: int) -> None:
-    """Wait (two seconds at most) for `n` requests to be in the board's queues."""
+    """Wait (two seconds at most) for `n` entries in the board's queues (an alias waiting for
+    several real models has one in each)."""
     for _ in range(200):
-        if board.queued_total() == n:
+        if sum(board.queued().values()) == n:
             return
         await asyncio.sleep(0.01)
+    raise AssertionError(f"{n} queue entries not reached: {board.queued()}")
 
 
 def cand(fake_url: str, ep_id: int, name: str, *, limit: int = 1, loaded: bool = False) -> Candidate:
@@ -153,6 +155,29 @@ async def test_an_alias_waits_in_every_targets_queue_and_takes_the_first_free_sl
     response = await waiting
     assert response["X-Router-Model"] == "gpt-oss-120b:latest" and one.stats.total_requests() == 0
     assert board.queued_total() == 0  # the other wait left its queue
+    held_a.release()
+    await settled()
+
+
+async def test_an_alias_waiting_in_several_queues_counts_once_against_the_queue_max(
+    book: Book, fakes: Callable[..., ThreadedFake], monkeypatch, settings
+):
+    settings.ROUTER_QUEUE_MAX = 1
+    one = fakes(models=["m-a:latest"], tokens=2)
+    two = fakes(models=["m-b:latest"], tokens=2)
+    a, b = cand(one.url, 9_341, "m-a:latest"), cand(two.url, 9_342, "m-b:latest")
+    fleet(monkeypatch, {a.key: [a], b.key: [b]}, aliases={"m": "m-a\nm-b"})
+    held_a, held_b = board.try_acquire(a.key, [a]), board.try_acquire(b.key, [b])
+    assert held_a is not None and held_b is not None
+    waiting = asyncio.ensure_future(forward("m"))
+    await until_queued(2)  # in both queues, as one request
+    assert board.queued() == {a.key: 1, b.key: 1} and board.queued_total() == 1
+    with pytest.raises(ApiError) as full:  # a second request finds the queue full
+        await forward("m-a")
+    assert full.value.status == 503
+    held_b.release()
+    response = await waiting
+    assert response["X-Router-Model"] == "m-b:latest"
     held_a.release()
     await settled()
 
