@@ -233,6 +233,7 @@ class RedisCounters:
         self._again = False  # the next tick comes at once (a new generation to confirm)
         self._failing = False  # the latest tick failed (logged once until one succeeds)
         self._asks_failing = False  # the latest admission call failed (logged once, likewise)
+        self._renew_failing = False  # the latest renewal of places failed (logged once, likewise)
 
     @staticmethod
     def keys(key_id: int, w: Windows) -> list[str]:
@@ -409,8 +410,9 @@ class RedisCounters:
 
     async def _renew(self) -> None:
         """Every RENEW_EVERY s while this process holds places: push their expiry LEASE s ahead
-        (ZADD XX: a place given back meanwhile is not added again). A failure is logged and the
-        next round tries again; a place not renewed for LEASE s expires."""
+        (ZADD XX: a place given back meanwhile is not added again). A failure is logged (once until
+        a renewal succeeds) and the next round tries again; a place not renewed for LEASE s
+        expires."""
         while self._places:
             await asyncio.sleep(RENEW_EVERY)
             if not self._places:
@@ -418,7 +420,11 @@ class RedisCounters:
             try:
                 await redis.renew(dict(self._places), time.time() + LEASE)
             except Exception:
-                log.warning("could not renew the quota places this process holds", exc_info=True)
+                if not self._renew_failing:  # once until a renewal succeeds again
+                    self._renew_failing = True
+                    log.warning("could not renew the quota places this process holds", exc_info=True)
+            else:
+                self._renew_failing = False
 
     def _give_back(self, lease: _Lease, member: bytes) -> None:
         """A request admitted with a leased place ended: the place goes back to the lease, or to

@@ -653,3 +653,32 @@ async def test_a_leased_place_in_use_is_renewed_after_its_lease_was_dropped(gene
     held.release()
     await no_place_left(p)
     await q.redis.drained()
+
+
+@pytest.mark.asyncio
+async def test_a_failing_renewal_is_logged_once_and_the_places_renewed_when_redis_answers(
+    generation, monkeypatch, caplog
+):
+    monkeypatch.setattr(quota_redis, "LEASE", 0.8)
+    monkeypatch.setattr(quota_redis, "RENEW_EVERY", 0.05)
+    real = quota_redis.redis.renew
+    failing = {"left": 5}
+
+    async def flaky(members, expiry):
+        if failing["left"] > 0:
+            failing["left"] -= 1
+            raise ConnectionError("Redis away")
+        await real(members, expiry)
+
+    monkeypatch.setattr(quota_redis.redis, "renew", flaky)
+    q = Quotas()
+    p = key(concurrency=2)
+    held = await q.admit(p)
+    with caplog.at_level("WARNING", logger="routing.quotas"):
+        await asyncio.sleep(1.2)  # 5 failed rounds (0.25 s), then renewed past the first expiry
+    assert failing["left"] == 0
+    assert [r.message for r in caplog.records].count("could not renew the quota places this process holds") == 1
+    assert len(places_alive(p)) == 1
+    held.release()
+    await no_place_left(p)
+    await q.redis.drained()
