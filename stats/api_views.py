@@ -24,12 +24,18 @@ from asgiref.sync import sync_to_async
 from django.db import DatabaseError, close_old_connections
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 
+from routing.auth.principal import principal_of
 from routing.core.errors import ApiError
 from routing.core.names import is_model_name
 from routing.fleet import caches, health, probes
 from routing.fleet.breaker import State, breakers
 from routing.fleet.registry import EndpointInfo, registry
-from routing.protocols.common.decorators import methods
+from routing.protocols.common.decorators import (
+    SHOWS_EVERYONE,
+    methods,
+    operator_reads,
+    refuse_unless_operator,
+)
 from routing.protocols.common.parsing import parse_object
 from routing.status.types import BreakerState
 from stats import queries, rollup, snapshot
@@ -111,6 +117,7 @@ async def _load_registry() -> None:
 
 
 @methods("GET")
+@operator_reads
 async def usage(request: HttpRequest) -> HttpResponseBase:
     """{"usage_counts": {url: {model: active}}, "token_usage_counts": {url: {model: total tokens}}}"""
     await _load_registry()
@@ -127,6 +134,7 @@ def _totals_now() -> dict[queries.Pair, queries.Counts]:
 
 
 @methods("GET")
+@operator_reads
 async def token_counts(request: HttpRequest) -> HttpResponseBase:
     """{"total_tokens": n, "breakdown": [{endpoint, model, input_tokens, output_tokens,
     total_tokens, requests}]}: all-time totals, the database plus this process's unflushed counts."""
@@ -163,6 +171,17 @@ def _client_param(params: dict[str, Any]) -> str | None:
     return client
 
 
+def _client_for(request: HttpRequest, client: str | None) -> str | None:
+    """The client whose usage the caller may read: a client key reads its own (the default for
+    it), and another's is a 403 (`operator_only`); the operator and an open router read any."""
+    principal = principal_of(request)
+    if principal.may_manage:
+        return client
+    if client is not None and client != principal.name:
+        refuse_unless_operator(principal, f"{request.path} for the client '{client}'", SHOWS_EVERYONE)
+    return principal.name
+
+
 def _range_params(params: dict[str, Any]) -> tuple[datetime, datetime]:
     try:
         return queries.resolve_range(params.get("from"), params.get("to"))
@@ -186,7 +205,7 @@ async def stats(request: HttpRequest) -> HttpResponseBase:
     """
     params = _params(request)
     model = _model_param(params)
-    client = _client_param(params)
+    client = _client_for(request, _client_param(params))
     start, end = _range_params(params)
     try:
         bucket = queries.choose_bucket(params.get("bucket"), start, end)
@@ -272,7 +291,7 @@ async def stats_csv(request: HttpRequest) -> HttpResponseBase:
     model = request.GET.get("model") or None
     if model is not None:
         model = _model_param({"model": model})
-    client = _client_param({"client": request.GET.get("client")})
+    client = _client_for(request, _client_param({"client": request.GET.get("client")}))
     # The first page is read before answering, so a database error is a clean 500, not a cut stream.
     daily, rows, after = await _in_thread(_first_csv_part, start, end, model, client)
     response = StreamingHttpResponse(
@@ -299,6 +318,7 @@ def _days_param(value: object) -> int:
 
 
 @methods("POST")
+@operator_reads
 async def aggregate(request: HttpRequest) -> HttpResponseBase:
     """Body {"days"?: 30, "trim_old"?: false}; the same as `manage.py aggregate_time_series`.
 
@@ -368,6 +388,7 @@ def _endpoint_state(ep: EndpointInfo, version: str | None) -> ConfigEndpoint:
 
 
 @methods("GET")
+@operator_reads
 async def config(request: HttpRequest) -> HttpResponseBase:
     """{"endpoints": [{url, status ("ok" | "error" | "disabled"), version, detail?, id, name,
     kind, enabled, limit, tier, weight, healthy, failing_since}]}"""
@@ -396,6 +417,7 @@ async def _usage_events() -> AsyncIterator[bytes]:
 
 
 @methods("GET")
+@operator_reads
 async def usage_stream(request: HttpRequest) -> HttpResponseBase:
     """Server-Sent Events: the current usage snapshot now, then one per change (at least every 2 s)."""
     await _load_registry()

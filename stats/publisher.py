@@ -17,11 +17,14 @@ from collections import deque
 from channels.layers import get_channel_layer
 
 from routing.engine.board import board
+from routing.observability.outage import Outage
 from stats import snapshot
 from stats.recorder import recorder
 from stats.types import UsagePart
 
 log = logging.getLogger("stats.publisher")
+_sends = Outage(log, "could not publish usage snapshots to the other router processes")
+_builds = Outage(log, "could not build a usage snapshot")
 
 GROUP = "usage"
 MIN_INTERVAL = 0.1  # at most 10 snapshots a second
@@ -121,8 +124,10 @@ class Publisher:
         if layer is not None:
             try:
                 await layer.group_send(GROUP, {"type": "usage.part", "snapshot": snap})
-            except Exception:
-                log.warning("could not publish a usage snapshot", exc_info=True)
+            except Exception as exc:
+                _sends.failed(exc)
+            else:
+                _sends.ok()
         self.published += 1
         self.last_published = time.monotonic()
         return snap
@@ -153,8 +158,10 @@ class Publisher:
             last_read = read_at
             try:
                 await self.publish_now()
-            except Exception:
-                log.exception("snapshot publishing failed")
+            except Exception as exc:
+                _builds.failed(exc)
+            else:
+                _builds.ok()
                 self.last_published = time.monotonic()  # retried at the next heartbeat, not at once
             await asyncio.sleep(MIN_INTERVAL)  # coalesce: changes meanwhile make one snapshot
 

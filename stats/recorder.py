@@ -71,7 +71,9 @@ class Recorder:
         self._count(row, counts.prompt, counts.completion, incomplete=0)
         self.changed.send()
 
-    def incomplete(self, principal: Principal, endpoint: str, model: str, *, requested: str = "") -> None:
+    def incomplete(
+        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", relayed: int = 0
+    ) -> None:
         """One request whose reply ended without counts (the server reported no usage, or the
         reply was cut): counted as a request, in the totals and its minute, and in
         `incomplete`; no tokens invented."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Literal
+from typing import Literal, NoReturn
 
 from django.http import HttpRequest
 
@@ -48,12 +48,12 @@ class Principal:
         return any(fnmatchcase(model, p) or fnmatchcase(base, p) for p in self.models)
 
 
-def require_model(principal: Principal, model: str) -> None:
-    """Raise ApiError 403 (code `model_not_allowed`) when `principal` may not use `model`."""
-    if not principal.may_use(model):
-        raise ApiError(
-            403, f"the key '{principal.name}' may not use the model '{model}'", code="model_not_allowed"
-        )
+def refuse_model(principal: Principal, model: str) -> NoReturn:
+    """Raise ApiError 403 (code `model_not_allowed`): `principal` may not use `model`. Which names
+    a key may ask for, aliases included, is routing/fleet/routes.py `ModelRoutes.may_use`."""
+    raise ApiError(
+        403, f"the key '{principal.name}' may not use the model '{model}'", code="model_not_allowed"
+    )
 
 
 ANONYMOUS = Principal("anonymous", "anonymous")

@@ -136,8 +136,14 @@ class QuotaSink:
     ) -> None:
         self._quotas.charge(principal, int(counts.prompt) + int(counts.completion))
 
-    def incomplete(self, principal: Principal, endpoint: str, model: str, *, requested: str = "") -> None:
-        """A request without counts charges no tokens (it was counted by `admit`)."""
+    def incomplete(
+        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", relayed: int = 0
+    ) -> None:
+        """A request without counts (cut, or the server reported no usage) was counted by
+        `admit`; it is charged the stream records it relayed, about one per completion token it
+        got, so cutting a stream before its last event (where the usage comes) does not make a
+        reply free. The prompt is not estimated (its size in tokens is not known here)."""
+        self._quotas.charge(principal, relayed)
 
 
 quotas = Quotas()

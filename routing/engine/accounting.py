@@ -43,8 +43,13 @@ class AccountingSink(Protocol):
         another, an alias or the origin of a fallback, else ""). Synchronous and cheap: called
         from a `finally` on the event loop."""
 
-    def incomplete(self, principal: Principal, endpoint: str, model: str, *, requested: str = "") -> None:
-        """A finished request without counts: one request, no tokens invented."""
+    def incomplete(
+        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", relayed: int = 0
+    ) -> None:
+        """A finished request without counts: one request, no tokens invented. relayed: the
+        records (NDJSON lines, SSE events) of a stream the client was sent before it ended, about
+        one per completion token, 0 for none or a reply that is not a stream. Statistics do not
+        count them as tokens; the quota sink charges them (routing/auth/quotas.py)."""
 
 
 class Sinks:
@@ -77,10 +82,12 @@ class Sinks:
             except Exception:
                 log.exception("accounting sink %r failed to record; the next one still runs", sink)
 
-    def incomplete(self, principal: Principal, endpoint: str, model: str, *, requested: str = "") -> None:
+    def incomplete(
+        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", relayed: int = 0
+    ) -> None:
         for sink in self._sinks:
             try:
-                sink.incomplete(principal, endpoint, model, requested=requested)
+                sink.incomplete(principal, endpoint, model, requested=requested, relayed=relayed)
             except Exception:
                 log.exception("accounting sink %r failed to record; the next one still runs", sink)
 
@@ -98,7 +105,9 @@ class MetricsSink:
         metrics.count_tokens(endpoint, model, counts.prompt, counts.completion)
         metrics.count_client_tokens(principal.name, counts.prompt, counts.completion)
 
-    def incomplete(self, principal: Principal, endpoint: str, model: str, *, requested: str = "") -> None:
+    def incomplete(
+        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", relayed: int = 0
+    ) -> None:
         pass  # no tokens to count
 
     def __repr__(self) -> str:

@@ -20,12 +20,16 @@ import uuid
 from django.conf import settings
 
 from routing.core import redis
+from routing.observability.outage import Outage
 
 log = logging.getLogger("routing.cluster")
 
 LEASE = 15.0  # seconds a claim lives without renewal
 RENEW_EVERY = 5.0
 PREFIX = "nomyo:slots"
+_claims = Outage(log, "could not claim cluster slots in Redis; using the local limits only")
+_frees = Outage(log, f"could not free cluster slots in Redis; their leases expire in {LEASE:g} s")
+_renewals = Outage(log, "could not renew cluster slot leases")
 
 # KEYS[1] = the slot set; ARGV = now, expiry, member, limit
 _CLAIM = """
@@ -62,10 +66,11 @@ class ClusterSlots:
         now = time.time()
         try:
             ok = await redis.async_client().eval(_CLAIM, 1, key, now, now + LEASE, member, limit)
-        except Exception:
+        except Exception as exc:
             # Redis unreachable: fall back to this process's own limit rather than stall.
-            log.warning("could not claim a cluster slot; using the local limit only", exc_info=True)
+            _claims.failed(exc)
             return ""
+        _claims.ok()
         if not ok:
             return None
         self._held[member] = key
@@ -87,8 +92,10 @@ class ClusterSlots:
     async def _zrem(self, key: str, member: str) -> None:
         try:
             await redis.async_client().zrem(key, member)
-        except Exception:
-            log.warning("could not free a cluster slot; its lease expires in %ss", LEASE)
+        except Exception as exc:
+            _frees.failed(exc)
+        else:
+            _frees.ok()
 
     def _ensure_renewer(self) -> None:
         if self._renewer is None or self._renewer.done():
@@ -99,8 +106,10 @@ class ClusterSlots:
             await asyncio.sleep(RENEW_EVERY)
             try:
                 await redis.renew(dict(self._held), time.time() + LEASE)
-            except Exception:
-                log.warning("could not renew cluster slot leases", exc_info=True)
+            except Exception as exc:
+                _renewals.failed(exc)
+            else:
+                _renewals.ok()
 
     def held(self) -> int:
         return len(self._held)

@@ -41,7 +41,7 @@ import aiohttp
 from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 
-from routing.auth.principal import Principal, require_model
+from routing.auth.principal import Principal
 from routing.core.errors import ApiError, error_response, in_route_shape
 from routing.core.names import model_key
 from routing.engine.accounting import sinks
@@ -103,9 +103,10 @@ async def forward(
     Raises ApiError: 403 (the principal's key may not use the model), 404 (no endpoint has the
     model), 503 (none reachable or all busy), 400 (the planner could not build the upstream
     request), 504 (first-byte timeout), 502 (every tried server failed before replying)."""
-    require_model(principal, model)
+    routes = await registry.routes()
+    routes.require(principal, model)  # an alias by its targets
     lookup = await fleet_candidates.candidates_for(model)
-    chain = registry.cached_routes().chain(model)  # as fresh as the lookup's endpoints
+    chain = routes.chain(model)
     if len(chain) == 1:
         return await _forward_model(
             request_path, model, lookup, plan, principal, metered, accept, affinity, asked=model
@@ -115,7 +116,7 @@ async def forward(
     error: Unplaced | None = None
     for step, name in enumerate(chain):
         if step:
-            if not principal.may_use(name):
+            if not routes.may_use(principal, name):
                 continue
             lookup = await fleet_candidates.candidates_for(name)
             fresh = [c for c in lookup.candidates if c.key not in tried]
@@ -157,6 +158,7 @@ async def _forward_model(
     waiting at most `wait` seconds (default ROUTER_QUEUE_TIMEOUT) for a slot. `asked`: what
     the client asked for, recorded beside the model that served. Raises `Unplaced` when no
     server of the model could take it, other ApiErrors as `forward` does."""
+    lookup = fleet_candidates.usable_by(lookup, principal)
     if not lookup.candidates:
         if lookup.failing_with_model:
             raise Unplaced(503, f"every endpoint serving '{model}' is failing; try again", retry_after=5)
@@ -657,14 +659,25 @@ class ProxyStream:
         self.closed = False
         self.finished = False  # the upstream ended normally
         self.gap_watch = client.GapWatch(response, settings.ROUTER_READ_TIMEOUT)
+        # A client key's stream counts the records it relays (NDJSON lines, SSE events by their
+        # data lines): charged when the stream ends without counts (accounting.py `incomplete`).
+        self.relayed = 0
+        self.record_mark = (
+            (b"\n" if relay.content_type == "application/x-ndjson" else b"data:")
+            if counted and principal.kind == "key"
+            else None
+        )
 
     async def chunks(self) -> AsyncIterator[bytes]:
         read = self.response.content.readany
         feed = self.relay.feed
+        mark = self.record_mark
         try:
             while chunk := await read():
                 out = feed(chunk)
                 if out:
+                    if mark is not None:
+                        self.relayed += out.count(mark)
                     yield out
             self.finished = True
             tail = self.relay.finish()
@@ -707,7 +720,9 @@ class ProxyStream:
             elif counts is not None:
                 sinks.record(self.principal, ep.url, model, counts, requested=self.requested)
             else:
-                sinks.incomplete(self.principal, ep.url, model, requested=self.requested)
+                sinks.incomplete(
+                    self.principal, ep.url, model, requested=self.requested, relayed=self.relayed
+                )
 
 
 class ProxyStreamingResponse(StreamingHttpResponse):

@@ -8,9 +8,10 @@ targets, in the alias's order, each with the name its own server gives the model
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from routing.auth.principal import Principal
 from routing.core.names import model_key
 from routing.fleet import caches
 from routing.fleet.breaker import breakers
@@ -66,6 +67,15 @@ async def gather_loaded(endpoints: list[EndpointInfo]) -> list[ModelList]:
             return list(await asyncio.gather(*(loaded_or_empty(e) for e in endpoints)))
         found.append(cached)
     return found
+
+
+def usable_by(lookup: Lookup, principal: Principal) -> Lookup:
+    """`lookup` with only the candidates whose real model `principal` may use: an alias reaches
+    only the targets the key may use (routing/fleet/routes.py). The same lookup for a principal
+    without a model list."""
+    if not principal.models:
+        return lookup
+    return replace(lookup, candidates=[c for c in lookup.candidates if principal.may_use(c.key)])
 
 
 async def candidates_for(model: str) -> Lookup:

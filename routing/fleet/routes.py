@@ -6,6 +6,12 @@ Resolution is one level each way, so it always ends:
 - an alias stands for its targets, which are real model names (never aliases again);
 - a name's fallback chain is `(name, *fallbacks)`; a fallback's own chain is not followed.
 Keys are `model_key` spellings (`m` is `m:latest`); disabled rows are not loaded.
+
+A client key's allowed models (routing/auth/principal.py) name real models. An alias is judged
+by its targets (`may_use`): a key may use it when it may use at least one of them, and then
+reaches only those (routing/engine/proxy.py filters the candidates). An alias's own name grants
+nothing, so an alias cannot widen a key (`llama3-big` -> `mistral` is refused to a key of
+`llama3*`), and a key of `qwen2:7b` may use an alias that stands for it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from routing.auth.principal import Principal, refuse_model
 from routing.core.names import model_key, name_list
 from routing.models import FallbackChain, ModelAlias
 
@@ -41,6 +48,18 @@ class ModelRoutes:
         """The real model names `name` stands for: an alias's targets, else `name` itself."""
         alias = self.alias(name)
         return alias.targets if alias is not None else (name,)
+
+    def may_use(self, principal: Principal, name: str) -> bool:
+        """Whether `principal` may ask for `name`: a plain model by its name, an alias by its
+        targets (at least one; see the module docstring)."""
+        if not principal.models:
+            return True
+        return any(principal.may_use(target) for target in self.targets(name))
+
+    def require(self, principal: Principal, name: str) -> None:
+        """Raise ApiError 403 (`model_not_allowed`) unless `principal` may ask for `name`."""
+        if not self.may_use(principal, name):
+            refuse_model(principal, name)
 
     def chain(self, name: str) -> tuple[str, ...]:
         """The names to try for a request for `name`, in order: itself, then its fallbacks."""

@@ -15,6 +15,7 @@ from routing.models import FallbackChain, ModelAlias
 from stats.models import TokenTotal
 from tests.conftest import wait_until
 from tests.integration.helpers import in_flight, queued
+from tests.integration.test_keys import bearer, make_key
 
 
 def chat(model: str, *, stream: bool = False) -> dict[str, object]:
@@ -147,3 +148,26 @@ def test_an_alias_added_in_the_admin_serves_the_very_next_request(fakes, endpoin
     reply = api.post("/api/chat", json=chat("fast"))
     assert reply.status_code == 200 and reply.headers["x-router-model"] == "llama3:8b"
     assert "fast" in [m["name"] for m in api.get("/api/tags").json()["models"]]
+
+
+def test_a_key_sees_and_uses_an_alias_by_the_models_it_stands_for(fakes, endpoint, router):
+    ollama = fakes(kind="ollama", models=["mistral:latest", "qwen2:7b", "llama3:latest"], tokens=2)
+    endpoint(ollama.url, name="gpu", max_concurrent_connections=4)
+    ModelAlias.objects.create(name="llama3-big", targets="mistral")  # named like what the key may use
+    ModelAlias.objects.create(name="qwen-alias", targets="qwen2:7b")
+    key = make_key("team-a", "--models", "llama3*,qwen2:7b")
+    server = router(ROUTER_API_KEY="operator-key")
+    api = httpx.Client(base_url=server.url, timeout=10, headers=bearer(key))
+    tags = {m["name"] for m in api.get("/api/tags").json()["models"]}
+    assert tags == {"llama3:latest", "qwen2:7b", "qwen-alias"}
+    assert {m["id"] for m in api.get("/v1/models").json()["data"]} == tags
+    assert api.get("/v1/models/llama3-big").status_code == 404
+    refused = api.post("/api/chat", json=chat("llama3-big"))
+    assert refused.status_code == 403 and "llama3-big" in refused.json()["error"]
+    assert (
+        api.post("/v1/chat/completions", json=chat("llama3-big")).json()["error"]["code"]
+        == "model_not_allowed"
+    )
+    served = api.post("/api/chat", json=chat("qwen-alias"))
+    assert served.status_code == 200 and served.headers["x-router-model"] == "qwen2:7b"
+    assert {b["model"] for b in ollama.stats.bodies_for("/api/chat")} == {"qwen2:7b"}  # mistral never reached

@@ -177,6 +177,39 @@ def test_usage_is_recorded_by_client(served, router):
     wait_until(lambda: ClientKey.objects.get(name="team-a").last_used is not None, timeout=40)
 
 
+def test_a_key_reads_its_own_usage_and_never_the_fleet_or_another_clients(served, router):
+    key = make_key("team-a")
+    make_key("team-b")
+    server = router(ROUTER_API_KEY=OPERATOR)
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for headers in (bearer(key), OP, OP):
+            assert http.post("/api/chat", json=CHAT, headers=headers).status_code == 200
+        wait_until(lambda: {r.client for r in TokenTotal.objects.all()} == {"team-a", "operator"}, timeout=15)
+        for method, path in [
+            ("GET", "/api/usage"),
+            ("GET", "/api/token_counts"),
+            ("GET", "/api/config"),
+            ("GET", "/api/usage-stream"),
+            ("POST", "/api/aggregate_time_series_days"),
+            ("GET", "/metrics"),
+        ]:
+            refused = http.request(method, path, headers=bearer(key))
+            assert refused.status_code == 403, path
+            assert "operator key" in refused.json()["error"], path  # Ollama's shape on these routes
+            if path != "/api/usage-stream":  # a stream that never ends
+                assert http.request(method, path, headers=OP).status_code == 200, path
+        own = http.post("/api/stats", json={"model": "llama3"}, headers=bearer(key)).json()
+        everyone = http.post("/api/stats", json={"model": "llama3"}, headers=OP).json()
+        assert own["client"] == "team-a" and own["requests"] == 1 and everyone["requests"] == 3
+        other = http.post("/api/stats", json={"model": "llama3", "client": "operator"}, headers=bearer(key))
+        assert other.status_code == 403 and "operator" in other.json()["error"]
+        assert http.get("/api/stats.csv?client=team-b", headers=bearer(key)).status_code == 403
+        rows = http.get("/api/stats.csv", headers=bearer(key)).text.splitlines()
+        client = rows[0].split(",").index("client")
+        assert len(rows) > 1 and {row.split(",")[client] for row in rows[1:]} == {"team-a"}
+        assert http.get("/api/me", headers=bearer(key)).json()["name"] == "team-a"
+
+
 def test_without_any_key_the_router_stays_open(served, router):
     server = router()
     reply = httpx.post(server.url + "/api/chat", json=CHAT, headers=bearer("sk-anything"), timeout=30)
@@ -410,3 +443,30 @@ def test_the_access_line_of_a_refusal_names_the_key(served, router):
         request_id: f"{status} {client}" for request_id, _, status, client in cases
     }
     assert metric(server.url, "router_client_requests_total", client="once", status="429") == 1
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+def test_a_stream_cut_before_its_usage_is_charged_what_it_relayed(fakes, endpoint, router, path):
+    fake = fakes(kind="ollama", models=["llama3:latest"], tokens=20, delay=0.01)
+    endpoint(fake.url, max_concurrent_connections=4)
+    key = make_key("cutter", "--daily-tokens", "30")
+    server = router(ROUTER_API_KEY=OPERATOR)
+    body = {**OPENAI_CHAT, "stream": True} if path.startswith("/v1") else {**CHAT, "stream": True}
+    statuses = []
+    with httpx.Client(base_url=server.url, timeout=30, headers=bearer(key)) as http:
+        for _ in range(4):
+            with http.stream("POST", path, json=body) as reply:
+                statuses.append(reply.status_code)
+                if reply.status_code != 200:
+                    continue
+                records = (line for line in reply.iter_lines() if line)  # NDJSON lines, SSE data lines
+                got = [next(records) for _ in range(15)]  # 15 of the 20 tokens, then hang up
+                assert all("tok" in line for line in got[1:])
+            # what the router relayed is charged once the stream is closed
+            wait_until(
+                lambda: http.get("/api/me").json()["usage"]["tokens_today"] >= 15 * statuses.count(200)
+            )
+        assert statuses[:2] == [200, 200] and statuses[2:] == [429, 429]  # 30 tokens a day: 2 streams
+        used = http.get("/api/me").json()["usage"]["tokens_today"]
+        assert 30 <= used <= 2 * 22  # about one per record relayed, the final one never sent
+    assert len(fake.stats.bodies_for(path)) == 2  # the refused ones never reached the server

@@ -38,15 +38,19 @@ def methods(*names: str) -> Callable[[View], View]:
     return wrap
 
 
-def refuse_unless_operator(principal: Principal, what: str) -> None:
+CHANGES_THE_FLEET = "changes the servers for every client"
+SHOWS_EVERYONE = "shows the fleet or every client's usage"
+
+
+def refuse_unless_operator(principal: Principal, what: str, reason: str = CHANGES_THE_FLEET) -> None:
     """403 (code `operator_only`) when `principal` is a client key: `what` (e.g. "/api/pull")
-    changes the servers for every client, so only the router key (or anyone on an open router)
-    may ask for it."""
+    `reason` (changes the servers for every client; shows the fleet or every client's usage), so
+    only the router key (or anyone on an open router) may ask for it."""
     if not principal.may_manage:
         raise ApiError(
             403,
-            f"{what} changes the servers for every client: only the router's operator key may"
-            f" call it, not the client key '{principal.name}'",
+            f"{what} {reason}: only the router's operator key may call it, not the client key"
+            f" '{principal.name}'",
             code="operator_only",
         )
 
@@ -54,10 +58,19 @@ def refuse_unless_operator(principal: Principal, what: str) -> None:
 def operator_only(view: View) -> View:
     """The view runs for the operator (and on an open router) only: a client key gets a 403 in the
     protocol's error shape (`refuse_unless_operator`)."""
+    return _guard(view, CHANGES_THE_FLEET)
 
+
+def operator_reads(view: View) -> View:
+    """As `operator_only`, for a view that changes nothing but shows what one tenant must not see
+    of the others: the endpoints, their limits, every client's usage."""
+    return _guard(view, SHOWS_EVERYONE)
+
+
+def _guard(view: View, reason: str) -> View:
     @functools.wraps(view)
     async def guarded(request: HttpRequest, *args: object, **kwargs: object) -> HttpResponseBase:
-        refuse_unless_operator(principal_of(request), request.path)
+        refuse_unless_operator(principal_of(request), request.path, reason)
         return await view(request, *args, **kwargs)
 
     return guarded

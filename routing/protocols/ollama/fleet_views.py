@@ -57,12 +57,12 @@ def _as_ollama_tag(ep: EndpointInfo, entry: dict[str, Any], name: str) -> dict[s
 async def tags(request: HttpRequest) -> HttpResponseBase:
     """The enabled servers' models, once each, and the aliases that can be served
     (routing/fleet/candidates.py `listing`), in Ollama's /api/tags shape; only those the
-    caller's key may use (an alias by its own name)."""
-    may_use = principal_of(request).may_use
+    caller's key may use (an alias by its targets, routing/fleet/routes.py)."""
+    principal, routes = principal_of(request), await registry.routes()
     models = [
         _as_ollama_tag(item.endpoint, item.entry, item.name)
         for item in await candidates.listing()
-        if may_use(item.name)
+        if routes.may_use(principal, item.name)
     ]
     return JsonResponse({"models": models})
 

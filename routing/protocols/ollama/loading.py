@@ -25,10 +25,11 @@ from typing import Any
 from django.conf import settings
 from django.http import HttpResponse
 
-from routing.auth.principal import Principal, require_model
+from routing.auth.principal import Principal
 from routing.core.errors import ApiError
 from routing.fleet import caches, candidates
 from routing.fleet.candidates import Candidate
+from routing.fleet.registry import registry
 from routing.protocols.common.decorators import refuse_unless_operator
 from routing.protocols.common.parsing import with_model
 from routing.protocols.translate import now
@@ -109,8 +110,9 @@ async def load_or_unload(
     if is_unload(data):
         refuse_unless_operator(principal, "unloading a model")
     else:
-        require_model(principal, model)
+        (await registry.routes()).require(principal, model)
     lookup = await candidates.candidates_for(model)
+    lookup = candidates.usable_by(lookup, principal)
     if not lookup.candidates:
         if lookup.failing_with_model:
             raise ApiError(503, f"every endpoint serving '{model}' is failing; try again", retry_after=5)

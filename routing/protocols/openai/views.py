@@ -19,6 +19,7 @@ from routing.engine import attempt, proxy
 from routing.engine.attempt import Attempt
 from routing.fleet import candidates
 from routing.fleet.candidates import Candidate
+from routing.fleet.registry import registry
 from routing.protocols.common import recovery, schema
 from routing.protocols.common.affinity import affinity_key
 from routing.protocols.common.decorators import methods
@@ -106,11 +107,12 @@ async def _model_objects(request: HttpRequest) -> list[dict[str, Any]]:
     """Every model the enabled endpoints advertise, once each (by `model_key`), and the aliases
     that can be served (routing/fleet/candidates.py `listing`), as OpenAI's model object:
     {"id", "object": "model", "created", "owned_by"} (OpenAI API reference, Models); only those
-    the caller's key may use (all for the operator and an open router; an alias by its name)."""
-    may_use = principal_of(request).may_use
+    the caller's key may use (all for the operator and an open router; an alias by its
+    targets, routing/fleet/routes.py)."""
+    principal, routes = principal_of(request), await registry.routes()
     data: list[dict[str, Any]] = []
     for item in await candidates.listing():
-        if not may_use(item.name):
+        if not routes.may_use(principal, item.name):
             continue
         ep, entry = item.endpoint, item.entry
         data.append(

@@ -14,7 +14,7 @@ from routing.auth.quotas import quotas
 from routing.fleet.breaker import breakers
 from routing.fleet.registry import registry
 from routing.observability import metrics
-from routing.protocols.common.decorators import methods
+from routing.protocols.common.decorators import methods, operator_reads
 from routing.protocols.ollama.fleet_views import probe_version
 from routing.status.gauges import fleet_gauges
 from routing.status.serving import serving
@@ -63,8 +63,11 @@ async def health(request: HttpRequest) -> HttpResponseBase:
 
 
 @methods("GET")
+@operator_reads
 async def metrics_view(request: HttpRequest) -> HttpResponseBase:
-    """Prometheus text format 0.0.4: this process's metrics and the fleet's gauges."""
+    """Prometheus text format 0.0.4: this process's metrics and the fleet's gauges. Every
+    client's series: a client key gets a 403 (`operator_only`); Prometheus scrapes with the
+    router key (`authorization: credentials` in its scrape config) or on an open router."""
     return HttpResponse(metrics.render(fleet_gauges), content_type=metrics.CONTENT_TYPE)
 
 

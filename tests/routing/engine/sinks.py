@@ -31,5 +31,7 @@ class Book:
     ) -> None:
         self.entries.append(("record", endpoint, model, requested))
 
-    def incomplete(self, principal: Principal, endpoint: str, model: str, *, requested: str = "") -> None:
+    def incomplete(
+        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", relayed: int = 0
+    ) -> None:
         self.entries.append(("incomplete", endpoint, model, requested))

@@ -39,7 +39,9 @@ class Book:
     ) -> None:
         self.log.append((self.name, "record", principal, endpoint, model, counts))
 
-    def incomplete(self, principal: Principal, endpoint: str, model: str, *, requested: str = "") -> None:
+    def incomplete(
+        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", relayed: int = 0
+    ) -> None:
         self.log.append((self.name, "incomplete", principal, endpoint, model))
 
 
@@ -49,7 +51,9 @@ class Broken:
     ) -> None:
         raise RuntimeError("sink down")
 
-    def incomplete(self, principal: Principal, endpoint: str, model: str, *, requested: str = "") -> None:
+    def incomplete(
+        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", relayed: int = 0
+    ) -> None:
         raise RuntimeError("sink down")
 
 

@@ -49,6 +49,11 @@ def fleet(
     candidates.candidates_for does. Returns the names looked up, in order."""
     table = routes.build(list((aliases or {}).items()), list((chains or {}).items()))
     monkeypatch.setattr(registry, "cached_routes", lambda: table)
+
+    async def reloaded() -> routes.ModelRoutes:
+        return table
+
+    monkeypatch.setattr(registry, "routes", reloaded)
     asked: list[str] = []
 
     async def lookup(model: str) -> candidates.Lookup:
@@ -165,7 +170,7 @@ async def test_an_alias_waiting_in_several_queues_counts_once_against_the_queue_
     settings.ROUTER_QUEUE_MAX = 1
     one = fakes(models=["m-a:latest"], tokens=2)
     two = fakes(models=["m-b:latest"], tokens=2)
-    a, b = cand(one.url, 9_341, "m-a:latest"), cand(two.url, 9_342, "m-b:latest")
+    a, b = cand(one.url, 9_343, "m-a:latest"), cand(two.url, 9_344, "m-b:latest")
     fleet(monkeypatch, {a.key: [a], b.key: [b]}, aliases={"m": "m-a\nm-b"})
     held_a, held_b = board.try_acquire(a.key, [a]), board.try_acquire(b.key, [b])
     assert held_a is not None and held_b is not None
@@ -332,4 +337,50 @@ async def test_a_fallback_the_key_may_not_use_is_skipped(
     team = Principal("team", "key", models=("gone", "open"))
     response = await forward("gone", team)
     assert response["X-Router-Model"] == "open:latest" and secret.stats.total_requests() == 0
+    await settled()
+
+
+async def test_a_key_may_use_an_alias_by_its_targets_never_by_its_name(
+    book: Book, fakes: Callable[..., ThreadedFake], monkeypatch
+):
+    big = fakes(models=["mistral:latest"], tokens=2)
+    small = fakes(models=["qwen2:7b"], tokens=2)
+    fleet(
+        monkeypatch,
+        {
+            "mistral:latest": [cand(big.url, 9_411, "mistral:latest")],
+            "qwen2:7b": [cand(small.url, 9_412, "qwen2:7b")],
+        },
+        aliases={"llama3-big": "mistral", "qwen-alias": "qwen2:7b"},
+    )
+    team = Principal("team", "key", models=("llama3*", "qwen2:7b"))
+    with pytest.raises(ApiError) as refused:  # the name matches llama3*, the model it reaches does not
+        await forward("llama3-big", team)
+    assert refused.value.status == 403 and refused.value.code == "model_not_allowed"
+    assert big.stats.total_requests() == 0
+    response = await forward("qwen-alias", team)  # an alias of a model the key may use
+    assert response.status_code == 200 and response["X-Router-Model"] == "qwen2:7b"
+    await settled()
+
+
+async def test_an_alias_reaches_only_the_targets_the_key_may_use(
+    book: Book, fakes: Callable[..., ThreadedFake], monkeypatch
+):
+    allowed = fakes(models=["m-a:latest"], tokens=2)
+    other = fakes(models=["m-b:latest"], tokens=2)
+    a, b = cand(allowed.url, 9_421, "m-a:latest"), cand(other.url, 9_422, "m-b:latest")
+    fleet(monkeypatch, {a.key: [a], b.key: [b]}, aliases={"m": "m-b\nm-a"})
+    team = Principal("team", "key", models=("m-a",))
+    for _ in range(6):
+        response = await forward("m", team)
+        assert response["X-Router-Model"] == "m-a:latest"
+    assert other.stats.total_requests() == 0 and allowed.stats.total_requests() == 6
+    held = board.try_acquire(a.key, [a])  # m-a busy: anyone else is served by m-b ...
+    assert held is not None
+    assert (await forward("m"))["X-Router-Model"] == "m-b:latest"
+    waiting = asyncio.ensure_future(forward("m", team))  # ... the key waits for m-a
+    await until_queued(1)
+    assert board.queued() == {a.key: 1} and other.stats.total_requests() == 1
+    held.release()
+    assert (await waiting)["X-Router-Model"] == "m-a:latest"
     await settled()
