@@ -50,6 +50,10 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
+# Messages live in the session (server side), not in a cookie: the admin shows a new client key
+# once in a message, and the `messages` cookie is signed, not encrypted.
+MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
+
 ROOT_URLCONF = "nomyo_site.urls"
 ASGI_APPLICATION = "nomyo_site.asgi.application"
 

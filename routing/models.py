@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
@@ -99,6 +101,30 @@ class RouterSettings(models.Model):
 
 RESERVED_CLIENTS = ("anonymous", "operator")  # usage rows' client names that are not keys
 
+# A key's name goes into the access log (`client=<name>`, `-` for none), usage rows, metrics
+# labels and the CSV export: ASCII letters, digits and `_.@-`, starting with a letter, a digit
+# or `_` (never `-`, `=`, `+`, `@`: a spreadsheet reads those as a formula), 1 to 100 characters.
+KEY_NAME_PATTERN = r"\A[A-Za-z0-9_][A-Za-z0-9_.@-]{0,99}\Z"
+
+
+def validate_key_name(value: str) -> None:
+    """Raise ValidationError unless `value` is a key name (KEY_NAME_PATTERN) other than the
+    usage names of the other principals (RESERVED_CLIENTS, in any case)."""
+    if not re.match(KEY_NAME_PATTERN, value):
+        raise ValidationError(
+            "Use 1 to 100 ASCII letters, digits and _ . @ -, starting with a letter, a digit or _ "
+            "(no spaces or control characters).",
+            code="invalid_key_name",
+        )
+    if value.lower() in RESERVED_CLIENTS:
+        raise ValidationError(f"{value!r} is reserved for usage statistics.", code="reserved_key_name")
+
+
+# A limit is empty (none) or at least 1: a limit of 0 would refuse every request with a 429
+# whose Retry-After a client obeys forever.
+LIMIT_HELP = "At least 1; empty: no limit."
+AT_LEAST_ONE = [MinValueValidator(1)]
+
 
 class ClientKey(models.Model):
     """A client's key: who it is, what it may use, its limits and its queue priority.
@@ -106,14 +132,20 @@ class ClientKey(models.Model):
     The key itself is never stored: only its SHA-256 (`key_hash`; the key has 256 random
     bits, so a fast hash is enough, as for other high-entropy API tokens) and its first
     characters (`prefix`, shown in lists). See routing/auth/client_keys.py for the format.
-    A limit left empty is no limit."""
+    `name` follows `validate_key_name`. A limit left empty is no limit, else it is at least 1.
+    `allowed_models` empty is every model; text that names no model (",, ,") is refused."""
 
     class Priority(models.TextChoices):
         HIGH = "high", "High"
         NORMAL = "normal", "Normal"
         LOW = "low", "Low"
 
-    name = models.CharField(max_length=100, unique=True, help_text="Shown in usage statistics.")
+    name = models.CharField(
+        max_length=100,
+        unique=True,
+        validators=[validate_key_name],
+        help_text="Shown in usage statistics and logs: letters, digits and _ . @ - (no spaces).",
+    )
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="client_keys"
     )
@@ -126,11 +158,29 @@ class ClientKey(models.Model):
         help_text="Comma- or line-separated model names or patterns (llama3*, *:7b); empty: every model.",
     )
     priority = models.CharField(max_length=6, choices=Priority.choices, default=Priority.NORMAL)
-    rpm = models.PositiveIntegerField(null=True, blank=True, verbose_name="requests per minute")
-    tpm = models.PositiveBigIntegerField(null=True, blank=True, verbose_name="tokens per minute")
-    concurrency = models.PositiveIntegerField(null=True, blank=True, verbose_name="concurrent requests")
-    daily_tokens = models.PositiveBigIntegerField(null=True, blank=True, verbose_name="tokens per day")
-    monthly_tokens = models.PositiveBigIntegerField(null=True, blank=True, verbose_name="tokens per month")
+    rpm = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=AT_LEAST_ONE,
+        verbose_name="requests per minute",
+        help_text=LIMIT_HELP,
+    )
+    tpm = models.PositiveBigIntegerField(
+        null=True, blank=True, validators=AT_LEAST_ONE, verbose_name="tokens per minute", help_text=LIMIT_HELP
+    )
+    concurrency = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=AT_LEAST_ONE,
+        verbose_name="concurrent requests",
+        help_text=LIMIT_HELP,
+    )
+    daily_tokens = models.PositiveBigIntegerField(
+        null=True, blank=True, validators=AT_LEAST_ONE, verbose_name="tokens per day", help_text=LIMIT_HELP
+    )
+    monthly_tokens = models.PositiveBigIntegerField(
+        null=True, blank=True, validators=AT_LEAST_ONE, verbose_name="tokens per month", help_text=LIMIT_HELP
+    )
     created = models.DateTimeField(auto_now_add=True)
     last_used = models.DateTimeField(null=True, blank=True, editable=False)
 
@@ -139,16 +189,28 @@ class ClientKey(models.Model):
         constraints = [
             models.CheckConstraint(
                 condition=~models.Q(name__in=RESERVED_CLIENTS), name="clientkey_name_not_reserved"
-            )
+            ),
+            *(
+                models.CheckConstraint(
+                    condition=models.Q(**{f"{limit}__isnull": True}) | models.Q(**{f"{limit}__gte": 1}),
+                    name=f"clientkey_{limit}_at_least_one",
+                )
+                for limit in ("rpm", "tpm", "concurrency", "daily_tokens", "monthly_tokens")
+            ),
         ]
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
 
     def clean(self) -> None:
-        self.name = self.name.strip()
-        if self.name in RESERVED_CLIENTS:
-            raise ValidationError({"name": f"{self.name!r} is reserved for usage statistics."})
+        self.name = self.name.strip()  # the name's own rules: validate_key_name, a field validator
+        if self.allowed_models.strip() and not name_list(self.allowed_models):
+            raise ValidationError(
+                {
+                    "allowed_models": "Name at least one model or pattern, or leave it empty for "
+                    "every model (the text has only commas and blanks)."
+                }
+            )
 
 
 def _clean_name(value: str, field: str) -> str:

@@ -235,10 +235,22 @@ async def stats(request: HttpRequest) -> HttpResponseBase:
 
 
 # -- /api/stats.csv ------------------------------------------------------------------
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value: object) -> object:
+    """A CSV cell a spreadsheet will not run: a str starting with = + - @, a tab or a carriage
+    return gets a leading single quote (OWASP, CSV injection); numbers and other text as they are."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def _csv_bytes(rows: list[queries.CsvRow]) -> bytes:
+    """Rows as CSV (CRLF): the timestamp in ISO 8601, text cells through `csv_text`."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\r\n")
-    writer.writerows((_iso(r[0]), *r[1:]) for r in rows)
+    writer.writerows((_iso(r[0]), *map(csv_text, r[1:])) for r in rows)
     return buf.getvalue().encode("utf-8")
 
 

@@ -188,6 +188,7 @@ def record_of(row: object) -> KeyRecord:
 
     assert isinstance(row, ClientKey)
     limits = tuple((name, int(value)) for name in LIMIT_FIELDS if (value := getattr(row, name)) is not None)
+    expires = row.expires.timestamp() if row.expires else None
     principal = Principal(
         row.name,
         "key",
@@ -195,8 +196,9 @@ def record_of(row: object) -> KeyRecord:
         priority=LEVELS.get(row.priority, 1),
         models=split_models(row.allowed_models),
         key_id=row.pk,
+        expires=expires,
     )
-    return KeyRecord(principal, row.enabled, row.expires.timestamp() if row.expires else None)
+    return KeyRecord(principal, row.enabled, expires)
 
 
 def load_keys() -> tuple[dict[str, KeyRecord], int | None]:

@@ -7,7 +7,9 @@ lean_asgi.py). The caller's token is `Authorization: Bearer <token>` (what OpenA
 - a client key (routing/auth/client_keys.py): its principal, or 403 when it is disabled or
   expired; then its limits (routing/auth/quotas.py): 429 when over one;
 - no key configured at all (no router key, no client key): ANONYMOUS, as before keys existed;
-- else 401: no token, or one that is neither the router key nor a client key.
+- else 401: no token ("missing key", or what is wrong with an Authorization header that was
+  sent: another scheme, no scheme, no key after Bearer), or one that is neither the router key
+  nor a client key ("unknown key").
 
 The router key:
 
@@ -102,8 +104,24 @@ async def authenticate(authorization: str | None, api_key: str | None) -> Princi
     if not expected and not key_store.defined():
         return ANONYMOUS  # an open router: a token (OpenAI clients always send one) is ignored
     if not token:
-        raise ApiError(401, "missing key: send Authorization: Bearer <key> or x-api-key: <key>")
+        raise ApiError(401, _why_no_token(authorization))
     raise ApiError(401, "unknown key", code="invalid_api_key")
+
+
+def _why_no_token(authorization: str | None) -> str:
+    """The 401 message when no token was found: "missing key" when no header carried one, else
+    what is wrong with the Authorization header (never echoing what it carried)."""
+    if not authorization or not authorization.strip():
+        return "missing key: send Authorization: Bearer <key> or x-api-key: <key>"
+    scheme, blank, _ = authorization.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return "Authorization: Bearer without a key: send Authorization: Bearer <key>"
+    if blank and scheme.isascii() and scheme.isalpha() and len(scheme) <= 20:
+        return f"Authorization must be 'Bearer <key>', not the '{scheme}' scheme (or send x-api-key: <key>)"
+    return (
+        "Authorization must be 'Bearer <key>': the word Bearer, a space, then the key "
+        "(or send x-api-key: <key>)"
+    )
 
 
 async def admit_request(authorization: str | None, api_key: str | None) -> tuple[Principal, Admission]:

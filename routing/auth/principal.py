@@ -26,6 +26,7 @@ class Principal:
     priority: int = 1  # queue priority: 0 high, 1 normal, 2 low (routing/engine/fair_queue.py)
     models: tuple[str, ...] = ()  # allowed model names or fnmatch patterns; (): every model
     key_id: int = 0  # the ClientKey row (kind "key"), else 0
+    expires: float | None = None  # the key's expiry, UNIX seconds (kind "key"); None: never
 
     def limit(self, name: str) -> int | None:
         """The allowance named `name` (rpm, tpm, concurrency, daily_tokens, monthly_tokens), None: none."""

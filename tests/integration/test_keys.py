@@ -62,13 +62,16 @@ def test_each_status_in_each_protocols_shape(served, router):
         cases = [
             ({}, 401, "missing key"),
             (bearer("nr-not-a-key"), 401, "unknown key"),
-            ({"Authorization": "Basic xyz"}, 401, "missing key"),
+            ({"Authorization": "Basic xyz"}, 401, "Authorization must be 'Bearer <key>', not the 'Basic'"),
+            ({"Authorization": key}, 401, "Authorization must be 'Bearer <key>'"),  # the key alone
+            ({"Authorization": "Bearer"}, 401, "Bearer without a key"),
             (bearer(disabled), 403, "disabled"),
             (bearer(expired), 403, "expired"),
         ]
         for headers, status, words in cases:
             ollama = http.post("/api/chat", json=CHAT, headers=headers)
             assert ollama.status_code == status and words in ollama.json()["error"], ollama.text
+            assert key not in ollama.text  # a header in the wrong shape is not echoed
             openai = http.post("/v1/chat/completions", json=OPENAI_CHAT, headers=headers)
             assert openai.status_code == status, openai.text
             error = openai.json()["error"]
@@ -136,7 +139,8 @@ def test_concurrency_limit_and_its_release(fakes, endpoint, router):
 
 
 def test_token_limits_are_charged_with_real_usage(served, router):
-    key = make_key("small", "--daily-tokens", "4", "--tpm", "1000", "--monthly-tokens", "1000")
+    limits = ("--daily-tokens", "4", "--tpm", "1000", "--monthly-tokens", "1000")
+    key = make_key("small", *limits, "--expires", "2099-01-02T03:04")
     server = router()
     clear_of_minute_edge()
     with httpx.Client(base_url=server.url, timeout=30, headers=bearer(key)) as http:
@@ -144,6 +148,7 @@ def test_token_limits_are_charged_with_real_usage(served, router):
         wait_until(lambda: http.get("/api/me").json()["usage"]["tokens_today"] > 0)
         used = http.get("/api/me").json()
         assert used["name"] == "small" and used["kind"] == "key" and used["priority"] == "normal"
+        assert used["enabled"] is True and used["expires"] == "2099-01-02T03:04:00Z"
         assert used["limits"] == {
             "rpm": None,
             "tpm": 1000,
@@ -216,6 +221,7 @@ def test_without_any_key_the_router_stays_open(served, router):
     assert reply.status_code == 200
     me = httpx.get(server.url + "/api/me", timeout=5).json()
     assert me["name"] == "anonymous" and me["limits"]["rpm"] is None
+    assert me["enabled"] is True and me["expires"] is None
 
 
 def test_a_revoked_key_is_refused_without_a_restart(served, router):

@@ -165,3 +165,50 @@ def test_adding_a_client_key_shows_it_once_and_stores_only_its_hash(staff_client
         "/admin/routing/clientkey/", {"action": "revoke", "_selected_action": [row.pk]}, follow=True
     )
     assert revoked.status_code == 200 and not ClientKey.objects.get(pk=row.pk).enabled
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("rpm", "0"),
+        ("tpm", "0"),
+        ("concurrency", "0"),
+        ("daily_tokens", "0"),
+        ("monthly_tokens", "0"),
+        ("rpm", "-1"),
+        ("allowed_models", ",,, ,"),  # names no model: it used to make a key for every model
+        ("name", "=1+1,x"),
+        ("name", "a\nb"),
+        ("name", "-"),
+        ("name", "Anonymous"),
+    ],
+)
+def test_the_client_key_form_refuses_what_would_misbehave(staff_client: Client, settings, field, value):
+    from routing.models import ClientKey
+
+    settings.REDIS_URL = ""
+    data = {"name": "team-a", "enabled": "on", "priority": "normal", field: value}
+    refused = staff_client.post("/admin/routing/clientkey/add/", data)
+    assert refused.status_code == 200  # the form again, with the error
+    assert field in refused.context["adminform"].form.errors
+    assert not ClientKey.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_new_client_key_is_in_no_cookie(staff_client: Client, settings):
+    """The add response redirects; the message that carries the key stays server-side (session
+    storage), not in the signed but readable `messages` cookie, and leaves the session once shown."""
+    import re
+
+    settings.REDIS_URL = ""
+    data = {"name": "team-a", "enabled": "on", "priority": "normal"}
+    added = staff_client.post("/admin/routing/clientkey/add/", data)
+    assert added.status_code == 302
+    assert "messages" not in added.cookies
+    shown = staff_client.get(added["Location"])
+    keys = re.findall(rb"nr-[A-Za-z0-9_-]{43}", shown.content)
+    assert len(keys) == 1
+    key = keys[0].decode()
+    assert all(key not in morsel.value for morsel in (*added.cookies.values(), *shown.cookies.values()))
+    assert key not in str(dict(staff_client.session))  # shown once, then gone from the session too

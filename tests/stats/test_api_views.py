@@ -363,6 +363,40 @@ async def test_csv_export() -> None:
 
 
 @pytest.mark.asyncio
+async def test_csv_text_cells_are_never_formulas() -> None:
+    """OWASP CSV injection: a text cell starting with = + - @, a tab or a CR gets a leading '; the
+    numbers and ordinary text are as stored."""
+
+    @sync_to_async
+    def rows() -> None:
+        for client, model, tokens in (
+            ("=1+1,x", "@SUM(A1)", 3),
+            ("+x", "-m", 4),
+            ("\tt", "\rr", 5),
+            ("team-a", "llama3", 6),
+        ):
+            TokenTimeSeries.objects.create(
+                endpoint=EP1, model=model, client=client, timestamp=T0, total_tokens=tokens, requests=1
+            )
+        TokenTimeSeries.objects.create(
+            endpoint="=HYPERLINK(1)", model="m", requested_model="+m", timestamp=T0, total_tokens=7
+        )
+
+    await rows()
+    response = await call(api_views.stats_csv, rf.get("/api/stats.csv?from=2025-03-10&to=2025-03-11"))
+    lines = csv.reader(io.StringIO((await content(response)).decode()))
+    got = {(r[1], r[2], r[7], r[8]): r[5] for r in lines}
+    assert got == {
+        ("endpoint", "model", "client", "requested_model"): "total_tokens",
+        (EP1, "'@SUM(A1)", "'=1+1,x", ""): "3",
+        (EP1, "'-m", "'+x", ""): "4",
+        (EP1, "'\rr", "'\tt", ""): "5",
+        (EP1, "llama3", "team-a", ""): "6",
+        ("'=HYPERLINK(1)", "m", "anonymous", "'+m"): "7",
+    }
+
+
+@pytest.mark.asyncio
 async def test_csv_export_pages_through_many_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     from stats import queries
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
@@ -74,9 +75,18 @@ async def metrics_view(request: HttpRequest) -> HttpResponseBase:
 LEVEL_NAMES = ("high", "normal", "low")
 
 
+def _iso_utc(seconds: float | None) -> str | None:
+    """UNIX seconds as ISO 8601 UTC with a Z ("2027-01-01T00:00:00Z"); None stays None."""
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+
+
 @methods("GET")
 async def me(request: HttpRequest) -> HttpResponseBase:
     """The caller as the router sees it: {"name", "kind" ("key" | "operator" | "anonymous"),
+    "enabled" (always true: a disabled key gets a 403 here too), "expires" (the key's expiry,
+    ISO 8601 UTC such as "2027-01-01T00:00:00Z"; null: never),
     "priority" ("high" | "normal" | "low"), "models" (allowed names or patterns; [] every model),
     "limits" {rpm, tpm, concurrency, daily_tokens, monthly_tokens: int | null (none)},
     "usage" {requests_this_minute, tokens_this_minute, tokens_today, tokens_this_month,
@@ -89,6 +99,8 @@ async def me(request: HttpRequest) -> HttpResponseBase:
         {
             "name": principal.name,
             "kind": principal.kind,
+            "enabled": True,
+            "expires": _iso_utc(principal.expires),
             "priority": LEVEL_NAMES[principal.priority],
             "models": list(principal.models),
             "limits": {name: principal.limit(name) for name in names},

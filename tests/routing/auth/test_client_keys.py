@@ -181,3 +181,139 @@ async def test_a_copy_whose_redis_generation_could_not_be_read_is_reloaded_withi
     assert store.fresh()
     store._loaded_at -= 1.1
     assert not store.fresh()  # not 120 s: nothing could tell this copy is stale
+
+
+# -- what `client_key_create` and the model refuse (a hostile tester's findings) ------------------
+@pytest.mark.django_db
+@pytest.mark.parametrize("option", ["--rpm", "--tpm", "--concurrency", "--daily-tokens", "--monthly-tokens"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_create_refuses_a_limit_below_one_in_words(option, value):
+    """A limit of 0 would answer every request 429 with Retry-After: 1, forever."""
+    with pytest.raises(CommandError) as refused:
+        create("zero", option, value)
+    message = str(refused.value)
+    assert option in message and "at least 1" in message and "leave the option out" in message
+    assert "_limit" not in message and "_positive" not in message and "invalid" not in message
+    assert not ClientKey.objects.exists()
+
+
+@pytest.mark.django_db
+def test_create_refuses_a_limit_that_is_no_whole_number():
+    with pytest.raises(CommandError, match=r"--rpm: '1\.5' is not a whole number"):
+        create("half", "--rpm", "1.5")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("models", [",,, ,", " ", "", "\n,\n"])
+def test_create_refuses_a_models_list_that_names_no_model(models):
+    """Such a list used to make a key for every model."""
+    with pytest.raises(CommandError, match="names no model"):
+        create("blank-list", "--models", models)
+    assert not ClientKey.objects.exists()
+
+
+@pytest.mark.django_db
+def test_the_model_refuses_allowed_models_that_name_no_model():
+    from django.core.exceptions import ValidationError
+
+    row = ClientKey(name="blank-list", prefix="nr-x", key_hash="0" * 64, allowed_models=",,, ,")
+    with pytest.raises(ValidationError) as refused:
+        row.full_clean()
+    assert "allowed_models" in refused.value.message_dict
+    row.allowed_models = ""  # empty: every model
+    row.full_clean()
+
+
+@pytest.mark.django_db
+def test_an_unknown_owner_is_explained():
+    with pytest.raises(CommandError, match="--owner names an existing Django user"):
+        create("team-a", "--owner", "ana")
+
+
+@pytest.mark.django_db
+def test_the_readme_example_runs_once_its_owner_exists():
+    """The README's client_key_create example, as written, on a fresh database: it says --owner
+    names an existing user, and runs once that user exists."""
+    import shlex
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[3] / "README.md"
+    section = readme.read_text().split("## Keys and quotas", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    command = next(line for line in block.replace("\\\n", " ").splitlines() if "client_key_create" in line)
+    args = shlex.split(command, comments=True)
+    args = args[args.index("client_key_create") + 1 :]
+    owner = args[args.index("--owner") + 1]
+    assert "names an existing Django user" in block
+    get_user_model().objects.create(username=owner)
+    assert KEY_RE.match(create(*args))
+
+
+def test_a_bad_expiry_is_a_usage_error_not_a_traceback(capsys):
+    """From the command line: argparse's usage line and exit status 2."""
+    from routing.management.commands.client_key_create import Command
+
+    with pytest.raises(SystemExit) as stopped:
+        Command().run_from_argv(["manage.py", "client_key_create", "x", "--expires", "tomorrow"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and "--expires: 'tomorrow' is not an ISO date" in err
+    assert "Traceback" not in err
+
+
+GOOD_NAMES = ["team-a", "claude-code", "svc_bot", "ana@example.org", "team.b", "_x", "7", "x" * 100]
+BAD_NAMES = [
+    "a\nb",  # would split the access-log line
+    "a b",  # `client=a b` is two fields of the access log
+    "-",  # the access log's mark for a missing or unknown key
+    "anonymous",
+    "Operator",  # the other principals' usage names, in any case
+    "=1+1,x",  # a formula in a spreadsheet
+    "+x",
+    "-x",
+    "@x",
+    "x\ty",
+    "ü",
+    "x" * 101,
+]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_create_refuses_a_name_that_logs_statistics_or_spreadsheets_would_misread(name):
+    with pytest.raises(CommandError, match="name: "):
+        create("--", name)  # `--`: "-" and "-x" are the name, not options
+    assert not ClientKey.objects.exists()
+
+
+@pytest.mark.django_db
+def test_create_accepts_ordinary_names():
+    for name in GOOD_NAMES:
+        assert KEY_RE.match(create(name))
+    assert sorted(ClientKey.objects.values_list("name", flat=True)) == sorted(GOOD_NAMES)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_migration_disables_a_key_whose_limit_was_zero_and_the_database_refuses_zero():
+    """0005: a key with a limit of 0 (refused every request) is disabled with that limit at 1; the
+    others keep theirs. From then on the database itself refuses a limit of 0."""
+    from django.db import IntegrityError, transaction
+
+    from tests.stats.migrating import migrate, migrate_to_latest
+
+    before = [("routing", "0004_model_alias")]
+    old = migrate(before).loader.project_state(before).apps.get_model("routing", "ClientKey")
+    old.objects.create(name="blocked", prefix="nr-a", key_hash="a" * 64, rpm=0, daily_tokens=0, tpm=500)
+    old.objects.create(name="fine", prefix="nr-b", key_hash="b" * 64, rpm=5)
+    try:
+        migrate_to_latest()
+        rows = {r.name: r for r in ClientKey.objects.all()}
+        blocked, fine = rows["blocked"], rows["fine"]
+        assert not blocked.enabled and (blocked.rpm, blocked.daily_tokens, blocked.tpm) == (1, 1, 500)
+        assert fine.enabled and fine.rpm == 5 and fine.daily_tokens is None
+        for limit in ("rpm", "tpm", "concurrency", "daily_tokens", "monthly_tokens"):
+            with pytest.raises(IntegrityError), transaction.atomic():
+                ClientKey.objects.filter(name="fine").update(**{limit: 0})
+    finally:
+        ClientKey.objects.all().delete()
+        migrate_to_latest()

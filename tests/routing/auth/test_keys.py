@@ -49,7 +49,7 @@ def test_each_outcome(keys_loaded):
     assert run(None, "operator-secret") is OPERATOR
     for auth, api_key, status, words in [
         (None, None, 401, "missing key"),
-        ("Basic abc", None, 401, "missing key"),
+        ("Basic abc", None, 401, "Authorization must be 'Bearer <key>', not the 'Basic' scheme"),
         ("Bearer nr-wrong", None, 401, "unknown key"),
         (f"Bearer {OFF}", None, 403, "disabled"),
         (None, OLD, 403, "expired"),
@@ -57,6 +57,28 @@ def test_each_outcome(keys_loaded):
         with pytest.raises(ApiError) as refused:
             run(auth, api_key)
         assert refused.value.status == status and words in refused.value.message
+
+
+@pytest.mark.parametrize(
+    "authorization,words",
+    [
+        ("Basic dXNlcjpwYXNz", "Authorization must be 'Bearer <key>', not the 'Basic' scheme"),
+        ("Token abc", "not the 'Token' scheme"),
+        (GOOD, "Authorization must be 'Bearer <key>': the word Bearer, a space, then the key"),
+        ("Bearer", "Bearer without a key"),
+        ("Bearer    ", "Bearer without a key"),
+        (f"{GOOD} extra", "Authorization must be 'Bearer <key>': the word Bearer"),  # no scheme word
+    ],
+)
+def test_a_header_in_the_wrong_shape_gets_a_401_that_says_what_is_wrong(keys_loaded, authorization, words):
+    with pytest.raises(ApiError) as refused:
+        run(authorization, None)
+    assert refused.value.status == 401 and words in refused.value.message
+    assert "missing key" not in refused.value.message
+    assert GOOD not in refused.value.message and "dXNlcjpwYXNz" not in refused.value.message  # never echoed
+    # a blank header is no header: still "missing key"
+    with pytest.raises(ApiError, match="missing key"):
+        run("   ", None)
 
 
 def test_an_open_router_ignores_any_token(settings):
