@@ -11,7 +11,10 @@ this process reloads before its next request, the other processes hear of it ove
 channel ("keys.changed"), and with REDIS_URL a generation counter in Redis,
 read in the same round trip as the quota check (routing/auth/quotas.py), makes every process
 reload before it admits another request with a stale copy. A reload at most
-ROUTER_REGISTRY_RELOAD seconds old is the safety net.
+ROUTER_REGISTRY_RELOAD seconds old is the safety net. A key this copy does not know (made by
+`client_key_create` in another process a moment ago) reloads the copy at once
+(`reload_for_unknown`, at most every UNKNOWN_RELOAD seconds, so a flood of made-up keys costs at
+most that many reads of the table), so a new key works on its first request, Redis or not.
 
 Statuses (routing/auth/keys.py decides between them): no key presented or an unknown key 401;
 a disabled or expired key 403.
@@ -40,6 +43,7 @@ PREFIX_LENGTH = len(KEY_PREFIX) + 8
 LEVELS = {"high": 0, "normal": 1, "low": 2}
 LIMIT_FIELDS = ("rpm", "tpm", "concurrency", "daily_tokens", "monthly_tokens")
 REDIS_GENERATION = "nomyo:keys:generation"
+UNKNOWN_RELOAD = 0.5  # seconds between reloads for keys the copy does not know, at least
 
 
 def new_key() -> str:
@@ -92,6 +96,7 @@ class KeyStore:
         self._reload_for = 0  # the generation the reload in flight loads for
         self.redis_generation: int | None = None  # the Redis counter the copy was loaded under
         self._used: dict[int, float] = {}  # key id -> UNIX time last used, not yet written
+        self._unknown_reload_at = -UNKNOWN_RELOAD  # monotonic: the latest reload for an unknown key
 
     def invalidate(self) -> None:
         """Thread-safe: the next `ensure_fresh` reloads."""
@@ -150,6 +155,17 @@ class KeyStore:
                 # Redis did not say which generation this copy is of: nothing can tell it is
                 # stale, so it is read again within a second instead of ROUTER_REGISTRY_RELOAD.
                 self._loaded_at -= max(0.0, settings.ROUTER_REGISTRY_RELOAD - 1.0)
+
+    async def reload_for_unknown(self) -> None:
+        """A caller presented a key in the client key format that this copy does not know: reload
+        now (joining a reload in flight), unless one was started for that less than
+        UNKNOWN_RELOAD seconds ago. Raises what `ensure_fresh` raises."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._unknown_reload_at >= UNKNOWN_RELOAD:
+                self._unknown_reload_at = now
+                self._generation += 1
+        await self.ensure_fresh()
 
     def defined(self) -> bool:
         """Whether any client key exists (enabled or not): then a request without a key is refused."""

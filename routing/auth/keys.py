@@ -27,7 +27,7 @@ import time
 
 from django.conf import settings
 
-from routing.auth.client_keys import key_store
+from routing.auth.client_keys import KEY_PREFIX, key_store
 from routing.auth.principal import ANONYMOUS, OPERATOR, Principal
 from routing.auth.quotas import NOTHING_TAKEN, Admission, QuotaExceeded, StaleKeys, quotas
 from routing.core.errors import ApiError
@@ -96,6 +96,12 @@ async def authenticate(authorization: str | None, api_key: str | None) -> Princi
         raise ApiError(503, "the client keys could not be loaded; try again", retry_after=5) from None
     if token:
         record = key_store.get(token)
+        if record is None and token.startswith(KEY_PREFIX):  # made a moment ago, elsewhere?
+            try:
+                await key_store.reload_for_unknown()
+            except Exception:
+                raise ApiError(503, "the client keys could not be loaded; try again", retry_after=5) from None
+            record = key_store.get(token)
         if record is not None:
             refusal = record.refusal(time.time())
             if refusal is not None:

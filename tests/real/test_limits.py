@@ -130,7 +130,7 @@ def test_the_cap_of_one_holds_the_second_request_until_the_first_is_done(real_ro
     assert (first.status, second.status) == (200, 200), (first.body[-300:], second.body[-300:])
     assert done_openai_stream(first.body)
     assert json.loads(second.body.splitlines()[-1])["done"] is True
-    assert watch.samples > 10 and not watch.errors, watch
+    assert watch.samples >= 3 and not watch.errors, watch  # a loaded machine samples less often
     assert watch.router_in_flight == 1 and watch.server_busy == 1, watch
     assert watch.queued_seen == 1, watch  # the second waited in the router's queue
     assert second.first_byte >= first.end - 0.05  # and started only when the first had finished

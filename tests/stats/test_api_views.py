@@ -54,7 +54,10 @@ def clean_state() -> Iterator[None]:
 
 
 async def call(view: Callable[[HttpRequest], Awaitable[HttpResponseBase]], request: HttpRequest) -> Any:
-    """The view's answer as the lean handler sends it (ApiError -> {"error": ...})."""
+    """The view's answer as the lean handler sends it (ApiError -> {"error": ...}), on an open
+    router (the caller is anonymous) unless the request already names its principal."""
+    if not hasattr(request, "principal"):
+        request.principal = ANONYMOUS  # type: ignore[attr-defined]
     try:
         return await view(request)
     except ApiError as err:

@@ -10,7 +10,8 @@ from routing.models import ClientKey
 
 class Command(BaseCommand):
     help = (
-        "Revoke (disable) a client key by name: refused with 403 from the next request on, in every process."
+        "Revoke (disable) a client key by name: refused with 403 from the next request on in every"
+        " router process with REDIS_URL, else within ROUTER_REGISTRY_RELOAD seconds."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from routing.auth import keys
+from routing.auth import client_keys, keys
 from routing.auth.client_keys import KeyRecord, hash_key, key_store, new_key
 from routing.auth.principal import ANONYMOUS, OPERATOR, Principal
 from routing.core.errors import ApiError
@@ -108,3 +108,30 @@ def test_any_header_gives_a_principal_or_a_401_or_403(keys_loaded, authorization
         assert refused.status in (401, 403)
         return
     assert principal in (TEAM, OPERATOR)
+
+
+def test_a_key_the_copy_does_not_know_reloads_it_at_most_every_half_second(keys_loaded, monkeypatch):
+    made_since = new_key()
+    loads: list[float] = []
+
+    def load_keys() -> tuple[dict[str, KeyRecord], None]:
+        loads.append(time.monotonic())
+        return {hash_key(made_since): KeyRecord(Principal("new", "key", key_id=9), True, None)}, None
+
+    monkeypatch.setattr(client_keys, "load_keys", load_keys)
+    monkeypatch.setattr(client_keys, "UNKNOWN_RELOAD", 60.0)
+    client_keys.key_store._unknown_reload_at = -60.0
+
+    async def main() -> None:
+        # made by `client_key_create` in another process: known on its first request
+        assert (await keys.authenticate(f"Bearer {made_since}", None)).name == "new"
+        # made-up keys of the same format: one reload within UNKNOWN_RELOAD, then refused
+        for _ in range(20):
+            with pytest.raises(ApiError) as refused:
+                await keys.authenticate(f"Bearer {new_key()}", None)
+            assert refused.value.status == 401
+        with pytest.raises(ApiError):  # other formats never reload
+            await keys.authenticate("Bearer sk-something", None)
+
+    asyncio.run(main())
+    assert len(loads) == 1
