@@ -160,6 +160,29 @@ def ratelimit_headers(principal: Principal, used: Usage, w: Windows) -> dict[str
     return headers
 
 
+_ANTHROPIC_NAMES = {
+    "x-ratelimit-limit-requests": "anthropic-ratelimit-requests-limit",
+    "x-ratelimit-remaining-requests": "anthropic-ratelimit-requests-remaining",
+    "x-ratelimit-reset-requests": "anthropic-ratelimit-requests-reset",
+    "x-ratelimit-limit-tokens": "anthropic-ratelimit-tokens-limit",
+    "x-ratelimit-remaining-tokens": "anthropic-ratelimit-tokens-remaining",
+    "x-ratelimit-reset-tokens": "anthropic-ratelimit-tokens-reset",
+}
+
+
+def anthropic_ratelimit_headers(openai: dict[str, str], now: float) -> dict[str, str]:
+    """`ratelimit_headers` under Anthropic's names for the Messages API replies:
+    anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}, whose reset is the RFC 3339
+    UTC time the limit is refilled (the next UTC minute here; Anthropic's API reference, rate
+    limits, response headers). `now`: UNIX seconds."""
+    reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime((int(now) // 60 + 1) * 60))
+    return {
+        _ANTHROPIC_NAMES[name]: reset if name.startswith("x-ratelimit-reset") else value
+        for name, value in openai.items()
+        if name in _ANTHROPIC_NAMES
+    }
+
+
 def refusal(principal: Principal, used: Usage, w: Windows) -> QuotaExceeded | None:
     """The 429 for `used` (before this request) against the key's limits, or None. Checked in the
     order: concurrency, requests per minute, tokens per minute, per day, per month."""

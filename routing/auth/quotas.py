@@ -37,6 +37,7 @@ from routing.auth.quota_base import (
     StaleKeys,
     Usage,
     Windows,
+    anthropic_ratelimit_headers,
     ratelimit_headers,
     refusal,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "StaleKeys",
     "Usage",
     "Windows",
+    "anthropic_ratelimit_headers",
     "quota_sink",
     "quotas",
     "ratelimit_headers",

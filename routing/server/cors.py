@@ -54,7 +54,10 @@ DEFAULT_ALLOW_HEADERS = (
 EXPOSE_HEADERS = (
     b"X-Request-Id, X-Router-Endpoint, X-Router-Model, X-Router-Ignored, Retry-After, "
     b"x-ratelimit-limit-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-requests, "
-    b"x-ratelimit-remaining-tokens, x-ratelimit-reset-requests, x-ratelimit-reset-tokens"
+    b"x-ratelimit-remaining-tokens, x-ratelimit-reset-requests, x-ratelimit-reset-tokens, "
+    b"anthropic-ratelimit-requests-limit, anthropic-ratelimit-requests-remaining, "
+    b"anthropic-ratelimit-requests-reset, anthropic-ratelimit-tokens-limit, "
+    b"anthropic-ratelimit-tokens-remaining, anthropic-ratelimit-tokens-reset"
 )
 MAX_AGE = b"86400"  # seconds; browsers cap it lower (Chromium at 2 hours)
 # A header list as a preflight sends it: tokens (RFC 9110) separated by commas and spaces.

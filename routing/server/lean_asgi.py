@@ -35,8 +35,8 @@ from django.utils.functional import cached_property
 from routing.auth import keys
 from routing.auth.keys import router_key
 from routing.auth.principal import ANONYMOUS, Principal
-from routing.auth.quotas import NOTHING_TAKEN, Admission, QuotaExceeded
-from routing.core.errors import ApiError, error_response, is_openai_path
+from routing.auth.quotas import NOTHING_TAKEN, Admission, QuotaExceeded, anthropic_ratelimit_headers
+from routing.core.errors import ApiError, error_response, is_anthropic_path, is_openai_path
 from routing.engine.proxy import ProxyStreamingResponse
 from routing.observability import metrics
 from routing.server.lifecycle import lifecycle
@@ -327,13 +327,13 @@ class ProxyHandler:
             if response is None:
                 raise ApiError(404, f"no route {path}")
             if is_openai_path(path) and caller.admission.headers:  # built only for OpenAI replies
-                for name, value in caller.admission.headers.items():
+                for name, value in _ratelimit_headers(path, caller.admission.headers).items():
                     response[name] = value
             return response
         except QuotaExceeded as err:
             refused = error_response(path, err)
-            if is_openai_path(path):  # OpenAI's rate limit headers, on its protocol only
-                for name, value in err.ratelimit.items():
+            if is_openai_path(path):  # the rate limit headers of OpenAI's protocol (Anthropic's)
+                for name, value in _ratelimit_headers(path, err.ratelimit).items():
                     refused[name] = value
             return refused
         except ApiError as err:
@@ -456,3 +456,9 @@ def _route_label(path: str) -> str:
         if path.startswith(route.prefix) and len(path) > len(route.prefix):
             return route.label
     return "other"
+
+
+def _ratelimit_headers(path: str, openai: dict[str, str]) -> dict[str, str]:
+    """The rate limit headers for a reply on `path` (under /v1): OpenAI's x-ratelimit-*, or their
+    Anthropic names on the Messages API's routes."""
+    return anthropic_ratelimit_headers(openai, time.time()) if is_anthropic_path(path) else openai

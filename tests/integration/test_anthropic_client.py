@@ -7,7 +7,10 @@ one as the prompt's tokens, call the first tool they are given with {"x": 1}, an
 
 from __future__ import annotations
 
+import calendar
 import json
+import re
+import time
 from typing import Any
 
 import anthropic
@@ -360,11 +363,20 @@ def test_keys_quotas_and_x_api_key(fakes, endpoint, router):
     client: Any = anthropic.Anthropic(base_url=server.url, api_key=key, max_retries=0)
     clear_of_minute_edge()
     hello = [{"role": "user", "content": "x"}]
-    assert client.messages.create(model="llama3", max_tokens=5, messages=hello).usage.output_tokens == 2
+    first = client.messages.with_raw_response.create(model="llama3", max_tokens=5, messages=hello)
+    assert first.parse().usage.output_tokens == 2
+    # Anthropic's own rate limit headers, not OpenAI's: the reset is the RFC 3339 UTC refill time
+    assert first.headers["anthropic-ratelimit-requests-limit"] == "1"
+    assert first.headers["anthropic-ratelimit-requests-remaining"] == "0"
+    reset = first.headers["anthropic-ratelimit-requests-reset"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:00Z", reset)
+    assert 0 < calendar.timegm(time.strptime(reset, "%Y-%m-%dT%H:%M:%SZ")) - time.time() <= 60
+    assert not any(name.startswith("x-ratelimit") for name in first.headers)
     with pytest.raises(anthropic.RateLimitError) as limited:
         client.messages.create(model="llama3", max_tokens=5, messages=hello)
     assert _body(limited)["error"]["type"] == "rate_limit_error"
     assert int(limited.value.response.headers["retry-after"]) >= 1
+    assert limited.value.response.headers["anthropic-ratelimit-requests-remaining"] == "0"
     with pytest.raises(anthropic.AuthenticationError) as unknown:
         wrong: Any = anthropic.Anthropic(base_url=server.url, api_key="wrong", max_retries=0)
         wrong.messages.create(model="llama3", max_tokens=5, messages=hello)
