@@ -11,22 +11,29 @@ Counters per key id, under PREFIX (windows of routing/auth/quota_base.py):
 Slow path, one round trip. The admissions asked for in one turn of the event loop go to Redis as
 one EVALSHA of `_ADMIT`, with the places given back since the last one. The script removes those
 places, checks the key generation (routing/auth/client_keys.py) and every limit, and counts the
-request and takes its place, atomically. While this process's fast path is open (below) it also
-asks for a lease: when at least LEASE_SHARE requests per minute (or places) are left, the script
-counts 1/LEASE_SHARE of what is left (at most LEASE_MAX) as this process's, in the same step.
+request and takes its place, atomically. Each admission carries the tokens this process charged
+the key and has not written yet (pending, or being written by the running tick): the script
+adds them to the key's token counts, which it checks and returns (the reply's headers). While
+this process's fast path is open (below) it also asks for a lease: when at least LEASE_SHARE
+requests per minute (or places) are left, the script counts 1/LEASE_SHARE of what is left (at
+most LEASE_MAX) as this process's, in the same step.
 
 Fast path, no round trip. A request of a key this process holds a lease for is admitted from it
 when the lease has a request left (rpm) and a free place (concurrency), the token totals this
-process knows are under their limits ("is anything left?"), and the fast path is open: the key
-copy the caller was authenticated with has the key generation that this process read from
-Redis less than FENCE seconds ago (monotonic time, from when the read was sent).
+process knows (Redis's as last read, with every charge of this process since) are under their
+limits ("is anything left?"), and the fast path is open: the key copy the caller was
+authenticated with has the key generation that this process read from Redis less than FENCE
+seconds ago (monotonic time, from when the read was sent).
 
-The sync tick, every SYNC_EVERY seconds while this process has leases, charges or keyed
-requests, is one pipeline. It reads the generation and writes this process's confirmation
-(CONFIRMED: owner -> "<generation> <UNIX time the fast path stays open until>"). It writes the
-token charges and the requests counted from leases; INCRBY returns the totals, which the fast
-path checks next. It reads the totals of the other leased keys, and gives back what leases did
-not need.
+The sync tick, every SYNC_EVERY seconds while this process has leases, charges or keyed requests
+(until LEASE_IDLE seconds after the latest), is one pipeline. It reads the generation and writes
+this process's confirmation (CONFIRMED: owner -> "<generation> <UNIX time the fast path stays
+open until>"). It writes the token charges and the requests counted from leases; INCRBY returns
+the totals, which the fast path checks next. It reads the totals of the other leased keys, and
+gives back what leases did not need. When the ticks stop (idle), the fast path closes here
+first, then the confirmation says so (open until a time in the past), so `confirm_generation`
+does not wait for an idle process; the next request goes through the slow path and starts the
+ticks, which re-open it.
 
 Invariants:
 - No limit is passed. A lease is counted in Redis when granted, and a process admits from a
@@ -51,8 +58,14 @@ Invariants:
   requests it gave back are not given back again: they stay counted until their minute ends.
 - Nothing is given back to a Redis whose key generation went back (restarted without its data):
   what leases held was counted in what it lost, and would uncount requests admitted since.
-- Token charges are written within SYNC_EVERY seconds. So a token limit may be passed by what is
-  charged in that moment, as it may be by the request that crosses it.
+- A process's own token charges count in its admissions at once: sent with each admission
+  while unwritten, and added to its leases' totals. A charge a tick is writing when an admission
+  is sent may be counted twice (Redis has it, the tick's reply is not in): that can only refuse
+  early, never admit over a limit. So one process refuses as the in-process counters do: the
+  request that crosses a token limit completes, the next one is refused.
+- Another process's charges are written within SYNC_EVERY seconds (its tick) and seen here after
+  that. So processes together may pass a token limit by what the others charged in that moment,
+  as one may by the request that crosses it (the known window).
 - Only the event loop's thread touches the leases, asks and pending writes, so they need no
   lock. `close_fast_path` may be called from any thread: it sets one float.
 
@@ -84,6 +97,7 @@ _BY_REDIS = metrics.quota_admissions.labels("redis")
 
 PREFIX = "nomyo:quota"
 CONFIRMED = "nomyo:keys:confirmed"  # hash: owner -> "<generation> <fast path open until, UNIX s>"
+# (an idle process's: "<generation> -<UNIX s it closed>")
 LEASE = 30.0  # seconds a concurrency place lives in Redis unless renewed
 RENEW_EVERY = 10.0  # seconds between renewals of the places this process holds
 RELEASE_EVERY = 0.02  # seconds an exact place given back waits for an admission to ride on, at most
@@ -99,12 +113,15 @@ LIMITS_SENT = ("rpm", "tpm", "daily_tokens", "monthly_tokens", "concurrency")  #
 
 # KEYS: the generation; then 5 per admission: requests/minute, tokens/minute, tokens/day,
 #       tokens/month, concurrency set; then the concurrency set of each place given back
-# ARGV: number of admissions, now, lease, minute ttl, lease share; then 8 per admission: known
+# ARGV: number of admissions, now, lease, minute ttl, lease share; then 9 per admission: known
 #       generation ('' skips the check), rpm, tpm, daily, monthly, concurrency (0: none), member,
-#       lease wanted (0: none); then the member of each place given back
-# Returns 8 numbers per admission: status; requests, tokens this minute, day, month and places
-# in flight before it; requests and places leased (0: none, the request counted alone; else n,
-# the request's own included, its place being <member>:1 and the others <member>:2..n).
+#       lease wanted (0: none), tokens this process charged the key and has not written yet
+#       (added to the tokens of the minute, day and month); then the member of each place given
+#       back
+# Returns 8 numbers per admission: status; requests, tokens this minute, day, month (this
+# process's unwritten tokens included) and places in flight before it; requests and places
+# leased (0: none, the request counted alone; else n, the request's own included, its place
+# being <member>:1 and the others <member>:2..n).
 # Status 0 admitted, 1 refused (nothing counted), -1 stale keys (nothing counted).
 _ADMIT = """
 local n = tonumber(ARGV[1])
@@ -112,19 +129,22 @@ local now = tonumber(ARGV[2])
 local lease = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[4])
 local share = tonumber(ARGV[5])
-for j = 1, #KEYS - 1 - 5 * n do redis.call('ZREM', KEYS[1 + 5 * n + j], ARGV[5 + 8 * n + j]) end
+for j = 1, #KEYS - 1 - 5 * n do redis.call('ZREM', KEYS[1 + 5 * n + j], ARGV[5 + 9 * n + j]) end
 local generation = tonumber(redis.call('GET', KEYS[1]) or '0')
 local out = {}
 for a = 0, n - 1 do
   local k = 1 + 5 * a
-  local v = 5 + 8 * a
+  local v = 5 + 9 * a
   if ARGV[v + 1] ~= '' and generation ~= tonumber(ARGV[v + 1]) then
     for _, x in ipairs({-1, 0, 0, 0, 0, 0, 0, 0}) do out[#out + 1] = x end
   else
     redis.call('ZREMRANGEBYSCORE', KEYS[k + 5], '-inf', now)
+    local unwritten = tonumber(ARGV[v + 9])
     local used = {
-      tonumber(redis.call('GET', KEYS[k + 1]) or '0'), tonumber(redis.call('GET', KEYS[k + 2]) or '0'),
-      tonumber(redis.call('GET', KEYS[k + 3]) or '0'), tonumber(redis.call('GET', KEYS[k + 4]) or '0'),
+      tonumber(redis.call('GET', KEYS[k + 1]) or '0'),
+      tonumber(redis.call('GET', KEYS[k + 2]) or '0') + unwritten,
+      tonumber(redis.call('GET', KEYS[k + 3]) or '0') + unwritten,
+      tonumber(redis.call('GET', KEYS[k + 4]) or '0') + unwritten,
       redis.call('ZCARD', KEYS[k + 5])}
     local status = 0
     for i = 1, 5 do
@@ -167,16 +187,20 @@ REPLY = 8  # numbers per admission in the script's reply
 
 @dataclass(slots=True)
 class _Ask:
-    """One admission waiting for the next call to Redis: its 5 keys and 8 arguments as sent, the
-    set its places go to (None: the key has no concurrency limit), its reply (REPLY numbers, or
-    the error of the call), and whether it asked for a lease."""
+    """One admission of key `key_id` waiting for the next call to Redis: its 5 keys and first 8
+    arguments as sent (the 9th, the key's unwritten tokens, is read when sent), the set its
+    places go to (None: the key has no concurrency limit), its reply (REPLY numbers, or the error
+    of the call), whether it asked for a lease, and `charged`: the tokens this process had
+    charged the key (`RedisCounters._charged`) when it was sent."""
 
+    key_id: int
     keys: tuple[bytes, ...]
     args: tuple[bytes, ...]
     place_set: bytes | None
     member: bytes
     reply: asyncio.Future[list[int]]
     wanted: bool
+    charged: int = 0
 
 
 @dataclass(slots=True)
@@ -215,6 +239,8 @@ class RedisCounters:
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._serial = itertools.count()
         self._charges: dict[int, int] = {}  # key id -> tokens not written yet
+        self._writing: dict[int, int] = {}  # key id -> tokens the running tick is writing
+        self._charged: dict[int, int] = {}  # key id -> tokens charged since this process started
         self._asks: list[_Ask] = []  # admissions of this turn of the loop, not sent yet
         self._freed: list[tuple[bytes, bytes]] = []  # places given back, not sent yet
         self._leases: dict[int, _Lease] = {}  # key id -> its lease
@@ -276,6 +302,7 @@ class RedisCounters:
         wanted = self.fast_path_open(generation)
         known = b"" if generation is None else str(generation).encode()
         ask = _Ask(
+            principal.key_id,
             keys,
             (known, *limits, member, b"%d" % LEASE_MAX if wanted else b"0"),
             keys[4] if limits[4] != b"0" else None,
@@ -370,8 +397,11 @@ class RedisCounters:
                     lease.requests += requests - 1
                 lease.totals[0] = max(lease.totals[0], values[0] + max(1, requests))
                 lease.in_flight = values[4] + max(1, places)
+                # the tokens charged while the call was on its way: not in `values`, and not
+                # added to this lease's totals by `charge` if the lease is new
+                since = self._charged.get(principal.key_id, 0) - ask.charged
                 for i in (1, 2, 3):
-                    lease.totals[i] = max(lease.totals[i], values[i])
+                    lease.totals[i] = max(lease.totals[i], values[i] + since)
                 lease.held.update(members)
                 lease.free.extend(members[1:])
                 lease.used_at = time.monotonic()
@@ -491,9 +521,11 @@ class RedisCounters:
 
         keys: list[bytes | str] = [REDIS_GENERATION]
         args: list[object] = [len(asks), time.time(), LEASE, 120, LEASE_SHARE]
-        for ask in asks:
+        for ask in asks:  # this process's tokens not in Redis yet count (see `_unwritten`)
             keys += ask.keys
             args += ask.args
+            args.append(self._unwritten(ask.key_id))
+            ask.charged = self._charged.get(ask.key_id, 0)
         keys += (key for key, _ in freed)
         args += (member for _, member in freed)
         try:
@@ -569,13 +601,22 @@ class RedisCounters:
 
     def charge(self, key_id: int, tokens: int, now: float) -> None:
         """Add `tokens` to the key's windows in Redis: written by the next sync tick, for every
-        key in one pipeline (one round trip per tick, not per request)."""
+        key in one pipeline (one round trip per tick, not per request). Until then this process's
+        admissions of the key count them (`_unwritten`, the lease's totals)."""
         self._charges[key_id] = self._charges.get(key_id, 0) + tokens
+        self._charged[key_id] = self._charged.get(key_id, 0) + tokens
         lease = self._leases.get(key_id)
         if lease is not None:
             for i in (1, 2, 3):
                 lease.totals[i] += tokens
         self._tick_soon()
+
+    def _unwritten(self, key_id: int) -> int:
+        """Tokens this process charged the key that may not be in Redis yet: pending, and those
+        the running tick is writing. Those may be counted in Redis already (the tick's INCRBY ran,
+        its reply not in yet): then an admission counts them twice, which can only refuse early,
+        never admit over a limit."""
+        return self._charges.get(key_id, 0) + self._writing.get(key_id, 0)
 
     def _tick_soon(self) -> None:
         """Make sure the sync ticks run (started on the running loop; none without one)."""
@@ -616,7 +657,22 @@ class RedisCounters:
             else:
                 self._failing = False
             if not self._busy():
-                return
+                await self._close_claim()
+                if not self._busy():  # else a request came meanwhile: ticking again re-opens
+                    return
+
+    async def _close_claim(self) -> None:
+        """Going idle: no tick will confirm a new key generation, so close the fast path here
+        first, then say so in CONFIRMED (open until minus the UNIX time it closed: in the past, so
+        `confirm_generation` does not wait for this process, and its entry is removed an hour
+        later as a gone process's). A request meanwhile goes through the slow path and starts the
+        ticks again, which re-open it. If the write fails, the claim runs out within FENCE."""
+        self._open_until = 0.0
+        closed = f"{self._generation or 0} -{time.time():.3f}"
+        try:
+            await redis.async_client().hset(CONFIRMED, self.owner, closed)
+        except Exception:
+            log.debug("could not close this process's claim in %s", CONFIRMED, exc_info=True)
 
     async def _tick(self) -> None:
         """One sync tick: one pipeline (see the module docstring). Raises what Redis raised; what
@@ -638,6 +694,7 @@ class RedisCounters:
                 lease.low_requests, lease.low_free = lease.requests, len(lease.free)
         w = Windows.at(time.time())
         charges, self._charges = self._charges, {}
+        self._writing = charges  # until the INCRBYs are answered: `_unwritten`
         returns, self._returns = self._returns, []
         freed, self._freed = self._freed, []
         sent = time.monotonic()
@@ -679,6 +736,7 @@ class RedisCounters:
         try:
             got = await pipe.execute()
         except Exception:  # the commands may have run: only what is safe twice is sent again
+            self._writing = {}
             self._returns[:0] = [(key, n) for key, n in returns if n < 0]  # additions, not give-backs
             self._freed[:0] = freed
             for key_id, tokens in charges.items():
@@ -686,6 +744,7 @@ class RedisCounters:
             for lease, n in counted:
                 lease.counted += n
             raise
+        self._writing = {}
         generation = int(got[2] or 0)
         if generation < (self._generation or 0):  # Redis lost its data: nothing leased is counted
             self._returns = [(key, n) for key, n in self._returns if n < 0]
@@ -770,9 +829,9 @@ def confirm_generation(generation: int, timeout: float = FENCE) -> bool:
         waiting = []
         for owner, value in client.hgetall(CONFIRMED).items():
             seen, _, until = value.decode().partition(" ")
-            if float(until or 0) + CLOCK_SKEW < now:
-                if float(until or 0) + 3600 < now:
-                    client.hdel(CONFIRMED, owner)  # a process gone long ago
+            if float(until or 0) + CLOCK_SKEW < now:  # closed: ran out, or idle (negative)
+                if abs(float(until or 0)) + 3600 < now:
+                    client.hdel(CONFIRMED, owner)  # a process gone (or idle) for an hour
                 continue
             if int(seen or 0) < generation:
                 waiting.append(owner)

@@ -309,6 +309,28 @@ def test_two_router_processes_share_limits_and_see_a_revocation_on_the_next_requ
         assert http.post(b.url + "/api/chat", json=CHAT, headers=bearer(shared)).status_code == 200
 
 
+@pytest.mark.skipif(not _redis_answers(), reason="no Redis at 127.0.0.1:6379 (CI starts one)")
+def test_with_redis_one_client_in_sequence_passes_a_token_limit_by_one_request_only(served, router, settings):
+    """Requests one after another, no pause: the router's own charges count before they are
+    written to Redis, so, as without Redis, the request that crosses the tpm completes and the
+    next is refused."""
+    db = str(8 + uuid.uuid4().int % 7)
+    settings.REDIS_URL = f"redis://127.0.0.1:6379/{db}"
+    key = make_key("sequential", "--tpm", "30")
+    server = router(REDIS_URL=settings.REDIS_URL, ROUTER_API_KEY=OPERATOR)
+    clear_of_minute_edge()
+    with httpx.Client(base_url=server.url, timeout=30, headers=bearer(key)) as http:
+        statuses = [http.post("/api/chat", json=CHAT).status_code for _ in range(12)]
+        assert 429 in statuses, statuses
+        admitted = statuses.index(429)
+        assert statuses == [200] * admitted + [429] * (12 - admitted)
+        wait_until(lambda: http.get("/api/me").json()["usage"]["tokens_this_minute"] > 0)
+        tokens = http.get("/api/me").json()["usage"]["tokens_this_minute"]
+    each = tokens // admitted  # every request the same size
+    assert tokens == each * admitted
+    assert (admitted - 1) * each < 30 <= tokens, (admitted, each)  # the last admitted crossed it
+
+
 @pytest.fixture
 def fleet(fakes, endpoint) -> Any:
     """One Ollama server with three models, two of them loaded."""

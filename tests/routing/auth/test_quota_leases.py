@@ -195,6 +195,150 @@ async def test_tokens_over_a_limit_are_refused_from_the_lease_at_once(generation
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("limits", [{"tpm": 1000}, {"daily_tokens": 1000, "rpm": 10**6}])
+async def test_one_client_in_sequence_passes_a_token_limit_by_one_request_only(generation, limits):
+    """Requests one after another, each charged 22 tokens before the next, through Redis, then
+    from a lease once the fast path opens, with ticks writing charges meanwhile: exactly as the
+    in-process counters, the request that crosses 1000 (the 46th) completes and the next is
+    refused."""
+    q = Quotas()
+    p = key(**limits)
+    admitted = 0
+    for _ in range(60):
+        try:
+            (await q.admit(p, generation)).release()
+        except QuotaExceeded:
+            break
+        admitted += 1
+        q.charge(p, 22)
+        await asyncio.sleep(0.005)
+    assert admitted == 46
+    assert q.redis._leases  # the fast path was used too
+    await q.redis.drained()
+    assert (await q.usage(p)).tokens_day == 46 * 22
+
+
+@pytest.mark.asyncio
+async def test_tokens_a_tick_is_writing_count_in_an_admission_meanwhile(generation, monkeypatch):
+    """The tick took the charges and its INCRBY has not run yet: an admission sent meanwhile
+    counts them all the same (through Redis, no lease: the fast path is not open yet)."""
+    from redis.asyncio.client import Pipeline
+
+    real = Pipeline.execute
+    writing = asyncio.Event()
+
+    async def slow_incrby(self, raise_on_error: bool = True):
+        if any(str(args[0]).upper() == "INCRBY" for args, _ in self.command_stack):
+            writing.set()
+            await asyncio.sleep(0.3)
+        return await real(self, raise_on_error)
+
+    monkeypatch.setattr(Pipeline, "execute", slow_incrby)
+    q = Quotas()
+    p = key(tpm=50)
+    (await q.admit(p, generation)).release()
+    q.charge(p, 60)
+    await asyncio.wait_for(writing.wait(), timeout=3)
+    assert not q.redis._charges  # taken by the tick, not in Redis yet
+    with pytest.raises(QuotaExceeded) as refused:
+        await q.admit(p, generation)
+    assert refused.value.limit == "tpm"
+    await q.redis.drained()
+    assert (await q.usage(p)).tokens_minute == 60
+
+
+@pytest.mark.asyncio
+async def test_tokens_charged_while_a_lease_is_asked_for_count_in_the_lease(generation, monkeypatch):
+    """A reply's tokens are charged while the admission that brings a new lease is on its way to
+    Redis (the script did not see them): the lease counts them, so the next request is refused."""
+    q = Quotas()
+    p = key(tpm=50, rpm=10**6)
+    await open_fast_path(q, p, generation)
+    assert p.key_id not in q.redis._leases
+    real = quota_redis._evalsha
+
+    async def charged_meanwhile(client, keys, args):
+        q.charge(p, 60)
+        return await real(client, keys, args)
+
+    monkeypatch.setattr(quota_redis, "_evalsha", charged_meanwhile)
+    (await q.admit(p, generation)).release()  # through Redis, with a lease
+    monkeypatch.setattr(quota_redis, "_evalsha", real)
+    assert q.redis._leases[p.key_id].requests > 0
+    with pytest.raises(QuotaExceeded) as refused:
+        await q.admit(p, generation)
+    assert refused.value.limit == "tpm"
+    await q.redis.drained()
+
+
+def claim(owner: str) -> float:
+    """The time until which `owner`'s fast path is open, as its entry in CONFIRMED says."""
+    import redis
+
+    value = redis.Redis.from_url(REDIS).hget(quota_redis.CONFIRMED, owner)
+    assert isinstance(value, bytes)
+    return float(value.decode().split(" ")[1])
+
+
+async def idle(q: Quotas) -> None:
+    """Wait (3 s at most) until `q`'s sync ticks have stopped."""
+    for _ in range(300):
+        if q.redis._ticker is not None and q.redis._ticker.done():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the ticks did not stop")
+
+
+@pytest.mark.asyncio
+async def test_a_process_gone_idle_is_not_waited_for_by_a_key_change(generation, monkeypatch):
+    """Its ticks stopped, so nothing would confirm a new generation: it closed its fast path and
+    said so, and `confirm_generation` returns True (confirmed), not False after FENCE."""
+    import redis
+
+    monkeypatch.setattr(quota_redis, "LEASE_IDLE", 0.2)
+    q = Quotas()
+    p = key(rpm=10**6)
+    await open_fast_path(q, p, generation)
+    await idle(q)
+    bumped = int(redis.Redis.from_url(REDIS).incr(REDIS_GENERATION))
+    assert await asyncio.to_thread(quota_redis.confirm_generation, bumped)
+    assert claim(q.redis.owner) < time.time() - quota_redis.CLOCK_SKEW  # said closed
+    assert not q.redis.fast_path_open(generation)  # and closed
+    await open_fast_path(q, p, bumped)  # the next request starts the ticks: open again
+    assert claim(q.redis.owner) > time.time()
+    await q.redis.drained()
+
+
+@pytest.mark.asyncio
+async def test_a_request_while_the_process_goes_idle_starts_the_ticks_again(generation, monkeypatch):
+    monkeypatch.setattr(quota_redis, "LEASE_IDLE", 0.2)
+    q = Quotas()
+    p = key(rpm=10**6)
+    await open_fast_path(q, p, generation)
+    real = q.redis._close_claim
+    arrived: list[asyncio.Future[Any]] = []
+
+    async def close_claim() -> None:
+        if not arrived:  # the request comes while the fast path is closing
+            arrived.append(asyncio.ensure_future(q.admit(p, generation)))
+        await real()
+
+    monkeypatch.setattr(q.redis, "_close_claim", close_claim)
+    for _ in range(300):
+        if arrived:
+            break
+        await asyncio.sleep(0.01)
+    (await arrived[0]).release()  # admitted (through Redis: the fast path was closed)
+    for _ in range(100):  # the ticks run again and re-open it
+        if q.redis.fast_path_open(generation):
+            break
+        await asyncio.sleep(0.01)
+    assert q.redis.fast_path_open(generation)
+    assert claim(q.redis.owner) > time.time()
+    await q.redis.drained()
+
+
+@pytest.mark.asyncio
 async def test_a_key_change_closes_the_fast_path_in_every_process_before_it_returns(generation):
     import redis
 

@@ -100,6 +100,32 @@ async def test_token_limits_are_checked_before_and_charged_after(quotas: Quotas,
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("limit", ["tpm", "daily_tokens"])
+async def test_one_client_in_sequence_is_refused_after_the_request_that_crosses_a_token_limit(
+    quotas: Quotas, limit: str
+):
+    """Each reply's tokens are charged before the next request, with no pause: with Redis too,
+    this process's charges not written yet count (the third request crosses 50, the fourth is
+    refused), and the headers say what is left."""
+    p = key(**{limit: 50})
+    seen = []
+    for _ in range(6):
+        try:
+            admitted = await quotas.admit(p)
+        except QuotaExceeded as refused:
+            assert refused.limit == limit
+            seen.append("429")
+            continue
+        seen.append(admitted.headers.get("x-ratelimit-remaining-tokens", "200"))
+        admitted.release()
+        quotas_module.QuotaSink(quotas).record(p, "http://e", "m", Counts(20, 2))
+    assert seen == (["50", "28", "6"] if limit == "tpm" else ["200"] * 3) + ["429"] * 3
+    await settle(quotas)
+    used = await quotas.usage(p)
+    assert used.tokens_minute == used.tokens_day == 66
+
+
+@pytest.mark.asyncio
 async def test_concurrency_places_come_back_on_release(quotas: Quotas):
     p = key(concurrency=2)
     first, second = await quotas.admit(p), await quotas.admit(p)
