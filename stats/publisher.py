@@ -16,8 +16,8 @@ from collections import deque
 
 from channels.layers import get_channel_layer
 
+from routing.core.outage import Outage
 from routing.engine.board import board
-from routing.observability.outage import Outage
 from stats import snapshot
 from stats.recorder import recorder
 from stats.types import UsagePart

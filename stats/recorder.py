@@ -72,7 +72,7 @@ class Recorder:
         self.changed.send()
 
     def incomplete(
-        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", relayed: int = 0
+        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", estimate: int = 0
     ) -> None:
         """One request whose reply ended without counts (the server reported no usage, or the
         reply was cut): counted as a request, in the totals and its minute, and in

@@ -168,3 +168,14 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: f
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+def _redis_not_suspended() -> Iterator[None]:
+    """A test whose Redis timed out (real or simulated) does not make the next tests skip Redis
+    for RETRY_AFTER seconds (routing/core/outage.py: the suspension is process-wide)."""
+    from routing.core import redis as core_redis
+
+    core_redis.suspension.timed_out_at = None
+    yield
+    core_redis.suspension.timed_out_at = None

@@ -12,9 +12,10 @@ channel ("keys.changed"), and with REDIS_URL a generation counter in Redis,
 read in the same round trip as the quota check (routing/auth/quotas.py), makes every process
 reload before it admits another request with a stale copy. A reload at most
 ROUTER_REGISTRY_RELOAD seconds old is the safety net. A key this copy does not know (made by
-`client_key_create` in another process a moment ago) reloads the copy at once
-(`reload_for_unknown`, at most every UNKNOWN_RELOAD seconds, so a flood of made-up keys costs at
-most that many reads of the table), so a new key works on its first request, Redis or not.
+`client_key_create` in another process a moment ago) reloads the copy before it is answered
+(`reload_for_unknown`: reloads start at most every UNKNOWN_RELOAD seconds, so a flood of made-up
+keys costs at most that many reads of the table and waits for them), so a new key works on its
+first request, Redis or not.
 
 Statuses (routing/auth/keys.py decides between them): no key presented or an unknown key 401;
 a disabled or expired key 403.
@@ -35,8 +36,10 @@ from django.conf import settings
 
 from routing.auth.principal import Principal
 from routing.core import redis
+from routing.core.outage import Outage
 
 log = logging.getLogger("routing.auth")
+_generation_reads = Outage(log, "could not read the key generation from Redis", redis.suspension)
 
 KEY_PREFIX = "nr-"
 PREFIX_LENGTH = len(KEY_PREFIX) + 8
@@ -157,15 +160,25 @@ class KeyStore:
                 self._loaded_at -= max(0.0, settings.ROUTER_REGISTRY_RELOAD - 1.0)
 
     async def reload_for_unknown(self) -> None:
-        """A caller presented a key in the client key format that this copy does not know: reload
-        now (joining a reload in flight), unless one was started for that less than
-        UNKNOWN_RELOAD seconds ago. Raises what `ensure_fresh` raises."""
-        with self._lock:
-            now = time.monotonic()
-            if now - self._unknown_reload_at >= UNKNOWN_RELOAD:
-                self._unknown_reload_at = now
-                self._generation += 1
-        await self.ensure_fresh()
+        """A caller presented a key in the client key format that this copy does not know: return
+        once a reload started after it arrived has finished (joining one in flight). Reloads for
+        unknown keys start at most every UNKNOWN_RELOAD seconds, so a caller may wait up to that
+        long (a flood of made-up keys is answered slowly, a key made a moment ago still works).
+        Raises what `ensure_fresh` raises."""
+        arrived = time.monotonic()
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                started = self._unknown_reload_at >= arrived  # by another caller, since we came
+                wait = self._unknown_reload_at + UNKNOWN_RELOAD - now
+                if not started and wait <= 0:
+                    self._unknown_reload_at = now
+                    self._generation += 1
+                    started = True
+            if started:
+                await self.ensure_fresh()
+                return
+            await asyncio.sleep(wait)
 
     def defined(self) -> bool:
         """Whether any client key exists (enabled or not): then a request without a key is refused."""
@@ -233,13 +246,14 @@ def load_keys() -> tuple[dict[str, KeyRecord], int | None]:
 
 
 def _read_redis_generation() -> int | None:
-    if not settings.REDIS_URL:
+    if not settings.REDIS_URL or _generation_reads.suspended():
         return None
     try:
         value = redis.sync_client().get(REDIS_GENERATION)
-    except Exception:
-        log.warning("could not read the key generation from Redis", exc_info=True)
+    except Exception as exc:
+        _generation_reads.failed(exc)
         return None
+    _generation_reads.ok()
     return int(value or 0)
 
 

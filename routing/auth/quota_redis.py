@@ -89,6 +89,7 @@ from typing import Any
 from routing.auth.principal import Principal
 from routing.auth.quota_base import Admission, QuotaExceeded, StaleKeys, Usage, Windows, refusal
 from routing.core import redis
+from routing.core.outage import Outage
 from routing.observability import metrics
 
 log = logging.getLogger("routing.quotas")
@@ -258,7 +259,10 @@ class RedisCounters:
         self._closing = False
         self._again = False  # the next tick comes at once (a new generation to confirm)
         self._failing = False  # the latest tick failed (logged once until one succeeds)
-        self._asks_failing = False  # the latest admission call failed (logged once, likewise)
+        # admission calls that fail: logged once; one that timed out suspends them (RETRY_AFTER)
+        self._calls = Outage(
+            log, "could not check quotas in Redis; using this process's counters", redis.suspension
+        )
         self._renew_failing = False  # the latest renewal of places failed (logged once, likewise)
 
     @staticmethod
@@ -296,6 +300,8 @@ class RedisCounters:
                 if admitted is not None:
                     _BY_LEASE.inc()
                     return admitted
+        if self._calls.suspended():  # a call timed out a moment ago: the caller falls back at once
+            return None
         keys, limits = self._encode(principal, w)
         member = f"{self.owner}:{next(self._serial)}".encode()
         loop = asyncio.get_running_loop()
@@ -531,9 +537,7 @@ class RedisCounters:
         try:
             got = [int(v) for v in await _evalsha(redis.async_client(), keys, args)]
         except Exception as exc:
-            if not self._asks_failing:
-                self._asks_failing = True
-                log.warning("could not check quotas in Redis; using this process's counters", exc_info=exc)
+            self._calls.failed(exc)
             # perhaps not removed: sent again (removing twice is harmless); and the places the
             # script may have taken for the asks (its reply lost), while not too many wait
             self._freed[:0] = freed
@@ -547,7 +551,7 @@ class RedisCounters:
                 if not ask.reply.done():
                     ask.reply.set_exception(exc)
             return
-        self._asks_failing = False
+        self._calls.ok()
         for i, ask in enumerate(asks):
             reply = got[REPLY * i : REPLY * i + REPLY]
             if not ask.reply.done():
@@ -771,8 +775,9 @@ class RedisCounters:
             lease.in_flight = int(got[at])
 
     async def usage(self, key_id: int, now: float) -> Usage:
-        """The key's usage in Redis, after the places this process gave back (sent first); the
-        requests this process holds leased and unused are not counted as used."""
+        """The key's usage in Redis, after the places this process gave back (sent first), with the
+        tokens this process charged and has not written yet; the requests this process holds
+        leased and unused are not counted as used."""
         w = Windows.at(now)
         keys = self.keys(key_id, w)
         freed, self._freed = self._freed, []
@@ -788,6 +793,9 @@ class RedisCounters:
             self._free_later()
             raise
         values = [int(v or 0) for v in got[-5:]]
+        pending = self._charges.get(key_id, 0)  # charged here, not written yet (next tick)
+        for i in (1, 2, 3):
+            values[i] += pending
         lease = self._leases.get(key_id)
         if lease is not None and lease.minute == w.minute:
             returning = sum(n for k, n in self._returns if k == keys[0].encode())  # leased, not yet back

@@ -43,6 +43,7 @@ from routing.auth.quota_base import (
 )
 from routing.auth.quota_redis import RedisCounters
 from routing.core import redis
+from routing.core.outage import Outage
 from routing.observability import metrics
 
 __all__ = [
@@ -62,6 +63,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("routing.quotas")
+_usage_reads = Outage(
+    log, "could not read usage from Redis; answering from this process's counters", redis.suspension
+)
 _BY_LOCAL = metrics.quota_admissions.labels("local")
 
 
@@ -102,11 +106,14 @@ class Quotas:
         if principal.kind != "key":
             return Usage()
         now = time.time()
-        if settings.REDIS_URL:
+        if settings.REDIS_URL and not _usage_reads.suspended():
             try:
-                return await self.redis.usage(principal.key_id, now)
-            except Exception:
-                log.warning("could not read usage from Redis", exc_info=True)
+                used = await self.redis.usage(principal.key_id, now)
+            except Exception as exc:
+                _usage_reads.failed(exc)
+            else:
+                _usage_reads.ok()
+                return used
         return self.local.usage(principal.key_id, now)
 
     def usage_sync(self, principal: Principal) -> Usage:
@@ -114,16 +121,19 @@ class Quotas:
         if principal.kind != "key":
             return Usage()
         now = time.time()
-        if settings.REDIS_URL:
+        if settings.REDIS_URL and not _usage_reads.suspended():
             keys = RedisCounters.keys(principal.key_id, Windows.at(now))
             try:
                 pipe = redis.sync_client().pipeline(transaction=False)
                 for key in keys[:4]:
                     pipe.get(key)
                 pipe.zcount(keys[4], now, "+inf")
-                return Usage(*(int(v or 0) for v in pipe.execute()))
-            except Exception:
-                log.warning("could not read usage from Redis", exc_info=True)
+                used = Usage(*(int(v or 0) for v in pipe.execute()))
+            except Exception as exc:
+                _usage_reads.failed(exc)
+            else:
+                _usage_reads.ok()
+                return used
         return self.local.usage(principal.key_id, now)
 
 
@@ -139,13 +149,13 @@ class QuotaSink:
         self._quotas.charge(principal, int(counts.prompt) + int(counts.completion))
 
     def incomplete(
-        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", relayed: int = 0
+        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", estimate: int = 0
     ) -> None:
         """A request without counts (cut, or the server reported no usage) was counted by
-        `admit`; it is charged the stream records it relayed, about one per completion token it
-        got, so cutting a stream before its last event (where the usage comes) does not make a
-        reply free. The prompt is not estimated (its size in tokens is not known here)."""
-        self._quotas.charge(principal, relayed)
+        `admit`; it is charged the estimate (accounting.py `incomplete`): a stream cut before its
+        last event (where the usage comes) is not free, nor is a reply that never reports usage.
+        A cut stream's prompt is not estimated (its size in tokens is not known here)."""
+        self._quotas.charge(principal, estimate)
 
 
 quotas = Quotas()

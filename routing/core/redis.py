@@ -6,6 +6,8 @@ asyncio client's connections belong to the loop that opened them, so a client is
 between loops; it is dropped with its loop (weak reference).
 `sync_client()`: one blocking client per URL for threads without a loop (key reloads, the
 admin, management commands); its connection pool is thread-safe.
+`suspension`: shared by the callers' Outages (routing/core/outage.py): after a call
+timed out, Redis is not asked for a few seconds and every caller takes its fallback at once.
 `renew()`: pushes the expiry of members of sorted sets scored by their expiry (the cluster
 slots' claims, the quota places), which is how both let the holdings of a dead process expire.
 
@@ -24,7 +26,10 @@ from typing import Any
 
 from django.conf import settings
 
+from routing.core.outage import Suspension
+
 SOCKET_TIMEOUT = 2.0  # seconds, to connect and to wait for each reply
+suspension = Suspension()  # when a call to Redis last timed out (routing/core/outage.py)
 
 _async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = weakref.WeakKeyDictionary()
 _sync: dict[str, Any] = {}

@@ -44,12 +44,13 @@ class AccountingSink(Protocol):
         from a `finally` on the event loop."""
 
     def incomplete(
-        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", relayed: int = 0
+        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", estimate: int = 0
     ) -> None:
-        """A finished request without counts: one request, no tokens invented. relayed: the
-        records (NDJSON lines, SSE events) of a stream the client was sent before it ended, about
-        one per completion token, 0 for none or a reply that is not a stream. Statistics do not
-        count them as tokens; the quota sink charges them (routing/auth/quotas.py)."""
+        """A finished request without counts: one request, no tokens invented. estimate: the
+        tokens it is estimated to have used, 0 for none known: the records (NDJSON lines, SSE
+        events) a cut stream relayed, about one per completion token; the prompt's length / 4
+        for a reply that never reports usage (Ollama's legacy /api/embeddings). Statistics do not
+        count it as tokens; the quota sink charges it (routing/auth/quotas.py)."""
 
 
 class Sinks:
@@ -83,11 +84,11 @@ class Sinks:
                 log.exception("accounting sink %r failed to record; the next one still runs", sink)
 
     def incomplete(
-        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", relayed: int = 0
+        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", estimate: int = 0
     ) -> None:
         for sink in self._sinks:
             try:
-                sink.incomplete(principal, endpoint, model, requested=requested, relayed=relayed)
+                sink.incomplete(principal, endpoint, model, requested=requested, estimate=estimate)
             except Exception:
                 log.exception("accounting sink %r failed to record; the next one still runs", sink)
 
@@ -106,7 +107,7 @@ class MetricsSink:
         metrics.count_client_tokens(principal.name, counts.prompt, counts.completion)
 
     def incomplete(
-        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", relayed: int = 0
+        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", estimate: int = 0
     ) -> None:
         pass  # no tokens to count
 

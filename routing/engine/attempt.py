@@ -66,7 +66,10 @@ class Attempt:
     stream: bool
     headers: dict[str, str] = field(default_factory=dict)
     method: str = "POST"
-    counted: bool = True  # False for replies that carry no token counts (legacy embeddings)
+    counted: bool = True  # False: nothing is accounted (a reply that is not a model's work)
+    # Tokens a whole reply without counts is estimated to have used (accounting.py `incomplete`:
+    # charged to a client key's quota, not counted in statistics); 0: none known.
+    estimate: int = 0
     # Builds the body without the field(s) the router added on its own (OpenAI
     # `stream_options`), sent instead when the server refuses them; None: nothing added.
     fallback_body: Callable[[], bytes] | None = None

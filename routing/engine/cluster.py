@@ -20,16 +20,18 @@ import uuid
 from django.conf import settings
 
 from routing.core import redis
-from routing.observability.outage import Outage
+from routing.core.outage import Outage
 
 log = logging.getLogger("routing.cluster")
 
 LEASE = 15.0  # seconds a claim lives without renewal
 RENEW_EVERY = 5.0
 PREFIX = "nomyo:slots"
-_claims = Outage(log, "could not claim cluster slots in Redis; using the local limits only")
-_frees = Outage(log, f"could not free cluster slots in Redis; their leases expire in {LEASE:g} s")
-_renewals = Outage(log, "could not renew cluster slot leases")
+_claims = Outage(log, "could not claim cluster slots in Redis; using the local limits only", redis.suspension)
+_frees = Outage(
+    log, f"could not free cluster slots in Redis; their leases expire in {LEASE:g} s", redis.suspension
+)
+_renewals = Outage(log, "could not renew cluster slot leases", redis.suspension)
 
 # KEYS[1] = the slot set; ARGV = now, expiry, member, limit
 _CLAIM = """
@@ -61,6 +63,8 @@ class ClusterSlots:
 
     async def claim(self, endpoint_url: str, model: str, limit: int) -> str | None:
         """A member name when a slot was free across the cluster, else None."""
+        if _claims.suspended():  # Redis timed out a moment ago: the local limit only, at once
+            return ""
         key = self.key(endpoint_url, model)
         member = f"{self.owner}:{uuid.uuid4().hex[:12]}"
         now = time.time()

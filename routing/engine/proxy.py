@@ -625,7 +625,8 @@ async def _reply(
             if counts is not None:
                 sinks.record(principal, ep.url, lease.model, counts, requested=requested)
             else:
-                sinks.incomplete(principal, ep.url, lease.model, requested=requested)
+                estimate = attempt.estimate
+                sinks.incomplete(principal, ep.url, lease.model, requested=requested, estimate=estimate)
     else:
         out = body
     reply = HttpResponse(
@@ -721,7 +722,7 @@ class ProxyStream:
                 sinks.record(self.principal, ep.url, model, counts, requested=self.requested)
             else:
                 sinks.incomplete(
-                    self.principal, ep.url, model, requested=self.requested, relayed=self.relayed
+                    self.principal, ep.url, model, requested=self.requested, estimate=self.relayed
                 )
 
 

@@ -498,3 +498,18 @@ def test_a_stream_cut_before_its_usage_is_charged_what_it_relayed(fakes, endpoin
         used = http.get("/api/me").json()["usage"]["tokens_today"]
         assert 30 <= used <= 2 * 22  # about one per record relayed, the final one never sent
     assert len(fake.stats.bodies_for(path)) == 2  # the refused ones never reached the server
+
+
+def test_legacy_embeddings_without_usage_charge_the_prompts_estimate(served, router):
+    key = make_key("embedder", "--tpm", "100")
+    server = router(ROUTER_API_KEY=OPERATOR)
+    clear_of_minute_edge()
+    body = {"model": "llama3", "prompt": "word " * 200}  # 1,000 characters: about 250 tokens
+    with httpx.Client(base_url=server.url, timeout=30, headers=bearer(key)) as http:
+        assert http.post("/api/embeddings", json=body).status_code == 200
+        assert http.get("/api/me").json()["usage"]["tokens_this_minute"] == 250
+        refused = http.post("/api/embeddings", json=body)
+        assert refused.status_code == 429 and "100 tokens per minute" in refused.json()["error"]
+    wait_until(lambda: TokenTotal.objects.filter(client="embedder").exists(), timeout=15)
+    row = TokenTotal.objects.get(client="embedder")  # recorded as a request, no tokens invented
+    assert (row.requests, row.total_tokens) == (1, 0)

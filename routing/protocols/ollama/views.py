@@ -31,16 +31,16 @@ _CONVERSATIONS = frozenset({"/api/chat", "/api/generate"})
 
 
 def _passthrough(
-    path: str, raw: bytes, data: dict[str, Any], stream: bool, *, counted: bool = True
+    path: str, raw: bytes, data: dict[str, Any], stream: bool, *, estimate: int = 0
 ) -> attempt.Planner:
     def plan(cand: Candidate) -> Attempt:
         return Attempt(
             url=cand.endpoint.url + path,
             body=with_model(raw, data, cand),
             relay=OllamaStream,
-            read_body=ollama_body if counted else no_counts,
+            read_body=ollama_body,
             stream=stream,
-            counted=counted,
+            estimate=estimate,
         )
 
     return plan
@@ -52,10 +52,10 @@ class _Routed:
     one whose reply the client gets) went to an OpenAI-compatible server."""
 
     def __init__(
-        self, path: str, raw: bytes, data: dict[str, Any], stream: bool, *, counted: bool = True
+        self, path: str, raw: bytes, data: dict[str, Any], stream: bool, *, estimate: int = 0
     ) -> None:
         self.path, self.data, self.stream = path, data, stream
-        self.direct = _passthrough(path, raw, data, stream, counted=counted)
+        self.direct = _passthrough(path, raw, data, stream, estimate=estimate)
         self.translated = False
 
     def __call__(self, cand: Candidate) -> Attempt:
@@ -131,11 +131,14 @@ async def embed(request: HttpRequest) -> HttpResponseBase:
 
 @methods("POST")
 async def embeddings(request: HttpRequest) -> HttpResponseBase:
-    """The legacy embeddings route. An Ollama server's reply carries no counts (nothing is
-    recorded for it); an OpenAI-compatible server's carries usage, which is counted."""
+    """The legacy embeddings route. An Ollama server's reply carries no counts: the request is
+    recorded without tokens, and a client key is charged the prompt's length / 4 (about one
+    token per 4 characters); an OpenAI-compatible server's reply carries usage, which is counted."""
     data, model = _checked(request, schema.OLLAMA_EMBEDDINGS)
     await _refuse_untranslatable("/api/embeddings", model, data)
-    plan = _Routed("/api/embeddings", request.body, data, False, counted=False)
+    prompt = data.get("prompt")
+    estimate = (len(prompt) + 3) // 4 if isinstance(prompt, str) else 0
+    plan = _Routed("/api/embeddings", request.body, data, False, estimate=estimate)
     return await _forward(request, plan, model)
 
 

@@ -299,3 +299,14 @@ async def test_redis_unreachable_the_fallback_knows_the_tokens_this_process_char
     assert refused.value.limit == "tpm"
     q.redis._charges.clear()  # nothing will ever reach a Redis that is not there
     await q.redis.drained()
+
+
+@pytest.mark.asyncio
+async def test_usage_includes_tokens_charged_a_moment_ago(quotas: Quotas):
+    p = key(tpm=1000, daily_tokens=10_000)
+    (await quotas.admit(p)).release()
+    quotas.charge(p, 52)  # with Redis: not written before the next sync tick
+    used = await quotas.usage(p)
+    assert (used.tokens_minute, used.tokens_day, used.tokens_month) == (52, 52, 52)
+    await settle(quotas)
+    assert (await quotas.usage(p)).tokens_day == 52  # written once, not counted twice

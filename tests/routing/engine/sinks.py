@@ -32,6 +32,6 @@ class Book:
         self.entries.append(("record", endpoint, model, requested))
 
     def incomplete(
-        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", relayed: int = 0
+        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", estimate: int = 0
     ) -> None:
         self.entries.append(("incomplete", endpoint, model, requested))

@@ -40,7 +40,7 @@ class Book:
         self.log.append((self.name, "record", principal, endpoint, model, counts))
 
     def incomplete(
-        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", relayed: int = 0
+        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", estimate: int = 0
     ) -> None:
         self.log.append((self.name, "incomplete", principal, endpoint, model))
 
@@ -52,7 +52,7 @@ class Broken:
         raise RuntimeError("sink down")
 
     def incomplete(
-        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", relayed: int = 0
+        self, principal: Principal, endpoint: str, model: str, *, requested: str = "", estimate: int = 0
     ) -> None:
         raise RuntimeError("sink down")
 
