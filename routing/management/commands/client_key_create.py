@@ -104,6 +104,9 @@ class Command(BaseCommand):
         except IntegrityError:
             raise CommandError(f"a key named {row.name!r} exists") from None
         control.keys_changed()
+        if row.expires is not None and row.expires <= datetime.now(UTC):
+            passed = row.expires.isoformat()
+            self.stderr.write(f"Note: --expires {passed} has passed: the key is refused (403).")
         self.stdout.write(
             f"Created client key {row.name!r} ({row.prefix}…). Store it now; it is not shown again:"
         )

@@ -129,11 +129,17 @@ async def _get(store: KeyStore, key: str) -> client_keys.KeyRecord | None:
 
 
 @pytest.mark.django_db
-def test_an_expired_key_is_refused():
-    key = create("old", "--expires", "2020-01-01")
+def test_an_expired_key_is_refused_and_its_creation_says_so():
+    out, err = io.StringIO(), io.StringIO()
+    call_command("client_key_create", "old", "--expires", "2020-01-01", stdout=out, stderr=err)
+    assert "has passed: the key is refused (403)" in err.getvalue()
+    key = out.getvalue().rstrip("\n").splitlines()[-1]  # still the key alone on the last line
     record = client_keys.record_of(ClientKey.objects.get(name="old"))
     assert record.refusal(2e9) == "the key 'old' has expired"
     assert hash_key(key) == ClientKey.objects.get(name="old").key_hash
+    later = io.StringIO()
+    call_command("client_key_create", "later", "--expires", "2999-01-01", stdout=io.StringIO(), stderr=later)
+    assert later.getvalue() == ""
 
 
 @pytest.mark.asyncio
