@@ -59,9 +59,10 @@ Invariants:
 - Nothing is given back to a Redis whose key generation went back (restarted without its data):
   what leases held was counted in what it lost, and would uncount requests admitted since.
 - A process's own token charges count in its admissions at once: sent with each admission
-  while unwritten, and added to its leases' totals. A charge a tick is writing when an admission
-  is sent may be counted twice (Redis has it, the tick's reply is not in): that can only refuse
-  early, never admit over a limit. So one process refuses as the in-process counters do: the
+  while unwritten, and added to its leases' totals. An admission of a key whose charges a tick
+  is writing waits for that tick's answer (one round trip) before it is sent, so a charge is
+  counted once, in Redis or as unwritten (counted twice, it refused a request under the limit,
+  and the next one was admitted). So one process refuses as the in-process counters do: the
   request that crosses a token limit completes, the next one is refused.
 - Another process's charges are written within SYNC_EVERY seconds (its tick) and seen here after
   that. So processes together may pass a token limit by what the others charged in that moment,
@@ -241,6 +242,7 @@ class RedisCounters:
         self._serial = itertools.count()
         self._charges: dict[int, int] = {}  # key id -> tokens not written yet
         self._writing: dict[int, int] = {}  # key id -> tokens the running tick is writing
+        self._written: asyncio.Future[None] | None = None  # done when the running tick's writes are
         self._charged: dict[int, int] = {}  # key id -> tokens charged since this process started
         self._asks: list[_Ask] = []  # admissions of this turn of the loop, not sent yet
         self._freed: list[tuple[bytes, bytes]] = []  # places given back, not sent yet
@@ -525,6 +527,16 @@ class RedisCounters:
         error. An ask whose request went away meanwhile gives back what it was given."""
         from routing.auth.client_keys import REDIS_GENERATION
 
+        written = self._written
+        if (
+            written is not None
+            and not written.done()
+            and written.get_loop() is asyncio.get_running_loop()
+            and any(self._writing.get(ask.key_id) for ask in asks)
+        ):
+            # A tick is writing these keys' charges: wait for its answer (one round trip), so
+            # they are counted once, in Redis or as unwritten, never twice (a false 429).
+            await asyncio.wait((written,))
         keys: list[bytes | str] = [REDIS_GENERATION]
         args: list[object] = [len(asks), time.time(), LEASE, 120, LEASE_SHARE]
         for ask in asks:  # this process's tokens not in Redis yet count (see `_unwritten`)
@@ -617,9 +629,9 @@ class RedisCounters:
 
     def _unwritten(self, key_id: int) -> int:
         """Tokens this process charged the key that may not be in Redis yet: pending, and those
-        the running tick is writing. Those may be counted in Redis already (the tick's INCRBY ran,
-        its reply not in yet): then an admission counts them twice, which can only refuse early,
-        never admit over a limit."""
+        the running tick is writing. `_send` waits for that tick's answer first, so the second
+        part is normally 0; were it not, they may be in Redis already and counted twice, which can
+        only refuse early, never admit over a limit."""
         return self._charges.get(key_id, 0) + self._writing.get(key_id, 0)
 
     def _tick_soon(self) -> None:
@@ -699,6 +711,7 @@ class RedisCounters:
         w = Windows.at(time.time())
         charges, self._charges = self._charges, {}
         self._writing = charges  # until the INCRBYs are answered: `_unwritten`
+        written = self._written = asyncio.get_running_loop().create_future()  # `_send` waits on it
         returns, self._returns = self._returns, []
         freed, self._freed = self._freed, []
         sent = time.monotonic()
@@ -739,8 +752,9 @@ class RedisCounters:
             pipe.zcard(lease.place_set)
         try:
             got = await pipe.execute()
-        except Exception:  # the commands may have run: only what is safe twice is sent again
+        except BaseException:  # the commands may have run: only what is safe twice is sent again
             self._writing = {}
+            written.set_result(None)
             self._returns[:0] = [(key, n) for key, n in returns if n < 0]  # additions, not give-backs
             self._freed[:0] = freed
             for key_id, tokens in charges.items():
@@ -749,6 +763,7 @@ class RedisCounters:
                 lease.counted += n
             raise
         self._writing = {}
+        written.set_result(None)
         generation = int(got[2] or 0)
         if generation < (self._generation or 0):  # Redis lost its data: nothing leased is counted
             self._returns = [(key, n) for key, n in self._returns if n < 0]

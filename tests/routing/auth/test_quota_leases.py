@@ -248,6 +248,36 @@ async def test_tokens_a_tick_is_writing_count_in_an_admission_meanwhile(generati
 
 
 @pytest.mark.asyncio
+async def test_tokens_a_tick_has_written_but_not_heard_back_from_count_once(generation, monkeypatch):
+    """The tick's INCRBY has run in Redis and its answer is on its way: an admission sent then
+    waits for it, and counts the charge once (counted in Redis and again as unwritten, a request
+    under the limit was refused, and the next one admitted)."""
+    from redis.asyncio.client import Pipeline
+
+    real = Pipeline.execute
+    answered_late = asyncio.Event()
+
+    async def late_answer(self, raise_on_error: bool = True):
+        writes = any(str(args[0]).upper() == "INCRBY" for args, _ in self.command_stack)
+        got = await real(self, raise_on_error)
+        if writes:
+            answered_late.set()
+            await asyncio.sleep(0.2)  # the commands ran; the answer comes late
+        return got
+
+    monkeypatch.setattr(Pipeline, "execute", late_answer)
+    q = Quotas()
+    p = key(tpm=100)
+    (await q.admit(p, generation)).release()
+    q.charge(p, 60)
+    await asyncio.wait_for(answered_late.wait(), timeout=3)
+    admitted = await q.admit(p, generation)  # 60 of 100 used: something is left
+    assert admitted.headers["x-ratelimit-remaining-tokens"] == "40"
+    admitted.release()
+    await q.redis.drained()
+
+
+@pytest.mark.asyncio
 async def test_tokens_charged_while_a_lease_is_asked_for_count_in_the_lease(generation, monkeypatch):
     """A reply's tokens are charged while the admission that brings a new lease is on its way to
     Redis (the script did not see them): the lease counts them, so the next request is refused."""
