@@ -265,7 +265,7 @@ class RedisCounters:
         self._calls = Outage(
             log, "could not check quotas in Redis; using this process's counters", redis.suspension
         )
-        self._renew_failing = False  # the latest renewal of places failed (logged once, likewise)
+        self._renewals = Outage(log, "could not renew the quota places this process holds", redis.suspension)
 
     @staticmethod
     def keys(key_id: int, w: Windows) -> list[str]:
@@ -443,26 +443,8 @@ class RedisCounters:
         """Places now in Redis for this process: renewed until given back (`_free`)."""
         for member in members:
             self._places[member] = place_set
-        if self._renewer is None or self._renewer.done():
-            self._renewer = self._spawn(self._renew())
-
-    async def _renew(self) -> None:
-        """Every RENEW_EVERY s while this process holds places: push their expiry LEASE s ahead
-        (ZADD XX: a place given back meanwhile is not added again). A failure is logged (once until
-        a renewal succeeds) and the next round tries again; a place not renewed for LEASE s
-        expires."""
-        while self._places:
-            await asyncio.sleep(RENEW_EVERY)
-            if not self._places:
-                return
-            try:
-                await redis.renew(dict(self._places), time.time() + LEASE)
-            except Exception:
-                if not self._renew_failing:  # once until a renewal succeeds again
-                    self._renew_failing = True
-                    log.warning("could not renew the quota places this process holds", exc_info=True)
-            else:
-                self._renew_failing = False
+        if self._renewer is None or self._renewer.done():  # every RENEW_EVERY s, LEASE s ahead
+            self._renewer = self._spawn(redis.keep_renewed(self._places, RENEW_EVERY, LEASE, self._renewals))
 
     def _give_back(self, lease: _Lease, member: bytes) -> None:
         """A request admitted with a leased place ended: the place goes back to the lease, or to

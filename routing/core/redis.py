@@ -9,7 +9,8 @@ admin, management commands); its connection pool is thread-safe.
 `suspension`: shared by the callers' Outages (routing/core/outage.py): after a call
 timed out, Redis is not asked for a few seconds and every caller takes its fallback at once.
 `renew()`: pushes the expiry of members of sorted sets scored by their expiry (the cluster
-slots' claims, the quota places), which is how both let the holdings of a dead process expire.
+slots' claims, the quota places), which is how both let the holdings of a dead process expire;
+`keep_renewed()`: the loop both run while they hold any.
 
 Both use the same timeouts: SOCKET_TIMEOUT seconds to connect and for each reply, so a Redis
 that stops answering fails a call quickly (the callers fall back to this process's own limits).
@@ -20,13 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import weakref
 from collections.abc import Mapping
 from typing import Any
 
 from django.conf import settings
 
-from routing.core.outage import Suspension
+from routing.core.outage import Outage, Suspension
 
 SOCKET_TIMEOUT = 2.0  # seconds, to connect and to wait for each reply
 suspension = Suspension()  # when a call to Redis last timed out (routing/core/outage.py)
@@ -88,3 +90,20 @@ async def renew(members: Mapping[Any, Any], expiry: float) -> None:
         if task is not None and task.cancelling():
             raise asyncio.CancelledError() from None
         raise
+
+
+async def keep_renewed(members: Mapping[Any, Any], every: float, lease: float, outage: Outage) -> None:
+    """While `members` (the caller's live map: member -> its sorted set) is not empty: every
+    `every` seconds, push their expiry `lease` seconds ahead (`renew`). A failure goes to
+    `outage` (logged once until a renewal succeeds) and the next round tries again; a member not
+    renewed for `lease` seconds expires in Redis."""
+    while members:
+        await asyncio.sleep(every)
+        if not members:
+            return
+        try:
+            await renew(dict(members), time.time() + lease)
+        except Exception as exc:
+            outage.failed(exc)
+        else:
+            outage.ok()

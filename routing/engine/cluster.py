@@ -103,17 +103,8 @@ class ClusterSlots:
 
     def _ensure_renewer(self) -> None:
         if self._renewer is None or self._renewer.done():
-            self._renewer = asyncio.get_running_loop().create_task(self._renew())
-
-    async def _renew(self) -> None:
-        while self._held:
-            await asyncio.sleep(RENEW_EVERY)
-            try:
-                await redis.renew(dict(self._held), time.time() + LEASE)
-            except Exception as exc:
-                _renewals.failed(exc)
-            else:
-                _renewals.ok()
+            renewing = redis.keep_renewed(self._held, RENEW_EVERY, LEASE, _renewals)
+            self._renewer = asyncio.get_running_loop().create_task(renewing)
 
     def held(self) -> int:
         return len(self._held)
