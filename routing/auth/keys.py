@@ -93,14 +93,14 @@ async def authenticate(authorization: str | None, api_key: str | None) -> Princi
     try:
         await key_store.ensure_fresh()  # a comparison of two ints when nothing changed
     except Exception:
-        raise ApiError(503, "the client keys could not be loaded; try again", retry_after=5) from None
+        raise _keys_unavailable() from None
     if token:
         record = key_store.get(token)
         if record is None and token.startswith(KEY_PREFIX):  # made a moment ago, elsewhere?
             try:
                 await key_store.reload_for_unknown()
             except Exception:
-                raise ApiError(503, "the client keys could not be loaded; try again", retry_after=5) from None
+                raise _keys_unavailable() from None
             record = key_store.get(token)
         if record is not None:
             refusal = record.refusal(time.time())
@@ -112,6 +112,11 @@ async def authenticate(authorization: str | None, api_key: str | None) -> Princi
     if not token:
         raise ApiError(401, _why_no_token(authorization))
     raise ApiError(401, "unknown key", code="invalid_api_key")
+
+
+def _keys_unavailable() -> ApiError:
+    """The 503 (retry) for a request the client keys could not be loaded for."""
+    return ApiError(503, "the client keys could not be loaded; try again", retry_after=5)
 
 
 def _why_no_token(authorization: str | None) -> str:
